@@ -1,0 +1,2954 @@
+#!/usr/bin/env python3
+"""processhandler -- a master/worker (prefork) process manager in one file.
+
+Copy this file into a project, subclass ``Worker`` and run::
+
+    python processhandler.py -c config.ini            # foreground master
+    python processhandler.py -c config.ini -d         # daemon
+    python processhandler.py -c config.ini status     # ask the running master
+
+One master process forks N workers, keeps N alive, recycles them on limits,
+reloads them without dropping capacity and never leaves a zombie or an orphan.
+Standard library only at import time; psutil, setproctitle, gevent, redis and
+msgpack are used when importable.
+
+Map of this file (sections in dependency order)::
+
+    Compat and capability probes   what this interpreter/OS can do, probed once
+    Errors and exit codes          ConfigError, HaltServer, EXIT_* constants
+    Config                         one table (SETTINGS) -> parsing, validation,
+                                   "did you mean", --set, check, README table
+    Logging                        one os.write() per record, O_APPEND, reopen
+    Process utilities              titles, prctl, daemonize, instance lock,
+                                   memory (RSS), CPU affinity, children
+    Scoreboard                     shared mmap: per-worker heartbeat and counts
+    Workers                        Worker -> SyncWorker / ThreadWorker /
+                                   GeventWorker / AsyncioWorker
+    Arbiter                        the master: signals -> handle_<name>,
+                                   reap -> murder -> manage, control socket
+    Manager                        uliweb-style programmatic front end
+    Control client                 stop / status / reload / incr / decr
+    CLI and main()
+
+Class diagram::
+
+        Worker  (init / run / after_run; the sync loop)
+          |-- SyncWorker      handle_request() style (ProcessHandler seed)
+          |-- ThreadWorker    `threads` run loops in threads
+          |-- GeventWorker    `threads` run loops in greenlets
+          '-- AsyncioWorker   `threads` tasks of ``async def run``
+        Arbiter (master loop) --forks--> one worker process per slot
+        Manager(workers) --builds--> Arbiter
+
+Design notes live in README.md ("Design").
+"""
+
+# Copyright (c) 2026 the processhandler authors.
+# MIT License: permission is hereby granted, free of charge, to any person
+# obtaining a copy of this file, to deal in it without restriction, including
+# the rights to use, copy, modify, merge, publish, distribute, sublicense
+# and/or sell copies, provided this notice is kept.  THE SOFTWARE IS PROVIDED
+# "AS IS", WITHOUT WARRANTY OF ANY KIND.
+
+from __future__ import print_function
+
+import argparse
+import configparser
+import difflib
+import errno
+import fcntl
+import hashlib
+import importlib
+import json
+import logging
+import mmap
+import os
+import platform
+import random
+import select
+import selectors
+import signal
+import socket
+import stat
+import struct
+import sys
+import tempfile
+import time
+import traceback
+
+__version__ = '0.1.0'
+__license__ = 'MIT'
+__all__ = ['Worker', 'SyncWorker', 'ThreadWorker', 'GeventWorker',
+           'AsyncioWorker', 'Arbiter', 'Manager', 'Config', 'ConfigError',
+           'HaltServer', 'load_config', 'main', 'WORKER_TYPES', 'SETTINGS',
+           '__version__']
+
+
+###############################################################################
+# Compat and capability probes ################################################
+###############################################################################
+
+IS_PYPY = platform.python_implementation() == 'PyPy'
+IS_LINUX = sys.platform.startswith('linux')
+
+try:  # optional: memory and affinity; psutil 7 does not import on PyPy 7.3
+    import psutil
+except Exception:  # ImportError, or a broken C extension on PyPy
+    psutil = None
+
+try:  # optional: process titles (we have a C-free fallback below)
+    import setproctitle as _setproctitle
+except Exception:
+    _setproctitle = None
+
+HAS_SCHED_SETAFFINITY = hasattr(os, 'sched_setaffinity')
+PAGE_SIZE = mmap.PAGESIZE
+
+# prctl(2) options used here (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+PR_SET_CHILD_SUBREAPER = 36
+
+_libc_cache = []
+
+
+def libc():
+    """The C library through ctypes, or None (loaded once, lazily)."""
+    if not _libc_cache:
+        try:
+            import ctypes
+            import ctypes.util
+            lib = ctypes.CDLL(ctypes.util.find_library('c') or None,
+                              use_errno=True)
+        except Exception:
+            lib = None
+        _libc_cache.append(lib)
+    return _libc_cache[0]
+
+
+def prctl(option, arg):
+    """Call prctl(2); return True on success, False where it cannot work."""
+    if not IS_LINUX:
+        return False
+    lib = libc()
+    if lib is None:
+        return False
+    try:
+        return lib.prctl(option, arg, 0, 0, 0) == 0
+    except Exception:
+        return False
+
+
+###############################################################################
+# Errors and exit codes #######################################################
+###############################################################################
+
+EXIT_OK = 0
+EXIT_FAILURE = 1          # could not start / did not stop in time
+EXIT_USAGE = 2            # usage or config error
+EXIT_NOT_RUNNING = 3      # LSB: program is not running
+
+# Exit statuses of worker processes, read by the master when it reaps them.
+WORKER_EXIT_OK = 0
+WORKER_EXIT_BOOT_ERROR = 3   # init() raised: a boot failure, back off
+WORKER_EXIT_ORPHANED = 4     # the master went away
+
+
+class ConfigError(Exception):
+    """A problem with the configuration or command line: exit 2, one line."""
+
+
+class HaltServer(BaseException):
+    """Raised inside the master to stop it with a reason and exit status.
+
+    A BaseException so that no ``except Exception`` in between swallows it.
+    """
+
+    def __init__(self, reason, exit_status=EXIT_FAILURE):
+        BaseException.__init__(self, reason)
+        self.reason = reason
+        self.exit_status = exit_status
+
+
+###############################################################################
+# Config ######################################################################
+###############################################################################
+
+def _parse_bool(value):
+    v = value.strip().lower()
+    if v in configparser.ConfigParser.BOOLEAN_STATES:
+        return configparser.ConfigParser.BOOLEAN_STATES[v]
+    raise ValueError('expected true or false, got %r' % value)
+
+
+def _number(kind, minimum=None, maximum=None):
+    def parse(value):
+        try:
+            n = kind(value.strip())
+        except (ValueError, OverflowError):
+            raise ValueError('expected %s, got %r' % (
+                'a whole number' if kind is int else 'a number', value))
+        if n != n or n in (float('inf'), float('-inf')):
+            raise ValueError('expected a finite number, got %r' % value)
+        if minimum is not None and n < minimum:
+            raise ValueError('must be at least %s, got %r' % (minimum, value))
+        if maximum is not None and n > maximum:
+            raise ValueError('must be at most %s, got %r' % (maximum, value))
+        return n
+    return parse
+
+
+def _choice(*choices):
+    def parse(value):
+        v = value.strip().lower()
+        if v not in choices:
+            raise ValueError('expected one of %s, got %r'
+                             % (', '.join(choices), value))
+        return v
+    return parse
+
+
+def _string(value):
+    return value.strip()
+
+
+def _optional_path(value):
+    # Made absolute by Config: base_path against the config file's folder,
+    # pidfile and log_file against base_path.
+    value = value.strip()
+    return os.path.expanduser(value) if value else None
+
+
+def _worker_class(value):
+    value = value.strip()
+    if value.count(':') != 1 or not all(value.split(':')):
+        raise ValueError("expected 'module:Class', got %r" % value)
+    return value
+
+
+def _umask(value):
+    try:
+        n = int(value.strip(), 8)
+    except ValueError:
+        raise ValueError('expected an octal mask such as 022, got %r' % value)
+    if not 0 <= n <= 0o777:
+        raise ValueError('expected an octal mask between 000 and 777')
+    return n
+
+
+def _log_level(value):
+    v = value.strip().upper()
+    if v not in ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL'):
+        raise ValueError('expected debug, info, warning, error or critical, '
+                         'got %r' % value)
+    return v
+
+
+def parse_cpu_list(value):
+    """'0,2-3' -> [0, 2, 3]; raise ValueError on anything else."""
+    cpus = []
+    for part in value.split(','):
+        part = part.strip()
+        lo, sep, hi = part.partition('-')
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError('expected true, false or a CPU list like '
+                             '0,2-3, got %r' % value)
+        lo = int(lo)
+        hi = int(hi) if sep else lo
+        if hi < lo or hi > 4095:
+            raise ValueError('bad CPU range %r' % part)
+        cpus.extend(range(lo, hi + 1))
+    return cpus
+
+
+def _cpu_affinity(value):
+    v = value.strip().lower()
+    if v in ('', 'off', 'false', 'no', '0'):
+        return None
+    if v in ('true', 'on', 'yes'):
+        return True
+    return parse_cpu_list(v)
+
+
+def parse_address(addr):
+    """'host:port', '[::1]:port' or 'unix:/path' -> (family, address)."""
+    addr = addr.strip()
+    if addr.startswith('unix:'):
+        path = addr[5:]
+        if not path:
+            raise ValueError('unix: needs a path')
+        return socket.AF_UNIX, os.path.abspath(path)
+    if addr.startswith('['):
+        host, sep, port = addr[1:].partition(']:')
+        family = socket.AF_INET6
+    else:
+        host, sep, port = addr.rpartition(':')
+        family = socket.AF_INET
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected host:port, [v6]:port or unix:/path, "
+                         "got %r" % addr)
+    return family, (host or '0.0.0.0', int(port))
+
+
+def _bind(value):
+    return [a.strip() for a in value.split(',') if a.strip()
+            and parse_address(a) is not None]
+
+
+def _leader_lock(value):
+    v = value.strip()
+    if v and not (v.startswith('redis://') or v.startswith('file:')):
+        raise ValueError("expected redis://host:port/db?key=NAME or "
+                         "file:/path, got %r" % value)
+    return v or None
+
+
+class Setting(object):
+    """One row of the config table."""
+    __slots__ = ('name', 'parse', 'default', 'doc')
+
+    def __init__(self, name, parse, default, doc):
+        self.name, self.parse, self.default, self.doc = (
+            name, parse, default, doc)
+
+
+# The one config table: (key, parser, default, doc).  Validation, "did you
+# mean", --set, `check` and the README's table all come from here.  A default
+# of None means "unset"; defaults that depend on other keys are filled in by
+# Config.__init__ (proc_name, base_path).
+SETTINGS = [Setting(*row) for row in [
+    ('worker_class', _worker_class, None,
+     "'module:Class' of the worker; required from a config file"),
+    ('number_workers', _number(int, 1, 100000), 1, 'workers kept alive'),
+    ('worker_type', _choice('sync', 'thread', 'gevent', 'asyncio'), 'sync',
+     'sync, thread, gevent (greenlets) or asyncio'),
+    ('threads', _number(int, 1, 100000), 1,
+     'concurrent run loops per worker for thread/gevent/asyncio'),
+    ('max_requests', _number(int, 0), 0,
+     'recycle a worker after this many handled requests (0: never)'),
+    ('max_requests_jitter', _number(int, 0), 0,
+     'each worker adds its own random 0..J to max_requests'),
+    ('timeout', _number(float, 0), 0.0,
+     'a run() call longer than this is dumped (stack) and killed (0: none)'),
+    ('graceful_timeout', _number(float, 0), 3.0,
+     'seconds a worker has to finish after TERM before KILL'),
+    ('soft_memory_limit', _number(float, 0), 0.0,
+     'RSS MB above which a worker is asked to exit gracefully (0: none)'),
+    ('hard_memory_limit', _number(float, 0), 0.0,
+     'RSS MB above which a worker is killed (0: none)'),
+    ('interval', _number(float, 0), 0.0,
+     'seconds a worker waits between run() calls'),
+    ('check_interval', _number(float, 0.01), 1.0,
+     'how often the master checks memory limits'),
+    ('daemonize', _parse_bool, False, 'detach from the terminal'),
+    ('proc_name', _string, None, 'process title prefix (default: section)'),
+    ('pidfile', _optional_path, None, 'pid file, removed on exit'),
+    ('single_instance', _parse_bool, True,
+     'refuse a second master (false: numbered further instances)'),
+    ('base_path', _optional_path, None,
+     "working directory and import path (default: config file's folder)"),
+    ('log_path', _string, None, 'a folder, available for interpolation'),
+    ('log_file', _optional_path, None, 'log file (default: stderr)'),
+    ('log_level', _log_level, 'INFO', 'debug, info, warning, error'),
+    ('user', _string, None, 'drop to this user (as root)'),
+    ('group', _string, None, 'drop to this group (as root)'),
+    ('umask', _umask, 0o022, 'umask of the master and workers (octal)'),
+    ('cpu_affinity', _cpu_affinity, None,
+     'true: slot i on the i-th allowed CPU; or a list such as 0,2-3'),
+    ('bind', _bind, [], 'host:port, [::1]:port or unix:/path, comma separated'),
+    ('reuse_port', _parse_bool, False, 'one SO_REUSEPORT listener per worker'),
+    ('accept_lock', _parse_bool, False, 'serialise accept() across workers'),
+    ('leader_lock', _leader_lock, None,
+     'redis://host:port/db?key=NAME or file:/path: active/standby'),
+    ('leader_ttl', _number(float, 0.5), 10.0,
+     "seconds a leader's lock lives without renewal"),
+]]
+SETTINGS_BY_NAME = dict((s.name, s) for s in SETTINGS)
+
+# Keys that a HUP cannot change in a running master: say so instead of
+# pretending.  (A USR2 upgrade or a restart applies them.)
+RESTART_ONLY = ('pidfile', 'single_instance', 'daemonize', 'bind',
+                'reuse_port', 'user', 'group', 'leader_lock', 'base_path')
+
+
+def did_you_mean(word, choices):
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+class Config(object):
+    """Typed settings of one section, plus its unknown keys as strings.
+
+    ``cfg.timeout`` and ``cfg['timeout']`` give the typed value; a key that
+    is not in SETTINGS (a queue name, say) is a string: ``cfg['queue']``,
+    ``cfg.get('queue', 'default')``.
+    """
+
+    def __init__(self, values=None, extras=None, path=None, section=None,
+                 overrides=()):
+        self.path = path
+        self.section = section or 'processhandler'
+        self.overrides = list(overrides)
+        self.extras = dict(extras or {})
+        values = values or {}
+        for s in SETTINGS:
+            v = values.get(s.name, s.default)
+            setattr(self, s.name, list(v) if isinstance(v, list) else v)
+        if self.proc_name is None:
+            self.proc_name = self.section
+        here = os.path.dirname(os.path.abspath(path)) if path else \
+            os.getcwd()
+        self.base_path = os.path.normpath(os.path.join(
+            here, self.base_path or ''))
+        for key in ('pidfile', 'log_file'):
+            if getattr(self, key):
+                setattr(self, key, os.path.normpath(os.path.join(
+                    self.base_path, getattr(self, key))))
+        if self.log_path is None:
+            self.log_path = self.base_path
+
+    def validate(self, where=''):
+        """Cross-key checks; raise ConfigError."""
+        soft, hard = self.soft_memory_limit, self.hard_memory_limit
+        if soft and hard and hard <= soft:
+            raise ConfigError('%shard_memory_limit: must exceed '
+                              'soft_memory_limit (%g <= %g)'
+                              % (where, hard, soft))
+
+    def __getitem__(self, key):
+        if key in SETTINGS_BY_NAME:
+            return getattr(self, key)
+        return self.extras[key]
+
+    def __getattr__(self, key):
+        # Only reached for names that are not attributes: the extras.
+        extras = self.__dict__.get('extras', {})
+        if key in extras:
+            return extras[key]
+        raise AttributeError(key)
+
+    def __contains__(self, key):
+        return key in SETTINGS_BY_NAME or key in self.extras
+
+    def get(self, key, default=None):
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def items(self):
+        d = dict((s.name, getattr(self, s.name)) for s in SETTINGS)
+        d.update(self.extras)
+        return d.items()
+
+    def unknown_keys(self):
+        """[(key, suggestion or None)] for keys not in the table."""
+        names = list(SETTINGS_BY_NAME)
+        return [(k, did_you_mean(k, names)) for k in sorted(self.extras)]
+
+    def where(self, key=None):
+        return '%s [%s]%s' % (self.path or '<api>', self.section,
+                              ' %s:' % key if key else ':')
+
+
+def parse_overrides(pairs):
+    """['key=value', ...] -> [(key, value)]; ConfigError on a bad pair."""
+    out = []
+    for pair in pairs or ():
+        key, sep, value = pair.partition('=')
+        if not sep or not key.strip():
+            raise ConfigError('--set %r: expected KEY=VALUE' % pair)
+        out.append((key.strip(), value))
+    return out
+
+
+def load_config(path, section=None, overrides=()):
+    """Read ``path`` and return the Config of ``section``.
+
+    Raises ConfigError with one line naming the file, section, key and what
+    is wrong.
+    """
+    overrides = parse_overrides(overrides)
+    path = os.path.abspath(path)
+    here = os.path.dirname(path)
+    # base_path and log_path defaults are visible to %(...)s interpolation.
+    parser = configparser.ConfigParser(
+        defaults={'base_path': here, 'log_path': '%(base_path)s'})
+    try:
+        with open(path, encoding='utf-8') as f:
+            parser.read_file(f, path)
+    except (OSError, IOError) as e:
+        raise ConfigError('%s: cannot read config file: %s'
+                          % (path, e.strerror or e))
+    except UnicodeDecodeError:
+        raise ConfigError('%s: not a text file (invalid UTF-8)' % path)
+    except configparser.Error as e:
+        raise ConfigError('%s: %s' % (path, str(e).splitlines()[0]))
+    sections = parser.sections()
+    if section is None:
+        if len(sections) == 1:
+            section = sections[0]
+        elif not sections:
+            raise ConfigError('%s: no section found (add one such as '
+                              '[myjob])' % path)
+        else:
+            raise ConfigError('%s: several sections (%s): choose one with -s'
+                              % (path, ', '.join(sections)))
+    elif not parser.has_section(section):
+        hint = did_you_mean(section, sections)
+        raise ConfigError('%s: no section [%s]%s (sections: %s)' % (
+            path, section, "; did you mean '%s'?" % hint if hint else '',
+            ', '.join(sections) or 'none'))
+    for key, value in overrides:
+        try:
+            parser.set(section, key, value)
+        except (ValueError, configparser.Error) as e:
+            raise ConfigError('--set %s: %s' % (key, e))
+    values, extras = {}, {}
+    where = '%s [%s]' % (path, section)
+    for key in parser.options(section):
+        try:
+            raw = parser.get(section, key)
+        except configparser.InterpolationError as e:
+            raise ConfigError('%s %s: %s' % (
+                where, key, ' '.join(str(e).split())))
+        if key in SETTINGS_BY_NAME:
+            try:
+                values[key] = SETTINGS_BY_NAME[key].parse(raw)
+            except ValueError as e:
+                raise ConfigError('%s %s: %s' % (where, key, e))
+        else:
+            extras[key] = raw
+    cfg = Config(values, extras, path=path, section=section,
+                 overrides=overrides)
+    cfg.validate(where + ' ')
+    return cfg
+
+
+###############################################################################
+# Logging #####################################################################
+###############################################################################
+
+# "master" or "worker 3": the process tag put into every record.  Each
+# process sets its own after fork.
+_process_tag = ['master']
+
+
+class LineFormatter(logging.Formatter):
+    """One line per record; continuation lines (tracebacks, multi-line
+    messages) are prefixed with '  | ' so they cannot pass for records."""
+
+    def __init__(self, proc_name='processhandler'):
+        logging.Formatter.__init__(self)
+        self.proc_name = proc_name
+
+    def format(self, record):
+        t = time.localtime(record.created)
+        head = '%s.%03d [%d] [%s] %s %s: ' % (
+            time.strftime('%Y-%m-%d %H:%M:%S', t), record.msecs,
+            record.process or os.getpid(), record.levelname, self.proc_name,
+            _process_tag[0])
+        text = record.getMessage()
+        if record.exc_info:
+            text += '\n' + ''.join(
+                traceback.format_exception(*record.exc_info)).rstrip()
+        elif record.exc_text:
+            text += '\n' + record.exc_text
+        if record.stack_info:
+            text += '\n' + record.stack_info
+        return head + text.replace('\n', '\n  | ')
+
+
+class LogFile(object):
+    """The log target of this process: stderr or a file opened O_APPEND.
+
+    Every record is written with a single os.write() on an O_APPEND file
+    descriptor, so records from many processes never interleave mid-line (the
+    kernel serialises appends) and nothing sits in a user-space buffer at
+    fork or at rotation.  ``reopen()`` opens the path again and dup2()s it
+    onto the same descriptor numbers (USR1, logrotate).
+    """
+
+    def __init__(self, path=None, redirect_stdio=False):
+        self.path = path
+        self.redirect_stdio = redirect_stdio
+        self.fd = 2
+        self.failed = False
+        if path:
+            self.fd = self._open()
+            if redirect_stdio:
+                self._stdio_to(self.fd)
+
+    def _open(self):
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
+                     getattr(os, 'O_CLOEXEC', 0) |
+                     getattr(os, 'O_NOFOLLOW', 0), 0o640)
+        return fd
+
+    def _stdio_to(self, fd):
+        for std in (1, 2):
+            if fd != std:
+                os.dup2(fd, std)
+
+    def reopen(self):
+        if not self.path:
+            return
+        fd = self._open()
+        try:
+            os.dup2(fd, self.fd, inheritable=False)
+            if self.redirect_stdio:
+                self._stdio_to(fd)
+        finally:
+            os.close(fd)
+        self.failed = False
+
+    def write(self, data):
+        try:
+            while data:
+                n = os.write(self.fd, data)
+                data = data[n:]
+        except OSError as e:
+            if not self.failed:
+                # Say it once, where someone may see it, then carry on: a
+                # full disk must not crash the master or a worker.
+                self.failed = True
+                msg = ('processhandler[%d]: cannot write to log %s: %s '
+                       '(further log errors are not reported until reopen)\n'
+                       % (os.getpid(), self.path or 'stderr', e.strerror))
+                for fd in (2, 1):
+                    if fd != self.fd:
+                        try:
+                            os.write(fd, msg.encode())
+                            break
+                        except OSError:
+                            pass
+
+    def close(self):
+        if self.path and self.fd > 2:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+
+
+class LogFileHandler(logging.Handler):
+    """logging.Handler writing one os.write() per record to a LogFile."""
+
+    def __init__(self, logfile, formatter):
+        logging.Handler.__init__(self)
+        self.logfile = logfile
+        self.setFormatter(formatter)
+
+    def emit(self, record):
+        try:
+            line = self.format(record) + '\n'
+            self.logfile.write(line.encode('utf-8', 'backslashreplace'))
+        except Exception:
+            self.handleError(record)
+
+    def createLock(self):
+        # One os.write per record is atomic enough; a lock here is the one
+        # that deadlocks when a signal handler or a fork lands inside it.
+        self.lock = None
+
+    def acquire(self):
+        pass
+
+    def release(self):
+        pass
+
+
+log = logging.getLogger('processhandler')
+
+
+def setup_logging(cfg, logfile):
+    """Route the root logger (user code included) to ``logfile``."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, LogFileHandler):
+            root.removeHandler(h)
+    root.addHandler(LogFileHandler(logfile, LineFormatter(cfg.proc_name)))
+    root.setLevel(getattr(logging, cfg.log_level))
+    log.setLevel(logging.NOTSET)
+
+
+###############################################################################
+# Process utilities ###########################################################
+###############################################################################
+
+# -- titles -------------------------------------------------------------------
+
+class _ArgvArea(object):
+    """The original argv memory of this process, to rewrite in place.
+
+    /proc/self/stat fields 48/49 (arg_start, arg_end) give its bounds; a
+    title written there (padded with NULs, never longer than the original)
+    is what ps(1) shows.  No C extension needed: ctypes.memmove, which PyPy
+    has too.  /proc/PID/environ is left alone (gunicorn #2321).
+    """
+    bounds = None
+
+    @classmethod
+    def probe(cls):
+        if cls.bounds is None:
+            cls.bounds = ()
+            try:
+                with open('/proc/self/stat') as f:
+                    fields = f.read().rsplit(')', 1)[1].split()
+                start, end = int(fields[45]), int(fields[46])
+                if 0 < start < end:
+                    cls.bounds = (start, end)
+            except (OSError, IndexError, ValueError):
+                pass
+        return cls.bounds
+
+    @classmethod
+    def write(cls, title):
+        bounds = cls.probe()
+        if not bounds:
+            return False
+        import ctypes
+        start, end = bounds
+        size = end - start
+        data = title.encode('utf-8', 'replace')[:size - 1]
+        try:
+            ctypes.memmove(start, data + b'\0' * (size - len(data)), size)
+        except Exception:
+            return False
+        return True
+
+
+def set_proc_title(title):
+    """Set what ps shows (args) and /proc/PID/comm (first 15 bytes)."""
+    bounds = _ArgvArea.probe() if IS_LINUX else ()
+    if _setproctitle is not None:
+        limit = (bounds[1] - bounds[0] - 1) if bounds else len(title)
+        _setproctitle.setproctitle(title[:max(limit, 1)])
+    elif not _ArgvArea.write(title):
+        pass  # no way on this platform; comm below still helps
+    set_comm(title)
+
+
+def set_comm(name):
+    data = name.encode('utf-8', 'replace')[:15]
+    if prctl(PR_SET_NAME, data):
+        return
+    try:
+        with open('/proc/self/comm', 'wb') as f:
+            f.write(data)
+    except OSError:
+        pass
+
+
+# -- privileges, parent death, subreaper --------------------------------------
+
+def resolve_user_group(user, group):
+    """Names or numbers -> (uid or None, gid or None); ConfigError if unknown.
+    """
+    import grp
+    import pwd
+    uid = gid = None
+    if user:
+        try:
+            pw = pwd.getpwuid(int(user)) if user.isdigit() else \
+                pwd.getpwnam(user)
+        except (KeyError, ValueError):
+            raise ConfigError('user: no such user %r' % user)
+        uid, gid = pw.pw_uid, pw.pw_gid
+    if group:
+        try:
+            gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else \
+                grp.getgrnam(group).gr_gid
+        except (KeyError, ValueError):
+            raise ConfigError('group: no such group %r' % group)
+    return uid, gid
+
+
+def drop_privileges(uid, gid):
+    if os.getuid() != 0:
+        return
+    if gid is not None:
+        os.setgroups([])
+        os.setgid(gid)
+    if uid is not None:
+        os.setuid(uid)
+
+
+# -- memory --------------------------------------------------------------------
+
+def rss_mb(pid):
+    """Current resident set size of ``pid`` in MB, or None if it is gone.
+
+    Current, not peak: a peak-based limit recycles a fresh worker after
+    every task (celery #4125).
+    """
+    if IS_LINUX:
+        try:
+            with open('/proc/%d/statm' % pid, 'rb') as f:
+                return int(f.read().split()[1]) * PAGE_SIZE / 1048576.0
+        except (OSError, IndexError, ValueError):
+            return None
+    if psutil is not None:
+        try:
+            return psutil.Process(pid).memory_info().rss / 1048576.0
+        except Exception:
+            return None
+    return None
+
+
+# -- CPU affinity ----------------------------------------------------------------
+
+def get_affinity():
+    """CPUs this process may run on (sorted list)."""
+    if HAS_SCHED_SETAFFINITY:
+        return sorted(os.sched_getaffinity(0))
+    if psutil is not None:
+        try:
+            return sorted(psutil.Process().cpu_affinity())
+        except Exception:
+            pass
+    mask = _ctypes_affinity(None)
+    return mask if mask else list(range(os.cpu_count() or 1))
+
+
+def set_affinity(cpus):
+    """Pin this process to ``cpus``; True when done."""
+    if HAS_SCHED_SETAFFINITY:
+        os.sched_setaffinity(0, cpus)
+        return True
+    if psutil is not None:
+        try:
+            psutil.Process().cpu_affinity(list(cpus))
+            return True
+        except Exception:
+            pass
+    return _ctypes_affinity(cpus) is not None
+
+
+def _ctypes_affinity(cpus):
+    """sched_{get,set}affinity(2) through ctypes (PyPy 3.9 lacks os.sched_*).
+
+    With ``cpus`` None, read the mask; otherwise set it.  None on failure.
+    """
+    lib = libc()
+    if lib is None or not IS_LINUX:
+        return None
+    import ctypes
+    nbytes = 128  # 1024 CPUs
+    buf = (ctypes.c_ubyte * nbytes)()
+    if cpus is None:
+        if lib.sched_getaffinity(0, nbytes, buf) != 0:
+            return None
+        return [i for i in range(nbytes * 8) if buf[i // 8] >> (i % 8) & 1]
+    for c in cpus:
+        buf[c // 8] |= 1 << (c % 8)
+    if lib.sched_setaffinity(0, nbytes, buf) != 0:
+        return None
+    return list(cpus)
+
+
+def affinity_for_slot(setting, slot, allowed):
+    """The CPU list for worker ``slot`` given the cpu_affinity setting."""
+    pool = allowed if setting is True else list(setting)
+    if not pool:
+        return None
+    return [pool[(slot - 1) % len(pool)]]
+
+
+# -- children -------------------------------------------------------------------
+
+def child_pids(pid=None):
+    """Pids whose parent is ``pid`` (default: this process), from /proc."""
+    pid = pid or os.getpid()
+    found = set()
+    try:
+        for tid in os.listdir('/proc/%d/task' % pid):
+            try:
+                with open('/proc/%d/task/%s/children' % (pid, tid)) as f:
+                    found.update(int(p) for p in f.read().split())
+            except OSError:
+                raise
+        return found
+    except OSError:
+        pass
+    # No /proc/PID/task/TID/children (kernel without CONFIG_PROC_CHILDREN).
+    for name in os.listdir('/proc') if os.path.isdir('/proc') else ():
+        if name.isdigit():
+            try:
+                with open('/proc/%s/stat' % name) as f:
+                    if int(f.read().rsplit(')', 1)[1].split()[1]) == pid:
+                        found.add(int(name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return found
+
+
+# -- pid file and instance lock ------------------------------------------------
+
+_FLOCK = struct.Struct('hhqqi4x')  # struct flock on LP64 Linux
+
+
+def lock_holder(fd):
+    """Pid holding a POSIX write lock on ``fd``'s file, or 0 if none.
+
+    F_GETLK names the holder itself: no need to trust the pid written in
+    the file (gunicorn #3383: a stale pid reused by another process).
+    """
+    try:
+        res = fcntl.fcntl(fd, fcntl.F_GETLK,
+                          _FLOCK.pack(fcntl.F_WRLCK, 0, 0, 0, 0))
+        l_type, _, _, _, l_pid = _FLOCK.unpack(res[:_FLOCK.size])
+        if l_type == fcntl.F_UNLCK:
+            return 0
+        return l_pid or -1
+    except (OSError, struct.error):
+        # Unknown layout: fall back to a non-blocking attempt.
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return -1
+        fcntl.lockf(fd, fcntl.LOCK_UN)
+        return 0
+
+
+def running_pid(path):
+    """Pid of the master holding the lock on pidfile ``path``, or 0."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0) |
+                     getattr(os, 'O_CLOEXEC', 0))
+    except OSError:
+        return 0
+    try:
+        return lock_holder(fd)
+    finally:
+        os.close(fd)
+
+
+class PidFile(object):
+    """The pid file, doubling as the instance lock.
+
+    The master holds a POSIX (fcntl) write lock on it for its lifetime; the
+    lock, not the pid written inside, says who runs.  Opened with O_NOFOLLOW
+    (a planted symlink is refused), mode 0644, and refused when owned by
+    another non-root user.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = None
+
+    def acquire(self):
+        """Lock and write our pid; return 0, or the pid of the holder."""
+        d = os.path.dirname(self.path)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT |
+                         getattr(os, 'O_NOFOLLOW', 0), 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise HaltServer('pidfile %s is a symbolic link: refusing '
+                                 'to follow it' % self.path)
+            raise HaltServer('cannot open pidfile %s: %s (directory %s)'
+                             % (self.path, e.strerror, d))
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise HaltServer('pidfile %s is not a regular file' % self.path)
+        if st.st_uid not in (os.geteuid(), 0):
+            os.close(fd)
+            raise HaltServer('pidfile %s is owned by uid %d, not by us'
+                             % (self.path, st.st_uid))
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            holder = lock_holder(fd)
+            os.close(fd)
+            return holder or -1
+        if st.st_mode & 0o022:
+            os.fchmod(fd, 0o644)
+        self.fd = fd
+        self.write(os.getpid())
+        return 0
+
+    def write(self, pid):
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, ('%d\n' % pid).encode(), 0)
+
+    def release(self):
+        if self.fd is None:
+            return
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+            if st.st_ino == os.fstat(self.fd).st_ino:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)  # closing drops the lock
+        self.fd = None
+
+
+def runtime_dir():
+    """A private (0700, ours, not a symlink) folder for default paths."""
+    d = os.path.join(tempfile.gettempdir(), 'processhandler-%d' % os.getuid())
+    try:
+        os.mkdir(d, 0o700)
+    except OSError as e:
+        if e.errno != errno.EEXIST:
+            raise
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or \
+            st.st_mode & 0o077:
+        raise HaltServer('%s is not a private directory of ours' % d)
+    return d
+
+
+def base_pidfile(cfg):
+    """The pidfile of instance 1 (configured, or derived from config+section).
+    """
+    if cfg.pidfile:
+        return cfg.pidfile
+    key = '%s\0%s' % (cfg.path or '', cfg.section)
+    digest = hashlib.sha1(key.encode('utf-8')).hexdigest()[:10]
+    return os.path.join(runtime_dir(), '%s-%s.pid' % (cfg.section, digest))
+
+
+def instance_pidfile(cfg, n):
+    base = base_pidfile(cfg)
+    return base if n == 1 else '%s.%d' % (base, n)
+
+
+def control_path(pidfile):
+    """The control socket of the master owning ``pidfile``.
+
+    Beside the pidfile when the path fits in sun_path (108 bytes), else in
+    the private runtime folder under a hash of the pidfile path.
+    """
+    path = pidfile + '.sock'
+    if len(path.encode()) < 100:
+        return path
+    digest = hashlib.sha1(pidfile.encode('utf-8')).hexdigest()[:16]
+    return os.path.join(runtime_dir(), digest + '.sock')
+
+
+def instances(cfg):
+    """[(n, pidfile, pid)] of every running instance of this section."""
+    base = base_pidfile(cfg)
+    found = []
+    numbers = [1]
+    d, name = os.path.split(base)
+    try:
+        for entry in os.listdir(d or '.'):
+            suffix = entry[len(name) + 1:]
+            if entry.startswith(name + '.') and suffix.isdigit():
+                numbers.append(int(suffix))
+    except OSError:
+        pass
+    for n in sorted(set(numbers)):
+        path = instance_pidfile(cfg, n)
+        pid = running_pid(path)
+        if pid:
+            found.append((n, path, pid))
+    return found
+
+
+# -- daemonize ------------------------------------------------------------------
+
+def daemonize(cfg):
+    """Detach: fork, setsid, fork.  Returns in the daemon only.
+
+    The launching process waits on a pipe for the daemon to report "ready"
+    or the reason it failed, prints it and exits 0 or 1 (gunicorn #949: a
+    --daemon start must not claim success while nothing runs).  The write
+    end, in the daemon, is returned.
+    """
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        sys.exit(_daemon_launcher(r, pid))
+    os.close(r)
+    os.setsid()
+    if os.fork():
+        os._exit(0)          # the session leader goes: no controlling tty
+    os.umask(cfg.umask)
+    os.chdir(cfg.base_path)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    if not cfg.log_file:     # no log file: nothing would read stdio anyway
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+    os.close(devnull)
+    return w
+
+
+def _daemon_launcher(r, pid):
+    """Parent half of daemonize(): report what the daemon says."""
+    os.waitpid(pid, 0)
+    chunks = []
+    while True:
+        try:
+            data = os.read(r, 4096)
+        except InterruptedError:
+            continue
+        if not data:
+            break
+        chunks.append(data)
+        if b'\n' in data:
+            break
+    os.close(r)
+    msg = b''.join(chunks).decode('utf-8', 'replace').strip()
+    if msg.startswith('ready'):
+        print('processhandler: started, %s' % msg[6:])
+        return EXIT_OK
+    print('processhandler: failed to start: %s' % (
+        msg[6:] if msg.startswith('error') else
+        'the daemon exited without a word (see the log)'), file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def report_to_launcher(fd, word, text):
+    if fd is None:
+        return None
+    try:
+        os.write(fd, ('%s %s\n' % (word, text)).encode('utf-8'))
+    except OSError:
+        pass
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    return None
+
+
+# -- systemd ---------------------------------------------------------------------
+
+def sd_notify(message):
+    """Send ``message`` to systemd's NOTIFY_SOCKET, if there is one."""
+    addr = os.environ.get('NOTIFY_SOCKET')
+    if not addr:
+        return False
+    if addr.startswith('@'):
+        addr = '\0' + addr[1:]
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            s.connect(addr)
+            s.sendall(message.encode('utf-8'))
+        finally:
+            s.close()
+        return True
+    except OSError:
+        return False
+
+
+###############################################################################
+# Scoreboard ##################################################################
+###############################################################################
+
+class Scoreboard(object):
+    """Per-worker-process cells in an anonymous shared mmap.
+
+    Workers write their heartbeat and request count here with plain memory
+    stores: no system call per run (gunicorn #1305 pays an fchmod per
+    request).  The master reads it for timeouts and ``status``.  Cells are
+    per process, not per slot: during a reload the old and the new worker of
+    a slot live side by side.
+
+    Cell layout (8-byte fields): pid, state, requests, run_started
+    (monotonic, 0 when idle), booted_at, exit_reason, 2 spare; then a
+    per-cell text area for a boot failure reason.
+    """
+    FIELDS = 8
+    PID, STATE, REQUESTS, RUN_STARTED, BOOTED_AT, REASON = range(6)
+    TEXT = 240
+    # Cell states (worker-written).
+    BOOTING, BOOTED = 1, 2
+    # Exit reasons (worker-written, read at reap).
+    R_NONE, R_MAX_REQUESTS, R_MEMORY, R_ORPHANED = 0, 1, 2, 3
+    R_NAMES = {1: 'max_requests reached', 2: 'soft memory limit',
+               3: 'master gone'}
+
+    def __init__(self, capacity=4096):
+        self.capacity = capacity
+        self.cell_bytes = self.FIELDS * 8
+        size = capacity * (self.cell_bytes + self.TEXT)
+        self.mm = mmap.mmap(-1, size)
+        self.q = memoryview(self.mm).cast('q')
+        self.d = memoryview(self.mm).cast('d')
+        self.free = list(range(capacity - 1, -1, -1))
+
+    def alloc(self, pid_placeholder=0):
+        if not self.free:
+            raise OSError(errno.ENOSPC, 'scoreboard full (%d worker '
+                          'processes)' % self.capacity)
+        cell = self.free.pop()
+        base = cell * self.FIELDS
+        for i in range(self.FIELDS):
+            self.q[base + i] = 0
+        self.q[base + self.STATE] = self.BOOTING
+        self.set_text(cell, '')
+        return cell
+
+    def release(self, cell):
+        self.q[cell * self.FIELDS + self.STATE] = 0
+        self.free.append(cell)
+
+    def get(self, cell, field):
+        return self.q[cell * self.FIELDS + field]
+
+    def getf(self, cell, field):
+        return self.d[cell * self.FIELDS + field]
+
+    def set(self, cell, field, value):
+        self.q[cell * self.FIELDS + field] = value
+
+    def setf(self, cell, field, value):
+        self.d[cell * self.FIELDS + field] = value
+
+    def _text_offset(self, cell):
+        return self.capacity * self.cell_bytes + cell * self.TEXT
+
+    def set_text(self, cell, text):
+        data = text.encode('utf-8', 'replace')[:self.TEXT - 1]
+        off = self._text_offset(cell)
+        self.mm[off:off + self.TEXT] = data + b'\0' * (self.TEXT - len(data))
+
+    def text(self, cell):
+        off = self._text_offset(cell)
+        raw = self.mm[off:off + self.TEXT]
+        return raw.split(b'\0', 1)[0].decode('utf-8', 'replace')
+
+    def close(self):
+        self.q.release()
+        self.d.release()
+        self.mm.close()
+
+
+###############################################################################
+# Workers #####################################################################
+###############################################################################
+
+# Signal that makes a worker write every thread's stack to the log and die
+# (faulthandler, chained to the default action: no core file, works even
+# when the worker is stuck in C code).  Used by the master on timeout.
+DUMP_SIGNAL = signal.SIGUSR2
+
+
+class Worker(object):
+    """Base class of the code that runs in worker processes.
+
+    Methods you implement:
+        init()        once, in the new worker process, before the loop
+        run()         one unit of work; return True when a request was
+                      handled (counts towards max_requests)
+        after_run()   on a graceful exit (TERM, max_requests, memory), not
+                      after KILL or a quick stop
+        handle(conn, addr)   with ``bind``: called per accepted connection
+                      instead of run()
+        on_exception(e)      after an exception from run() was logged
+
+    Attributes you may read (in the worker process):
+        cfg       the Config (typed values; unknown keys as strings)
+        log       a logging.Logger
+        slot      1..N; a replacement gets the slot of the one it replaces
+        pid       this worker's pid
+        requests  requests handled so far
+        alive     False once the worker was asked to stop
+        sockets   listening sockets when ``bind`` is set
+        args, kwargs   what the constructor was given
+        name      "<name>-<n>" (uliweb style)
+
+    ``__init__`` runs in the master, before the fork.  Its keyword options
+    override the config per worker instance (uliweb's Manager style):
+    max_requests, max_requests_jitter, timeout, graceful_timeout,
+    soft_memory_limit, hard_memory_limit, interval (``check_point`` is the
+    uliweb name for interval).  Any other keyword lands in ``self.kwargs``.
+    """
+
+    OPTIONS = ('max_requests', 'max_requests_jitter', 'timeout',
+               'graceful_timeout', 'soft_memory_limit', 'hard_memory_limit',
+               'interval')
+    _counter = [0]
+
+    def __init__(self, log=None, max_requests=None, soft_memory_limit=None,
+                 hard_memory_limit=None, timeout=None, check_point=None,
+                 name=None, args=None, kwargs=None, interval=None,
+                 max_requests_jitter=None, graceful_timeout=None, **extra):
+        Worker._counter[0] += 1
+        self.name = '%s-%d' % (name or 'Process', Worker._counter[0])
+        self.log = log or logging.getLogger('processhandler.worker')
+        self.args = tuple(args or ())
+        self.kwargs = dict(kwargs or {})
+        self.kwargs.update(extra)
+        if check_point is not None and interval is None:
+            interval = check_point
+        given = dict(max_requests=max_requests,
+                     max_requests_jitter=max_requests_jitter,
+                     timeout=timeout, graceful_timeout=graceful_timeout,
+                     soft_memory_limit=soft_memory_limit,
+                     hard_memory_limit=hard_memory_limit, interval=interval)
+        self.options = dict((k, v) for k, v in given.items() if v is not None)
+        soft = self.options.get('soft_memory_limit')
+        hard = self.options.get('hard_memory_limit')
+        if soft and hard and hard <= soft:
+            raise ConfigError('%s: hard_memory_limit must exceed '
+                              'soft_memory_limit' % self.name)
+        self.cfg = Config()
+        self.slot = 0
+        self.pid = None
+        self.requests = 0
+        self.alive = True
+        self.sockets = []
+
+    # -- the API -------------------------------------------------------------
+
+    def init(self):
+        """Called once in the worker process before the first run()."""
+
+    def run(self):
+        """One unit of work.  Return True when a request was handled."""
+        time.sleep(1)
+        return True
+
+    def after_run(self):
+        """Called when the worker leaves its loop gracefully."""
+
+    def on_exception(self, e):
+        """Called after an exception from run() was logged."""
+
+    def on_finished(self):
+        """uliweb hook: the loop ended without an exception."""
+
+    def stop(self):
+        """Ask the loop to end after the current run (graceful)."""
+        self.alive = False
+
+    # -- settings as seen by this worker ---------------------------------------
+
+    def setting(self, key):
+        """The per-instance option ``key`` if given, else the config's."""
+        return self.options.get(key, getattr(self.cfg, key))
+
+    # -- process life (in the child) -------------------------------------------
+
+    def _boot(self, cfg, slot, board, cell, boot_fd, ppid, sockets, logfile,
+              pdeathsig):
+        """Set up the forked process; called by the arbiter in the child."""
+        self.cfg = cfg
+        self.slot = slot
+        self.pid = os.getpid()
+        self.ppid = ppid
+        self.sockets = sockets
+        self._board, self._cell, self._boot_fd = board, cell, boot_fd
+        self._logfile = logfile
+        self._check_parent = not pdeathsig
+        self._exit_reason = Scoreboard.R_NONE
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        self._init_signals()
+        board.set(cell, Scoreboard.PID, self.pid)
+
+    def _init_signals(self):
+        for name in ('HUP', 'TTIN', 'TTOU', 'WINCH'):
+            # TTIN/TTOU would *stop* a process by default: a `pkill -TTIN`
+            # aimed at the master must not freeze its workers.
+            signal.signal(getattr(signal, 'SIG' + name), signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, self._signal_term)
+        signal.signal(signal.SIGINT, self._signal_quit)
+        signal.signal(signal.SIGQUIT, self._signal_quit)
+        signal.signal(signal.SIGUSR1, self._signal_usr1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(DUMP_SIGNAL, signal.SIG_DFL)
+        try:
+            import faulthandler
+            faulthandler.register(DUMP_SIGNAL, file=self._logfile.fd,
+                                  all_threads=True, chain=True)
+        except (ImportError, AttributeError, ValueError, RuntimeError):
+            pass
+        signal.set_wakeup_fd(self._wake_w)
+
+    def _signal_term(self, signum, frame):
+        self.stop()
+
+    def _signal_quit(self, signum, frame):
+        self.alive = False
+        raise SystemExit(WORKER_EXIT_OK)
+
+    def _signal_usr1(self, signum, frame):
+        try:
+            self._logfile.reopen()
+        except OSError as e:
+            self.log.error('cannot reopen log file: %s', e)
+
+    def _serve(self):
+        """init() -> loop -> after_run(); return the process exit status."""
+        try:
+            self.init()
+        except Exception as e:
+            self.log.exception('init() failed: worker %d cannot boot',
+                               self.slot)
+            self._board.set_text(self._cell, '%s: %s' % (
+                type(e).__name__, e))
+            return WORKER_EXIT_BOOT_ERROR
+        self._announce_booted()
+        try:
+            self._loop()
+        except Exception as e:
+            self.log.exception('worker loop failed')
+            self.on_exception(e)
+        else:
+            self.on_finished()
+        self.after_run()
+        if self._exit_reason:
+            self._board.set(self._cell, Scoreboard.REASON, self._exit_reason)
+        return WORKER_EXIT_OK
+
+    def _announce_booted(self):
+        b, c = self._board, self._cell
+        b.setf(c, Scoreboard.BOOTED_AT, time.monotonic())
+        b.set(c, Scoreboard.STATE, Scoreboard.BOOTED)
+        try:
+            os.write(self._boot_fd, b'.')   # wakes the master: event, no poll
+        except OSError:
+            pass  # pipe full: the master is already awake
+
+    def _max_requests(self):
+        n = self.setting('max_requests')
+        jitter = self.setting('max_requests_jitter')
+        if n and jitter:
+            n += random.randint(0, jitter)   # per process (reseeded at fork)
+        return n
+
+    def _loop(self):
+        """The sync loop.  Kept tight: it is every job's overhead."""
+        run = self.run
+        q, d = self._board.q, self._board.d
+        base = self._cell * Scoreboard.FIELDS
+        i_req, i_started = base + Scoreboard.REQUESTS, \
+            base + Scoreboard.RUN_STARTED
+        max_requests = self._max_requests()
+        interval = self.setting('interval')
+        timed = self.setting('timeout') > 0
+        monotonic = time.monotonic
+        memory = MemoryCheck(self)
+        while self.alive:
+            if timed:
+                d[i_started] = monotonic()
+            try:
+                handled = run()
+            except Exception as e:
+                handled = False
+                self.log.exception('run() raised; the loop goes on')
+                self.on_exception(e)
+            if timed:
+                d[i_started] = 0.0
+            if handled:
+                self.requests += 1
+                q[i_req] = self.requests
+                if max_requests and self.requests >= max_requests:
+                    self.log.info('%d requests handled: max_requests '
+                                  'reached, recycling', self.requests)
+                    self._exit_reason = Scoreboard.R_MAX_REQUESTS
+                    break
+            if memory.due() and memory.over_soft():
+                self._exit_reason = Scoreboard.R_MEMORY
+                break
+            if self._check_parent and os.getppid() != self.ppid:
+                self.log.warning('master %d is gone: exiting', self.ppid)
+                self._exit_reason = Scoreboard.R_ORPHANED
+                break
+            if interval and self.alive:
+                self.sleep(interval)
+
+    def sleep(self, seconds):
+        """Sleep up to ``seconds``; return early when a signal arrives."""
+        deadline = time.monotonic() + seconds
+        while self.alive:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                r, _, _ = select.select([self._wake_r], [], [], left)
+            except InterruptedError:
+                continue
+            if r:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except OSError:
+                    pass
+
+    @property
+    def nr(self):
+        """ProcessHandler's name for ``requests``."""
+        return self.requests
+
+
+class MemoryCheck(object):
+    """The worker's own cheap check of its soft memory limit after a run.
+
+    Reads /proc/self/statm at most every check_interval seconds, so the
+    common loop pays one clock read.  The master enforces both limits too.
+    """
+
+    def __init__(self, worker):
+        self.worker = worker
+        self.soft = worker.setting('soft_memory_limit')
+        self.every = worker.cfg.check_interval
+        self.next = time.monotonic() + self.every if self.soft else \
+            float('inf')
+
+    def due(self):
+        if self.next == float('inf'):
+            return False
+        now = time.monotonic()
+        if now < self.next:
+            return False
+        self.next = now + self.every
+        return True
+
+    def over_soft(self):
+        rss = rss_mb(os.getpid())
+        if rss is not None and rss > self.soft:
+            self.worker.log.warning(
+                'RSS %.1f MB is over soft_memory_limit %g MB: exiting '
+                'gracefully', rss, self.soft)
+            return True
+        return False
+
+
+class SyncWorker(Worker):
+    """ProcessHandler-style worker: implement ``handle_request()``.
+
+    Each handle_request() call counts as one request.  The constructor keeps
+    ProcessHandler's signature ``(cfg, file_logger, ppid, sockets)``;
+    ``setup()``, ``init_process()`` and ``stop()`` may be overridden (call
+    super).
+    """
+
+    def __init__(self, cfg=None, file_logger=None, ppid=None, sockets=None,
+                 **kwargs):
+        Worker.__init__(self, **kwargs)
+        if cfg is not None:
+            self.cfg = cfg
+        self.file_logger = file_logger or logging.getLogger()
+        self.ppid = ppid
+        self.LISTENERS = sockets or []
+
+    def setup(self):
+        """ProcessHandler hook, called from init_process()."""
+
+    def init_process(self):
+        """ProcessHandler hook, called once in the worker process."""
+        self.setup()
+
+    def init(self):
+        self.LISTENERS = self.sockets
+        self.init_process()
+
+    def run(self):
+        self.handle_request()
+        return True
+
+    def handle_request(self):
+        raise NotImplementedError('implement handle_request()')
+
+
+def make_log(log, log_filename, format=None, datefmt=None, **ignored):
+    """uliweb helper: also send ``log``'s records to ``log_filename``.
+
+    Rotation by size is left to logrotate + USR1: a RotatingFileHandler
+    shared by several processes loses records.
+    """
+    handler = LogFileHandler(LogFile(os.path.abspath(log_filename)),
+                             LineFormatter(_process_tag[0]))
+    log.addHandler(handler)
+    return log
+
+
+# Worker types: name -> class that runs the loop.  Optional ones import
+# their dependency lazily, in the worker process.
+WORKER_TYPES = {'sync': None}
+
+
+###############################################################################
+# Arbiter #####################################################################
+###############################################################################
+
+class State(object):
+    """Worker process states (supervisor style: ints, names, one setter)."""
+    BOOTING = 10     # forked; init() has not returned yet
+    RUNNING = 20     # init() returned; the loop runs
+    STOPPING = 30    # asked to stop (TERM/QUIT/KILL sent); being reaped
+    EXITED = 40      # reaped
+    # Slot-only states, for status rows without a process.
+    BACKOFF = 50     # failed; next attempt at slot.backoff_until
+    STOPPED = 60     # not wanted (WINCH) or waiting for its turn
+
+    NAMES = {10: 'booting', 20: 'running', 30: 'stopping', 40: 'exited',
+             50: 'backoff', 60: 'stopped'}
+    LIVE = (BOOTING, RUNNING, STOPPING)
+
+
+class WorkerProcess(object):
+    """The master's record of one forked worker process."""
+
+    def __init__(self, pid, slot, cell, generation, worker, cfg):
+        self.pid = pid
+        self.slot = slot
+        self.cell = cell
+        self.generation = generation
+        self.state = State.BOOTING
+        self.spawned = time.monotonic()
+        self.kill_at = None           # KILL deadline once stopping
+        self.stop_reason = None
+        self.timed_out = False
+        self.mem_warned = False
+        # Limits the master enforces: per worker instance, else config.
+        self.timeout = worker.options.get('timeout', cfg.timeout)
+        self.graceful_timeout = worker.options.get('graceful_timeout',
+                                                   cfg.graceful_timeout)
+        self.soft_limit = worker.options.get('soft_memory_limit',
+                                             cfg.soft_memory_limit)
+        self.hard_limit = worker.options.get('hard_memory_limit',
+                                             cfg.hard_memory_limit)
+
+
+class Slot(object):
+    """A numbered place for a worker: 1..N, stable across restarts."""
+
+    def __init__(self, number):
+        self.number = number
+        self.proc = None        # the current generation's process
+        self.old = []           # older generations still serving (reload)
+        self.failures = 0       # consecutive boot failures / early deaths
+        self.backoff_until = 0.0
+        self.last_error = None
+
+    def procs(self):
+        return ([self.proc] if self.proc else []) + self.old
+
+    def forget(self, proc):
+        if self.proc is proc:
+            self.proc = None
+        elif proc in self.old:
+            self.old.remove(proc)
+
+
+def describe_status(status):
+    """A waitpid() status in words."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = 'signal %d' % sig
+        return 'killed by %s' % name
+    if os.WIFEXITED(status):
+        return 'exit status %d' % os.WEXITSTATUS(status)
+    return 'status %d' % status
+
+
+class Arbiter(object):
+    """The master: keeps ``number_workers`` worker processes alive.
+
+    Lifecycle, in the order the methods below read:
+    setup -> run loop (wait -> dispatch signals -> reap -> murder -> check
+    memory -> manage -> ready) -> handle_<signal> -> reload / stop ->
+    spawn / stop / kill / reap -> control socket -> status.
+
+    The master runs no thread (a fork taken while another thread holds a
+    lock -- the import lock on PyPy -- leaves the child blocked for ever).
+    Signal handlers only queue the signal; set_wakeup_fd wakes select().
+    """
+
+    SIGNALS = ['HUP', 'QUIT', 'INT', 'TERM', 'TTIN', 'TTOU', 'USR1', 'USR2',
+               'WINCH', 'CHLD']
+    BACKOFF_BASE = 0.5     # first retry delay after a boot failure (s)
+    BACKOFF_MAX = 30.0     # cap: keep retrying, never give up silently
+    EARLY_DEATH = 1.0      # a crash this soon after boot counts as failure
+    ORPHAN_GRACE = 2.0     # TERM -> KILL for adopted grandchildren at exit
+
+    def __init__(self, cfg, worker_class=None, templates=None,
+                 ready_fd=None, daemonized=False, title=None):
+        """``worker_class``: a Worker subclass instantiated per spawn (config
+        mode); ``templates``: Worker instances, slot i runs templates[i-1]
+        (Manager mode)."""
+        self.cfg = cfg
+        self.worker_class = worker_class
+        self.templates = list(templates or [])
+        self.ready_fd = ready_fd
+        self.daemonized = daemonized
+        self.title = title
+        self.num_workers = len(self.templates) or cfg.number_workers
+        self.pid = os.getpid()
+        self.slots = {}
+        self.procs = {}
+        self.generation = 1
+        self.sig_queue = []
+        self.stopping = False
+        self.graceful = True
+        self.ready = False
+        self.started = time.monotonic()
+        self.next_memory_check = 0.0
+        self.pidfile = None
+        self.instance = 1
+        self.logfile = None
+        self.board = None
+        self.selector = None
+        self.control = None
+        self.sockets = []
+        self.uid = self.gid = None
+        self._pipes = []
+
+    # -- setup ----------------------------------------------------------------
+
+    def setup(self):
+        cfg = self.cfg
+        self.logfile = LogFile(cfg.log_file, redirect_stdio=self.daemonized)
+        setup_logging(cfg, self.logfile)
+        self.uid, self.gid = resolve_user_group(cfg.user, cfg.group)
+        self.acquire_instance()
+        if not prctl(PR_SET_CHILD_SUBREAPER, 1):
+            log.info('not a child subreaper on this platform: orphaned '
+                     'grandchildren go to init')
+        set_proc_title('%s: master' % cfg.proc_name)
+        self.board = Scoreboard()
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = self.make_pipe()
+        self.boot_r, self.boot_w = self.make_pipe()
+        self.selector.register(self.wake_r, selectors.EVENT_READ,
+                               self.drain_pipe)
+        self.selector.register(self.boot_r, selectors.EVENT_READ,
+                               self.drain_pipe)
+        self.open_control()
+        self.init_signals()
+        log.info('processhandler %s starting: master pid %d, %d %s '
+                 'worker(s), config %s [%s]%s', __version__, self.pid,
+                 self.num_workers, cfg.worker_type, cfg.path or '-',
+                 cfg.section, ' instance %d' % self.instance
+                 if self.instance > 1 else '')
+
+    def acquire_instance(self):
+        """Take the pidfile lock of the first free instance (or refuse)."""
+        for n in range(1, 1000):
+            pidfile = PidFile(instance_pidfile(self.cfg, n))
+            holder = pidfile.acquire()
+            if not holder:
+                self.pidfile, self.instance = pidfile, n
+                return
+            if self.cfg.single_instance:
+                raise HaltServer('already running (pid %s, pidfile %s)'
+                                 % (holder, pidfile.path))
+        raise HaltServer('no free instance number below 1000')
+
+    def make_pipe(self):
+        r, w = os.pipe()
+        for fd in (r, w):
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
+        self._pipes.extend((r, w))
+        return r, w
+
+    def init_signals(self):
+        for name in self.SIGNALS:
+            signal.signal(getattr(signal, 'SIG' + name), self.signal_handler)
+        # Restart interrupted system calls rather than seeing EINTR; the
+        # wakeup fd still wakes select().
+        for name in self.SIGNALS:
+            signal.siginterrupt(getattr(signal, 'SIG' + name), False)
+        signal.set_wakeup_fd(self.wake_w)
+
+    def signal_handler(self, signum, frame):
+        # Only record: logging or waitpid here can deadlock (gunicorn #3441).
+        if len(self.sig_queue) < 10000:
+            self.sig_queue.append(signum)
+
+    # -- the loop -------------------------------------------------------------
+
+    def run(self):
+        """Run the master until it stops; return its exit status."""
+        status = EXIT_OK
+        try:
+            self.setup()
+            self.manage_workers()
+            self.loop()
+        except HaltServer as h:
+            status = h.exit_status
+            if self.logfile is not None and self.logfile.path:
+                log.error('%s', h.reason)
+            self.halt_reason = h.reason
+            self.ready_fd = report_to_launcher(self.ready_fd, 'error',
+                                               h.reason)
+            self.kill_all_now()
+        finally:
+            self.cleanup()
+        if status == EXIT_OK:
+            log.info('master %d exiting', self.pid)
+        return status
+
+    def loop(self):
+        while True:
+            self.wait_for_events(self.next_deadline())
+            self.dispatch_signals()
+            self.reap_workers()
+            if self.stopping and not self.procs:
+                return
+            self.murder_workers()
+            self.check_memory()
+            self.manage_workers()
+            self.check_ready()
+
+    def next_deadline(self):
+        """Seconds until the nearest thing to do, None if only events."""
+        if self.sig_queue:
+            return 0
+        now = time.monotonic()
+        deadlines = []
+        for proc in self.procs.values():
+            if proc.kill_at is not None:
+                deadlines.append(proc.kill_at)
+            elif proc.timeout and proc.state == State.RUNNING:
+                started = self.board.getf(proc.cell, Scoreboard.RUN_STARTED)
+                # An idle worker may start a run right after we look: the
+                # earliest it could time out is now + timeout.
+                deadlines.append((started or now) + proc.timeout)
+        for slot in self.slots.values():
+            if slot.proc is None and slot.backoff_until > now:
+                deadlines.append(slot.backoff_until)
+        if self.memory_limited():
+            deadlines.append(self.next_memory_check)
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - now)
+
+    def wait_for_events(self, timeout):
+        try:
+            events = self.selector.select(timeout)
+        except InterruptedError:
+            return
+        for key, mask in events:
+            key.data(key.fileobj)
+
+    def drain_pipe(self, fd):
+        try:
+            while os.read(fd, 4096):
+                pass
+        except OSError:
+            pass
+
+    def dispatch_signals(self):
+        while self.sig_queue:
+            signum = self.sig_queue.pop(0)
+            name = signal.Signals(signum).name[3:].lower()
+            handler = getattr(self, 'handle_' + name, None)
+            if handler is not None:
+                handler()
+
+    def check_ready(self):
+        if self.ready or self.stopping:
+            return
+        for n in range(1, self.num_workers + 1):
+            slot = self.slots.get(n)
+            if slot is None or slot.proc is None or \
+                    slot.proc.state != State.RUNNING:
+                return
+        self.ready = True
+        msg = 'pid %d, %d worker(s) running' % (self.pid, self.num_workers)
+        log.info('ready: %s', msg)
+        self.ready_fd = report_to_launcher(self.ready_fd, 'ready', msg)
+        sd_notify('READY=1\nSTATUS=%d workers\nMAINPID=%d'
+                  % (self.num_workers, self.pid))
+
+    # -- signal handlers --------------------------------------------------------
+
+    def handle_chld(self):
+        """A child exited: reap_workers() runs right after, every turn."""
+
+    def handle_hup(self):
+        """Reload config and worker code; replace workers, keep capacity."""
+        if not self.stopping:
+            self.reload()
+
+    def handle_term(self):
+        """Graceful stop: workers finish their run; KILL after the grace."""
+        self.begin_stop(graceful=True)
+
+    def handle_int(self):
+        """Quick stop."""
+        self.begin_stop(graceful=False)
+
+    def handle_quit(self):
+        """Quick stop."""
+        self.begin_stop(graceful=False)
+
+    def handle_ttin(self):
+        """One more worker."""
+        self.set_num_workers(self.num_workers + 1, 'TTIN')
+
+    def handle_ttou(self):
+        """One fewer worker, never fewer than one."""
+        self.set_num_workers(max(1, self.num_workers - 1), 'TTOU')
+
+    def handle_usr1(self):
+        """Reopen log files (logrotate), here and in every worker."""
+        try:
+            self.logfile.reopen()
+        except OSError as e:
+            log.error('cannot reopen log file %s: %s', self.logfile.path,
+                      e.strerror)
+        log.info('log file reopened')
+        for proc in list(self.procs.values()):
+            self.kill(proc.pid, signal.SIGUSR1)
+
+    def handle_usr2(self):
+        """Re-exec the master in place (upgrade)."""
+        log.warning('USR2 (in-place upgrade) is not supported by this '
+                    'version: ignored')
+
+    def handle_winch(self):
+        """Stop all workers, keep the master (daemon only)."""
+        if not self.daemonized:
+            log.info('WINCH ignored: not daemonized (terminal resize)')
+            return
+        log.info('WINCH: stopping all workers; the master stays (TTIN or '
+                 'HUP brings them back)')
+        self.set_num_workers(0, 'WINCH')
+
+    # -- reload, scale, stop --------------------------------------------------
+
+    def set_num_workers(self, n, why):
+        if self.stopping:
+            return self.num_workers
+        if n != self.num_workers:
+            log.info('%s: %d -> %d worker(s)', why, self.num_workers, n)
+            self.num_workers = n
+            sd_notify('STATUS=%d workers' % n)
+        return n
+
+    def reload(self):
+        """HUP: re-read config, re-import worker code, rolling replace."""
+        sd_notify('RELOADING=1')
+        try:
+            new = self.reload_config()
+        except (ConfigError, HaltServer) as e:
+            log.error('reload failed, still running the previous config and '
+                      'code: %s', e)
+            sd_notify('READY=1')
+            return
+        self.apply_config(new)
+        self.generation += 1
+        log.info('reloaded: generation %d, %d worker(s); new workers start '
+                 'before old ones stop', self.generation, self.num_workers)
+        sd_notify('READY=1\nSTATUS=%d workers' % self.num_workers)
+
+    def reload_config(self):
+        """Return the new Config, with the worker class re-imported."""
+        if self.cfg.path is None:
+            return self.cfg
+        new = load_config(self.cfg.path, self.cfg.section,
+                          ['%s=%s' % kv for kv in self.cfg.overrides])
+        if self.worker_class is not None and not self.templates:
+            self.worker_class = load_worker_class(new, reload=True)
+        return new
+
+    def apply_config(self, new):
+        old = self.cfg
+        for key in RESTART_ONLY:
+            if getattr(new, key) != getattr(old, key):
+                log.warning('%s changed: it takes effect on restart only',
+                            key)
+                setattr(new, key, getattr(old, key))
+        self.cfg = new
+        if new.log_file != self.logfile.path:
+            self.logfile.path = new.log_file
+            self.logfile.reopen()
+        setup_logging(new, self.logfile)
+        if not self.templates:
+            self.num_workers = new.number_workers
+
+    def begin_stop(self, graceful):
+        if self.stopping and (graceful or not self.graceful):
+            return
+        self.stopping, self.graceful = True, graceful
+        log.info('%s stop: %d worker(s) to stop', 'graceful' if graceful
+                 else 'quick', len(self.procs))
+        sd_notify('STOPPING=1')
+        for proc in list(self.procs.values()):
+            self.stop_worker(proc, 'master stopping', graceful=graceful)
+
+    def kill_all_now(self):
+        """Startup failed or halted: KILL every worker and reap them."""
+        for proc in list(self.procs.values()):
+            self.kill(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while self.procs and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            proc = self.procs.pop(pid, None)
+            if proc is not None:
+                self.board.release(proc.cell)
+
+    # -- spawn, stop, kill, reap ----------------------------------------------
+
+    def set_state(self, proc, state):
+        if proc.state != state:
+            log.debug('worker %d (pid %d): %s -> %s', proc.slot, proc.pid,
+                      State.NAMES[proc.state], State.NAMES[state])
+            proc.state = state
+
+    def make_worker(self, number):
+        """The Worker instance for slot ``number`` (runs in the master)."""
+        if self.templates:
+            return self.templates[(number - 1) % len(self.templates)]
+        if issubclass(self.worker_class, SyncWorker):
+            return self.worker_class(self.cfg, None, self.pid, self.sockets)
+        return self.worker_class()
+
+    def spawn_worker(self, slot):
+        try:
+            worker = self.make_worker(slot.number)
+            cell = self.board.alloc()
+        except Exception as e:
+            log.exception('cannot create worker %d', slot.number)
+            return self.slot_failed(slot, '%s: %s' % (type(e).__name__, e))
+        try:
+            pid = os.fork()
+        except OSError as e:
+            self.board.release(cell)
+            return self.slot_failed(slot, 'fork failed: %s' % e.strerror)
+        if pid == 0:
+            self.worker_process(worker, slot.number, cell)  # never returns
+        proc = WorkerProcess(pid, slot.number, cell, self.generation,
+                             worker, self.cfg)
+        self.procs[pid] = proc
+        slot.proc = proc
+        log.debug('worker %d spawned: pid %d (generation %d)', slot.number,
+                  pid, self.generation)
+
+    def worker_process(self, worker, number, cell):
+        """Child half of spawn_worker(): always ends in os._exit()."""
+        status = EXIT_FAILURE
+        try:
+            _process_tag[0] = 'worker %d' % number
+            signal.set_wakeup_fd(-1)
+            for name in self.SIGNALS:
+                signal.signal(getattr(signal, 'SIG' + name), signal.SIG_DFL)
+            self.close_master_fds()
+            set_proc_title('%s: worker %d' % (self.cfg.proc_name, number))
+            drop_privileges(self.uid, self.gid)
+            # Die with the master even if it is KILLed (supervisor #199).
+            pdeath = prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != self.pid:
+                status = WORKER_EXIT_ORPHANED  # master died before prctl
+                return
+            if self.cfg.cpu_affinity:
+                self.pin_cpu(number)
+            worker._boot(self.cfg, number, self.board, cell, self.boot_w,
+                         self.pid, self.sockets, self.logfile, pdeath)
+            status = worker._serve()
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else \
+                (0 if e.code is None else 1)
+        except BaseException:
+            try:
+                log.exception('worker %d crashed', number)
+            except BaseException:
+                pass
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(status)
+
+    def close_master_fds(self):
+        try:
+            self.selector.close()
+        except Exception:
+            pass
+        for fd in self._pipes:
+            if fd != self.boot_w:
+                os.close(fd)
+        if self.control is not None:
+            self.control.close()
+        for fd in (self.pidfile.fd, self.ready_fd):
+            if fd is not None:
+                os.close(fd)
+
+    def pin_cpu(self, number):
+        cpus = affinity_for_slot(self.cfg.cpu_affinity, number,
+                                 get_affinity())
+        try:
+            if cpus and set_affinity(cpus):
+                log.debug('pinned to CPU %s', cpus)
+        except OSError as e:
+            log.warning('cannot pin to CPU %s: %s', cpus, e.strerror)
+
+    def slot_failed(self, slot, why):
+        """A boot failure or an early death: back off, exponentially."""
+        slot.failures += 1
+        delay = min(self.BACKOFF_MAX,
+                    self.BACKOFF_BASE * 2 ** min(slot.failures - 1, 16))
+        slot.backoff_until = time.monotonic() + delay
+        slot.last_error = why
+        if not self.ready and not self.stopping:
+            raise HaltServer('worker %d failed to boot: %s'
+                             % (slot.number, why))
+        log.error('worker %d failed (%s); attempt %d, next in %.1fs',
+                  slot.number, why, slot.failures + 1, delay)
+
+    def stop_worker(self, proc, why, graceful=True):
+        """Ask one worker to stop: TERM (graceful) or QUIT (quick)."""
+        if proc.state == State.STOPPING and (graceful or proc.kill_at is None):
+            return
+        self.set_state(proc, State.STOPPING)
+        proc.stop_reason = why
+        proc.kill_at = time.monotonic() + proc.graceful_timeout
+        log.debug('stopping worker %d (pid %d): %s', proc.slot, proc.pid, why)
+        self.kill(proc.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
+
+    def kill(self, pid, sig):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass  # already gone; the reaper will see it
+
+    def reap_workers(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if not pid:
+                return
+            proc = self.procs.pop(pid, None)
+            if proc is None:
+                # An orphaned grandchild that came to us (we are a child
+                # subreaper): reaped quietly, so no zombie stays.
+                log.debug('reaped adopted process %d (%s)', pid,
+                          describe_status(status))
+                continue
+            self.worker_exited(proc, status)
+
+    def worker_exited(self, proc, status):
+        board, cell = self.board, proc.cell
+        booted = board.get(cell, Scoreboard.STATE) == Scoreboard.BOOTED
+        reason = board.get(cell, Scoreboard.REASON)
+        text = board.text(cell)
+        requests = board.get(cell, Scoreboard.REQUESTS)
+        up = time.monotonic() - (board.getf(cell, Scoreboard.BOOTED_AT) or
+                                 proc.spawned)
+        board.release(cell)
+        was = proc.state
+        self.set_state(proc, State.EXITED)
+        slot = self.slots.get(proc.slot)
+        if slot is not None:
+            slot.forget(proc)
+            if proc.slot > self.num_workers and not slot.procs():
+                del self.slots[proc.slot]
+        how = describe_status(status)
+        name = 'worker %d (pid %d)' % (proc.slot, proc.pid)
+        if proc.timed_out:
+            log.error('%s killed after timeout (%s)', name, how)
+        elif was == State.STOPPING:
+            log.info('%s stopped (%s): %s', name, proc.stop_reason, how)
+            return
+        if slot is None or slot.proc is not None:
+            return   # an older generation's process: nothing to replace
+        ok_exit = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        if not booted:
+            self.slot_failed(slot, 'init() raised %s' % text
+                             if text else 'died while booting (%s)' % how)
+        elif ok_exit and reason == Scoreboard.R_MEMORY and requests == 0:
+            self.slot_failed(slot, 'over soft_memory_limit right after '
+                             'init(), before any request')
+        elif ok_exit and reason:
+            log.info('%s exited after %d requests: %s', name, requests,
+                     Scoreboard.R_NAMES.get(reason, 'reason %d' % reason))
+            slot.failures = 0
+        elif proc.timed_out or up >= self.EARLY_DEATH:
+            if not proc.timed_out:
+                log.error('%s died after %.1fs: %s', name, up, how)
+            slot.failures = 0
+        else:
+            self.slot_failed(slot, 'died %.2fs after boot: %s' % (up, how))
+
+    def murder_workers(self):
+        """KILL workers past their grace; dump and kill timed-out ones."""
+        now = time.monotonic()
+        for proc in list(self.procs.values()):
+            if proc.kill_at is not None:
+                if now >= proc.kill_at:
+                    log.warning('worker %d (pid %d) still alive %.1fs '
+                                'after being asked to stop: KILL', proc.slot,
+                                proc.pid, now - proc.kill_at +
+                                proc.graceful_timeout)
+                    proc.kill_at = None
+                    self.kill(proc.pid, signal.SIGKILL)
+            elif proc.timeout and proc.state == State.RUNNING:
+                started = self.board.getf(proc.cell, Scoreboard.RUN_STARTED)
+                if started and now - started > proc.timeout:
+                    self.timeout_worker(proc, now - started)
+
+    def timeout_worker(self, proc, took):
+        log.error('worker %d (pid %d) timed out: run() has taken %.2fs '
+                  '(timeout %gs); its stack follows, then it is killed',
+                  proc.slot, proc.pid, took, proc.timeout)
+        proc.timed_out = True
+        self.set_state(proc, State.STOPPING)
+        proc.stop_reason = 'timeout'
+        # faulthandler in the worker dumps every thread and re-raises the
+        # signal (default action: terminate); KILL is the fallback.
+        proc.kill_at = time.monotonic() + 1.0
+        self.kill(proc.pid, DUMP_SIGNAL)
+
+    def memory_limited(self):
+        return any(p.soft_limit or p.hard_limit for p in self.procs.values())
+
+    def check_memory(self):
+        now = time.monotonic()
+        if now < self.next_memory_check or not self.memory_limited():
+            return
+        self.next_memory_check = now + self.cfg.check_interval
+        for proc in list(self.procs.values()):
+            if proc.state not in (State.RUNNING, State.STOPPING) or \
+                    proc.kill_at is None and proc.state == State.STOPPING:
+                continue
+            rss = rss_mb(proc.pid)
+            if rss is None:
+                continue
+            if proc.hard_limit and rss > proc.hard_limit:
+                log.error('worker %d (pid %d) RSS %.1f MB is over '
+                          'hard_memory_limit %g MB: KILL', proc.slot,
+                          proc.pid, rss, proc.hard_limit)
+                self.set_state(proc, State.STOPPING)
+                proc.stop_reason = 'hard memory limit'
+                proc.kill_at = None
+                self.kill(proc.pid, signal.SIGKILL)
+            elif proc.soft_limit and rss > proc.soft_limit and \
+                    proc.state == State.RUNNING:
+                log.warning('worker %d (pid %d) RSS %.1f MB is over '
+                            'soft_memory_limit %g MB: asking it to exit',
+                            proc.slot, proc.pid, rss, proc.soft_limit)
+                self.stop_worker(proc, 'soft memory limit')
+
+    def manage_workers(self):
+        """Spawn missing slots, finish rolling replaces, retire surplus."""
+        if self.stopping:
+            return
+        now = time.monotonic()
+        self.update_booted()
+        for n in range(1, self.num_workers + 1):
+            slot = self.slots.get(n)
+            if slot is None:
+                slot = self.slots[n] = Slot(n)
+            proc = slot.proc
+            if proc is not None and proc.generation < self.generation and \
+                    proc.state != State.STOPPING:
+                # Rolling replace: the old one serves until the new is up.
+                slot.old.append(proc)
+                slot.proc = proc = None
+            if proc is None and slot.backoff_until <= now:
+                self.spawn_worker(slot)
+            elif proc is not None and proc.state == State.RUNNING:
+                for old in slot.old:
+                    self.stop_worker(old, 'replaced by pid %d' % proc.pid)
+        for n in sorted(self.slots):
+            if n > self.num_workers:
+                self.retire_slot(self.slots[n])
+
+    def update_booted(self):
+        """BOOTING -> RUNNING for workers whose init() returned."""
+        for proc in self.procs.values():
+            if proc.state == State.BOOTING and self.board.get(
+                    proc.cell, Scoreboard.STATE) == Scoreboard.BOOTED:
+                self.set_state(proc, State.RUNNING)
+
+    def retire_slot(self, slot):
+        for proc in slot.procs():
+            self.stop_worker(proc, 'fewer workers wanted')
+        if not slot.procs():
+            del self.slots[slot.number]
+
+    # -- leaving ----------------------------------------------------------------
+
+    def stop_orphans(self):
+        """TERM, then KILL, the grandchildren that were re-parented to us."""
+        left = child_pids() - set(self.procs)
+        if not left:
+            return
+        log.info('stopping %d adopted orphan process(es): %s', len(left),
+                 ' '.join(map(str, sorted(left))))
+        for pid in left:
+            self.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.ORPHAN_GRACE
+        delay = 0.005
+        while left:
+            try:
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
+            except ChildProcessError:
+                break
+            left = child_pids()
+            if time.monotonic() > deadline:
+                for pid in left:
+                    self.kill(pid, signal.SIGKILL)
+                deadline = float('inf')
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def cleanup(self):
+        if self.board is not None and self.pidfile is not None:
+            try:
+                self.stop_orphans()
+            except OSError:
+                pass
+        if self.control is not None:
+            try:
+                os.unlink(self.control_path)
+            except OSError:
+                pass
+            self.control.close()
+            self.control = None
+        if self.pidfile is not None:
+            self.pidfile.release()
+        signal.set_wakeup_fd(-1)
+
+    # -- control socket ---------------------------------------------------------
+
+    def open_control(self):
+        """A unix socket, mode 0600, for status/incr/decr from the CLI."""
+        path = self.control_path = control_path(self.pidfile.path)
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)   # ours: we hold the instance lock
+        except OSError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        except OSError as e:
+            sock.close()
+            raise HaltServer('cannot create control socket %s: %s'
+                             % (path, e.strerror))
+        finally:
+            os.umask(old)
+        sock.listen(16)
+        sock.setblocking(False)
+        self.control = sock
+        self.selector.register(sock, selectors.EVENT_READ,
+                               self.accept_control)
+
+    def accept_control(self, sock):
+        try:
+            conn, _ = sock.accept()
+        except OSError:
+            return
+        if not self.peer_allowed(conn):
+            conn.close()
+            return
+        conn.setblocking(False)
+        self.selector.register(conn, selectors.EVENT_READ, self.read_control)
+        self._control_buf = getattr(self, '_control_buf', {})
+        self._control_buf[conn] = b''
+
+    def peer_allowed(self, conn):
+        cred = getattr(socket, 'SO_PEERCRED', None)
+        if cred is None:
+            return True
+        try:
+            raw = conn.getsockopt(socket.SOL_SOCKET, cred,
+                                  struct.calcsize('3i'))
+            uid = struct.unpack('3i', raw)[1]
+        except OSError:
+            return False
+        return uid in (0, os.geteuid())
+
+    def read_control(self, conn):
+        try:
+            data = conn.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b''
+        buf = self._control_buf.get(conn, b'') + data
+        if data and b'\n' not in buf and len(buf) < 65536:
+            self._control_buf[conn] = buf
+            return
+        self.selector.unregister(conn)
+        self._control_buf.pop(conn, None)
+        try:
+            if b'\n' in buf:
+                reply = self.control_command(buf.split(b'\n', 1)[0])
+                conn.setblocking(True)
+                conn.settimeout(2.0)
+                conn.sendall(json.dumps(reply).encode('utf-8') + b'\n')
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def control_command(self, line):
+        try:
+            req = json.loads(line.decode('utf-8'))
+            cmd = req['cmd']
+        except (ValueError, KeyError, TypeError):
+            return {'ok': False, 'error': 'bad request'}
+        if cmd == 'status':
+            return self.status()
+        if cmd in ('incr', 'decr'):
+            n = req.get('n', 1)
+            if not isinstance(n, int) or n < 1:
+                return {'ok': False, 'error': 'N must be a positive number'}
+            target = self.num_workers + n if cmd == 'incr' else \
+                max(1, self.num_workers - n)
+            self.set_num_workers(target, cmd)
+            self.manage_workers()
+            return {'ok': True, 'number_workers': self.num_workers}
+        return {'ok': False, 'error': 'unknown command %r' % cmd}
+
+    def status(self):
+        now = time.monotonic()
+        cfg = self.cfg
+        master = {'pid': self.pid, 'proc_name': cfg.proc_name,
+                  'state': 'active', 'uptime': round(now - self.started, 3),
+                  'config': cfg.path, 'section': cfg.section,
+                  'instance': self.instance, 'version': __version__,
+                  'number_workers': self.num_workers,
+                  'worker_type': cfg.worker_type,
+                  'generation': self.generation, 'ready': self.ready,
+                  'stopping': self.stopping,
+                  'pidfile': self.pidfile.path}
+        rows = []
+        for slot in sorted(self.slots.values(), key=lambda s: s.number):
+            for proc in slot.procs():
+                rows.append(self.proc_row(proc, now))
+            if slot.proc is None:
+                row = {'slot': slot.number, 'pid': None,
+                       'state': 'backoff' if slot.backoff_until > now
+                       else 'stopped', 'requests': 0, 'rss_mb': None,
+                       'age': None, 'failures': slot.failures,
+                       'last_error': slot.last_error}
+                if slot.backoff_until > now:
+                    row['next_attempt_in'] = round(slot.backoff_until - now,
+                                                   3)
+                rows.append(row)
+        known = set(id(p) for s in self.slots.values() for p in s.procs())
+        for proc in self.procs.values():
+            if id(proc) not in known:
+                rows.append(self.proc_row(proc, now))
+        rows.sort(key=lambda r: (r['slot'], r['pid'] or 0))
+        return {'master': master, 'workers': rows}
+
+    def proc_row(self, proc, now):
+        b = self.board
+        rss = rss_mb(proc.pid)
+        started = b.getf(proc.cell, Scoreboard.RUN_STARTED)
+        row = {'slot': proc.slot, 'pid': proc.pid,
+               'state': State.NAMES[proc.state],
+               'requests': b.get(proc.cell, Scoreboard.REQUESTS),
+               'rss_mb': round(rss, 1) if rss is not None else None,
+               'age': round(now - proc.spawned, 3),
+               'generation': proc.generation}
+        if started:
+            row['busy_for'] = round(now - started, 3)
+        slot = self.slots.get(proc.slot)
+        if slot is not None:
+            row['failures'] = slot.failures
+        return row
+
+
+###############################################################################
+# Manager (uliweb style) ######################################################
+###############################################################################
+
+class Manager(object):
+    """Programmatic front end: run these Worker instances in the foreground.
+
+        workers = [MyWork(max_requests=2), NewWorker(timeout=5, ...)]
+        Manager(workers, check_point=1).start()
+
+    Slot i runs ``workers[i-1]``; each instance's options (max_requests,
+    timeout, memory limits...) apply to its slot.  ``check_point`` is how
+    often memory is checked, ``wait_time`` the grace after TERM, ``title``
+    the process title; any config key may be given as a keyword.
+    """
+
+    def __init__(self, workers, log=None, check_point=10,
+                 title='Workers Daemon', wait_time=3, daemon=False,
+                 **settings):
+        self.workers = list(workers)
+        self.log = log
+        self.title = title
+        for key in settings:
+            if key not in SETTINGS_BY_NAME:
+                hint = did_you_mean(key, list(SETTINGS_BY_NAME))
+                raise ConfigError('Manager: unknown setting %r%s' % (
+                    key, "; did you mean '%s'?" % hint if hint else ''))
+        values = dict(check_interval=float(check_point or 10),
+                      graceful_timeout=float(wait_time),
+                      daemonize=bool(daemon),
+                      proc_name=settings.pop('proc_name', title),
+                      number_workers=max(1, len(self.workers)))
+        values.update(settings)
+        self.cfg = Config(values, section='manager')
+        self.cfg.validate('Manager: ')
+        if log is not None:
+            for w in self.workers:
+                w.log = log
+
+    def start(self):
+        """Run until stopped (TERM/INT); return the exit status."""
+        logger = self.log or log
+        if not self.workers:
+            logger.info('no workers given: nothing to do')
+            return EXIT_OK
+        ready_fd = daemonize(self.cfg) if self.cfg.daemonize else None
+        logger.info('%s starting', self.title)
+        arbiter = Arbiter(self.cfg, templates=self.workers,
+                          ready_fd=ready_fd, daemonized=self.cfg.daemonize,
+                          title=self.title)
+        status = arbiter.run()
+        if status:
+            print('processhandler: %s' % arbiter.halt_reason,
+                  file=sys.stderr)
+        return status
+
+
+###############################################################################
+# Control client ##############################################################
+###############################################################################
+
+def load_worker_class(cfg, reload=False):
+    """Import ``cfg.worker_class`` ('module:Class') with base_path on
+    sys.path.  ``reload``: forget the user's modules first (HUP).
+    Raises ConfigError with one line."""
+    if not cfg.worker_class:
+        raise ConfigError('%s worker_class: required (module:Class)'
+                          % cfg.where())
+    module_name, _, class_name = cfg.worker_class.partition(':')
+    if cfg.base_path not in sys.path:
+        sys.path.insert(0, cfg.base_path)
+    saved = {}
+    if reload:
+        saved = forget_user_modules(cfg.base_path)
+    try:
+        module = importlib.import_module(module_name)
+        cls = getattr(module, class_name)
+    except Exception as e:
+        sys.modules.update(saved)
+        if isinstance(e, AttributeError):
+            why = 'module %s has no %s' % (module_name, class_name)
+        else:
+            why = '%s: %s' % (type(e).__name__, e)
+        raise ConfigError('%s worker_class: cannot import %s (%s)' % (
+            cfg.where(), cfg.worker_class, ' '.join(str(why).split())))
+    if not (isinstance(cls, type) and issubclass(cls, Worker)):
+        raise ConfigError('%s worker_class: %s is not a subclass of '
+                          'processhandler.Worker' % (cfg.where(),
+                                                     cfg.worker_class))
+    return cls
+
+
+def forget_user_modules(base_path):
+    """Drop modules loaded from under base_path (not this one) from
+    sys.modules so the next import reads them again; return them."""
+    this = sys.modules.get('processhandler') or sys.modules[__name__]
+    root = os.path.join(os.path.realpath(base_path), '')
+    gone = {}
+    for name, mod in list(sys.modules.items()):
+        f = getattr(mod, '__file__', None)
+        if mod is this or name == '__main__' or not f:
+            continue
+        if os.path.realpath(f).startswith(root):
+            gone[name] = sys.modules.pop(name)
+    return gone
+
+
+def control_request(pidfile, request, timeout=5.0):
+    """Send one JSON request to the master owning ``pidfile``."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(control_path(pidfile))
+        s.sendall(json.dumps(request).encode('utf-8') + b'\n')
+        buf = b''
+        while b'\n' not in buf:
+            data = s.recv(65536)
+            if not data:
+                break
+            buf += data
+    finally:
+        s.close()
+    return json.loads(buf.decode('utf-8'))
+
+
+def save_number_workers(path, section, n):
+    """Rewrite ``number_workers`` of ``section`` in place, atomically.
+
+    Every other byte of the file stays as it was (comments, order, blank
+    lines, line endings); mode and owner are kept; temp file + rename.
+    """
+    with open(path, encoding='utf-8', newline='') as f:
+        lines = f.read().splitlines(True)
+    out, in_section, done, insert_at = [], False, False, None
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.startswith('[') and stripped.endswith(']'):
+            if in_section and insert_at is None:
+                insert_at = len(out)
+            in_section = stripped[1:-1].strip() == section
+            if in_section:
+                insert_at = None
+        elif in_section and not done:
+            key, sep, _ = line.partition('=')
+            if not sep:
+                key, sep, _ = line.partition(':')
+            if sep and key.strip().lower() == 'number_workers':
+                eol = line[len(line.rstrip('\r\n')):] or '\n'
+                line = '%s%s %d%s' % (key, sep, n, eol)
+                done = True
+        out.append(line)
+    if not done:
+        eol = '\r\n' if lines and lines[0].endswith('\r\n') else '\n'
+        if insert_at is None:
+            insert_at = len(out)
+            if out and not out[-1].endswith(('\n', '\r')):
+                out[-1] += eol
+        # Put it right after the section's last non-blank line.
+        while insert_at > 0 and not out[insert_at - 1].strip():
+            insert_at -= 1
+        out.insert(insert_at, 'number_workers = %d%s' % (n, eol))
+    st = os.stat(path)
+    fd, tmp = tempfile.mkstemp(prefix='.%s.' % os.path.basename(path),
+                               dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
+            f.write(''.join(out))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, stat.S_IMODE(st.st_mode))
+        if os.geteuid() == 0:
+            os.chown(tmp, st.st_uid, st.st_gid)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+###############################################################################
+# CLI #########################################################################
+###############################################################################
+
+COMMANDS = ('start', 'stop', 'restart', 'reload', 'status', 'incr', 'decr',
+            'reopen', 'check')
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line, exit 2: the usage block is one -h away.
+        self.exit(EXIT_USAGE, 'processhandler: %s (see --help)\n' % message)
+
+
+def build_parser():
+    p = ArgumentParser(
+        prog='processhandler',
+        description='Master/worker process manager. Commands: %s.'
+        % ', '.join(COMMANDS))
+    p.add_argument('command', nargs='?', default='start', choices=COMMANDS,
+                   metavar='COMMAND', help='one of %s (default: start)'
+                   % ', '.join(COMMANDS))
+    p.add_argument('n', nargs='?', type=int, default=None, metavar='N',
+                   help='how many workers to add or remove (incr/decr)')
+    p.add_argument('-c', '--config', required=True, help='INI config file')
+    p.add_argument('-s', '--section', help='config section (default: the '
+                   'only one)')
+    p.add_argument('-i', '--instance', type=int, default=None,
+                   help='act on instance N only (single_instance = false)')
+    p.add_argument('-d', '--daemon', action='store_true',
+                   help='daemonize (overrides the config)')
+    p.add_argument('-f', '--foreground', action='store_true',
+                   help='stay in the foreground (overrides the config)')
+    p.add_argument('--set', action='append', default=[],
+                   metavar='KEY=VALUE', help='override a config key')
+    p.add_argument('--json', action='store_true', help='status as JSON')
+    p.add_argument('--save', action='store_true', help='incr/decr: also '
+                   'write number_workers into the config file')
+    p.add_argument('--timeout', type=float, default=None,
+                   help='stop: seconds to wait (default: graceful_timeout '
+                   '+ 10)')
+    p.add_argument('--version', action='version',
+                   version='processhandler ' + __version__)
+    return p
+
+
+def say(msg):
+    print('processhandler: %s' % msg)
+
+
+def complain(msg):
+    print('processhandler: %s' % msg, file=sys.stderr)
+
+
+def target_instances(cfg, args):
+    found = instances(cfg)
+    if args.instance is not None:
+        found = [i for i in found if i[0] == args.instance]
+    return [i for i in found if i[2] > 0]
+
+
+def cmd_start(cfg, args):
+    worker_class = load_worker_class(cfg)
+    resolve_user_group(cfg.user, cfg.group)
+    if cfg.single_instance:
+        running = target_instances(cfg, args)
+        if running:
+            n, path, pid = running[0]
+            complain('already running (pid %d, pidfile %s)' % (pid, path))
+            return EXIT_FAILURE
+    daemon = (args.daemon or cfg.daemonize) and not args.foreground
+    try:
+        os.umask(cfg.umask)
+        os.chdir(cfg.base_path)
+    except OSError as e:
+        complain('cannot enter base_path %s: %s' % (cfg.base_path,
+                                                    e.strerror))
+        return EXIT_FAILURE
+    ready_fd = daemonize(cfg) if daemon else None
+    arbiter = Arbiter(cfg, worker_class, ready_fd=ready_fd,
+                      daemonized=daemon)
+    status = arbiter.run()
+    if status and not daemon:
+        complain(arbiter.halt_reason)
+    return status
+
+
+def cmd_stop(cfg, args):
+    found = target_instances(cfg, args)
+    if not found:
+        say('not running')
+        return EXIT_OK
+    for n, path, pid in found:
+        os.kill(pid, signal.SIGTERM)
+    limit = args.timeout if args.timeout is not None else \
+        cfg.graceful_timeout + 10
+    left = wait_until(lambda: [i for i in found if running_pid(i[1])],
+                      limit)
+    for n, path, pid in found:
+        if (n, path, pid) in left:
+            complain('pid %d did not stop within %gs' % (pid, limit))
+        else:
+            say('stopped (pid %d)' % pid)
+    return EXIT_FAILURE if left else EXIT_OK
+
+
+def wait_until(pending, limit):
+    """Poll ``pending()`` (10 ms doubling to 0.2 s) until falsy or limit."""
+    deadline = time.monotonic() + limit
+    delay = 0.01
+    left = pending()
+    while left and time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+        left = pending()
+    return left
+
+
+def cmd_restart(cfg, args):
+    status = cmd_stop(cfg, args)
+    if status != EXIT_OK:
+        return status
+    return cmd_start(cfg, args)
+
+
+def signal_instances(cfg, args, sig, done):
+    found = target_instances(cfg, args)
+    if not found:
+        say('not running')
+        return EXIT_NOT_RUNNING
+    for n, path, pid in found:
+        os.kill(pid, sig)
+        say('%s (pid %d)' % (done, pid))
+    return EXIT_OK
+
+
+def cmd_reload(cfg, args):
+    if cfg.worker_class:
+        load_worker_class(cfg)   # a broken config/class: say so, send nothing
+    return signal_instances(cfg, args, signal.SIGHUP, 'reloading')
+
+
+def cmd_reopen(cfg, args):
+    return signal_instances(cfg, args, signal.SIGUSR1, 'reopening logs')
+
+
+def cmd_status(cfg, args):
+    found = target_instances(cfg, args)
+    if not found:
+        if args.json:
+            print(json.dumps({'master': None, 'workers': []}))
+        else:
+            say('not running')
+        return EXIT_NOT_RUNNING
+    docs, status = [], EXIT_OK
+    for n, path, pid in found:
+        try:
+            docs.append(control_request(path, {'cmd': 'status'}))
+        except (OSError, ValueError) as e:
+            complain('master pid %d holds %s but its control socket does '
+                     'not answer (%s)' % (pid, path, e))
+            status = EXIT_FAILURE
+    if args.json:
+        print(json.dumps(docs[0] if len(docs) == 1 else
+                         {'instances': docs}, indent=1))
+    else:
+        for doc in docs:
+            print(format_status(doc))
+    return status
+
+
+def format_status(doc):
+    m = doc['master']
+    running = sum(1 for w in doc['workers'] if w['state'] == 'running')
+    lines = ['%s: master %d %s, up %s, %d/%d worker(s) running, '
+             'config %s [%s]%s' % (
+                 m['proc_name'], m['pid'], m['state'],
+                 format_age(m['uptime']), running, m['number_workers'],
+                 m['config'] or '-', m['section'],
+                 ' instance %d' % m['instance'] if m['instance'] > 1
+                 else '')]
+    lines.append('%-5s %-8s %-9s %9s %8s %9s' % (
+        'slot', 'pid', 'state', 'requests', 'rss_mb', 'age'))
+    for w in doc['workers']:
+        extra = ''
+        if w['state'] == 'backoff':
+            extra = '  next attempt in %.1fs: %s' % (
+                w.get('next_attempt_in', 0), w.get('last_error'))
+        lines.append('%-5s %-8s %-9s %9s %8s %9s%s' % (
+            w['slot'], w['pid'] or '-', w['state'], w['requests'],
+            '-' if w['rss_mb'] is None else '%.1f' % w['rss_mb'],
+            '-' if w['age'] is None else format_age(w['age']), extra))
+    return '\n'.join(lines)
+
+
+def format_age(seconds):
+    if seconds < 120:
+        return '%.1fs' % seconds
+    if seconds < 7200:
+        return '%dm%02ds' % divmod(int(seconds), 60)
+    return '%dh%02dm' % divmod(int(seconds) // 60, 60)
+
+
+def cmd_incr(cfg, args, sign=1):
+    n = 1 if args.n is None else args.n
+    if n < 1:
+        raise ConfigError('N must be a positive number, got %d' % n)
+    found = target_instances(cfg, args)
+    if not found:
+        say('not running')
+        return EXIT_NOT_RUNNING
+    new = None
+    for i, path, pid in found:
+        try:
+            reply = control_request(path, {'cmd': 'incr' if sign > 0
+                                            else 'decr', 'n': n})
+        except (OSError, ValueError) as e:
+            complain('master pid %d does not answer: %s' % (pid, e))
+            return EXIT_FAILURE
+        new = reply['number_workers']
+        say('pid %d: %d worker(s)' % (pid, new))
+    if args.save and new is not None:
+        if not cfg.path:
+            raise ConfigError('--save needs a config file')
+        try:
+            save_number_workers(cfg.path, cfg.section, new)
+        except OSError as e:
+            complain('cannot save number_workers to %s: %s'
+                     % (cfg.path, e.strerror or e))
+            return EXIT_FAILURE
+        say('saved number_workers = %d in %s [%s]' % (new, cfg.path,
+                                                       cfg.section))
+    return EXIT_OK
+
+
+def cmd_decr(cfg, args):
+    return cmd_incr(cfg, args, sign=-1)
+
+
+def cmd_check(cfg, args):
+    problems, notes = [], []
+    try:
+        load_worker_class(cfg)
+    except ConfigError as e:
+        problems.append(str(e))
+    for key, hint in cfg.unknown_keys():
+        if hint:
+            problems.append("%s %s: unknown key; did you mean '%s'?"
+                            % (cfg.where(), key, hint))
+        else:
+            notes.append(key)
+    try:
+        resolve_user_group(cfg.user, cfg.group)
+    except ConfigError as e:
+        problems.append('%s %s' % (cfg.where(), e))
+    for key in ('log_file', 'pidfile'):
+        path = getattr(cfg, key)
+        if path and not os.path.isdir(os.path.dirname(path)):
+            problems.append('%s %s: folder %s does not exist' % (
+                cfg.where(), key, os.path.dirname(path)))
+    if not os.path.isdir(cfg.base_path):
+        problems.append('%s base_path: %s is not a folder'
+                        % (cfg.where(), cfg.base_path))
+    for p in problems:
+        complain(p)
+    if problems:
+        return EXIT_USAGE
+    say('%s [%s]: ok (%s, %d %s worker(s))%s' % (
+        cfg.path, cfg.section, cfg.worker_class, cfg.number_workers,
+        cfg.worker_type, '; keys passed to workers: ' + ', '.join(notes)
+        if notes else ''))
+    return EXIT_OK
+
+
+def main(argv=None):
+    """Command-line entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.section, args.set)
+        for key, hint in cfg.unknown_keys():
+            if hint and args.command != 'check':
+                complain("%s %s: unknown key, passed to workers as a "
+                         "string; did you mean '%s'?"
+                         % (cfg.where(), key, hint))
+        return globals()['cmd_' + args.command](cfg, args)
+    except ConfigError as e:
+        complain(e)
+        return EXIT_USAGE
+    except HaltServer as h:
+        complain(h.reason)
+        return h.exit_status
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+def _main():
+    # The running script is the module: user code doing `import
+    # processhandler` must get this module, not a second copy whose Worker
+    # class would be a different class.
+    sys.modules.setdefault('processhandler', sys.modules[__name__])
+    sys.exit(main())
+
+
+if __name__ == '__main__':
+    _main()
