@@ -78,10 +78,9 @@ import traceback
 
 __version__ = '0.1.0'
 __license__ = 'MIT'
-__all__ = ['Worker', 'SyncWorker', 'ThreadWorker', 'GeventWorker',
-           'AsyncioWorker', 'Arbiter', 'Manager', 'Config', 'ConfigError',
-           'HaltServer', 'load_config', 'main', 'WORKER_TYPES', 'SETTINGS',
-           '__version__']
+__all__ = ['Worker', 'SyncWorker', 'Arbiter', 'Manager', 'Config',
+           'ConfigError', 'HaltServer', 'load_config', 'make_log', 'main',
+           'WORKER_TYPES', 'SETTINGS', '__version__']
 
 
 ###############################################################################
@@ -367,6 +366,22 @@ SETTINGS_BY_NAME = dict((s.name, s) for s in SETTINGS)
 
 # Keys that a HUP cannot change in a running master: say so instead of
 # pretending.  (A USR2 upgrade or a restart applies them.)
+def settings_table():
+    """The README's config table, in Markdown, from SETTINGS."""
+    def show(s):
+        d = s.default
+        if s.name == 'umask':
+            return '`022`'
+        if d is None or d == []:
+            return '-'
+        if isinstance(d, bool):
+            return '`%s`' % str(d).lower()
+        return '`%s`' % (str(d).lower() if s.name == 'log_level' else d)
+    rows = ['| key | default | meaning |', '|---|---|---|']
+    rows += ['| `%s` | %s | %s |' % (s.name, show(s), s.doc) for s in SETTINGS]
+    return '\n'.join(rows)
+
+
 RESTART_ONLY = ('pidfile', 'single_instance', 'daemonize', 'bind',
                 'reuse_port', 'user', 'group', 'leader_lock', 'base_path')
 
@@ -1008,7 +1023,9 @@ def base_pidfile(cfg):
     """
     if cfg.pidfile:
         return cfg.pidfile
-    key = '%s\0%s' % (cfg.path or '', cfg.section)
+    # Manager mode has no config file: the script is what identifies it.
+    origin = cfg.path or os.path.abspath(sys.argv[0] or 'python')
+    key = '%s\0%s' % (origin, cfg.section)
     digest = hashlib.sha1(key.encode('utf-8')).hexdigest()[:10]
     return os.path.join(runtime_dir(), '%s-%s.pid' % (cfg.section, digest))
 
@@ -1307,9 +1324,14 @@ class Worker(object):
 
     def init(self):
         """Called once in the worker process before the first run()."""
+        self.log.debug('%s %d created', self.name, self.pid)
 
     def run(self):
-        """One unit of work.  Return True when a request was handled."""
+        """One unit of work.  Return True when a request was handled.
+
+        This default (uliweb's) only logs and sleeps: a Worker runs on its
+        own for a try-out."""
+        self.log.info('%s %d running', self.name, self.pid)
         time.sleep(1)
         return True
 
@@ -1674,7 +1696,8 @@ class Arbiter(object):
     ORPHAN_GRACE = 2.0     # TERM -> KILL for adopted grandchildren at exit
 
     def __init__(self, cfg, worker_class=None, templates=None,
-                 ready_fd=None, daemonized=False, title=None):
+                 ready_fd=None, daemonized=False, title=None,
+                 keep_user_logging=False):
         """``worker_class``: a Worker subclass instantiated per spawn (config
         mode); ``templates``: Worker instances, slot i runs templates[i-1]
         (Manager mode)."""
@@ -1684,6 +1707,7 @@ class Arbiter(object):
         self.ready_fd = ready_fd
         self.daemonized = daemonized
         self.title = title
+        self.keep_user_logging = keep_user_logging
         self.num_workers = len(self.templates) or cfg.number_workers
         self.pid = os.getpid()
         self.slots = {}
@@ -1710,7 +1734,8 @@ class Arbiter(object):
     def setup(self):
         cfg = self.cfg
         self.logfile = LogFile(cfg.log_file, redirect_stdio=self.daemonized)
-        setup_logging(cfg, self.logfile)
+        if not self.keep_user_logging:
+            setup_logging(cfg, self.logfile)
         self.uid, self.gid = resolve_user_group(cfg.user, cfg.group)
         self.acquire_instance()
         if not prctl(PR_SET_CHILD_SUBREAPER, 1):
@@ -2513,9 +2538,12 @@ class Manager(object):
             return EXIT_OK
         ready_fd = daemonize(self.cfg) if self.cfg.daemonize else None
         logger.info('%s starting', self.title)
+        # A script that configured logging itself (uliweb's examples call
+        # logging.basicConfig) keeps its handlers; else ours, one line each.
+        keep = bool(logging.getLogger().handlers) and not self.cfg.log_file
         arbiter = Arbiter(self.cfg, templates=self.workers,
                           ready_fd=ready_fd, daemonized=self.cfg.daemonize,
-                          title=self.title)
+                          title=self.title, keep_user_logging=keep)
         status = arbiter.run()
         if status:
             print('processhandler: %s' % arbiter.halt_reason,
