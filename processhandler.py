@@ -386,6 +386,19 @@ RESTART_ONLY = ('pidfile', 'single_instance', 'daemonize', 'bind',
                 'reuse_port', 'user', 'group', 'leader_lock', 'base_path')
 
 
+def not_yet_supported(cfg):
+    """Settings this version parses but cannot honour yet: refused at start
+    and by `check`, never silently ignored."""
+    out = []
+    if cfg.worker_type != 'sync':
+        out.append('worker_type: %r is not available in this version yet '
+                   '(use sync)' % cfg.worker_type)
+    for key in ('bind', 'reuse_port', 'accept_lock', 'leader_lock'):
+        if getattr(cfg, key):
+            out.append('%s: not available in this version yet' % key)
+    return ['%s %s' % (cfg.where(), m) for m in out]
+
+
 def did_you_mean(word, choices):
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.75)
     return close[0] if close else None
@@ -2526,6 +2539,8 @@ class Manager(object):
         values.update(settings)
         self.cfg = Config(values, section='manager')
         self.cfg.validate('Manager: ')
+        for problem in not_yet_supported(self.cfg):
+            raise ConfigError(problem)
         if log is not None:
             for w in self.workers:
                 w.log = log
@@ -2737,6 +2752,8 @@ def target_instances(cfg, args):
 
 
 def cmd_start(cfg, args):
+    for problem in not_yet_supported(cfg):
+        raise ConfigError(problem)
     worker_class = load_worker_class(cfg)
     resolve_user_group(cfg.user, cfg.group)
     if cfg.single_instance:
@@ -2915,7 +2932,7 @@ def cmd_decr(cfg, args):
 
 
 def cmd_check(cfg, args):
-    problems, notes = [], []
+    problems, notes = not_yet_supported(cfg), []
     try:
         load_worker_class(cfg)
     except ConfigError as e:

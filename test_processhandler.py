@@ -402,3 +402,55 @@ def test_master_killed_workers_exit_within_one_second(proj):
     t0 = time.monotonic()
     wait_for(lambda: not any(alive(p) for p in workers.values()), 5)
     assert time.monotonic() - t0 < 1.0
+
+
+# -- documentation and API -------------------------------------------------------
+
+def test_readme_config_table_is_generated_from_settings():
+    """The README's config table is SETTINGS rendered: one source."""
+    with open(os.path.join(HERE, 'README.md')) as f:
+        readme = f.read()
+    assert processhandler.settings_table() in readme
+
+
+def test_readme_first_commands_are_the_tested_ones():
+    with open(os.path.join(HERE, 'README.md')) as f:
+        head = f.read().split('## Writing a worker')[0]
+    assert 'python3 processhandler.py -c examples/jobexecute/config.ini' in head
+    assert 'bash .ci/test' in head
+    with open(os.path.join(HERE, '.ci', 'run')) as f:
+        assert 'bash .ci/test' in f.read()
+
+
+def test_unsupported_settings_are_refused_not_ignored(proj):
+    proj.write_config(bind='127.0.0.1:%d' % free_port())
+    res = proj.ph('start', '-f')
+    assert res.returncode == 2
+    assert 'bind: not available' in res.stderr
+    assert proj.ph('check').returncode == 2
+
+
+def test_workers_drop_privileges_to_user(proj):
+    """As root, user/group apply in the workers; the master keeps root."""
+    if os.getuid() != 0:
+        pytest.skip('needs root')
+    import pwd
+    nobody = pwd.getpwnam('nobody')
+    proj.write_config(user='nobody', run_time=0)
+    os.chmod(proj.path, 0o755)
+    proj.write_module('quiet', '''
+        import time, processhandler
+        class Quiet(processhandler.Worker):
+            def run(self):
+                time.sleep(0.05)
+                return True
+    ''')
+    proj.write_config(user='nobody', worker_class='quiet:Quiet')
+    master = proj.start_daemon()
+    workers = proj.wait_running(2)
+
+    def uid(pid):
+        with open('/proc/%d/status' % pid) as f:
+            return int([l for l in f if l.startswith('Uid:')][0].split()[1])
+    assert uid(master) == 0
+    assert all(uid(p) == nobody.pw_uid for p in workers.values())
