@@ -810,18 +810,19 @@ def rss_mb(pid):
     Current, not peak: a peak-based limit recycles a fresh worker after
     every task (celery #4125).
     """
-    if IS_LINUX:
-        try:
-            with open('/proc/%d/statm' % pid, 'rb') as f:
-                return int(f.read().split()[1]) * PAGE_SIZE / 1048576.0
-        except (OSError, IndexError, ValueError):
-            return None
     if psutil is not None:
         try:
             return psutil.Process(pid).memory_info().rss / 1048576.0
-        except Exception:
+        except psutil.NoSuchProcess:
             return None
-    return None
+        except Exception:
+            pass   # fall through to /proc
+    try:
+        # Field 2 of statm is resident pages: the stdlib path (PyPy).
+        with open('/proc/%d/statm' % pid, 'rb') as f:
+            return int(f.read().split()[1]) * PAGE_SIZE / 1048576.0
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 # -- CPU affinity ----------------------------------------------------------------
@@ -1710,7 +1711,7 @@ class Arbiter(object):
 
     def __init__(self, cfg, worker_class=None, templates=None,
                  ready_fd=None, daemonized=False, title=None,
-                 keep_user_logging=False):
+                 keep_user_logging=False, save_on_signal=False):
         """``worker_class``: a Worker subclass instantiated per spawn (config
         mode); ``templates``: Worker instances, slot i runs templates[i-1]
         (Manager mode)."""
@@ -1721,6 +1722,7 @@ class Arbiter(object):
         self.daemonized = daemonized
         self.title = title
         self.keep_user_logging = keep_user_logging
+        self.save_on_signal = save_on_signal
         self.num_workers = len(self.templates) or cfg.number_workers
         self.pid = os.getpid()
         self.slots = {}
@@ -1925,12 +1927,14 @@ class Arbiter(object):
         self.begin_stop(graceful=False)
 
     def handle_ttin(self):
-        """One more worker."""
+        """One more worker (saved to the config with `start --save`)."""
         self.set_num_workers(self.num_workers + 1, 'TTIN')
+        self.save_num_workers()
 
     def handle_ttou(self):
         """One fewer worker, never fewer than one."""
         self.set_num_workers(max(1, self.num_workers - 1), 'TTOU')
+        self.save_num_workers()
 
     def handle_usr1(self):
         """Reopen log files (logrotate), here and in every worker."""
@@ -1967,6 +1971,20 @@ class Arbiter(object):
             self.num_workers = n
             sd_notify('STATUS=%d workers' % n)
         return n
+
+    def save_num_workers(self):
+        """`start --save`: TTIN/TTOU also rewrite number_workers in place."""
+        if not self.save_on_signal or not self.cfg.path or self.stopping:
+            return
+        try:
+            save_number_workers(self.cfg.path, self.cfg.section,
+                                self.num_workers)
+            log.info('saved number_workers = %d in %s', self.num_workers,
+                     self.cfg.path)
+        except (OSError, ValueError) as e:
+            log.error('cannot save number_workers to %s: %s (the running '
+                      'count is %d)', self.cfg.path,
+                      getattr(e, 'strerror', None) or e, self.num_workers)
 
     def reload(self):
         """HUP: re-read config, re-import worker code, rolling replace."""
@@ -2135,12 +2153,16 @@ class Arbiter(object):
         delay = min(self.BACKOFF_MAX,
                     self.BACKOFF_BASE * 2 ** min(slot.failures - 1, 16))
         slot.backoff_until = time.monotonic() + delay
-        slot.last_error = why
         if not self.ready and not self.stopping:
             raise HaltServer('worker %d failed to boot: %s'
                              % (slot.number, why))
-        log.error('worker %d failed (%s); attempt %d, next in %.1fs',
-                  slot.number, why, slot.failures + 1, delay)
+        # Loud the first time (or when the reason changes), then quieter:
+        # a slot failing for hours must not flood the log.
+        level = logging.ERROR if why != slot.last_error or \
+            slot.failures == 1 else logging.INFO
+        slot.last_error = why
+        log.log(level, 'worker %d failed (%s); attempt %d in %.1fs',
+                slot.number, why, slot.failures + 1, delay)
 
     def stop_worker(self, proc, why, graceful=True):
         """Ask one worker to stop: TERM (graceful) or QUIT (quick)."""
@@ -2176,6 +2198,7 @@ class Arbiter(object):
             self.worker_exited(proc, status)
 
     def worker_exited(self, proc, status):
+        """Account for a reaped worker: log why, back off if it failed."""
         board, cell = self.board, proc.cell
         booted = board.get(cell, Scoreboard.STATE) == Scoreboard.BOOTED
         reason = board.get(cell, Scoreboard.REASON)
@@ -2193,22 +2216,29 @@ class Arbiter(object):
                 del self.slots[proc.slot]
         how = describe_status(status)
         name = 'worker %d (pid %d)' % (proc.slot, proc.pid)
+        ok_exit = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        memory = reason == Scoreboard.R_MEMORY or \
+            proc.stop_reason in ('soft memory limit', 'hard memory limit')
+        replace = slot is not None and slot.proc is None and \
+            not self.stopping and proc.slot <= self.num_workers
         if proc.timed_out:
             log.error('%s killed after timeout (%s)', name, how)
-        elif was == State.STOPPING:
+        elif was == State.STOPPING and not (memory and replace):
             log.info('%s stopped (%s): %s', name, proc.stop_reason, how)
             return
-        if slot is None or slot.proc is not None:
-            return   # an older generation's process: nothing to replace
-        ok_exit = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        if not replace:
+            return   # an older generation, a retired slot, or shutting down
         if not booted:
             self.slot_failed(slot, 'init() raised %s' % text
                              if text else 'died while booting (%s)' % how)
-        elif ok_exit and reason == Scoreboard.R_MEMORY and requests == 0:
-            self.slot_failed(slot, 'over soft_memory_limit right after '
-                             'init(), before any request')
-        elif ok_exit and reason:
+        elif memory and requests == 0:
+            # Over the limit before doing anything: recycling it after
+            # every run would be a loop (celery #4125).  Back off instead.
+            self.slot_failed(slot, 'over its memory limit right after '
+                             'init(), before any request (%s)' % how)
+        elif memory or (ok_exit and reason):
             log.info('%s exited after %d requests: %s', name, requests,
+                     proc.stop_reason if memory and proc.stop_reason else
                      Scoreboard.R_NAMES.get(reason, 'reason %d' % reason))
             slot.failures = 0
         elif proc.timed_out or up >= self.EARLY_DEATH:
@@ -2727,7 +2757,8 @@ def build_parser():
                    metavar='KEY=VALUE', help='override a config key')
     p.add_argument('--json', action='store_true', help='status as JSON')
     p.add_argument('--save', action='store_true', help='incr/decr: also '
-                   'write number_workers into the config file')
+                   'write number_workers into the config file; start: '
+                   'TTIN/TTOU do too')
     p.add_argument('--timeout', type=float, default=None,
                    help='stop: seconds to wait (default: graceful_timeout '
                    '+ 10)')
@@ -2772,7 +2803,7 @@ def cmd_start(cfg, args):
         return EXIT_FAILURE
     ready_fd = daemonize(cfg) if daemon else None
     arbiter = Arbiter(cfg, worker_class, ready_fd=ready_fd,
-                      daemonized=daemon)
+                      daemonized=daemon, save_on_signal=args.save)
     status = arbiter.run()
     if status and not daemon:
         complain(arbiter.halt_reason)
