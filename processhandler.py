@@ -1371,7 +1371,7 @@ class Worker(object):
     # -- process life (in the child) -------------------------------------------
 
     def _boot(self, cfg, slot, board, cell, boot_fd, ppid, sockets, logfile,
-              pdeathsig):
+              pdeathsig, dump_fd=None):
         """Set up the forked process; called by the arbiter in the child."""
         self.cfg = cfg
         self.slot = slot
@@ -1380,6 +1380,7 @@ class Worker(object):
         self.sockets = sockets
         self._board, self._cell, self._boot_fd = board, cell, boot_fd
         self._logfile = logfile
+        self._dump_fd = dump_fd
         self._check_parent = not pdeathsig
         self._exit_reason = Scoreboard.R_NONE
         self._wake_r, self._wake_w = os.pipe()
@@ -1399,12 +1400,13 @@ class Worker(object):
         signal.signal(signal.SIGUSR1, self._signal_usr1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(DUMP_SIGNAL, signal.SIG_DFL)
-        try:
-            import faulthandler
-            faulthandler.register(DUMP_SIGNAL, file=self._logfile.fd,
-                                  all_threads=True, chain=True)
-        except (ImportError, AttributeError, ValueError, RuntimeError):
-            pass
+        if self._dump_fd is not None:
+            try:
+                import faulthandler
+                faulthandler.register(DUMP_SIGNAL, file=self._dump_fd,
+                                      all_threads=True, chain=True)
+            except (ImportError, AttributeError, ValueError, RuntimeError):
+                pass
         signal.set_wakeup_fd(self._wake_w)
 
     def _signal_term(self, signum, frame):
@@ -1643,7 +1645,7 @@ class WorkerProcess(object):
         self.kill_at = None           # KILL deadline once stopping
         self.stop_reason = None
         self.timed_out = False
-        self.mem_warned = False
+        self.dump_fd = None           # faulthandler's output (timeout)
         # Limits the master enforces: per worker instance, else config.
         self.timeout = worker.options.get('timeout', cfg.timeout)
         self.graceful_timeout = worker.options.get('graceful_timeout',
@@ -2074,21 +2076,54 @@ class Arbiter(object):
         except Exception as e:
             log.exception('cannot create worker %d', slot.number)
             return self.slot_failed(slot, '%s: %s' % (type(e).__name__, e))
+        proc = WorkerProcess(0, slot.number, cell, self.generation, worker,
+                             self.cfg)
+        if proc.timeout:
+            proc.dump_fd = self.open_dump_file()
         try:
             pid = os.fork()
         except OSError as e:
             self.board.release(cell)
+            self.close_dump(proc)
             return self.slot_failed(slot, 'fork failed: %s' % e.strerror)
         if pid == 0:
-            self.worker_process(worker, slot.number, cell)  # never returns
-        proc = WorkerProcess(pid, slot.number, cell, self.generation,
-                             worker, self.cfg)
+            self.worker_process(worker, slot.number, cell, proc.dump_fd)
+        proc.pid = pid
         self.procs[pid] = proc
         slot.proc = proc
         log.debug('worker %d spawned: pid %d (generation %d)', slot.number,
                   pid, self.generation)
 
-    def worker_process(self, worker, number, cell):
+    def open_dump_file(self):
+        """An unlinked temp file for a worker's stack dump at timeout.
+
+        faulthandler writes raw lines; the master reads them back at reap
+        and logs them as one record, continuation lines prefixed.
+        """
+        try:
+            fd, path = tempfile.mkstemp(prefix='processhandler-dump-')
+            os.unlink(path)
+            return fd
+        except OSError:
+            return None
+
+    def close_dump(self, proc):
+        if proc.dump_fd is not None:
+            os.close(proc.dump_fd)
+            proc.dump_fd = None
+
+    def read_dump(self, proc):
+        if proc.dump_fd is None:
+            return ''
+        try:
+            return os.pread(proc.dump_fd, 65536, 0).decode(
+                'utf-8', 'replace').rstrip()
+        except OSError:
+            return ''
+        finally:
+            self.close_dump(proc)
+
+    def worker_process(self, worker, number, cell, dump_fd=None):
         """Child half of spawn_worker(): always ends in os._exit()."""
         status = EXIT_FAILURE
         try:
@@ -2107,7 +2142,8 @@ class Arbiter(object):
             if self.cfg.cpu_affinity:
                 self.pin_cpu(number)
             worker._boot(self.cfg, number, self.board, cell, self.boot_w,
-                         self.pid, self.sockets, self.logfile, pdeath)
+                         self.pid, self.sockets, self.logfile, pdeath,
+                         dump_fd)
             status = worker._serve()
         except SystemExit as e:
             status = e.code if isinstance(e.code, int) else \
@@ -2137,6 +2173,8 @@ class Arbiter(object):
         for fd in (self.pidfile.fd, self.ready_fd):
             if fd is not None:
                 os.close(fd)
+        for proc in self.procs.values():   # siblings' dump files
+            self.close_dump(proc)
 
     def pin_cpu(self, number):
         cpus = affinity_for_slot(self.cfg.cpu_affinity, number,
@@ -2207,6 +2245,8 @@ class Arbiter(object):
         up = time.monotonic() - (board.getf(cell, Scoreboard.BOOTED_AT) or
                                  proc.spawned)
         board.release(cell)
+        if not proc.timed_out:
+            self.close_dump(proc)
         was = proc.state
         self.set_state(proc, State.EXITED)
         slot = self.slots.get(proc.slot)
@@ -2222,7 +2262,10 @@ class Arbiter(object):
         replace = slot is not None and slot.proc is None and \
             not self.stopping and proc.slot <= self.num_workers
         if proc.timed_out:
-            log.error('%s killed after timeout (%s)', name, how)
+            dump = self.read_dump(proc)
+            log.error('%s killed after timeout (%s); its stack at the '
+                      'timeout:\n%s', name, how, dump or '(no stack: it did '
+                      'not answer the dump signal)')
         elif was == State.STOPPING and not (memory and replace):
             log.info('%s stopped (%s): %s', name, proc.stop_reason, how)
             return
@@ -2267,7 +2310,7 @@ class Arbiter(object):
 
     def timeout_worker(self, proc, took):
         log.error('worker %d (pid %d) timed out: run() has taken %.2fs '
-                  '(timeout %gs); its stack follows, then it is killed',
+                  '(timeout %gs); dumping its stack, then killing it',
                   proc.slot, proc.pid, took, proc.timeout)
         proc.timed_out = True
         self.set_state(proc, State.STOPPING)
