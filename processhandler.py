@@ -78,9 +78,10 @@ import traceback
 
 __version__ = '0.1.0'
 __license__ = 'MIT'
-__all__ = ['Worker', 'SyncWorker', 'Arbiter', 'Manager', 'Config',
-           'ConfigError', 'HaltServer', 'load_config', 'make_log', 'main',
-           'WORKER_TYPES', 'SETTINGS', '__version__']
+__all__ = ['Worker', 'SyncWorker', 'ThreadWorker', 'GeventWorker',
+           'AsyncioWorker', 'Arbiter', 'Manager', 'Config', 'ConfigError',
+           'HaltServer', 'load_config', 'make_log', 'main', 'WORKER_TYPES',
+           'SETTINGS', '__version__']
 
 
 ###############################################################################
@@ -390,10 +391,7 @@ def not_yet_supported(cfg):
     """Settings this version parses but cannot honour yet: refused at start
     and by `check`, never silently ignored."""
     out = []
-    if cfg.worker_type != 'sync':
-        out.append('worker_type: %r is not available in this version yet '
-                   '(use sync)' % cfg.worker_type)
-    for key in ('bind', 'reuse_port', 'accept_lock', 'leader_lock'):
+    for key in ('leader_lock',):
         if getattr(cfg, key):
             out.append('%s: not available in this version yet' % key)
     return ['%s %s' % (cfg.where(), m) for m in out]
@@ -1154,6 +1152,97 @@ def report_to_launcher(fd, word, text):
     return None
 
 
+# -- listening sockets -------------------------------------------------------------
+
+def create_listener(addr, reuse_port=False, listen=True, owner=None):
+    """A listening socket for 'host:port', '[v6]:port' or 'unix:/path'.
+
+    Non-blocking (workers select, then accept; a worker that loses the race
+    gets EAGAIN).  ``reuse_port`` sets SO_REUSEPORT; ``listen=False`` only
+    binds, which reserves the port without taking connections (the master's
+    placeholder when each worker has its own SO_REUSEPORT listener).
+    Raises HaltServer with a one-line reason.
+    """
+    family, address = parse_address(addr)
+    try:
+        if family == socket.AF_UNIX:
+            sock = _unix_listener(address, owner)
+        else:
+            host, port = address
+            infos = socket.getaddrinfo(host, port, family, socket.SOCK_STREAM,
+                                       0, socket.AI_PASSIVE)
+            family, _, _, _, sockaddr = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(sockaddr)
+    except (OSError, socket.gaierror) as e:
+        raise HaltServer('cannot bind %s: %s' % (
+            addr, getattr(e, 'strerror', None) or e))
+    if listen:
+        sock.listen(min(2048, socket.SOMAXCONN))
+    sock.setblocking(False)
+    return sock
+
+
+def _unix_listener(path, owner):
+    """Bind a unix socket at ``path`` (mode 0660), replacing a stale one."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, '%s exists and is not a socket'
+                          % path)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            raise OSError(errno.EADDRINUSE, 'Address already in use')
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)           # nobody listens: stale
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o117)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    if owner and os.geteuid() == 0:
+        uid, gid = owner
+        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+    return sock
+
+
+def listener_name(sock):
+    addr = sock.getsockname()
+    if isinstance(addr, str):
+        return 'unix:' + addr
+    if sock.family == socket.AF_INET6:
+        return '[%s]:%d' % addr[:2]
+    return '%s:%d' % addr
+
+
+def systemd_listeners():
+    """Sockets passed by systemd socket activation (LISTEN_FDS), or []."""
+    if os.environ.get('LISTEN_PID') != str(os.getpid()):
+        return []
+    try:
+        n = int(os.environ.get('LISTEN_FDS', '0'))
+    except ValueError:
+        n = 0
+    socks = []
+    for fd in range(3, 3 + n):
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        socks.append(sock)
+    for key in ('LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES'):
+        os.environ.pop(key, None)   # not for our children
+    return socks
+
+
 # -- systemd ---------------------------------------------------------------------
 
 def sd_notify(message):
@@ -1299,6 +1388,9 @@ class Worker(object):
     uliweb name for interval).  Any other keyword lands in ``self.kwargs``.
     """
 
+    worker_type = None   # None: the config's worker_type; else forced
+    accept_timeout = 1.0  # seconds an idle accept waits before checking alive
+
     OPTIONS = ('max_requests', 'max_requests_jitter', 'timeout',
                'graceful_timeout', 'soft_memory_limit', 'hard_memory_limit',
                'interval')
@@ -1361,6 +1453,14 @@ class Worker(object):
     def stop(self):
         """Ask the loop to end after the current run (graceful)."""
         self.alive = False
+        runner = getattr(self, '_runner', None)
+        if runner is not None:
+            runner.wake()
+
+    def handle(self, conn, addr):
+        """With ``bind``: serve one accepted connection (closed after).
+        In asyncio workers: ``async def handle(self, reader, writer)``."""
+        raise NotImplementedError
 
     # -- settings as seen by this worker ---------------------------------------
 
@@ -1383,6 +1483,7 @@ class Worker(object):
         self._dump_fd = dump_fd
         self._check_parent = not pdeathsig
         self._exit_reason = Scoreboard.R_NONE
+        self._runner = WORKER_TYPES[self.worker_type or cfg.worker_type](self)
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
@@ -1434,7 +1535,7 @@ class Worker(object):
             return WORKER_EXIT_BOOT_ERROR
         self._announce_booted()
         try:
-            self._loop()
+            self._runner.run()
         except Exception as e:
             self.log.exception('worker loop failed')
             self.on_exception(e)
@@ -1461,9 +1562,15 @@ class Worker(object):
             n += random.randint(0, jitter)   # per process (reseeded at fork)
         return n
 
+    def serves_sockets(self):
+        """True when this worker implements handle() and has listeners."""
+        return bool(self.sockets) and \
+            getattr(type(self).handle, '__func__', type(self).handle) \
+            is not Worker.handle
+
     def _loop(self):
         """The sync loop.  Kept tight: it is every job's overhead."""
-        run = self.run
+        run = self._serve_connection if self.serves_sockets() else self.run
         q, d = self._board.q, self._board.d
         base = self._cell * Scoreboard.FIELDS
         i_req, i_started = base + Scoreboard.REQUESTS, \
@@ -1524,6 +1631,50 @@ class Worker(object):
     def nr(self):
         """ProcessHandler's name for ``requests``."""
         return self.requests
+
+    # -- socket serving (sync / thread / gevent) ---------------------------------
+
+    def _serve_connection(self):
+        """run() of a socket worker: accept one connection and handle() it.
+
+        Waits up to accept_timeout for a listener to become readable, so an
+        idle worker still notices a stop.  With accept_lock only the lock
+        holder waits in accept (no thundering herd); the lock is released
+        before handle() runs.
+        """
+        lock = self._accept_lock
+        conn = None
+        if lock is not None and not lock.acquire(self.accept_timeout):
+            return False
+        try:
+            try:
+                ready, _, _ = select.select(self.sockets, [], [],
+                                            self.accept_timeout)
+            except (InterruptedError, ValueError):
+                return False
+            for sock in ready:
+                try:
+                    conn, addr = sock.accept()
+                    break
+                except (BlockingIOError, InterruptedError):
+                    continue      # another worker was faster
+                except OSError as e:
+                    if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS,
+                                   errno.ENOMEM):
+                        self.log.error('accept failed: %s', e.strerror)
+                        self.sleep(0.1)
+                    continue
+        finally:
+            if lock is not None:
+                lock.release()
+        if conn is None:
+            return False
+        try:
+            conn.setblocking(True)
+            self.handle(conn, addr)
+        finally:
+            conn.close()
+        return True
 
 
 class MemoryCheck(object):
@@ -1608,9 +1759,329 @@ def make_log(log, log_filename, format=None, datefmt=None, **ignored):
     return log
 
 
-# Worker types: name -> class that runs the loop.  Optional ones import
-# their dependency lazily, in the worker process.
-WORKER_TYPES = {'sync': None}
+class AcceptLock(object):
+    """Serialises accept() across worker processes (and their threads).
+
+    A POSIX lock on a file the master opened before forking: record locks
+    belong to processes, so every worker competes for it; a thread lock in
+    front of it makes threads of one worker take turns too.
+    """
+
+    def __init__(self, fd, threaded=False, cooperative=False):
+        self.fd = fd
+        self.local = None
+        self.cooperative = cooperative
+        if threaded:
+            import threading
+            self.local = threading.Lock()
+
+    def acquire(self, timeout):
+        if self.local is not None and not self.local.acquire(True, timeout):
+            return False
+        try:
+            if self.cooperative:
+                self._poll(timeout)
+            else:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        except OSError:
+            if self.local is not None:
+                self.local.release()
+            return False
+        return True
+
+    def _poll(self, timeout):
+        # A blocking lockf() would stall every greenlet of the process:
+        # try without blocking and yield (time.sleep is gevent's here).
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN) or \
+                        time.monotonic() > deadline:
+                    raise
+            time.sleep(0.002)
+
+    def release(self):
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+        finally:
+            if self.local is not None:
+                self.local.release()
+
+
+class SyncLoop(object):
+    """How a worker process runs its run() calls: one class per
+    worker_type (the name -> class dict is WORKER_TYPES)."""
+
+    concurrent = False
+
+    def __init__(self, worker):
+        self.worker = worker
+
+    def run(self):
+        self.worker._loop()
+
+    def wake(self):
+        """stop() was called (from a signal handler): wake any sleeper."""
+
+
+class ThreadLoop(SyncLoop):
+    """``threads`` run loops in threads sharing the request count, the
+    limits and the stop.  timeout applies to each run() call: the
+    scoreboard holds the start of the oldest run in progress."""
+
+    concurrent = True
+
+    def run(self):
+        import threading
+        w = self.worker
+        n = max(1, w.cfg.threads)
+        self.lock = threading.Lock()
+        self.starts = [0.0] * n
+        self.stopped = threading.Event()
+        self.max_requests = w._max_requests()
+        self.timed = w.setting('timeout') > 0
+        self.interval = w.setting('interval')
+        self.memory = MemoryCheck(w)
+        self.run_one = w._serve_connection if w.serves_sockets() else w.run
+        threads = [self.spawn(i) for i in range(n)]
+        while w.alive and any(t.is_alive() for t in threads):
+            w.sleep(w.cfg.check_interval)   # woken by signals
+            if self.memory.due() and self.memory.over_soft():
+                self.finish(Scoreboard.R_MEMORY)
+            if w._check_parent and os.getppid() != w.ppid:
+                self.finish(Scoreboard.R_ORPHANED)
+        for t in threads:
+            t.join()
+
+    def spawn(self, i):
+        import threading
+        t = threading.Thread(target=self.body, args=(i,),
+                             name='worker-%d-%d' % (self.worker.slot, i))
+        t.daemon = True
+        t.start()
+        return t
+
+    def wake(self):
+        self.stopped.set()
+
+    def finish(self, reason):
+        self.worker._exit_reason = reason
+        self.worker.alive = False
+        self.wake()
+
+    def mark(self, i, value):
+        d = self.worker._board
+        with self.lock:
+            self.starts[i] = value
+            active = [x for x in self.starts if x]
+            d.setf(self.worker._cell, Scoreboard.RUN_STARTED,
+                   min(active) if active else 0.0)
+
+    def body(self, i):
+        w = self.worker
+        try:
+            while w.alive:
+                if self.timed:
+                    self.mark(i, time.monotonic())
+                try:
+                    handled = self.run_one()
+                except Exception as e:
+                    handled = False
+                    w.log.exception('run() raised; the loop goes on')
+                    w.on_exception(e)
+                if self.timed:
+                    self.mark(i, 0.0)
+                if handled:
+                    self.count()
+                if self.interval and w.alive:
+                    self.stopped.wait(self.interval)
+        finally:
+            try:
+                os.write(w._wake_w, b'x')   # tell the main thread
+            except OSError:
+                pass
+
+    def count(self):
+        w = self.worker
+        with self.lock:
+            w.requests += 1
+            w._board.set(w._cell, Scoreboard.REQUESTS, w.requests)
+            done = self.max_requests and w.requests >= self.max_requests
+        if done and w.alive:
+            w.log.info('%d requests handled: max_requests reached, '
+                       'recycling', w.requests)
+            self.finish(Scoreboard.R_MAX_REQUESTS)
+
+
+class GeventLoop(ThreadLoop):
+    """``threads`` run loops in greenlets.  The arbiter monkey-patches the
+    process right after fork, before the worker code is imported, so the
+    thread machinery of ThreadLoop runs on greenlets."""
+
+    @staticmethod
+    def patch():
+        try:
+            from gevent import monkey
+        except ImportError:
+            raise ConfigError("worker_type = gevent needs the gevent package"
+                              " (pip install gevent)")
+        monkey.patch_all()
+
+
+class AsyncioLoop(SyncLoop):
+    """``threads`` concurrent tasks of ``async def run(self)`` (or, with
+    ``bind``, an asyncio server calling ``async def handle(reader,
+    writer)``).  A graceful stop lets every run in flight finish; nothing
+    is cancelled (the master KILLs after graceful_timeout)."""
+
+    concurrent = True
+
+    def run(self):
+        import asyncio
+        asyncio.run(self.main())
+
+    def wake(self):
+        ev = getattr(self, 'stopped', None)
+        if ev is not None:
+            self.loop.call_soon_threadsafe(ev.set)
+
+    async def main(self):
+        import asyncio
+        w = self.worker
+        self.loop = asyncio.get_running_loop()
+        self.stopped = asyncio.Event()
+        self.max_requests = w._max_requests()
+        self.memory = MemoryCheck(w)
+        self.timed = w.setting('timeout') > 0
+        self.interval = w.setting('interval')
+        n = max(1, w.cfg.threads)
+        self.starts = [0.0] * n
+        self.loop.add_signal_handler(signal.SIGTERM, w.stop)
+        for sig in (signal.SIGINT, signal.SIGQUIT):
+            self.loop.add_signal_handler(sig, self.quit)
+        self.loop.add_signal_handler(signal.SIGUSR1, w._signal_usr1, 0, None)
+        if w.serves_sockets():
+            await self.serve()
+        else:
+            await asyncio.gather(*[self.body(i) for i in range(n)])
+
+    def quit(self):
+        sys.stdout.flush()
+        os._exit(WORKER_EXIT_OK)
+
+    def mark(self, i, value):
+        w = self.worker
+        self.starts[i] = value
+        active = [x for x in self.starts if x]
+        w._board.setf(w._cell, Scoreboard.RUN_STARTED,
+                      min(active) if active else 0.0)
+
+    async def body(self, i):
+        import asyncio
+        w = self.worker
+        while w.alive:
+            if self.timed:
+                self.mark(i, time.monotonic())
+            try:
+                result = w.run()
+                if asyncio.iscoroutine(result):
+                    result = await result
+                handled = result
+            except Exception as e:
+                handled = False
+                w.log.exception('run() raised; the loop goes on')
+                w.on_exception(e)
+            if self.timed:
+                self.mark(i, 0.0)
+            if handled:
+                self.count()
+            self.checks()
+            if w.alive:
+                if self.interval:
+                    try:
+                        await asyncio.wait_for(self.stopped.wait(),
+                                               self.interval)
+                    except asyncio.TimeoutError:
+                        pass
+                else:
+                    await asyncio.sleep(0)   # let the other tasks run
+
+    def count(self):
+        w = self.worker
+        w.requests += 1
+        w._board.set(w._cell, Scoreboard.REQUESTS, w.requests)
+        if self.max_requests and w.requests >= self.max_requests and \
+                w.alive:
+            w.log.info('%d requests handled: max_requests reached, '
+                       'recycling', w.requests)
+            w._exit_reason = Scoreboard.R_MAX_REQUESTS
+            w.stop()
+
+    def checks(self):
+        w = self.worker
+        if self.memory.due() and self.memory.over_soft():
+            w._exit_reason = Scoreboard.R_MEMORY
+            w.stop()
+        if w._check_parent and os.getppid() != w.ppid:
+            w._exit_reason = Scoreboard.R_ORPHANED
+            w.stop()
+
+    async def serve(self):
+        """asyncio server on the inherited listeners; handle() per
+        connection; stop accepting on stop, let connections finish."""
+        import asyncio
+        w = self.worker
+        active = set()
+
+        async def on_connect(reader, writer):
+            task = asyncio.current_task()
+            active.add(task)
+            i = len(active) - 1 if len(active) <= len(self.starts) else 0
+            try:
+                if self.timed:
+                    self.mark(i, time.monotonic())
+                await w.handle(reader, writer)
+            except Exception as e:
+                w.log.exception('handle() raised')
+                w.on_exception(e)
+            finally:
+                if self.timed:
+                    self.mark(i, 0.0)
+                active.discard(task)
+                writer.close()
+                self.count()
+                self.checks()
+
+        servers = [await asyncio.start_server(on_connect, sock=sock)
+                   for sock in w.sockets]
+        await self.stopped.wait()
+        for srv in servers:
+            srv.close()
+        if active:
+            await asyncio.gather(*active, return_exceptions=True)
+
+
+# Worker types: name -> loop class.  Optional dependencies (gevent) are
+# imported lazily, in the worker process.
+WORKER_TYPES = {'sync': SyncLoop, 'thread': ThreadLoop,
+                'gevent': GeventLoop, 'asyncio': AsyncioLoop}
+
+
+class ThreadWorker(Worker):
+    """A Worker whose run() loops run in ``threads`` threads."""
+    worker_type = 'thread'
+
+
+class GeventWorker(Worker):
+    """A Worker whose run() loops run in ``threads`` greenlets."""
+    worker_type = 'gevent'
+
+
+class AsyncioWorker(Worker):
+    """A Worker with ``async def run(self)`` (``threads`` tasks)."""
+    worker_type = 'asyncio'
 
 
 ###############################################################################
@@ -1742,7 +2213,8 @@ class Arbiter(object):
         self.board = None
         self.selector = None
         self.control = None
-        self.sockets = []
+        self.sockets = []          # listeners shared by every worker
+        self.accept_fd = None      # accept_lock's file
         self.uid = self.gid = None
         self._pipes = []
 
@@ -1755,6 +2227,7 @@ class Arbiter(object):
             setup_logging(cfg, self.logfile)
         self.uid, self.gid = resolve_user_group(cfg.user, cfg.group)
         self.acquire_instance()
+        self.open_sockets()
         if not prctl(PR_SET_CHILD_SUBREAPER, 1):
             log.info('not a child subreaper on this platform: orphaned '
                      'grandchildren go to init')
@@ -1787,6 +2260,40 @@ class Arbiter(object):
                 raise HaltServer('already running (pid %s, pidfile %s)'
                                  % (holder, pidfile.path))
         raise HaltServer('no free instance number below 1000')
+
+    def open_sockets(self):
+        """Listeners, opened before any fork and inherited by the workers:
+        systemd's (socket activation) if given, else ``bind``."""
+        cfg = self.cfg
+        self.sockets = systemd_listeners()
+        if self.sockets:
+            log.info('listening on %s (from systemd)', ', '.join(
+                listener_name(s) for s in self.sockets))
+        elif cfg.bind:
+            # With reuse_port the master only reserves the addresses (bound,
+            # not listening); each worker opens its own listener.
+            self.sockets = [create_listener(a, cfg.reuse_port,
+                                            listen=not cfg.reuse_port,
+                                            owner=(self.uid, self.gid))
+                            for a in cfg.bind]
+            log.info('listening on %s%s', ', '.join(
+                listener_name(s) for s in self.sockets),
+                ' (SO_REUSEPORT: one listener per worker)'
+                if cfg.reuse_port else '')
+        if self.sockets and cfg.accept_lock and not cfg.reuse_port:
+            fd, path = tempfile.mkstemp(prefix='processhandler-accept-')
+            os.unlink(path)
+            self.accept_fd = fd
+
+    def worker_sockets(self):
+        """In a worker: the listeners it accepts on."""
+        if self.cfg.reuse_port and self.cfg.bind and self.sockets:
+            own = [create_listener(listener_name(s), reuse_port=True)
+                   for s in self.sockets]
+            for s in self.sockets:
+                s.close()
+            return own
+        return list(self.sockets)
 
     def make_pipe(self):
         r, w = os.pipe()
@@ -2000,6 +2507,10 @@ class Arbiter(object):
             return
         self.apply_config(new)
         self.generation += 1
+        for slot in self.slots.values():
+            # The user changed something: try the new code/config now, not
+            # when a backoff earned by the old one ends (up to 30 s).
+            slot.backoff_until = 0.0
         log.info('reloaded: generation %d, %d worker(s); new workers start '
                  'before old ones stop', self.generation, self.num_workers)
         sd_notify('READY=1\nSTATUS=%d workers' % self.num_workers)
@@ -2141,9 +2652,17 @@ class Arbiter(object):
                 return
             if self.cfg.cpu_affinity:
                 self.pin_cpu(number)
+            if (worker.worker_type or self.cfg.worker_type) == 'gevent':
+                worker = self.gevent_worker(worker, number)
+            sockets = self.worker_sockets()
+            worker._accept_lock = None
+            if self.accept_fd is not None:
+                wtype = worker.worker_type or self.cfg.worker_type
+                worker._accept_lock = AcceptLock(
+                    self.accept_fd, threaded=wtype != 'sync',
+                    cooperative=wtype == 'gevent')
             worker._boot(self.cfg, number, self.board, cell, self.boot_w,
-                         self.pid, self.sockets, self.logfile, pdeath,
-                         dump_fd)
+                         self.pid, sockets, self.logfile, pdeath, dump_fd)
             status = worker._serve()
         except SystemExit as e:
             status = e.code if isinstance(e.code, int) else \
@@ -2160,6 +2679,16 @@ class Arbiter(object):
             finally:
                 os._exit(status)
 
+    def gevent_worker(self, worker, number):
+        """Monkey-patch first, then import the worker code afresh (it was
+        imported unpatched in the master) and build the worker again."""
+        GeventLoop.patch()
+        if self.worker_class is not None and not self.templates:
+            forget_user_modules(self.cfg.base_path)
+            self.worker_class = load_worker_class(self.cfg)
+            worker = self.make_worker(number)
+        return worker
+
     def close_master_fds(self):
         try:
             self.selector.close()
@@ -2173,6 +2702,7 @@ class Arbiter(object):
         for fd in (self.pidfile.fd, self.ready_fd):
             if fd is not None:
                 os.close(fd)
+        self.pidfile.fd = self.ready_fd = None
         for proc in self.procs.values():   # siblings' dump files
             self.close_dump(proc)
 
@@ -2428,6 +2958,14 @@ class Arbiter(object):
                 pass
             self.control.close()
             self.control = None
+        for sock in self.sockets:
+            name = listener_name(sock)
+            sock.close()
+            if name.startswith('unix:'):
+                try:
+                    os.unlink(name[5:])
+                except OSError:
+                    pass
         if self.pidfile is not None:
             self.pidfile.release()
         signal.set_wakeup_fd(-1)
@@ -2537,7 +3075,8 @@ class Arbiter(object):
                   'worker_type': cfg.worker_type,
                   'generation': self.generation, 'ready': self.ready,
                   'stopping': self.stopping,
-                  'pidfile': self.pidfile.path}
+                  'pidfile': self.pidfile.path,
+                  'listeners': [listener_name(s) for s in self.sockets]}
         rows = []
         for slot in sorted(self.slots.values(), key=lambda s: s.number):
             for proc in slot.procs():

@@ -423,10 +423,10 @@ def test_readme_first_commands_are_the_tested_ones():
 
 
 def test_unsupported_settings_are_refused_not_ignored(proj):
-    proj.write_config(bind='127.0.0.1:%d' % free_port())
+    proj.write_config(leader_lock='file:%s/leader.lock' % proj.path)
     res = proj.ph('start', '-f')
     assert res.returncode == 2
-    assert 'bind: not available' in res.stderr
+    assert 'leader_lock: not available' in res.stderr
     assert proj.ph('check').returncode == 2
 
 
