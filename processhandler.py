@@ -3401,14 +3401,34 @@ def cmd_stop(cfg, args):
         os.kill(pid, signal.SIGTERM)
     limit = args.timeout if args.timeout is not None else \
         cfg.graceful_timeout + 10
-    left = wait_until(lambda: [i for i in found if running_pid(i[1])],
-                      limit)
+    # Gone means: lock released AND process exited (it releases the lock
+    # a moment before its interpreter is done).
+    left = wait_until(lambda: [i for i in found if running_pid(i[1]) or
+                               pid_exists(i[2])], limit)
     for n, path, pid in found:
         if (n, path, pid) in left:
             complain('pid %d did not stop within %gs' % (pid, limit))
         else:
             say('stopped (pid %d)' % pid)
     return EXIT_FAILURE if left else EXIT_OK
+
+
+def pid_exists(pid):
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open('/proc/%d/stat' % pid, 'rb') as f:
+            return f.read().rsplit(b')', 1)[1].split()[0] != b'Z'
+    except (OSError, IndexError):
+        pass
+    if os.path.isdir('/proc'):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def wait_until(pending, limit):
