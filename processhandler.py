@@ -154,6 +154,12 @@ WORKER_EXIT_BOOT_ERROR = 3   # init() raised: a boot failure, back off
 WORKER_EXIT_ORPHANED = 4     # the master went away
 
 
+# How a USR2 upgrade hands its state to the re-executed master.
+UPGRADE_ENV = 'PROCESSHANDLER_UPGRADE'
+# Where and how this process was started, for the USR2 re-exec.
+_START = {'cwd': os.getcwd(), 'argv': list(sys.argv)}
+
+
 class ConfigError(Exception):
     """A problem with the configuration or command line: exit 2, one line."""
 
@@ -2127,6 +2133,13 @@ class WorkerProcess(object):
                                              cfg.hard_memory_limit)
 
 
+class _NoOptions(object):
+    options = {}
+
+
+_NO_OPTIONS = _NoOptions()   # adopted workers: the config's limits apply
+
+
 class Slot(object):
     """A numbered place for a worker: 1..N, stable across restarts."""
 
@@ -2184,7 +2197,8 @@ class Arbiter(object):
 
     def __init__(self, cfg, worker_class=None, templates=None,
                  ready_fd=None, daemonized=False, title=None,
-                 keep_user_logging=False, save_on_signal=False):
+                 keep_user_logging=False, save_on_signal=False,
+                 upgrade=None):
         """``worker_class``: a Worker subclass instantiated per spawn (config
         mode); ``templates``: Worker instances, slot i runs templates[i-1]
         (Manager mode)."""
@@ -2196,6 +2210,7 @@ class Arbiter(object):
         self.title = title
         self.keep_user_logging = keep_user_logging
         self.save_on_signal = save_on_signal
+        self.upgrade = upgrade     # state handed over by a USR2 re-exec
         self.num_workers = len(self.templates) or cfg.number_workers
         self.pid = os.getpid()
         self.slots = {}
@@ -2250,6 +2265,13 @@ class Arbiter(object):
 
     def acquire_instance(self):
         """Take the pidfile lock of the first free instance (or refuse)."""
+        if self.upgrade:
+            # Same pid, same open lock: POSIX locks survive execve.
+            self.pidfile = PidFile(self.upgrade['pidfile'])
+            self.pidfile.fd = self.upgrade['lock_fd']
+            self.pidfile.write(os.getpid())
+            self.instance = self.upgrade['instance']
+            return
         for n in range(1, 1000):
             pidfile = PidFile(instance_pidfile(self.cfg, n))
             holder = pidfile.acquire()
@@ -2265,6 +2287,13 @@ class Arbiter(object):
         """Listeners, opened before any fork and inherited by the workers:
         systemd's (socket activation) if given, else ``bind``."""
         cfg = self.cfg
+        if self.upgrade:
+            self.sockets = [socket.socket(fileno=fd)
+                            for fd in self.upgrade['fds']]
+            for sock in self.sockets:
+                sock.setblocking(False)
+            self.accept_fd = self.upgrade.get('accept_fd')
+            return
         self.sockets = systemd_listeners()
         if self.sockets:
             log.info('listening on %s (from systemd)', ', '.join(
@@ -2324,6 +2353,8 @@ class Arbiter(object):
         status = EXIT_OK
         try:
             self.setup()
+            if self.upgrade:
+                self.adopt_workers()
             self.manage_workers()
             self.loop()
         except HaltServer as h:
@@ -2399,6 +2430,12 @@ class Arbiter(object):
                 handler()
 
     def check_ready(self):
+        if self.upgrade and not self.stopping and not any(
+                p.generation == 0 for p in self.procs.values()):
+            self.upgrade = None
+            log.info('upgrade complete: every worker runs the new code')
+            sd_notify('MAINPID=%d\nREADY=1\nSTATUS=%d workers'
+                      % (self.pid, self.num_workers))
         if self.ready or self.stopping:
             return
         for n in range(1, self.num_workers + 1):
@@ -2457,9 +2494,10 @@ class Arbiter(object):
             self.kill(proc.pid, signal.SIGUSR1)
 
     def handle_usr2(self):
-        """Re-exec the master in place (upgrade)."""
-        log.warning('USR2 (in-place upgrade) is not supported by this '
-                    'version: ignored')
+        """Re-exec the master in place (new code), keeping pid, pidfile,
+        lock and listening sockets; old workers drain gracefully."""
+        if not self.stopping:
+            self.reexec()
 
     def handle_winch(self):
         """Stop all workers, keep the master (daemon only)."""
@@ -2918,6 +2956,118 @@ class Arbiter(object):
         if not slot.procs():
             del self.slots[slot.number]
 
+    # -- USR2: in-place upgrade -------------------------------------------------
+
+    def reexec(self):
+        """execve() this master with the state the new code needs.
+
+        The pid stays, so the pidfile, the lock (its fd is kept open: POSIX
+        locks survive execve), systemd's MAINPID and the workers' parent all
+        stay valid.  The listening sockets stay open in the old workers, who
+        keep accepting, and are handed to the new image by fd: no connection
+        is refused.  The new image adopts the old workers as generation 0
+        and replaces them like a HUP does.  A new config or code that does
+        not pass `check` is refused before anything is touched.
+        """
+        problem = self.preflight()
+        if problem:
+            log.error('USR2 upgrade refused, still running the old code: %s',
+                      problem)
+            return
+        keep = [s.fileno() for s in self.sockets] + [self.pidfile.fd]
+        if self.accept_fd is not None:
+            keep.append(self.accept_fd)
+        state = {'pidfile': self.pidfile.path, 'lock_fd': self.pidfile.fd,
+                 'instance': self.instance,
+                 'fds': [s.fileno() for s in self.sockets],
+                 'accept_fd': self.accept_fd, 'started': time.time() -
+                 (time.monotonic() - self.started),
+                 'daemonized': self.daemonized,
+                 'number_workers': self.num_workers,
+                 'workers': [[p.pid, p.slot] for p in self.procs.values()
+                             if p.state in (State.BOOTING, State.RUNNING)],
+                 'stopping': [p.pid for p in self.procs.values()
+                              if p.state == State.STOPPING]}
+        argv = [sys.executable] + _START['argv']
+        log.info('USR2: re-executing %s with %d worker(s) handed over',
+                 ' '.join(argv), len(state['workers']))
+        for fd in keep:
+            os.set_inheritable(fd, True)
+        env = dict(os.environ)
+        env[UPGRADE_ENV] = json.dumps(state)
+        signal.set_wakeup_fd(-1)
+        self.close_control()
+        try:
+            os.chdir(_START['cwd'])
+            os.execve(sys.executable, argv, env)
+        except OSError as e:
+            log.error('USR2: exec of %s failed: %s; carrying on with the old '
+                      'code', sys.executable, e.strerror)
+            for fd in keep:
+                os.set_inheritable(fd, False)
+            os.chdir(self.cfg.base_path)
+            signal.set_wakeup_fd(self.wake_w)
+            self.open_control()
+
+    def preflight(self):
+        """Why the new code or config cannot start, or None."""
+        script = os.path.abspath(os.path.join(_START['cwd'],
+                                              _START['argv'][0]))
+        for path in (script, os.path.abspath(__file__)):
+            try:
+                with open(path, 'rb') as f:
+                    compile(f.read(), path, 'exec')
+            except (OSError, SyntaxError, ValueError) as e:
+                return '%s: %s' % (path, e)
+        if self.cfg.path is None:
+            return None
+        cmd = [sys.executable, os.path.abspath(__file__), '-c', self.cfg.path,
+               '-s', self.cfg.section, 'check']
+        for kv in self.cfg.overrides:
+            cmd += ['--set', '%s=%s' % kv]
+        import subprocess
+        try:
+            res = subprocess.run(cmd, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, timeout=60,
+                                 cwd=_START['cwd'])
+        except (OSError, subprocess.SubprocessError) as e:
+            return 'cannot run check: %s' % e
+        if res.returncode != 0:
+            return res.stdout.decode('utf-8', 'replace').strip() or \
+                'check exited %d' % res.returncode
+        return None
+
+    def adopt_workers(self):
+        """After a USR2 re-exec: take over the old image's workers as
+        generation 0, so manage_workers() replaces them like a reload."""
+        state = self.upgrade
+        self.started = time.monotonic() - (time.time() - state['started'])
+        self.num_workers = state['number_workers']
+        for pid, number in state['workers']:
+            proc = self.adopted(pid, number)
+            slot = self.slots.get(number) or self.slots.setdefault(
+                number, Slot(number))
+            if slot.proc is None:
+                slot.proc = proc
+            else:
+                slot.old.append(proc)
+        for pid in state['stopping']:
+            proc = self.adopted(pid, 0)
+            self.stop_worker(proc, 'stopping before the upgrade')
+        self.ready = True
+        log.info('upgraded in place: %d worker(s) of the old code adopted, '
+                 'replacing them', len(self.procs))
+
+    def adopted(self, pid, number):
+        cell = self.board.alloc()
+        self.board.set(cell, Scoreboard.PID, pid)
+        self.board.set(cell, Scoreboard.STATE, Scoreboard.BOOTED)
+        proc = WorkerProcess(pid, number, cell, 0, _NO_OPTIONS, self.cfg)
+        proc.state = State.RUNNING
+        self.procs[pid] = proc
+        return proc
+
     # -- leaving ----------------------------------------------------------------
 
     def stop_orphans(self):
@@ -2951,13 +3101,7 @@ class Arbiter(object):
                 self.stop_orphans()
             except OSError:
                 pass
-        if self.control is not None:
-            try:
-                os.unlink(self.control_path)
-            except OSError:
-                pass
-            self.control.close()
-            self.control = None
+        self.close_control()
         for sock in self.sockets:
             name = listener_name(sock)
             sock.close()
@@ -2995,6 +3139,20 @@ class Arbiter(object):
         self.control = sock
         self.selector.register(sock, selectors.EVENT_READ,
                                self.accept_control)
+
+    def close_control(self):
+        if self.control is None:
+            return
+        try:
+            self.selector.unregister(self.control)
+        except (KeyError, ValueError):
+            pass
+        try:
+            os.unlink(self.control_path)
+        except OSError:
+            pass
+        self.control.close()
+        self.control = None
 
     def accept_control(self, sock):
         try:
@@ -3163,14 +3321,17 @@ class Manager(object):
         if not self.workers:
             logger.info('no workers given: nothing to do')
             return EXIT_OK
-        ready_fd = daemonize(self.cfg) if self.cfg.daemonize else None
+        upgrade = take_upgrade_state()
+        ready_fd = daemonize(self.cfg) if self.cfg.daemonize and \
+            not upgrade else None
         logger.info('%s starting', self.title)
         # A script that configured logging itself (uliweb's examples call
         # logging.basicConfig) keeps its handlers; else ours, one line each.
         keep = bool(logging.getLogger().handlers) and not self.cfg.log_file
         arbiter = Arbiter(self.cfg, templates=self.workers,
                           ready_fd=ready_fd, daemonized=self.cfg.daemonize,
-                          title=self.title, keep_user_logging=keep)
+                          title=self.title, keep_user_logging=keep,
+                          upgrade=upgrade)
         status = arbiter.run()
         if status:
             print('processhandler: %s' % arbiter.halt_reason,
@@ -3364,11 +3525,28 @@ def target_instances(cfg, args):
     return [i for i in found if i[2] > 0]
 
 
+def take_upgrade_state():
+    """The state a USR2 re-exec handed over (popped from the environment)."""
+    raw = os.environ.pop(UPGRADE_ENV, None)
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
 def cmd_start(cfg, args):
     for problem in not_yet_supported(cfg):
         raise ConfigError(problem)
     worker_class = load_worker_class(cfg)
     resolve_user_group(cfg.user, cfg.group)
+    upgrade = take_upgrade_state()
+    if upgrade:
+        os.umask(cfg.umask)
+        os.chdir(cfg.base_path)
+        return Arbiter(cfg, worker_class, daemonized=upgrade['daemonized'],
+                       save_on_signal=args.save, upgrade=upgrade).run()
     if cfg.single_instance:
         running = target_instances(cfg, args)
         if running:
