@@ -1251,6 +1251,17 @@ def systemd_listeners():
 
 # -- systemd ---------------------------------------------------------------------
 
+def watchdog_interval():
+    """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or 0."""
+    pid = os.environ.get('WATCHDOG_PID')
+    if pid and pid != str(os.getpid()):
+        return 0.0
+    try:
+        return int(os.environ.get('WATCHDOG_USEC', '0')) / 2e6
+    except ValueError:
+        return 0.0
+
+
 def sd_notify(message):
     """Send ``message`` to systemd's NOTIFY_SOCKET, if there is one."""
     addr = os.environ.get('NOTIFY_SOCKET')
@@ -2222,6 +2233,8 @@ class Arbiter(object):
         self.ready = False
         self.started = time.monotonic()
         self.next_memory_check = 0.0
+        self.watchdog = watchdog_interval()   # systemd WATCHDOG_USEC / 2
+        self.next_watchdog = 0.0
         self.pidfile = None
         self.instance = 1
         self.logfile = None
@@ -2382,6 +2395,7 @@ class Arbiter(object):
             self.check_memory()
             self.manage_workers()
             self.check_ready()
+            self.feed_watchdog()
 
     def next_deadline(self):
         """Seconds until the nearest thing to do, None if only events."""
@@ -2402,6 +2416,8 @@ class Arbiter(object):
                 deadlines.append(slot.backoff_until)
         if self.memory_limited():
             deadlines.append(self.next_memory_check)
+        if self.watchdog:
+            deadlines.append(self.next_watchdog)
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - now)
@@ -2449,6 +2465,16 @@ class Arbiter(object):
         self.ready_fd = report_to_launcher(self.ready_fd, 'ready', msg)
         sd_notify('READY=1\nSTATUS=%d workers\nMAINPID=%d'
                   % (self.num_workers, self.pid))
+
+    def feed_watchdog(self):
+        """WATCHDOG=1 at half of WATCHDOG_USEC, from the loop itself: a
+        master stuck anywhere stops feeding it and systemd restarts it."""
+        if not self.watchdog:
+            return
+        now = time.monotonic()
+        if now >= self.next_watchdog:
+            sd_notify('WATCHDOG=1')
+            self.next_watchdog = now + self.watchdog
 
     # -- signal handlers --------------------------------------------------------
 
