@@ -215,13 +215,17 @@ def _choice(*choices):
 
 
 def _string(value):
+    # A NUL byte cannot reach the OS (paths, titles, user names): say so
+    # here rather than as a ValueError traceback later.
+    if '\0' in value:
+        raise ValueError('contains a NUL byte: %r' % value)
     return value.strip()
 
 
 def _optional_path(value):
     # Made absolute by Config: base_path against the config file's folder,
     # pidfile and log_file against base_path.
-    value = value.strip()
+    value = _string(value)
     return os.path.expanduser(value) if value else None
 
 
@@ -3566,7 +3570,10 @@ def cmd_start(cfg, args):
     for problem in not_yet_supported(cfg):
         raise ConfigError(problem)
     worker_class = load_worker_class(cfg)
-    resolve_user_group(cfg.user, cfg.group)
+    try:
+        resolve_user_group(cfg.user, cfg.group)
+    except ConfigError as e:   # name the file and section, as check does
+        raise ConfigError('%s %s' % (cfg.where(), e))
     upgrade = take_upgrade_state()
     if upgrade:
         os.umask(cfg.umask)

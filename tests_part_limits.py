@@ -120,7 +120,7 @@ class Limits(processhandler.Worker):
 # One log record: "2026-01-02 03:04:05.678 [pid] [LEVEL] name master: msg";
 # continuation lines start with '  | '.
 RECORD = re.compile(r'^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \[(\d+)\] '
-                    r'\[([A-Z]+)\] (\S+) (master|worker \d+): (.*)$')
+                    r'\[([A-Z]+)\] (.+?) (master|worker \d+): (.*)$')
 
 
 def records(text):
