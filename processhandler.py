@@ -400,11 +400,7 @@ RESTART_ONLY = ('pidfile', 'single_instance', 'daemonize', 'bind',
 def not_yet_supported(cfg):
     """Settings this version parses but cannot honour yet: refused at start
     and by `check`, never silently ignored."""
-    out = []
-    for key in ('leader_lock',):
-        if getattr(cfg, key):
-            out.append('%s: not available in this version yet' % key)
-    return ['%s %s' % (cfg.where(), m) for m in out]
+    return []
 
 
 def did_you_mean(word, choices):
@@ -1286,6 +1282,152 @@ def sd_notify(message):
 
 
 ###############################################################################
+# Leader lock #################################################################
+###############################################################################
+
+class FileLeader(object):
+    """``leader_lock = file:/path``: an fcntl lock held while active.
+
+    The kernel drops it when the holder dies, so there is no lease to
+    renew; on a shared filesystem it is only as good as its locking.
+    """
+    ttl = float('inf')
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = None
+        self.expires = float('inf')
+        self.token = '%s:%d' % (socket.gethostname(), os.getpid())
+
+    def describe(self):
+        return 'file:%s' % self.path
+
+    def acquire(self):
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT |
+                         getattr(os, 'O_NOFOLLOW', 0) |
+                         getattr(os, 'O_CLOEXEC', 0), 0o644)
+        except OSError as e:
+            raise LeaderError('cannot open %s: %s' % (self.path, e.strerror))
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (self.token + '\n').encode(), 0)
+        self.fd = fd
+        return True
+
+    def renew(self):
+        return self.fd is not None
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def holder(self):
+        try:
+            with open(self.path) as f:
+                text = f.read().strip()
+        except OSError:
+            return None
+        return text if running_pid(self.path) else None
+
+
+class LeaderError(Exception):
+    """The lock's backend cannot be reached or used (Redis down...)."""
+
+
+class RedisLeader(object):
+    """``leader_lock = redis://host:port/db?key=NAME``: a lease in Redis.
+
+    Acquire: SET key token NX PX ttl.  Renew: compare-and-extend in Lua, so
+    a master never extends a lock it lost.  Release: compare-and-delete.
+    ``expires`` is the local monotonic time at which the lease may have
+    expired, measured from *before* the command was sent (conservative).
+    """
+
+    RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+             "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 "
+             "end")
+    RELEASE = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
+               "return redis.call('del', KEYS[1]) else return 0 end")
+
+    def __init__(self, url, ttl):
+        try:
+            import redis
+        except ImportError:
+            raise ConfigError('leader_lock: %s needs the redis package '
+                              '(pip install redis)' % url)
+        from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query)
+        self.key = dict(query).get('key') or 'processhandler:leader'
+        self.url = urlunsplit(parts._replace(query=urlencode(
+            [kv for kv in query if kv[0] != 'key'])))
+        self.ttl = ttl
+        self.errors = (redis.exceptions.RedisError, OSError)
+        # Short socket timeouts: the master's loop waits on these calls.
+        t = max(0.1, min(1.0, ttl / 10.0))
+        self.client = redis.Redis.from_url(self.url, socket_timeout=t,
+                                           socket_connect_timeout=t)
+        self.token = '%s:%d:%s' % (socket.gethostname(), os.getpid(),
+                                   os.urandom(6).hex())
+        self.expires = 0.0
+
+    def describe(self):
+        return '%s key %s' % (self.url, self.key)
+
+    def _call(self, fn, *args, **kw):
+        try:
+            return fn(*args, **kw)
+        except self.errors as e:
+            raise LeaderError('redis %s: %s' % (self.url, e))
+
+    def acquire(self):
+        t0 = time.monotonic()
+        if self._call(self.client.set, self.key, self.token, nx=True,
+                      px=int(self.ttl * 1000)):
+            self.expires = t0 + self.ttl
+            return True
+        return False
+
+    def renew(self):
+        t0 = time.monotonic()
+        if self._call(self.client.eval, self.RENEW, 1, self.key, self.token,
+                      int(self.ttl * 1000)) == 1:
+            self.expires = t0 + self.ttl
+            return True
+        return False
+
+    def release(self):
+        try:
+            self._call(self.client.eval, self.RELEASE, 1, self.key,
+                       self.token)
+        except LeaderError:
+            pass   # it expires by itself
+        self.expires = 0.0
+
+    def holder(self):
+        try:
+            value = self._call(self.client.get, self.key)
+        except LeaderError:
+            return None
+        return value.decode('utf-8', 'replace') if value else None
+
+
+def make_leader(cfg):
+    """The leader lock of ``cfg`` (None when not configured)."""
+    if not cfg.leader_lock:
+        return None
+    if cfg.leader_lock.startswith('file:'):
+        return FileLeader(os.path.join(cfg.base_path, cfg.leader_lock[5:]))
+    return RedisLeader(cfg.leader_lock, cfg.leader_ttl)
+
+
+###############################################################################
 # Scoreboard ##################################################################
 ###############################################################################
 
@@ -1299,11 +1441,12 @@ class Scoreboard(object):
     a slot live side by side.
 
     Cell layout (8-byte fields): pid, state, requests, run_started
-    (monotonic, 0 when idle), booted_at, exit_reason, 2 spare; then a
-    per-cell text area for a boot failure reason.
+    (monotonic, 0 when idle), booted_at, exit_reason, init_rss (MB right
+    after init, when a memory limit is set), 1 spare; then a per-cell text
+    area for a boot failure reason.
     """
     FIELDS = 8
-    PID, STATE, REQUESTS, RUN_STARTED, BOOTED_AT, REASON = range(6)
+    PID, STATE, REQUESTS, RUN_STARTED, BOOTED_AT, REASON, INIT_RSS = range(7)
     TEXT = 240
     # Cell states (worker-written).
     BOOTING, BOOTED = 1, 2
@@ -1569,6 +1712,11 @@ class Worker(object):
 
     def _announce_booted(self):
         b, c = self._board, self._cell
+        if self.setting('soft_memory_limit') or \
+                self.setting('hard_memory_limit'):
+            # What init() left us weighing: the master backs off a slot
+            # that is over its limit before any run (celery #4125).
+            b.setf(c, Scoreboard.INIT_RSS, rss_mb(self.pid) or 0.0)
         b.setf(c, Scoreboard.BOOTED_AT, time.monotonic())
         b.set(c, Scoreboard.STATE, Scoreboard.BOOTED)
         try:
@@ -2239,6 +2387,10 @@ class Arbiter(object):
         self.next_memory_check = 0.0
         self.watchdog = watchdog_interval()   # systemd WATCHDOG_USEC / 2
         self.next_watchdog = 0.0
+        self.leader = None         # FileLeader / RedisLeader, if configured
+        self.active = True         # False: standby (leader lock not held)
+        self.next_leader = 0.0     # next renew (active) or poll (standby)
+        self.leader_warned = None
         self.pidfile = None
         self.instance = 1
         self.logfile = None
@@ -2260,6 +2412,16 @@ class Arbiter(object):
         self.uid, self.gid = resolve_user_group(cfg.user, cfg.group)
         self.acquire_instance()
         self.open_sockets()
+        self.leader = make_leader(cfg)
+        if self.leader is not None:
+            self.active = False
+            held = (self.upgrade or {}).get('leader')
+            if held:   # USR2: the lease is ours already, keep it
+                self.leader.token = held['token']
+                self.leader.expires = held['expires']
+                self.leader.fd = held.get('fd')
+                self.active = True
+            self.tend_leader()
         if not prctl(PR_SET_CHILD_SUBREAPER, 1):
             log.info('not a child subreaper on this platform: orphaned '
                      'grandchildren go to init')
@@ -2397,6 +2559,7 @@ class Arbiter(object):
                 return
             self.murder_workers()
             self.check_memory()
+            self.tend_leader()
             self.manage_workers()
             self.check_ready()
             self.feed_watchdog()
@@ -2422,6 +2585,10 @@ class Arbiter(object):
             deadlines.append(self.next_memory_check)
         if self.watchdog:
             deadlines.append(self.next_watchdog)
+        if self.leader is not None and not self.stopping:
+            deadlines.append(self.next_leader)
+            if self.active:
+                deadlines.append(self.step_down_at())
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - now)
@@ -2458,17 +2625,86 @@ class Arbiter(object):
                       % (self.pid, self.num_workers))
         if self.ready or self.stopping:
             return
-        for n in range(1, self.num_workers + 1):
+        for n in range(1, self.wanted() + 1):
             slot = self.slots.get(n)
             if slot is None or slot.proc is None or \
                     slot.proc.state != State.RUNNING:
                 return
         self.ready = True
-        msg = 'pid %d, %d worker(s) running' % (self.pid, self.num_workers)
+        msg = 'pid %d, %d worker(s) running' % (self.pid, self.wanted())
+        if not self.active:
+            msg = 'pid %d, standby (the leader lock %s is held elsewhere)' % (
+                self.pid, self.leader.describe())
         log.info('ready: %s', msg)
         self.ready_fd = report_to_launcher(self.ready_fd, 'ready', msg)
         sd_notify('READY=1\nSTATUS=%d workers\nMAINPID=%d'
                   % (self.num_workers, self.pid))
+
+    # -- leader lock (active / standby) -------------------------------------------
+
+    def step_down_at(self):
+        """When an active master that could not renew must start stopping
+        its workers so that all are dead before its lease can expire:
+        expiry - (grace + margin), grace capped at a third of the TTL."""
+        ttl = self.leader.ttl
+        return self.leader.expires - self.step_down_grace() - \
+            min(1.0, ttl / 10.0)
+
+    def step_down_grace(self):
+        return min(self.cfg.graceful_timeout, self.leader.ttl / 3.0)
+
+    def tend_leader(self):
+        """Renew (active) or try to take (standby) the leader lock."""
+        if self.leader is None or self.stopping:
+            return
+        now = time.monotonic()
+        if now < self.next_leader and not (
+                self.active and now >= self.step_down_at()):
+            return
+        ttl = self.leader.ttl
+        try:
+            if self.active:
+                if self.leader.renew():
+                    self.next_leader = now + ttl / 3.0
+                    self.leader_warned = None
+                else:
+                    return self.step_down('lost the leader lock (taken '
+                                          'by %s)' % self.leader.holder())
+            elif self.leader.acquire():
+                self.become_active()
+            else:
+                self.next_leader = now + min(0.5, ttl / 4.0)
+            self.leader_warned = None
+        except LeaderError as e:
+            if str(e) != self.leader_warned:
+                log.warning('leader lock: %s', e)
+                self.leader_warned = str(e)
+            self.next_leader = now + min(0.5, ttl / 4.0)
+        if self.active and time.monotonic() >= self.step_down_at():
+            self.step_down('could not renew the leader lock in time')
+
+    def become_active(self):
+        self.active = True
+        self.next_leader = time.monotonic() + self.leader.ttl / 3.0
+        log.info('leader lock %s taken: active, starting %d worker(s)',
+                 self.leader.describe(), self.num_workers)
+        sd_notify('STATUS=active, %d workers' % self.num_workers)
+
+    def step_down(self, why):
+        """Stand by: stop every worker before the lease can expire."""
+        self.active = False
+        expiry = self.leader.expires
+        log.error('standing down: %s; stopping %d worker(s) before the '
+                  'lease expires', why, len(self.procs))
+        kill_by = time.monotonic() + self.step_down_grace()
+        if expiry != float('inf'):
+            kill_by = min(kill_by, expiry - min(1.0, self.leader.ttl / 10.0))
+        for proc in list(self.procs.values()):
+            self.stop_worker(proc, 'standing down')
+            if proc.kill_at is not None:
+                proc.kill_at = min(proc.kill_at, kill_by)
+        self.next_leader = time.monotonic() + min(0.5, self.leader.ttl / 4)
+        sd_notify('STATUS=standby')
 
     def feed_watchdog(self):
         """WATCHDOG=1 at half of WATCHDOG_USEC, from the loop itself: a
@@ -2773,6 +3009,8 @@ class Arbiter(object):
         self.pidfile.fd = self.ready_fd = None
         for proc in self.procs.values():   # siblings' dump files
             self.close_dump(proc)
+        if getattr(self.leader, 'fd', None) is not None:
+            os.close(self.leader.fd)
 
     def pin_cpu(self, number):
         cpus = affinity_for_slot(self.cfg.cpu_affinity, number,
@@ -2842,6 +3080,7 @@ class Arbiter(object):
         requests = board.get(cell, Scoreboard.REQUESTS)
         up = time.monotonic() - (board.getf(cell, Scoreboard.BOOTED_AT) or
                                  proc.spawned)
+        init_rss = board.getf(cell, Scoreboard.INIT_RSS)
         board.release(cell)
         if not proc.timed_out:
             self.close_dump(proc)
@@ -2850,7 +3089,7 @@ class Arbiter(object):
         slot = self.slots.get(proc.slot)
         if slot is not None:
             slot.forget(proc)
-            if proc.slot > self.num_workers and not slot.procs():
+            if proc.slot > self.wanted() and not slot.procs():
                 del self.slots[proc.slot]
         how = describe_status(status)
         name = 'worker %d (pid %d)' % (proc.slot, proc.pid)
@@ -2858,7 +3097,7 @@ class Arbiter(object):
         memory = reason == Scoreboard.R_MEMORY or \
             proc.stop_reason in ('soft memory limit', 'hard memory limit')
         replace = slot is not None and slot.proc is None and \
-            not self.stopping and proc.slot <= self.num_workers
+            not self.stopping and proc.slot <= self.wanted()
         if proc.timed_out:
             dump = self.read_dump(proc)
             log.error('%s killed after timeout (%s); its stack at the '
@@ -2872,11 +3111,13 @@ class Arbiter(object):
         if not booted:
             self.slot_failed(slot, 'init() raised %s' % text
                              if text else 'died while booting (%s)' % how)
-        elif memory and requests == 0:
+        elif memory and (requests == 0 or init_rss > (
+                proc.soft_limit or proc.hard_limit or float('inf'))):
             # Over the limit before doing anything: recycling it after
             # every run would be a loop (celery #4125).  Back off instead.
             self.slot_failed(slot, 'over its memory limit right after '
-                             'init(), before any request (%s)' % how)
+                             'init() (RSS %.1f MB after init, %d requests; '
+                             '%s)' % (init_rss, requests, how))
         elif memory or (ok_exit and reason):
             log.info('%s exited after %d requests: %s', name, requests,
                      proc.stop_reason if memory and proc.stop_reason else
@@ -2954,7 +3195,8 @@ class Arbiter(object):
             return
         now = time.monotonic()
         self.update_booted()
-        for n in range(1, self.num_workers + 1):
+        wanted = self.wanted()
+        for n in range(1, wanted + 1):
             slot = self.slots.get(n)
             if slot is None:
                 slot = self.slots[n] = Slot(n)
@@ -2970,8 +3212,12 @@ class Arbiter(object):
                 for old in slot.old:
                     self.stop_worker(old, 'replaced by pid %d' % proc.pid)
         for n in sorted(self.slots):
-            if n > self.num_workers:
+            if n > wanted:
                 self.retire_slot(self.slots[n])
+
+    def wanted(self):
+        """Workers to keep: number_workers when active, 0 on standby."""
+        return self.num_workers if self.active else 0
 
     def update_booted(self):
         """BOOTING -> RUNNING for workers whose init() returned."""
@@ -3007,6 +3253,14 @@ class Arbiter(object):
         keep = [s.fileno() for s in self.sockets] + [self.pidfile.fd]
         if self.accept_fd is not None:
             keep.append(self.accept_fd)
+        leader = None
+        if self.leader is not None and self.active:
+            leader = {'token': self.leader.token,
+                      'expires': self.leader.expires
+                      if self.leader.expires != float('inf') else 1e18,
+                      'fd': getattr(self.leader, 'fd', None)}
+            if leader['fd'] is not None:
+                keep.append(leader['fd'])
         state = {'pidfile': self.pidfile.path, 'lock_fd': self.pidfile.fd,
                  'instance': self.instance,
                  'fds': [s.fileno() for s in self.sockets],
@@ -3017,7 +3271,8 @@ class Arbiter(object):
                  'workers': [[p.pid, p.slot] for p in self.procs.values()
                              if p.state in (State.BOOTING, State.RUNNING)],
                  'stopping': [p.pid for p in self.procs.values()
-                              if p.state == State.STOPPING]}
+                              if p.state == State.STOPPING],
+                 'leader': leader}
         argv = [sys.executable] + _START['argv']
         log.info('USR2: re-executing %s with %d worker(s) handed over',
                  ' '.join(argv), len(state['workers']))
@@ -3126,6 +3381,9 @@ class Arbiter(object):
             delay = min(delay * 2, 0.1)
 
     def cleanup(self):
+        if self.leader is not None and self.active and not self.procs:
+            self.leader.release()     # the standby takes over at once
+            log.info('leader lock released')
         if self.board is not None and self.pidfile is not None:
             try:
                 self.stop_orphans()
@@ -3256,7 +3514,8 @@ class Arbiter(object):
         now = time.monotonic()
         cfg = self.cfg
         master = {'pid': self.pid, 'proc_name': cfg.proc_name,
-                  'state': 'active', 'uptime': round(now - self.started, 3),
+                  'state': 'active' if self.active else 'standby',
+                  'uptime': round(now - self.started, 3),
                   'config': cfg.path, 'section': cfg.section,
                   'instance': self.instance, 'version': __version__,
                   'number_workers': self.num_workers,
@@ -3265,6 +3524,13 @@ class Arbiter(object):
                   'stopping': self.stopping,
                   'pidfile': self.pidfile.path,
                   'listeners': [listener_name(s) for s in self.sockets]}
+        if self.leader is not None:
+            master['leader'] = {'lock': self.leader.describe(),
+                                'holder': self.leader.holder(),
+                                'token': self.leader.token}
+            if self.active and self.leader.expires != float('inf'):
+                master['leader']['lease_left'] = round(
+                    self.leader.expires - now, 3)
         rows = []
         for slot in sorted(self.slots.values(), key=lambda s: s.number):
             for proc in slot.procs():
