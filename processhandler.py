@@ -1328,6 +1328,10 @@ class FileLeader(object):
             self.fd = None
 
     def holder(self):
+        if self.fd is not None:
+            # Never open+close the file while holding the lock: closing ANY
+            # descriptor of a file drops this process's POSIX locks on it.
+            return self.token
         try:
             with open(self.path) as f:
                 text = f.read().strip()
@@ -2589,6 +2593,7 @@ class Arbiter(object):
             deadlines.append(self.next_leader)
             if self.active:
                 deadlines.append(self.step_down_at())
+        deadlines = [d for d in deadlines if d != float('inf')]
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - now)

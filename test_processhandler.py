@@ -422,12 +422,34 @@ def test_readme_first_commands_are_the_tested_ones():
         assert 'bash .ci/test' in f.read()
 
 
-def test_unsupported_settings_are_refused_not_ignored(proj):
-    proj.write_config(leader_lock='file:%s/leader.lock' % proj.path)
-    res = proj.ph('start', '-f')
-    assert res.returncode == 2
-    assert 'leader_lock: not available' in res.stderr
-    assert proj.ph('check').returncode == 2
+def test_file_leader_lock_active_standby(proj, tmp_path):
+    """leader_lock = file:...: one master active, the other on standby;
+    stopping the active one hands over at once."""
+    lock = os.path.join(proj.path, 'leader.lock')
+    proj.write_config(leader_lock='file:' + lock, pidfile=proj.pidfile)
+    first = proj.start_daemon()
+    proj.wait_running(2)
+    second_cfg = os.path.join(proj.path, 'second.ini')
+    second_pid = os.path.join(proj.path, 'second.pid')
+    with open(proj.config) as f:
+        text = f.read().replace(proj.pidfile, second_pid)
+    with open(second_cfg, 'w') as f:
+        f.write(text)
+    res = proj.ph('start', '-d', config=second_cfg)
+    assert res.returncode == 0 and 'standby' in res.stdout, res.stdout
+    second = proj.master_pid(second_pid)
+    proj.masters.add(second)
+    doc = json.loads(proj.ph('status', '--json', config=second_cfg).stdout)
+    assert doc['master']['state'] == 'standby' and doc['workers'] == []
+    assert proj.status()['master']['state'] == 'active'
+    assert proj.ph('stop').returncode == 0
+    assert not alive(first)
+
+    def second_active():
+        d = json.loads(proj.ph('status', '--json', config=second_cfg).stdout)
+        running = [w for w in d['workers'] if w['state'] == 'running']
+        return d['master']['state'] == 'active' and len(running) == 2
+    wait_for(second_active)
 
 
 def test_workers_drop_privileges_to_user(proj):

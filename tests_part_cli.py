@@ -518,6 +518,8 @@ def test_reload_with_broken_config_does_not_signal(proj, breakage):
     wait_for(lambda: 'log file reopened' in proj.log_text())
     assert 'reload failed' not in proj.log_text()
     assert 'reloaded' not in proj.log_text()
+    with open(proj.config, 'w') as f:        # status needs a good config
+        f.write(good)
     assert proj.running_workers(2) == before
     assert proj.status()['master']['generation'] == 1
     # The same observation sees a reload once the config is fixed.

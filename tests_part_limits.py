@@ -90,16 +90,19 @@ class Limits(processhandler.Worker):
             os._exit(1)
         hang = self.cfg.get('hang_slot')
         if hang and int(hang) == self.slot and \\
+                os.path.exists(marker(self, 'hang')) and \\
                 not os.path.exists(marker(self, 'hung.%d' % self.slot)):
             touch(marker(self, 'hung.%d' % self.slot))
             event(self, 'hang_start')
             stuck_in_here()
         grow = int(self.cfg.get('grow_mb', '0'))
-        if grow and not os.path.exists(marker(self, 'grown.%d' % self.slot)):
+        if grow and os.path.exists(marker(self, 'grow')) and \\
+                not os.path.exists(marker(self, 'grown.%d' % self.slot)):
             self.keep.append(b'\\x01' * (grow << 20))
             event(self, 'grow', rss())
         big = int(self.cfg.get('big_mb', '0'))
         if big and self.requests >= 1 and \\
+                os.path.exists(marker(self, 'go_big')) and \\
                 not os.path.exists(marker(self, 'big.%d' % self.slot)):
             touch(marker(self, 'big.%d' % self.slot))
             event(self, 'big_start')
@@ -204,6 +207,7 @@ def test_timeout_dumps_stack_kills_and_replaces_in_same_slot(proj):
     limits_project(proj, number_workers=2, timeout=1, hang_slot=2)
     proj.start_daemon()
     before = proj.wait_running(2)
+    touch(marker(proj, 'hang'))
     hang = wait_for(lambda: proj.events('hang_start'), what='hang_start')[0]
     assert hang[1] == 2 and hang[2] == before[2]
     old = hang[2]
@@ -257,6 +261,7 @@ def test_timeout_dump_contains_every_thread(proj):
                    side_thread=1)
     proj.start_daemon()
     proj.wait_running(1)
+    touch(marker(proj, 'hang'))
     old = wait_for(lambda: proj.events('hang_start'))[0][2]
 
     def dump():
@@ -302,6 +307,7 @@ def test_soft_memory_limit_recycles_gracefully(proj):
                    grow_mb=10, run_time=0.05)
     proj.start_daemon()
     first = proj.wait_running(1)[1]
+    touch(marker(proj, 'grow'))
     after = wait_for(lambda: [e for e in proj.events('after_run')
                               if e[2] == first], what='after_run')[0]
     new_init = wait_for(lambda: [e for e in proj.events('init')
@@ -348,6 +354,7 @@ def test_hard_memory_limit_kills_without_after_run(proj):
                    run_time=0.05)
     proj.start_daemon()
     first = proj.wait_running(1)[1]
+    touch(marker(proj, 'go_big'))
     # The master may KILL it in the middle of the allocation, before the
     # 'big' event after it: the start of the allocation is what counts.
     big = wait_for(lambda: proj.events('big_start'), what='big allocation')[0]
@@ -411,7 +418,7 @@ def test_over_soft_limit_right_after_init_backs_off(proj):
     base = baseline_rss()
     soft = int(base + 40)
     limits_project(proj, number_workers=1, soft_memory_limit=soft,
-                   check_interval=0.2, init_alloc_mb=100, run_time=0.05)
+                   check_interval=0.2, init_alloc_mb=150, run_time=0.05)
     master = proj.start_daemon()
     t0 = wait_for(lambda: proj.events('init'))[0][3]
 
@@ -661,7 +668,9 @@ class Counter(processhandler.Worker):
     def run(self):
         t0 = time.monotonic()
         if there('grow') and not self.keep:
-            self.keep.append(b'\\x01' * (60 << 20))
+            # Both slots weigh the same: 20 MB over slot 2's soft limit.
+            need = {soft} + 20 - processhandler.rss_mb(os.getpid())
+            self.keep.append(b'\\x01' * (max(1, int(need)) << 20))
             event(self, 'grow', '%.1f' % processhandler.rss_mb(os.getpid()))
         if there('hang%d' % self.slot):
             os.unlink(os.path.join(BASE, 'hang%d' % self.slot))
@@ -751,7 +760,7 @@ def test_manager_per_worker_limits(proj):
     assert not re.search(r'worker 1 \(pid \d+\) timed out', proj.log_text())
     os.unlink(marker(proj, 'slow1'))
 
-    # Memory: both slots grow by 60 MB; only slot 2 has a limit.
+    # Memory: both slots grow past slot 2's soft limit; only slot 2 has one.
     n_grow = len(proj.events('grow'))
     touch(marker(proj, 'grow'))
     wait_for(lambda: re.search(r'over soft_memory_limit %d MB' % soft,
