@@ -2014,6 +2014,7 @@ class ThreadLoop(SyncLoop):
         self.starts = [0.0] * n
         self.stopped = threading.Event()
         self.max_requests = w._max_requests()
+        self.in_flight = 0   # runs started and not yet uncounted
         self.timed = w.setting('timeout') > 0
         self.interval = w.setting('interval')
         self.memory = MemoryCheck(w)
@@ -2052,10 +2053,25 @@ class ThreadLoop(SyncLoop):
             d.setf(self.worker._cell, Scoreboard.RUN_STARTED,
                    min(active) if active else 0.0)
 
+    def take_ticket(self):
+        """May one more run start?  Not when the runs done plus those in
+        flight already reach max_requests: a worker never handles more
+        than max_requests, whatever its number of threads."""
+        with self.lock:
+            if self.max_requests and \
+                    self.worker.requests + self.in_flight >= \
+                    self.max_requests:
+                return False
+            self.in_flight += 1
+            return True
+
     def body(self, i):
         w = self.worker
         try:
             while w.alive:
+                if not self.take_ticket():
+                    self.stopped.wait(0.05)   # until those in flight end
+                    continue
                 if self.timed:
                     self.mark(i, time.monotonic())
                 try:
@@ -2068,6 +2084,9 @@ class ThreadLoop(SyncLoop):
                     self.mark(i, 0.0)
                 if handled:
                     self.count()
+                else:
+                    with self.lock:
+                        self.in_flight -= 1
                 if self.interval and w.alive:
                     self.stopped.wait(self.interval)
         finally:
@@ -2079,6 +2098,7 @@ class ThreadLoop(SyncLoop):
     def count(self):
         w = self.worker
         with self.lock:
+            self.in_flight -= 1
             w.requests += 1
             w._board.set(w._cell, Scoreboard.REQUESTS, w.requests)
             done = self.max_requests and w.requests >= self.max_requests
@@ -2131,6 +2151,7 @@ class AsyncioLoop(SyncLoop):
         self.interval = w.setting('interval')
         n = max(1, w.cfg.threads)
         self.starts = [0.0] * n
+        self.in_flight = 0   # runs started, not finished (see body)
         self.loop.add_signal_handler(signal.SIGTERM, w.stop)
         for sig in (signal.SIGINT, signal.SIGQUIT):
             self.loop.add_signal_handler(sig, self.quit)
@@ -2155,6 +2176,16 @@ class AsyncioLoop(SyncLoop):
         import asyncio
         w = self.worker
         while w.alive:
+            if self.max_requests and \
+                    w.requests + self.in_flight >= self.max_requests:
+                # Never more than max_requests runs per worker: wait for
+                # those in flight (they may not count) or for the stop.
+                try:
+                    await asyncio.wait_for(self.stopped.wait(), 0.05)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            self.in_flight += 1
             if self.timed:
                 self.mark(i, time.monotonic())
             try:
@@ -2166,6 +2197,8 @@ class AsyncioLoop(SyncLoop):
                 handled = False
                 w.log.exception('run() raised; the loop goes on')
                 w.on_exception(e)
+            finally:
+                self.in_flight -= 1
             if self.timed:
                 self.mark(i, 0.0)
             if handled:

@@ -1,0 +1,63 @@
+"""A reliable Redis job queue worker: nothing is lost when a worker dies.
+
+    redis-server &                                   # 127.0.0.1:6379
+    python3 producer.py 1000                         # push 1000 jobs
+    python3 ../../processhandler.py -c config.ini    # drain them
+
+Each worker moves a job atomically from the shared list `queue` into a
+processing list of its own slot (`queue:processing:<slot>`) with BLMOVE, does
+the job, and only then removes it from the processing list.  A worker killed
+in the middle leaves the job in its slot's list; the replacement, which gets
+the same slot, finishes that list first.  Delivery is at-least-once: a job
+can run twice (killed after doing it, before removing it), so jobs should be
+idempotent; this example counts executions per job in the hash
+`queue:done` so duplicates can be seen.
+"""
+import time
+
+import processhandler
+
+
+class QueueWorker(processhandler.Worker):
+
+    def init(self):
+        try:
+            import redis
+        except ImportError:
+            raise RuntimeError('the redis package is missing: pip install '
+                               'redis')
+        self.redis = redis.Redis.from_url(
+            self.cfg.get('redis_url', 'redis://127.0.0.1:6379/0'))
+        self.queue = self.cfg.get('queue', 'jobs')
+        self.processing = '%s:processing:%d' % (self.queue, self.slot)
+        self.done = self.queue + ':done'
+        self.work_time = float(self.cfg.get('work_time', '0'))
+        self.block = float(self.cfg.get('block', '1'))
+        left = self.redis.llen(self.processing)
+        if left:
+            self.log.info('recovering %d job(s) left in %s', left,
+                          self.processing)
+
+    def next_job(self):
+        # Our own processing list first: a predecessor's unfinished job.
+        job = self.redis.lindex(self.processing, -1)
+        if job is None:
+            job = self.redis.blmove(self.queue, self.processing,
+                                    self.block, 'RIGHT', 'LEFT')
+        return job
+
+    def run(self):
+        job = self.next_job()
+        if job is None:
+            return False          # nothing to do (BLMOVE timed out)
+        self.process(job)
+        # Done: count it, then take it off our processing list, atomically.
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hincrby(self.done, job, 1)
+        pipe.lrem(self.processing, -1, job)
+        pipe.execute()
+        return True
+
+    def process(self, job):
+        if self.work_time:
+            time.sleep(self.work_time)
