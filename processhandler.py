@@ -2416,6 +2416,7 @@ class Arbiter(object):
         self.slots = {}
         self.procs = {}
         self.generation = 1
+        self.spawns = 0            # worker processes forked so far
         self.sig_queue = []
         self.stopping = False
         self.graceful = True
@@ -2944,6 +2945,7 @@ class Arbiter(object):
         proc.pid = pid
         self.procs[pid] = proc
         slot.proc = proc
+        self.spawns += 1
         log.debug('worker %d spawned: pid %d (generation %d)', slot.number,
                   pid, self.generation)
 
@@ -3242,8 +3244,13 @@ class Arbiter(object):
             if proc is not None and proc.generation < self.generation and \
                     proc.state != State.STOPPING:
                 # Rolling replace: the old one serves until the new is up.
+                # One still booting serves nobody: stop it now, or a storm
+                # of HUPs would pile up a generation per signal.
                 slot.old.append(proc)
-                slot.proc = proc = None
+                slot.proc = None
+                if proc.state == State.BOOTING:
+                    self.stop_worker(proc, 'superseded before it booted')
+                proc = None
             if proc is None and slot.backoff_until <= now:
                 self.spawn_worker(slot)
             elif proc is not None and proc.state == State.RUNNING:
@@ -3559,6 +3566,7 @@ class Arbiter(object):
                   'number_workers': self.num_workers,
                   'worker_type': cfg.worker_type,
                   'generation': self.generation, 'ready': self.ready,
+                  'spawns': self.spawns,
                   'stopping': self.stopping,
                   'pidfile': self.pidfile.path,
                   'listeners': [listener_name(s) for s in self.sockets]}

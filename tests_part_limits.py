@@ -241,10 +241,9 @@ def test_timeout_dumps_stack_kills_and_replaces_in_same_slot(proj):
             % old in r[2]]
     assert len(dump) == 1 and dump[0][1] == 'master', dump
     lines = dump[0][3]
-    assert any('stuck_in_here' in l for l in lines), lines
-    assert any('limitworker.py' in l and 'stuck_in_here' in l for l in lines) \
-        or (any('limitworker.py' in l for l in lines) and
-            any('stuck_in_here' in l for l in lines)), lines
+    # faulthandler: '  File "/path/limitworker.py", line 28 in stuck_in_here'
+    where = os.path.join(proj.path, 'limitworker.py')
+    assert any(where in l and 'in stuck_in_here' in l for l in lines), lines
     # The timed-out record comes before the dump record.
     assert recs.index(timed[0]) < recs.index(dump[0])
     latency = new_init[3] - hang[3]
@@ -470,7 +469,7 @@ def test_boot_failure_backoff_grows_then_resets_after_healthy_run(proj):
     print('\nboot failure gaps: %s' % ' '.join('%.2f' % g for g in gaps))
     assert gaps[0] >= 0.4, gaps
     for a, b in zip(gaps, gaps[1:]):
-        assert b >= 1.4 * a, gaps
+        assert b >= 1.3 * a, gaps
     assert seen, 'status never showed backoff'
     assert all(r['next_attempt_in'] > 0 and r['pid'] is None for r in seen)
     assert any('RuntimeError' in (r.get('last_error') or '') and
@@ -521,7 +520,7 @@ def test_early_death_after_boot_is_backed_off(proj):
     print('\nearly death gaps: %s' % ' '.join('%.2f' % g for g in gaps))
     # The first death may come from a worker up for over a second (not an
     # early death: replaced at once); the next ones are backed off.
-    assert gaps[-2] >= 0.4 and gaps[-1] >= 1.4 * gaps[-2], gaps
+    assert gaps[-2] >= 0.4 and gaps[-1] >= 1.3 * gaps[-2], gaps
     assert seen and all(r['next_attempt_in'] > 0 for r in seen)
     assert any('exit status 1' in (r.get('last_error') or '')
                for r in seen), seen
