@@ -3155,9 +3155,10 @@ class Arbiter(object):
                 proc.soft_limit or proc.hard_limit or float('inf'))):
             # Over the limit before doing anything: recycling it after
             # every run would be a loop (celery #4125).  Back off instead.
-            self.slot_failed(slot, 'over its memory limit right after '
-                             'init() (RSS %.1f MB after init, %d requests; '
-                             '%s)' % (init_rss, requests, how))
+            # (A stable reason: slot_failed logs a repeat quietly.)
+            self.slot_failed(slot, 'over its memory limit (%g MB) right '
+                             'after init()' % (proc.soft_limit or
+                                               proc.hard_limit))
         elif memory or (ok_exit and reason):
             log.info('%s exited after %d requests: %s', name, requests,
                      proc.stop_reason if memory and proc.stop_reason else
