@@ -273,7 +273,8 @@ def parse_cpu_list(value):
 
 def _cpu_affinity(value):
     v = value.strip().lower()
-    if v in ('', 'off', 'false', 'no', '0'):
+    # '0' is the CPU list [0] (every slot on CPU 0), not "off".
+    if v in ('', 'off', 'false', 'no'):
         return None
     if v in ('true', 'on', 'yes'):
         return True
@@ -453,11 +454,12 @@ class Config(object):
         return self.extras[key]
 
     def __getattr__(self, key):
-        # Only reached for names that are not attributes: the extras.
-        extras = self.__dict__.get('extras', {})
-        if key in extras:
-            return extras[key]
-        raise AttributeError(key)
+        # Only reached for names that are not attributes: the extras.  A
+        # missing key reads as None, as ProcessHandler's config did
+        # (cfg['key'] raises KeyError instead).
+        if key.startswith('_'):
+            raise AttributeError(key)
+        return self.__dict__.get('extras', {}).get(key)
 
     def __contains__(self, key):
         return key in SETTINGS_BY_NAME or key in self.extras
