@@ -427,7 +427,7 @@ class Config(object):
         for s in SETTINGS:
             v = values.get(s.name, s.default)
             setattr(self, s.name, list(v) if isinstance(v, list) else v)
-        if self.proc_name is None:
+        if not self.proc_name:     # unset or `proc_name =`: the section
             self.proc_name = self.section
         here = os.path.dirname(os.path.abspath(path)) if path else \
             os.getcwd()
@@ -876,6 +876,8 @@ def _ctypes_affinity(cpus):
             return None
         return [i for i in range(nbytes * 8) if buf[i // 8] >> (i % 8) & 1]
     for c in cpus:
+        if not 0 <= c < nbytes * 8:
+            return None          # beyond the mask: cannot be set
         buf[c // 8] |= 1 << (c % 8)
     if lib.sched_setaffinity(0, nbytes, buf) != 0:
         return None
@@ -2446,7 +2448,12 @@ class Arbiter(object):
 
     def setup(self):
         cfg = self.cfg
-        self.logfile = LogFile(cfg.log_file, redirect_stdio=self.daemonized)
+        try:
+            self.logfile = LogFile(cfg.log_file,
+                                   redirect_stdio=self.daemonized)
+        except OSError as e:   # a folder, a missing folder, no permission
+            raise HaltServer('cannot open log_file %s: %s'
+                             % (cfg.log_file, e.strerror or e))
         if not self.keep_user_logging:
             setup_logging(cfg, self.logfile)
         self.uid, self.gid = resolve_user_group(cfg.user, cfg.group)
@@ -2581,11 +2588,14 @@ class Arbiter(object):
             if self.logfile is not None and self.logfile.path:
                 log.error('%s', h.reason)
             self.halt_reason = h.reason
-            self.ready_fd = report_to_launcher(self.ready_fd, 'error',
-                                               h.reason)
             self.kill_all_now()
         finally:
             self.cleanup()
+        if status != EXIT_OK:
+            # Only now, with the workers reaped and the pidfile gone: a
+            # failed `start -d` returns to a clean slate.
+            self.ready_fd = report_to_launcher(self.ready_fd, 'error',
+                                               self.halt_reason)
         if status == EXIT_OK:
             log.info('master %d exiting', self.pid)
         return status
@@ -3057,11 +3067,19 @@ class Arbiter(object):
     def pin_cpu(self, number):
         cpus = affinity_for_slot(self.cfg.cpu_affinity, number,
                                  get_affinity())
+        if not cpus:
+            return
         try:
-            if cpus and set_affinity(cpus):
-                log.debug('pinned to CPU %s', cpus)
-        except OSError as e:
-            log.warning('cannot pin to CPU %s: %s', cpus, e.strerror)
+            done = set_affinity(cpus)
+        except (OSError, ValueError, OverflowError) as e:
+            log.warning('cannot pin to CPU %s: %s', cpus,
+                        getattr(e, 'strerror', None) or e)
+            return
+        if done:
+            log.debug('pinned to CPU %s', cpus)
+        else:   # the ctypes / psutil paths report failure, not raise
+            log.warning('cannot pin to CPU %s: not permitted or no such '
+                        'CPU', cpus)
 
     def slot_failed(self, slot, why):
         """A boot failure or an early death: back off, exponentially."""
@@ -3789,6 +3807,9 @@ def save_number_workers(path, section, n):
             insert_at -= 1
         out.insert(insert_at, 'number_workers = %d%s' % (n, eol))
     st = os.stat(path)
+    if not os.access(path, os.W_OK):
+        # The rename below would replace a read-only file: respect it.
+        raise OSError(errno.EACCES, 'the file is read-only')
     fd, tmp = tempfile.mkstemp(prefix='.%s.' % os.path.basename(path),
                                dir=os.path.dirname(path))
     try:

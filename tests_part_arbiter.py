@@ -8,6 +8,7 @@ events.log (written by TEST_WORKER) and the log file.  Every wait is
 the next: two identical standard signals pending at once merge into one.
 """
 import glob
+import json
 import os
 import re
 import shutil
@@ -31,7 +32,7 @@ RECORD = re.compile(
     r'(master|worker (\d+)): (.*)$')
 CONTINUATION = re.compile(r'^  \| ')
 
-assert proj  # the fixture, imported by name for pytest
+assert proj  # the fixture: imported by name so pytest finds it here
 
 
 # -- helpers -------------------------------------------------------------------
@@ -131,10 +132,10 @@ def test_ttin_ttou_follow_worker_count_never_below_one(proj):
 
 @pytest.mark.parametrize('signame', ['SIGINT', 'SIGQUIT'])
 def test_int_quit_quick_stop_foreground_exits_0(proj, signame):
-    """INT and QUIT stop at once: workers in the middle of a 30 s run do not
-    finish it, nothing waits for graceful_timeout, the foreground master
-    exits 0 and no worker is left."""
-    proj.write_config(number_workers=2, run_time=30, graceful_timeout=10)
+    """INT and QUIT stop at once: workers in the middle of a 60 s run do not
+    finish it, nothing waits for graceful_timeout (30 s), the foreground
+    master exits 0 and no worker is left."""
+    proj.write_config(number_workers=2, run_time=60, graceful_timeout=30)
     p = proj.start_foreground()
     wait_for(lambda: len(proj.events('run_start')) >= 2,
              what='both workers inside run()')
@@ -143,9 +144,9 @@ def test_int_quit_quick_stop_foreground_exits_0(proj, signame):
     proj.workers |= workers
     t0 = time.monotonic()
     send(p.pid, getattr(signal, signame))
-    assert p.wait(DEADLINE) == 0, proj.fg_output()
+    assert p.wait(60) == 0, proj.fg_output()
     took = time.monotonic() - t0
-    assert took < 5, 'quick stop took %.1fs' % took
+    assert took < 10, 'quick stop took %.1fs' % took
     assert not any(alive(w) for w in workers)
     assert proj.events('run_end') == []        # runs were cut short
     assert 'Traceback' not in proj.fg_output()
@@ -442,7 +443,6 @@ def test_failed_reload_backs_off_keeps_old_worker_then_recovers(proj):
     proj.write_config(number_workers=1, init_mode='fail')
     t_hup = time.monotonic()
     send(master, signal.SIGHUP)
-    seen = []
 
     def four_failures():
         doc = proj.status()
@@ -451,8 +451,6 @@ def test_failed_reload_backs_off_keeps_old_worker_then_recovers(proj):
                    if w['state'] == 'running']
         assert running == [old], doc          # capacity kept throughout
         back = [w for w in doc['workers'] if w['state'] == 'backoff']
-        if back:
-            seen.append(back[0])
         return back and back[0]['failures'] >= 4 and back[0]
     row = wait_for(four_failures, what='4 boot failures')
     elapsed = time.monotonic() - t_hup
@@ -488,7 +486,7 @@ def test_failed_reload_backs_off_keeps_old_worker_then_recovers(proj):
     new = wait_for(recovered, what='slot 1 recovered')
     inits = [ev for ev in proj.events('init') if ev[2] == new]
     assert inits and inits[0][4] == 'v3'
-    if pending > 1.5:
+    if pending > 2.0:
         assert inits[0][3] - t_fix < pending - 0.5, (inits[0][3] - t_fix,
                                                      pending)
     wait_for(lambda: not alive(old), what='old worker to stop')
@@ -680,7 +678,6 @@ def test_example_jobexecute_daemon(proj):
         r = proj.ph('status', '--json', config=config)
         if r.returncode != 0:
             return None
-        import json
         doc = json.loads(r.stdout)
         live = [w for w in doc['workers'] if w['state'] == 'running']
         proj.workers.update(w['pid'] for w in doc['workers'] if w['pid'])

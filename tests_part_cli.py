@@ -450,7 +450,7 @@ def test_restart_gives_a_new_master(proj):
     old = proj.wait_running(2)
     res = proj.ph('restart')
     track_started(proj)
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 0, (res.stderr, proj.log_text())
     second = proj.master_pid()
     assert second != first
     wait_for(lambda: not alive(first), what='the old master gone')
@@ -642,6 +642,44 @@ def test_daemon_worker_stdio_goes_to_log_file(proj):
     for needle in ('hello from print 1', 'complaint on stderr 1',
                    'raw fd 1 write'):
         wait_for(lambda: needle in proj.log_text(), what=needle)
+
+
+@pytest.mark.parametrize('how', ['folder', 'missing_folder'])
+def test_log_file_that_cannot_be_opened(proj, how):
+    """log_file naming a folder, or inside a missing one: start (daemon or
+    foreground) exits 1 with one line naming it, no traceback, no pidfile."""
+    log_file = os.path.join(proj.path, 'logs')
+    if how == 'folder':
+        os.mkdir(log_file)
+    else:
+        log_file = os.path.join(log_file, 'master.log')
+    proj.write_config(log_file=log_file)
+    for args in (['start', '-d'], ['start', '-f']):
+        res = proj.ph(*args)
+        track_started(proj)
+        assert res.returncode == 1, (args, res.stdout, res.stderr)
+        line = one_line(res)
+        assert 'log_file' in line and log_file in line
+        assert not os.path.exists(proj.pidfile)
+
+
+def test_foreground_flag_beats_daemonize(proj):
+    """-f keeps the master in the foreground even with daemonize = true;
+    it exits 0 on TERM."""
+    proj.write_config(daemonize='true', number_workers=1)
+    p = proj.start_foreground()
+    wait_for(lambda: os.path.exists(proj.pidfile) and proj.master_pid())
+    assert proj.master_pid() == p.pid
+    proj.wait_running(1)
+    os.kill(p.pid, signal.SIGTERM)
+    assert p.wait(DEADLINE) == 0
+    assert not os.path.exists(proj.pidfile)
+
+
+def test_empty_proc_name_is_the_section(proj):
+    proj.write_config(proc_name='', number_workers=1)
+    proj.start_daemon()
+    assert proj.status()['master']['proc_name'] == 'job'
 
 
 # -- pidfile and instance lock ----------------------------------------------------------

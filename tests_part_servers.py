@@ -212,6 +212,15 @@ def echo_once(name, msg, timeout=DEADLINE):
         s.close()
 
 
+def wait_log(proj, needle, timeout=DEADLINE):
+    """Wait until the master log contains ``needle``; on failure show the
+    log (tmp folders of failed runs do not survive concurrent runs)."""
+    try:
+        wait_for(lambda: needle in proj.log_text(), timeout, repr(needle))
+    except AssertionError as e:
+        raise AssertionError('%s\n--- log ---\n%s' % (e, proj.log_text()))
+
+
 def listeners(proj):
     doc = wait_for(proj.status, what='status')
     return doc['master']['listeners']
@@ -450,8 +459,9 @@ def test_timeout_kills_hung_run_in_concurrent_types(proj, wtype):
     typed_config(proj, wtype, number_workers=1, threads=2, run_time=60,
                  timeout=1)
     proj.start_daemon()
-    first = proj.wait_running(1)[1]
-    wait_for(lambda: proj.events('run_start'))
+    # The first worker's pid from its own event: under load a status call
+    # may come only after it has already been timed out and replaced.
+    first = wait_for(lambda: proj.events('run_start'))[0][2]
 
     def replaced():
         pids = {e[2] for e in proj.events('run_start') if e[1] == 1}
@@ -783,7 +793,7 @@ def test_cpu_affinity_impossible_cpu_is_logged_worker_still_runs(proj):
     pid = proj.wait_running(1)[1]
     wait_for(lambda: proj.events('run_end'))
     assert cpus_allowed(pid) == cpus_allowed(master)
-    wait_for(lambda: 'cannot pin' in proj.log_text(), what='cannot pin log')
+    wait_log(proj, 'cannot pin')
 
 
 # -- 5. USR2 ----------------------------------------------------------------------------
@@ -820,8 +830,7 @@ def test_usr2_zero_downtime_upgrade(proj, wtype):
     try:
         wait_for(lambda: sum(served.values()) >= 20, what='traffic')
         os.kill(master, signal.SIGUSR2)
-        wait_for(lambda: 'upgrade complete' in proj.log_text(),
-                 DEADLINE * 2, 'upgrade complete')
+        wait_log(proj, 'upgrade complete', DEADLINE * 2)
         new = wait_for(lambda: (lambda w: w if w and not set(w.values()) &
                                 set(old.values()) else None)(
             proj.running_workers(2)), what='new workers')
@@ -858,8 +867,7 @@ def test_usr2_with_broken_config_is_refused(proj):
     with open(proj.config, 'a') as f:
         f.write('number_workers = many\n')
     os.kill(master, signal.SIGUSR2)
-    wait_for(lambda: 'upgrade refused' in proj.log_text(), DEADLINE * 2,
-             'upgrade refused')
+    wait_log(proj, 'upgrade refused', DEADLINE * 2)
     assert 'number_workers' in [l for l in proj.log_text().splitlines()
                                 if 'upgrade refused' in l][0]
     assert alive(master)
