@@ -1330,6 +1330,7 @@ class FileLeader(object):
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+        return True
 
     def holder(self):
         if self.fd is not None:
@@ -1411,12 +1412,16 @@ class RedisLeader(object):
         return False
 
     def release(self):
+        """Compare-and-delete: True if our key was deleted, False if the
+        key holds another token (left alone), None if Redis is unreachable
+        (the lease then expires by itself)."""
         try:
-            self._call(self.client.eval, self.RELEASE, 1, self.key,
-                       self.token)
+            done = self._call(self.client.eval, self.RELEASE, 1, self.key,
+                              self.token) == 1
         except LeaderError:
-            pass   # it expires by itself
+            done = None
         self.expires = 0.0
+        return done
 
     def holder(self):
         try:
@@ -2635,7 +2640,7 @@ class Arbiter(object):
             deadlines.append(self.next_memory_check)
         if self.watchdog:
             deadlines.append(self.next_watchdog)
-        if self.leader is not None and not self.stopping:
+        if self.leader_tended():
             deadlines.append(self.next_leader)
             if self.active:
                 deadlines.append(self.step_down_at())
@@ -2704,9 +2709,16 @@ class Arbiter(object):
     def step_down_grace(self):
         return min(self.cfg.graceful_timeout, self.leader.ttl / 3.0)
 
+    def leader_tended(self):
+        """A standby polls until it stops; an active master renews until
+        its last worker is gone, a stopping one included: workers slow to
+        finish must not outlive the lease while a standby takes over."""
+        return self.leader is not None and (
+            not self.stopping or (self.active and bool(self.procs)))
+
     def tend_leader(self):
         """Renew (active) or try to take (standby) the leader lock."""
-        if self.leader is None or self.stopping:
+        if not self.leader_tended():
             return
         now = time.monotonic()
         if now < self.next_leader and not (
@@ -3448,8 +3460,17 @@ class Arbiter(object):
 
     def cleanup(self):
         if self.leader is not None and self.active and not self.procs:
-            self.leader.release()     # the standby takes over at once
-            log.info('leader lock released')
+            # The standby takes over at once.  Compare-and-delete: a key
+            # someone else holds now is left alone.
+            done = self.leader.release()
+            if done:
+                log.info('leader lock released')
+            elif done is None:
+                log.warning('leader lock not released (unreachable): it '
+                            'expires by itself')
+            else:
+                log.warning('leader lock not released: it is held by %s '
+                            'now, left alone', self.leader.holder())
         if self.board is not None and self.pidfile is not None:
             try:
                 self.stop_orphans()
@@ -4053,6 +4074,14 @@ def format_status(doc):
                  m['config'] or '-', m['section'],
                  ' instance %d' % m['instance'] if m['instance'] > 1
                  else '')]
+    lead = m.get('leader')
+    if lead:
+        holder = lead.get('holder') or 'nobody'
+        if holder == lead.get('token'):
+            holder += ' (this master)'
+        lines.append('leader lock %s: held by %s%s' % (
+            lead['lock'], holder, ', lease %.1fs left' % lead['lease_left']
+            if lead.get('lease_left') is not None else ''))
     lines.append('%-5s %-8s %-9s %9s %8s %9s' % (
         'slot', 'pid', 'state', 'requests', 'rss_mb', 'age'))
     for w in doc['workers']:

@@ -67,6 +67,15 @@ def wait_count(proj, n, *args):
     return wait_for(running, what='%d running workers' % n)
 
 
+def read_pid(path):
+    """The pid in ``path``, or None (missing, empty, half-written)."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def track_started(proj, pidfile=None):
     """If a command started a master after all, have the fixture kill it."""
     path = pidfile or proj.pidfile
@@ -668,7 +677,7 @@ def test_foreground_flag_beats_daemonize(proj):
     it exits 0 on TERM."""
     proj.write_config(daemonize='true', number_workers=1)
     p = proj.start_foreground()
-    wait_for(lambda: os.path.exists(proj.pidfile) and proj.master_pid())
+    wait_for(lambda: read_pid(proj.pidfile), what='the pidfile')
     assert proj.master_pid() == p.pid
     proj.wait_running(1)
     os.kill(p.pid, signal.SIGTERM)

@@ -36,6 +36,10 @@ class Quiet(processhandler.Worker):
         # TERM, so only the master's KILL deadline can end it.
         time.sleep(float(self.cfg.get('run_time', '0.05')))
         return True
+
+    def after_run(self):
+        # exit_time: a graceful exit that takes this long (cleanup work).
+        time.sleep(float(self.cfg.get('exit_time', '0')))
 '''
 
 
@@ -93,6 +97,15 @@ class RedisServer(object):
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
             self.proc.wait(DEADLINE)
+        self.client.connection_pool.disconnect()
+
+    def pause(self):
+        """SIGSTOP: a hung server / a partition (connections time out)."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self):
+        self.proc.send_signal(signal.SIGCONT)
+        wait_for(self.ping, DEADLINE, 'redis-server answering again')
         self.client.connection_pool.disconnect()
 
     def kill(self):
@@ -376,13 +389,44 @@ def test_graceful_stop_releases_lock_for_fast_handover(redis_server, proj):
                                                          t0 + took - t_stopped))
 
 
+def test_slow_graceful_stop_keeps_the_lease_until_workers_are_gone(
+        redis_server, proj):
+    """A graceful stop whose workers take longer than leader_ttl to finish
+    their runs: the stopping master keeps renewing its lease until its last
+    worker is gone (then releases it), so the standby never runs workers
+    alongside the old ones."""
+    ttl = 2.0
+    a, b = masters = leader_pair(proj, redis_server, ttl, exit_time=2 * ttl,
+                                 graceful_timeout=10)
+    with Sampler(masters) as sampler:
+        a.start()
+        wait_for(lambda: a.running(), DEADLINE, 'a active')
+        b.start()
+        victims = a.workers()
+        t0 = time.monotonic()
+        res = proj.ph('stop', config=a.config)
+        assert res.returncode == 0, res.stderr
+        stop_took = time.monotonic() - t0
+        assert stop_took > ttl, stop_took      # the workers outlived a TTL
+        assert not any(alive(p) for p in victims)
+        wait_for(lambda: b.running(), DEADLINE, 'b active')
+    sampler.check(proj)
+    log = a.log_text()
+    assert 'leader lock released' in log, log
+    print('\nslow graceful stop: %.3fs (ttl %g), no overlap' % (stop_took,
+                                                                ttl))
+
+
+@pytest.mark.parametrize('how', ['crash', 'hang'])
 def test_redis_down_active_stands_down_before_lease_expiry(redis_server,
-                                                           proj):
-    """Redis dies under an active master whose workers ignore TERM: the
-    master logs 'standing down' and its workers are all dead (KILLed by the
-    fencing deadline) less than leader_ttl after Redis stopped, i.e. before
-    its lease could have expired; the standby stays without workers.
-    Redis back on the same port: exactly one master becomes active again,
+                                                           proj, how):
+    """Redis dies (crash: SIGKILL, connections refused) or hangs (SIGSTOP,
+    like a partition: calls time out) under an active master whose workers
+    do not finish their run on TERM: the master logs 'standing down' and
+    its workers are all dead (KILLed at the fencing deadline) less than
+    leader_ttl after Redis went away, i.e. before its lease could have
+    expired; the standby stays without workers.  Redis back (restarted on
+    the same port, or resumed): exactly one master becomes active again,
     and never both."""
     ttl = 3.0
     a, b = masters = leader_pair(proj, redis_server, ttl, run_time=30)
@@ -395,7 +439,10 @@ def test_redis_down_active_stands_down_before_lease_expiry(redis_server,
         t_before = time.monotonic()
         pttl = redis_server.client.pttl('lead')
         t_stop = time.monotonic()
-        redis_server.stop()
+        if how == 'crash':
+            redis_server.stop()
+        else:
+            redis_server.pause()
         # Tight polling: the moment the last worker is gone.
         deadline = t_stop + ttl + DEADLINE
         while any(alive(p) for p in victims):
@@ -410,11 +457,15 @@ def test_redis_down_active_stands_down_before_lease_expiry(redis_server,
         assert doc['master']['state'] == 'standby' and not doc['workers'], doc
         assert not b.workers()
         assert b.status()['master']['state'] == 'standby'
-        print('\nredis down: last worker dead %.3fs after redis stopped '
+        print('\nredis %s: last worker dead %.3fs after redis went away '
               '(ttl %g), %.3fs before the lease (PTTL %d ms) expired' % (
-                  after_stop, ttl, t_before + pttl / 1000.0 - t_dead, pttl))
+                  how, after_stop, ttl, t_before + pttl / 1000.0 - t_dead,
+                  pttl))
         t_restart = time.monotonic()
-        redis_server.start()
+        if how == 'crash':
+            redis_server.start()
+        else:
+            redis_server.resume()
         winner, docs = wait_for(lambda: active_one(masters), DEADLINE,
                                 'one master active again')
         print('redis back: %s active %.3fs after restart' % (
@@ -480,7 +531,7 @@ def test_stop_never_deletes_another_holders_key(redis_server, proj):
     wait_for(lambda: not alive(a.pid), DEADLINE, 'a gone')
     log = a.log_text()
     assert 'standing down' not in log, log     # it stopped while active
-    assert 'leader lock' in log
+    assert 'leader lock not released: it is held by other now' in log, log
     assert r.get('lead') == b'other'
     assert 0 < r.pttl('lead') <= 60000
 
@@ -498,6 +549,12 @@ def test_standby_status_exit_code_and_holder(redis_server, proj):
     text = proj.ph('status', config=b.config)
     assert text.returncode == 0, text.stderr
     assert 'standby' in text.stdout and str(b.pid) in text.stdout
+    token = a.status()['master']['leader']['token']
+    assert 'held by %s\n' % token in text.stdout, text.stdout
+    text = proj.ph('status', config=a.config)
+    assert text.returncode == 0 and ' active,' in text.stdout
+    assert 'held by %s (this master), lease' % token in text.stdout, \
+        text.stdout
     doc = b.status()
     active = a.status()
     assert doc['master']['state'] == 'standby' and doc['workers'] == []

@@ -22,10 +22,9 @@ import pytest
 
 import processhandler
 from test_processhandler import (
-    DEADLINE, PY, Project, alive, descendants, proc_state, proj, wait_for)
+    DEADLINE, PY, alive, descendants, proc_state, proj, wait_for)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PH = os.path.join(HERE, 'processhandler.py')
 
 assert proj  # the fixture, imported by name for pytest
 
