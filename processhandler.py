@@ -1401,7 +1401,10 @@ class RedisLeader(object):
                       px=int(self.ttl * 1000)):
             self.expires = t0 + self.ttl
             return True
-        return False
+        # The key may hold our own token: a SET of ours that timed out on
+        # a hung server still ran when it resumed.  Then it is ours:
+        # compare-and-extend it rather than wait a whole TTL for nobody.
+        return self.renew()
 
     def renew(self):
         t0 = time.monotonic()

@@ -36,7 +36,7 @@ def note(path, kind, extra=''):
         os.close(fd)
 
 
-def job():
+def job(*args):
     """The trivial job of every throughput benchmark."""
     return True
 
@@ -64,13 +64,15 @@ if processhandler is not None:
         def init(self):
             note(self.cfg.events, 'boot')
             self.t0 = time.monotonic()
+            self.c0 = time.process_time()
 
         def run(self):
             return True
 
         def after_run(self):
-            note(self.cfg.events, 'count', '%d %.6f' % (
-                self.requests, time.monotonic() - self.t0))
+            note(self.cfg.events, 'count', '%d %.6f %.6f' % (
+                self.requests, time.monotonic() - self.t0,
+                time.process_time() - self.c0))
 
     class Echo(processhandler.Worker):
         """A socket worker: echo one message per connection."""
@@ -120,11 +122,13 @@ def bare(seconds, events):
     run = w.run
     n = 0
     t0 = time.monotonic()
+    c0 = time.process_time()
     signal.setitimer(signal.ITIMER_REAL, seconds)
     while w.alive:
         if run():
             n += 1
-    note(events, 'count', '%d %.6f' % (n, time.monotonic() - t0))
+    note(events, 'count', '%d %.6f %.6f' % (n, time.monotonic() - t0,
+                                            time.process_time() - c0))
 
 
 # -- multiprocessing.Pool --------------------------------------------------------

@@ -624,12 +624,16 @@ def fmt_value(v, unit):
             return '%.3g ms' % (v * 1e3)
         return '%.3g s' % v
     if unit == '/s':
+        if v >= 1e9:
+            return '%.3g G/s' % (v / 1e9)
         if v >= 1e5:
             return '%.3g M/s' % (v / 1e6) if v >= 1e6 else '%.0f k/s' % (
                 v / 1e3)
         return '%.3g/s' % v if v < 100 else '%.0f/s' % v
     if unit == 'x':
-        return '%.2f' % v
+        return '%.2f' % v if v >= 0.1 else '%.2g' % v
+    if unit == 'ns':
+        return '%.0f ns' % v if v < 1e4 else '%.0f µs' % (v / 1e3)
     if unit == 'MB':
         return '%.1f MB' % v
     if unit == 'ms/min':
@@ -664,8 +668,13 @@ def render(table, systems):
             else:
                 why = table.na[key].get(s.name) or (
                     s.why_not if not s.available else 'not measured')
-                notes.append((title, s.label, why))
-                row.append('n/a [%d]' % len(notes))
+                for i, (who, reason) in enumerate(notes, 1):
+                    if (who, reason) == (s.label, why):
+                        break
+                else:
+                    notes.append((s.label, why))
+                    i = len(notes)
+                row.append('n/a [%d]' % i)
         lines.append(row)
     widths = [max(len(r[i]) for r in [header] + lines)
               for i in range(len(header))]
@@ -698,50 +707,56 @@ def bench_respawn(opts, systems, table):
               'CLOCK_MONOTONIC) to the replacement\'s stamp written in user '
               'code (processhandler init(), Pool initializer, gunicorn '
               'post_worker_init, the program\'s first line for circus and '
-              'supervisor); %d kills per system, round-robin across systems.'
-              % opts.kills)
+              'supervisor); %d kills per system, round-robin, at most one '
+              'kill in flight among the fast systems; a system whose first '
+              'replacement took over 0.3 s is killed in parallel with the '
+              'others, within a budget of %g s (so it may get fewer kills).'
+              % (opts.kills, opts.respawn_budget))
     insts = {}
     try:
         for s in systems:
             try:
                 inst = insts[s.name] = s.launch(4)
-                inst.wait_boots(4)
+                inst.wait_boots(4, timeout=opts.start_timeout)
             except Exception as e:
                 table.not_applicable(key, s.name, 'did not start: %s' % e)
                 insts.pop(s.name, None)
         done = dict((name, 0) for name in insts)
+        pending = {}            # name -> (t_kill, victim)
+        slow = set()
+        order = [s for s in systems if s.name in insts]
         deadline = time.monotonic() + opts.respawn_budget
-        while any(n < opts.kills for n in done.values()):
-            if time.monotonic() > deadline:
-                log('respawn: time budget spent')
-                break
-            progressed = False
-            for s in systems:
-                inst = insts.get(s.name)
-                if inst is None or done[s.name] >= opts.kills:
+        while any(n < opts.kills for n in done.values()) or pending:
+            now = time.monotonic()
+            for s in order:
+                inst = insts[s.name]
+                if s.name in pending:
+                    t_kill, victim = pending[s.name]
+                    got = [e for e in inst.boots()
+                           if e[2] > t_kill and e[1] != victim]
+                    if got or now - t_kill > opts.respawn_timeout:
+                        del pending[s.name]
+                        lat = got[0][2] - t_kill if got else INF
+                        table.add(key, s.name, lat)
+                        if lat > 0.3:
+                            slow.add(s.name)
+                    continue
+                if done[s.name] >= opts.kills or now > deadline:
+                    continue
+                if s.name not in slow and any(n not in slow
+                                              for n in pending):
                     continue
                 live = inst.live_workers()
-                if not live:
+                if not live or now - live[0][0] < 1.2:
                     continue
-                t_boot, victim = live[0]
-                age = time.monotonic() - t_boot
-                if age < 1.2:
-                    continue
+                victim = live[0][1]
                 t_kill = time.monotonic()
                 os.kill(victim, signal.SIGKILL)
-                got = inst.events.wait(lambda items: [
-                    e for e in items if e[0] == 'boot' and e[2] > t_kill
-                    and e[1] != victim], opts.respawn_timeout)
+                pending[s.name] = (t_kill, victim)
                 done[s.name] += 1
-                progressed = True
-                if got:
-                    table.add(key, s.name, got[0][2] - t_kill)
-                else:
-                    table.add(key, s.name, INF)
-                    log('respawn: %s did not replace a worker in %gs' % (
-                        s.label, opts.respawn_timeout))
-            if not progressed:
-                time.sleep(0.05)
+            if now > deadline and not pending:
+                break
+            time.sleep(0.002)
     finally:
         close_all(insts.values())
 
@@ -801,13 +816,27 @@ def bench_startup(opts, systems, table, n, key, title, trials, scale=False):
                   'MB', 'mean Pss from /proc/PID/smaps_rollup over the %d '
                   'workers (copy-on-write sharing counted once, split '
                   'between sharers).' % n)
-    for _ in range(trials):
+    spent = {}
+    for trial in range(trials):
         for s in systems:
-            if scale and opts.quick and isinstance(s, Peer):
-                for k in (key, 'scale-rss', 'scale-pss'):
+            if opts.quick and isinstance(s, Peer):
+                for k in (key, 'scale-rss', 'scale-pss') if scale else (key,):
                     table.not_applicable(k, s.name, 'skipped in --quick '
-                                         '(slow to start %d)' % n)
+                                         '(slow to start %d workers)' % n)
                 continue
+            if scale and isinstance(s, Peer):
+                m64 = table.median('startup', s.name)  # 64 workers
+                if m64 is None or m64 > 15:
+                    for k in (key, 'scale-rss', 'scale-pss'):
+                        table.not_applicable(k, s.name, 'skipped: 64 '
+                                             'workers took %s, 256 would '
+                                             'not fit in the run\'s time' % (
+                                                 fmt_value(m64, 's') if m64
+                                                 else 'n/a'))
+                    continue
+            if over_budget(opts, spent, s, trial):
+                continue
+            t_sys = time.monotonic()
             inst = None
             try:
                 inst = s.launch(n)
@@ -830,6 +859,14 @@ def bench_startup(opts, systems, table, n, key, title, trials, scale=False):
             finally:
                 if inst is not None:
                     inst.close()
+                spent[s.name] = spent.get(s.name, 0) + \
+                    time.monotonic() - t_sys
+
+
+def over_budget(opts, spent, s, trial):
+    """After the first trial, a system that already used its share of the
+    run's time for this metric gets no more trials."""
+    return trial > 0 and spent.get(s.name, 0) > opts.system_budget
 
 
 def bench_stop(opts, systems, table):
@@ -838,8 +875,12 @@ def bench_stop(opts, systems, table):
               '16 idle workers; SIGTERM to the master; time until the master '
               'has exited and every worker is gone (exited or a zombie), '
               'polled every 1 ms; %d trial(s), round-robin.' % opts.trials)
-    for _ in range(opts.trials):
+    spent = {}
+    for trial in range(opts.trials):
         for s in systems:
+            if over_budget(opts, spent, s, trial):
+                continue
+            t_sys = time.monotonic()
             inst = None
             try:
                 inst = s.launch(16)
@@ -862,6 +903,8 @@ def bench_stop(opts, systems, table):
             finally:
                 if inst is not None:
                     inst.close(graceful=False)
+                spent[s.name] = spent.get(s.name, 0) + \
+                    time.monotonic() - t_sys
 
 
 def bench_master_killed(opts, systems, table):
@@ -872,11 +915,27 @@ def bench_master_killed(opts, systems, table):
               'capped at %g s ("never": still running at the cap, then '
               'killed by the harness; such a system gets no further '
               'trials); up to %d trials.' % (opts.kill_cap, opts.trials * 2))
+    floor = 'killed-floor'
+    table.row(floor, 'floor: the 16 workers SIGKILLed directly', 's',
+              'the floor of the row above: 16 idle workers, the master is '
+              'SIGSTOPped (so it respawns nothing), the harness SIGKILLs the '
+              '16 workers itself and polls until all are gone: the kernel\'s '
+              'teardown time for these processes on this machine at this '
+              'moment, in the same rounds (processhandler and Pool only).')
     capped = set()
-    for _ in range(opts.trials * 2):
+    spent = {}
+    for trial in range(opts.trials * 2):
         for s in systems:
-            if s.name in capped:
+            if isinstance(s, (ProcessHandler, Pool)) and \
+                    not over_budget(opts, spent, s, trial):
+                try:
+                    table.add(floor, s.name, kill_floor(opts, s))
+                except Exception as e:
+                    log('floor: %s: %s' % (s.label, e))
+        for s in systems:
+            if s.name in capped or over_budget(opts, spent, s, trial):
                 continue
+            t_sys = time.monotonic()
             inst = None
             try:
                 inst = s.launch(16)
@@ -902,6 +961,33 @@ def bench_master_killed(opts, systems, table):
             finally:
                 if inst is not None:
                     inst.close(graceful=False)
+                spent[s.name] = spent.get(s.name, 0) + \
+                    time.monotonic() - t_sys
+    for s in systems:
+        if not isinstance(s, (ProcessHandler, Pool)):
+            table.not_applicable(floor, s.name, 'floor measured for '
+                                 'processhandler and Pool only')
+
+
+def kill_floor(opts, s):
+    inst = s.launch(16)
+    try:
+        inst.wait_boots(16, timeout=opts.start_timeout)
+        time.sleep(0.3)
+        pids = inst.all_pids() - {inst.master}
+        os.kill(inst.master, signal.SIGSTOP)
+        t0 = time.monotonic()
+        TRACK.kill(pids)
+        while any(alive(p) for p in pids) and time.monotonic() - t0 < 5:
+            time.sleep(0.001)
+        return time.monotonic() - t0
+    finally:
+        try:
+            os.kill(inst.master, signal.SIGKILL)
+            os.kill(inst.master, signal.SIGCONT)
+        except OSError:
+            pass
+        inst.close(graceful=False)
 
 
 def count_jobs(inst, seconds):
@@ -960,10 +1046,15 @@ def bench_recycle(opts, systems, table):
                   'chunksize=1) in a loop; gunicorn: max_requests=%d, sync '
                   'workers, 2 client threads doing HTTP/1.0 GETs, so HTTP '
                   'is included; circus / supervisor: a program doing %d '
-                  'job(s) then exiting 0, restarted by the manager); %d '
+                  'job(s) then exiting 0, restarted by the manager, counted over '
+                  'at least 3 s as they restart slowly); %d '
                   'trial(s).' % (mr, opts.window, mr, mr, mr, opts.trials))
-        for _ in range(opts.trials):
+        spent = {}
+        for trial in range(opts.trials):
             for s in systems:
+                if over_budget(opts, spent, s, trial):
+                    continue
+                t_sys = time.monotonic()
                 inst = None
                 try:
                     if isinstance(s, Pool):
@@ -978,16 +1069,30 @@ def bench_recycle(opts, systems, table):
                         table.add(key, s.name,
                                   http_clients(s.port, opts.window))
                     else:
-                        table.add(key, s.name, count_jobs(inst, opts.window))
+                        table.add(key, s.name, count_jobs(
+                            inst, max(opts.window, 3.0) if isinstance(s, Peer)
+                            else opts.window))
                 except Exception as e:
                     log('recycle %d: %s: %s' % (mr, s.label, e))
                     table.not_applicable(key, s.name, 'failed: %s' % e)
                 finally:
                     if inst is not None:
                         inst.close()
+                    spent[s.name] = spent.get(s.name, 0) + \
+                        time.monotonic() - t_sys
 
 
-def run_counter(system, args, python=None):
+def per_second(extra, cpu):
+    """'N WALL [CPU]' -> N per CPU second (when given and asked) or per
+    wall second."""
+    parts = extra.split()
+    n, wall = int(parts[0]), float(parts[1])
+    if cpu and len(parts) > 2 and float(parts[2]) > 0:
+        return n / float(parts[2])
+    return n / wall
+
+
+def run_counter(system, args, python=None, cpu=False):
     """Run agents.py ARGS EVENTS in the foreground; its 'count' stamp as
     jobs per second."""
     d = system.workdir()
@@ -1003,8 +1108,7 @@ def run_counter(system, args, python=None):
         got = events.of('count')
         if not got:
             raise RuntimeError('no count from %s (see %s)' % (args, d))
-        n, elapsed = got[-1][3].split()
-        return int(n) / float(elapsed)
+        return per_second(got[-1][3], cpu)
     finally:
         events.close()
 
@@ -1014,17 +1118,24 @@ def bench_loop(opts, systems, table):
     table.row(bare, 'loop: bare Python loop (runs/s)', '/s',
               'the same run() method (agents.Spin.run, returns True) called '
               'by ``while w.alive: if run(): n += 1`` in a fresh process of '
-              'the same interpreter, stopped by a timer after %g s.'
+              'the same interpreter, stopped by a timer after %g s; runs per '
+              'second of the process\'s own CPU time (time.process_time(), '
+              'so that other load on the machine does not count).'
               % opts.window)
     table.row(plain, 'loop: runs/s per worker', '/s',
               '1 worker whose run() returns True at once; the worker counts '
               'its runs (self.requests) from the end of init() to after_run()'
-              ' after the master got TERM %g s after the worker booted.  '
-              'Pool: Pool(1).map(job, range(500), chunksize=1) in a loop '
-              '(jobs/s; per-task IPC, not a run loop).' % opts.window)
+              ' (the master gets TERM %g s after the worker booted), per '
+              'second of the worker\'s CPU time (time.process_time()).  '
+              'Pool: Pool(1).map(job, range(500), chunksize=1) in a loop, '
+              'jobs per wall-clock second (per-task IPC between two '
+              'processes, not a run loop).' % opts.window)
     table.row('loop-ratio', 'loop: ratio to bare loop', 'x',
               'runs/s per worker / bare loop runs/s of the same interpreter, '
               'paired per trial (bare, plain and limits alternate).')
+    table.row('loop-ns', 'loop: overhead per run (ns)', 'ns',
+              '1e9 / (runs/s per worker) - 1e9 / (bare loop runs/s): the '
+              'time the framework adds to each run, paired per trial.')
     table.row(lim, 'loop: runs/s, timeout + memory limits', '/s',
               'as "runs/s per worker" with timeout = 30, soft_memory_limit ='
               ' 1000, hard_memory_limit = 2000 (MB), check_interval = 1.')
@@ -1036,11 +1147,12 @@ def bench_loop(opts, systems, table):
         for s in systems:
             try:
                 if isinstance(s, Pool):
-                    b = run_counter(s, ['bare', str(opts.window)])
+                    b = run_counter(s, ['bare', str(opts.window)], cpu=True)
                     r = run_counter(s, ['pool', 'loop', str(opts.window)])
                     table.add(bare, s.name, b)
                     table.add(plain, s.name, r)
                     table.add('loop-ratio', s.name, r / b)
+                    table.add('loop-ns', s.name, 1e9 / r - 1e9 / b)
                     for k in (lim, 'loop-limits-ratio'):
                         table.not_applicable(k, s.name, 'Pool has no '
                                              'per-task timeout or memory '
@@ -1048,13 +1160,13 @@ def bench_loop(opts, systems, table):
                     continue
                 if not isinstance(s, ProcessHandler):
                     for k in (bare, plain, 'loop-ratio', lim,
-                              'loop-limits-ratio'):
+                              'loop-limits-ratio', 'loop-ns'):
                         table.not_applicable(k, s.name, '%s has no run loop'
                                              ' to call user code in (it runs'
                                              ' programs or serves HTTP)' %
                                              s.label)
                     continue
-                b = run_counter(s, ['bare', str(opts.window)])
+                b = run_counter(s, ['bare', str(opts.window)], cpu=True)
                 r = loop_rate(s, opts.window, {})
                 rl = loop_rate(s, opts.window, limits)
                 table.add(bare, s.name, b)
@@ -1062,6 +1174,7 @@ def bench_loop(opts, systems, table):
                 table.add(lim, s.name, rl)
                 table.add('loop-ratio', s.name, r / b)
                 table.add('loop-limits-ratio', s.name, rl / b)
+                table.add('loop-ns', s.name, 1e9 / r - 1e9 / b)
             except Exception as e:
                 log('loop: %s: %s' % (s.label, e))
                 table.not_applicable(plain, s.name, 'failed: %s' % e)
@@ -1077,8 +1190,7 @@ def loop_rate(s, seconds, extra):
                                               if e[0] == 'count'], 30)
         if not got:
             raise RuntimeError('no count (see %s)' % inst.tmp)
-        n, elapsed = got[0][3].split()
-        return int(n) / float(elapsed)
+        return per_second(got[0][3], cpu=True)
     finally:
         inst.close()
 
@@ -1293,12 +1405,14 @@ def settings(opts):
         opts.idle_window, opts.idle_parts = 5.0, 5
         opts.scale_n = 256
     else:
-        opts.kills, opts.trials, opts.window = 30, 5, 1.5
+        opts.kills, opts.trials, opts.window = 30, 4, 1.5
         opts.idle_window, opts.idle_parts = 20.0, 10
         opts.scale_n = 256
     opts.startup_trials = opts.trials
+    opts.startup_n = 16 if opts.smoke else 64
     opts.respawn_timeout = 5.0
-    opts.respawn_budget = 240.0 if not opts.quick else 60.0
+    opts.respawn_budget = 100.0 if not opts.quick else 20.0
+    opts.system_budget = 25.0 if not opts.quick else 4.0
     opts.start_timeout = 120.0
     opts.stop_cap = 15.0
     opts.kill_cap = 3.0 if not opts.quick else 1.5
@@ -1365,8 +1479,9 @@ def main(argv=None):
             ('respawn', lambda: bench_respawn(opts, present, table)),
             ('idle', lambda: bench_idle(opts, present, table)),
             ('startup', lambda: bench_startup(
-                opts, present, table, 64, 'startup',
-                'start-up (64 workers)', opts.startup_trials)),
+                opts, present, table, opts.startup_n, 'startup',
+                'start-up (%d workers)' % opts.startup_n,
+                opts.startup_trials)),
             ('loop', lambda: bench_loop(opts, present, table)),
             ('recycle', lambda: bench_recycle(opts, present, table)),
             ('stop', lambda: bench_stop(opts, present, table)),
@@ -1388,8 +1503,8 @@ def main(argv=None):
     info['load_end'] = open('/proc/loadavg').read().split()[:3]
     text, notes = render(table, systems)
     print(text)
-    for i, (metric, system, why) in enumerate(notes, 1):
-        print('[%d] %s, %s: %s' % (i, metric, system, why))
+    for i, (system, why) in enumerate(notes, 1):
+        print('[%d] %s: %s' % (i, system, why))
     verdicts = targets(table, systems)
     print('\n'.join(verdicts))
     if not opts.no_results and not opts.smoke:
@@ -1414,7 +1529,7 @@ def write_results(opts, argv, info, systems, table, text, notes, verdicts,
     pythons = []
     for s in systems:
         v = getattr(s, 'version', '')
-        pythons.append('- %s: %s%s' % (
+        pythons.append('  - %s: %s%s' % (
             s.label, v or interpreter_version(s.python),
             '' if s.available else ' (not installed)'))
     lines = [
@@ -1435,7 +1550,7 @@ def write_results(opts, argv, info, systems, table, text, notes, verdicts,
         '- wall time of the run: %.0f s' % elapsed,
         '- interpreters and versions:',
     ] + pythons + [
-        '- harness: %s %s' % (platform.python_implementation(),
+        '  - harness: %s %s' % (platform.python_implementation(),
                               platform.python_version()),
         '',
         '## Table',
@@ -1445,7 +1560,7 @@ def write_results(opts, argv, info, systems, table, text, notes, verdicts,
     ]
     if notes:
         lines += ['Not measured:', '']
-        lines += ['%d. %s, %s: %s' % (i, m_, s_, w) for i, (m_, s_, w)
+        lines += ['%d. %s: %s' % (i, s_, w) for i, (s_, w)
                   in enumerate(notes, 1)]
         lines.append('')
     lines += ['## Targets of issue 6', ''] + verdicts + ['', '## Method', '']

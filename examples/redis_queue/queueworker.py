@@ -43,25 +43,36 @@ class QueueWorker(processhandler.Worker):
         if left:
             self.log.info('recovering %d job(s) left in %s', left,
                           self.processing)
+        # Look at our processing list until it is empty: after that only
+        # our own BLMOVE fills it, and each job leaves it when done.
+        self.recovering = True
 
     def next_job(self):
-        # Our own processing list first: a predecessor's unfinished job.
-        job = self.redis.lindex(self.processing, -1)
-        if job is None:
-            job = self.redis.blmove(self.queue, self.processing,
-                                    self.block, 'RIGHT', 'LEFT')
-        return job
+        # Our own processing list first: a predecessor's unfinished job
+        # (or ours, after an error).
+        if self.recovering:
+            job = self.redis.lindex(self.processing, -1)
+            if job is not None:
+                return job
+            self.recovering = False
+        return self.redis.blmove(self.queue, self.processing, self.block,
+                                 'RIGHT', 'LEFT')
 
     def run(self):
         job = self.next_job()
         if job is None:
             return False          # nothing to do (BLMOVE timed out)
-        self.process(job)
-        # Done: count it, then take it off our processing list, atomically.
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hincrby(self.done, job, 1)
-        pipe.lrem(self.processing, -1, job)
-        pipe.execute()
+        try:
+            self.process(job)
+            # Done: count it, then take it off our processing list,
+            # atomically.
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hincrby(self.done, job, 1)
+            pipe.lrem(self.processing, -1, job)
+            pipe.execute()
+        except BaseException:
+            self.recovering = True  # the job stays on our list: retry it
+            raise
         return True
 
     def process(self, job):
