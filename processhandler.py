@@ -1726,6 +1726,25 @@ class Worker(object):
             self._board.set(self._cell, Scoreboard.REASON, self._exit_reason)
         return WORKER_EXIT_OK
 
+    def _run_failed(self, e):
+        """Log an exception from run(); return how long to pause.
+
+        A run() that fails at once every time (a database down, a deleted
+        folder) must not spin a core and flood the log: failures less than
+        2 s apart pause 10 ms, 20 ms, ... up to 1 s.  Isolated failures do
+        not pause, and the happy path pays nothing for this."""
+        self.log.exception('run() raised; the loop goes on')
+        try:
+            self.on_exception(e)
+        except Exception:
+            self.log.exception('on_exception() raised')
+        now = time.monotonic()
+        last = getattr(self, '_last_failure', 0.0)
+        streak = getattr(self, '_failure_streak', 0)
+        streak = streak + 1 if now - last < 2.0 else 0
+        self._last_failure, self._failure_streak = now, streak
+        return 0.0 if not streak else min(1.0, 0.005 * 2 ** min(streak, 8))
+
     def _announce_booted(self):
         b, c = self._board, self._cell
         if self.setting('soft_memory_limit') or \
@@ -1772,8 +1791,7 @@ class Worker(object):
                 handled = run()
             except Exception as e:
                 handled = False
-                self.log.exception('run() raised; the loop goes on')
-                self.on_exception(e)
+                self.sleep(self._run_failed(e))
             if timed:
                 d[i_started] = 0.0
             if handled:
@@ -2090,8 +2108,7 @@ class ThreadLoop(SyncLoop):
                     handled = self.run_one()
                 except Exception as e:
                     handled = False
-                    w.log.exception('run() raised; the loop goes on')
-                    w.on_exception(e)
+                    self.stopped.wait(w._run_failed(e))
                 if self.timed:
                     self.mark(i, 0.0)
                 if handled:
@@ -2207,8 +2224,12 @@ class AsyncioLoop(SyncLoop):
                 handled = result
             except Exception as e:
                 handled = False
-                w.log.exception('run() raised; the loop goes on')
-                w.on_exception(e)
+                pause = w._run_failed(e)
+                if pause:
+                    try:
+                        await asyncio.wait_for(self.stopped.wait(), pause)
+                    except asyncio.TimeoutError:
+                        pass
             finally:
                 self.in_flight -= 1
             if self.timed:
@@ -2333,6 +2354,7 @@ class WorkerProcess(object):
         self.spawned = time.monotonic()
         self.kill_at = None           # KILL deadline once stopping
         self.stop_reason = None
+        self.stop_requested = None    # monotonic time of the TERM/QUIT
         self.timed_out = False
         self.dump_fd = None           # faulthandler's output (timeout)
         # Limits the master enforces: per worker instance, else config.
@@ -2491,11 +2513,26 @@ class Arbiter(object):
                                self.drain_pipe)
         self.open_control()
         self.init_signals()
+        self.log_config_notes()
         log.info('processhandler %s starting: master pid %d, %d %s '
                  'worker(s), config %s [%s]%s', __version__, self.pid,
                  self.num_workers, cfg.worker_type, cfg.path or '-',
                  cfg.section, ' instance %d' % self.instance
                  if self.instance > 1 else '')
+
+    def log_config_notes(self):
+        """Say once what the config asks that will not do what it seems."""
+        cfg = self.cfg
+        for key, hint in cfg.unknown_keys():
+            log.info('config key %r is not a setting: passed to the workers '
+                     'as a string%s', key, "; did you mean '%s'?" % hint
+                     if hint else '')
+        if cfg.accept_lock and cfg.worker_type == 'asyncio':
+            log.warning('accept_lock has no effect with worker_type = '
+                        'asyncio (the event loop accepts)')
+        if cfg.accept_lock and cfg.reuse_port:
+            log.warning('accept_lock has no effect with reuse_port = true '
+                        '(each worker has its own listener)')
 
     def acquire_instance(self):
         """Take the pidfile lock of the first free instance (or refuse)."""
@@ -3119,7 +3156,8 @@ class Arbiter(object):
             return
         self.set_state(proc, State.STOPPING)
         proc.stop_reason = why
-        proc.kill_at = time.monotonic() + proc.graceful_timeout
+        proc.stop_requested = time.monotonic()
+        proc.kill_at = proc.stop_requested + proc.graceful_timeout
         log.debug('stopping worker %d (pid %d): %s', proc.slot, proc.pid, why)
         self.kill(proc.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
 
@@ -3214,8 +3252,7 @@ class Arbiter(object):
                 if now >= proc.kill_at:
                     log.warning('worker %d (pid %d) still alive %.1fs '
                                 'after being asked to stop: KILL', proc.slot,
-                                proc.pid, now - proc.kill_at +
-                                proc.graceful_timeout)
+                                proc.pid, now - (proc.stop_requested or now))
                     proc.kill_at = None
                     self.kill(proc.pid, signal.SIGKILL)
             elif proc.timeout and proc.state == State.RUNNING:
