@@ -1773,7 +1773,9 @@ class Worker(object):
             is not Worker.handle
 
     def _loop(self):
-        """The sync loop.  Kept tight: it is every job's overhead."""
+        """The sync loop.  Kept tight: it is every job's overhead, so the
+        per-run path is two shared-memory stores and a counter; memory,
+        parent and interval checks only run when configured."""
         run = self._serve_connection if self.serves_sockets() else self.run
         q, d = self._board.q, self._board.d
         base = self._cell * Scoreboard.FIELDS
@@ -1784,9 +1786,13 @@ class Worker(object):
         timed = self.setting('timeout') > 0
         monotonic = time.monotonic
         memory = MemoryCheck(self)
+        soft, every = memory.soft, memory.every
+        next_check = monotonic() + every
+        slow_path = bool(soft or interval or self._check_parent)
+        now = 0.0
         while self.alive:
             if timed:
-                d[i_started] = monotonic()
+                d[i_started] = now = monotonic()
             try:
                 handled = run()
             except Exception as e:
@@ -1795,16 +1801,21 @@ class Worker(object):
             if timed:
                 d[i_started] = 0.0
             if handled:
-                self.requests += 1
-                q[i_req] = self.requests
-                if max_requests and self.requests >= max_requests:
+                n = self.requests = self.requests + 1
+                q[i_req] = n
+                if n == max_requests:
                     self.log.info('%d requests handled: max_requests '
-                                  'reached, recycling', self.requests)
+                                  'reached, recycling', n)
                     self._exit_reason = Scoreboard.R_MAX_REQUESTS
                     break
-            if memory.due() and memory.over_soft():
-                self._exit_reason = Scoreboard.R_MEMORY
-                break
+            if not slow_path:
+                continue
+            # With a timeout, the run's start time is recent enough.
+            if soft and (now if timed else monotonic()) >= next_check:
+                next_check = monotonic() + every
+                if memory.over_soft():
+                    self._exit_reason = Scoreboard.R_MEMORY
+                    break
             if self._check_parent and os.getppid() != self.ppid:
                 self.log.warning('master %d is gone: exiting', self.ppid)
                 self._exit_reason = Scoreboard.R_ORPHANED
