@@ -4868,7 +4868,9 @@ def test_reliable_queue_no_job_lost_under_sigkill(redis_server, proj):
     config = queue_project(proj)
     r = redis_server.client
     push_jobs(proj, redis_server, n)
-    master = start_queue(proj, config, redis_server, 0.001)
+    # 4 ms a job: ~5 s of draining on an idle machine, so the kill loop
+    # (one kill per 100 ms, victims older than 1.2 s) really interleaves.
+    master = start_queue(proj, config, redis_server, 0.004)
     rng = random.Random()
     kills = 0
     t0 = time.monotonic()
@@ -5034,9 +5036,11 @@ def rss_kb(pid):
 
 @pytest.mark.slow
 def test_no_fd_or_memory_leak_over_many_recycles(proj):
-    """max_requests = 1: thousands of worker recycles (10,000, or as many as
-    fit in the time bound); the master's fd count is unchanged and its RSS
-    grows by less than 4 MB after warm-up."""
+    """max_requests = 1: 10,000 worker recycles after a warm-up (or as many
+    as fit in the time bound, PH_SOAK_SECONDS); the master's fd count is
+    unchanged and its RSS grows by less than 2 MB.  PyPy's warm-up is longer:
+    its JIT and GC settle after a few thousand recycles (measured: flat at
+    +0.3 MB from 5,000 to 23,000)."""
     proj.write_module('quiet', QUIET_WORKER_RELIABILITY)
     proj.write_config(worker_class='quiet:Quiet', number_workers=2,
                       max_requests=1, run_time=0, log_level='warning')
@@ -5046,20 +5050,22 @@ def test_no_fd_or_memory_leak_over_many_recycles(proj):
     def spawns():
         doc = proj.status()
         return doc['master']['spawns'] if doc else 0
-    wait_for(lambda: spawns() >= 500, 120, '500 recycles (warm-up)')
+    warm = 5000 if IS_PYPY else 1000
+    wait_for(lambda: spawns() >= warm, 180, '%d recycles (warm-up)' % warm)
     fds0, rss0 = fd_count(master), rss_kb(master)
-    limit = time.monotonic() + float(os.environ.get('PH_SOAK_SECONDS', '150'))
-    target = 10000
-    n = spawns()
+    limit = time.monotonic() + float(os.environ.get('PH_SOAK_SECONDS', '120'))
+    start = spawns()
+    target = start + 10000
+    n = start
     while n < target and time.monotonic() < limit:
         time.sleep(1.0)
         n = spawns()
     fds1, rss1 = fd_count(master), rss_kb(master)
-    print('recycles: %d; master fds %d -> %d; RSS %d -> %d kB'
-          % (n, fds0, fds1, rss0, rss1))
-    assert n >= 2000, 'too few recycles to judge: %d' % n
+    print('recycles: %d measured after warm-up; master fds %d -> %d; RSS %d -> %d kB'
+          % (n - start, fds0, fds1, rss0, rss1))
+    assert n - start >= 2000, 'too few recycles to judge: %d' % (n - start)
     assert fds1 == fds0
-    assert rss1 - rss0 < 4096
+    assert rss1 - rss0 < 2048
     assert proj.ph('stop').returncode == 0
 
 
