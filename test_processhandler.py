@@ -125,13 +125,10 @@ def free_port():
     return port
 
 
-# A worker module the tests configure through config keys (passed to
-# workers as strings).  Every event is one O_APPEND write of one line to
-# events.log: "<event> <slot> <pid> <monotonic> <extra>".
-TEST_WORKER = '''
-import os, sys, time, signal
-import processhandler
-
+# The event recorder every test worker module uses (worker code is written
+# into the test's folder as source): one O_APPEND write of one line to
+# events.log, "<event> <slot> <pid> <monotonic> <extra>" (Project.events).
+EVENT_HELPER = """
 def event(worker, name, extra=''):
     line = '%s %s %d %.6f %s\\n' % (name, worker.slot, os.getpid(),
                                     time.monotonic(), extra)
@@ -139,7 +136,17 @@ def event(worker, name, extra=''):
                  os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.write(fd, line.encode())
     os.close(fd)
+"""
 
+
+# A worker module the tests configure through config keys (passed to
+# workers as strings).  Every event is one O_APPEND write of one line to
+# events.log: "<event> <slot> <pid> <monotonic> <extra>".
+TEST_WORKER = '''
+import os, sys, time, signal
+import processhandler
+
+''' + EVENT_HELPER + '''
 class Job(processhandler.Worker):
     def init(self):
         mode = self.cfg.get('init_mode', '')
@@ -2251,14 +2258,7 @@ import os, sys, threading, time
 import processhandler
 
 
-def event(worker, name, extra=''):
-    line = '%s %s %d %.6f %s\\n' % (name, worker.slot, os.getpid(),
-                                    time.monotonic(), extra)
-    fd = os.open(os.path.join(worker.cfg.base_path, 'events.log'),
-                 os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.write(fd, line.encode())
-    os.close(fd)
-
+''' + EVENT_HELPER + '''
 
 def marker(worker, name):
     return os.path.join(worker.cfg.base_path, name)
@@ -3075,14 +3075,7 @@ TYPED_WORKER = '''
 import asyncio, os, time
 import processhandler
 
-def event(worker, name, extra=''):
-    line = '%s %s %d %.6f %s\\n' % (name, worker.slot, os.getpid(),
-                                    time.monotonic(), extra)
-    fd = os.open(os.path.join(worker.cfg.base_path, 'events.log'),
-                 os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.write(fd, line.encode())
-    os.close(fd)
-
+''' + EVENT_HELPER + '''
 class Job(processhandler.Worker):
     def run(self):
         event(self, 'run_start')
