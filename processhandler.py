@@ -2456,6 +2456,7 @@ class Arbiter(object):
         self.keep_user_logging = keep_user_logging
         self.save_on_signal = save_on_signal
         self.upgrade = upgrade     # state handed over by a USR2 re-exec
+        self.halt_reason = None    # why run() failed (HaltServer), if it did
         self.num_workers = len(self.templates) or cfg.number_workers
         self.pid = os.getpid()
         self.slots = {}
