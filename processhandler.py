@@ -2615,14 +2615,19 @@ class Arbiter(object):
         self._pipes.extend((r, w))
         return r, w
 
+    def signal_numbers(self):
+        return [getattr(signal, 'SIG' + name) for name in self.SIGNALS]
+
     def init_signals(self):
-        for name in self.SIGNALS:
-            signal.signal(getattr(signal, 'SIG' + name), self.signal_handler)
-        # Restart interrupted system calls rather than seeing EINTR; the
-        # wakeup fd still wakes select().
-        for name in self.SIGNALS:
-            signal.siginterrupt(getattr(signal, 'SIG' + name), False)
+        for signum in self.signal_numbers():
+            signal.signal(signum, self.signal_handler)
+            # Restart interrupted system calls rather than seeing EINTR;
+            # the wakeup fd still wakes select().
+            signal.siginterrupt(signum, False)
         signal.set_wakeup_fd(self.wake_w)
+        # After a USR2 re-exec they arrive blocked (see reexec()): the ones
+        # sent meanwhile are delivered now, to the handlers.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signal_numbers())
 
     def signal_handler(self, signum, frame):
         # Only record: logging or waitpid here can deadlock (gunicorn #3441).
@@ -3412,10 +3417,17 @@ class Arbiter(object):
         env[UPGRADE_ENV] = json.dumps(state)
         signal.set_wakeup_fd(-1)
         self.close_control()
+        # execve() resets our handlers to the defaults, and the default of
+        # TTIN/TTOU is to stop the process, of HUP/USR1/USR2 to kill it: a
+        # signal arriving before the new image has its handlers would stop
+        # or kill the master.  Blocked signals stay pending across execve;
+        # init_signals() unblocks them once the handlers are in place.
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.signal_numbers())
         try:
             os.chdir(_START['cwd'])
             os.execve(sys.executable, argv, env)
         except OSError as e:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signal_numbers())
             log.error('USR2: exec of %s failed: %s; carrying on with the old '
                       'code', sys.executable, e.strerror)
             for fd in keep:

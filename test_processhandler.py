@@ -3852,6 +3852,41 @@ def test_usr2_zero_downtime_upgrade(proj, wtype):
     assert not alive(master)
 
 
+def test_signals_during_usr2_reexec_are_not_lost_or_fatal(proj):
+    """TTIN and USR1 keep arriving while the master re-executes itself:
+    execve() resets handlers to the defaults (stop for TTIN, terminate for
+    USR1), so the master blocks them across the exec and handles them
+    afterwards.  It survives, never stops (state T), and ends with one
+    more worker than it started with."""
+    proj.write_module('quiet', QUIET_WORKER_RELIABILITY)
+    proj.write_config(worker_class='quiet:Quiet', number_workers=2,
+                      graceful_timeout=2)
+    master = proj.start_daemon()
+    proj.wait_running(2)
+    os.kill(master, signal.SIGUSR2)
+    states = collections.Counter()
+    sent = 0
+    t_end = time.monotonic() + 4.0
+    while time.monotonic() < t_end:
+        os.kill(master, signal.SIGUSR1)
+        sent += 1
+        states[proc_state(master)] += 1
+        if 'upgrade complete' in proj.log_text() and sent > 200:
+            break
+        time.sleep(0.005)
+    # One TTIN, now that the new image has its handlers (it said so).
+    wait_log(proj, 'upgrade complete', DEADLINE * 2)
+    os.kill(master, signal.SIGTTIN)
+    print('\nUSR1 during USR2: %d sent, master states %s' % (sent,
+                                                             dict(states)))
+    assert alive(master)
+    assert states['T'] == 0 and states[None] == 0, states
+    assert proj.master_pid() == master
+    proj.wait_running(3)
+    assert proc_state(master) not in ('T', 't', 'Z', None)
+    assert 'USR2: re-executing' in proj.log_text()
+
+
 def test_usr2_with_broken_config_is_refused(proj):
     """USR2 while the config file is invalid: the log says 'upgrade
     refused', the same master and workers keep serving."""
