@@ -57,6 +57,8 @@ def wait_for(predicate, timeout=DEADLINE, what=None):
         if value:
             return value
         if time.monotonic() > deadline:
+            if callable(what):         # a description built at the end
+                what = what()
             raise AssertionError('timed out after %gs waiting for %s' % (
                 timeout, what or getattr(predicate, '__name__', 'condition')))
         time.sleep(delay)
@@ -4967,6 +4969,234 @@ def test_reliable_queue_graceful_stop_finishes_jobs_in_flight(
     assert len(counts) + waiting == n
     print('\ngraceful stop of the queue: %d done, %d waiting, processing '
           'lists empty' % (len(counts), waiting))
+
+
+def owners_left(r):
+    return sorted(k.decode() for k in r.scan_iter('jobs:owner:*'))
+
+
+def read_text(path):
+    try:
+        with open(path, errors='replace') as f:
+            return f.read()
+    except OSError:
+        return ''
+
+
+def wait_log_file(path, needle, timeout=DEADLINE):
+    wait_for(lambda: needle in read_text(path), timeout,
+             lambda: '%r in %s; log:\n%s' % (needle, path,
+                                             read_text(path)[-3000:]))
+
+
+def log_count(path, needle):
+    return sum(1 for line in read_text(path).splitlines() if needle in line)
+
+
+def tree_zombies(master):
+    return [p for p in descendants(master) if proc_state(p) == 'Z']
+
+
+def test_queue_sweeps_processing_list_of_a_slot_nobody_owns(
+        redis_server, proj):
+    """A processing list whose slot has no owner (its worker died and the
+    slot was retired) is pushed back onto the queue by a live worker's
+    sweep within about owner_ttl, and its jobs are done; a list whose
+    owner key is fresh is left alone."""
+    config = queue_project(proj)
+    r = redis_server.client
+    r.lpush('jobs:processing:9', 'orphan-1', 'orphan-2')
+    r.lpush('jobs:processing:8', 'owned-1')
+    r.set('jobs:owner:8', 12345, px=60000)      # someone else's, alive
+    res = proj.ph('start', '-d', '--set', 'redis_url=' + redis_server.url,
+                  '--set', 'owner_ttl=1', '--set', 'number_workers=2',
+                  config=config)
+    assert res.returncode == 0, res.stderr
+    qdir = os.path.dirname(config)
+    proj.masters.add(proj.master_pid(os.path.join(qdir, 'queue.pid')))
+    t0 = time.monotonic()
+    wait_for(lambda: r.hget('jobs:done', 'orphan-1') and
+             r.hget('jobs:done', 'orphan-2'), DEADLINE, 'orphans done')
+    took = time.monotonic() - t0
+    wait_log_file(os.path.join(qdir, 'queue.log'),
+                  '2 abandoned job(s) in jobs:processing:9 pushed back')
+    assert r.lrange('jobs:processing:8', 0, -1) == [b'owned-1']
+    assert r.hget('jobs:done', 'owned-1') is None
+    assert sorted(owners_left(r)) == ['jobs:owner:1', 'jobs:owner:2',
+                                      'jobs:owner:8']
+    print('\norphaned list swept and done %.2fs after start (owner_ttl 1)'
+          % took)
+    assert proj.ph('stop', config=config).returncode == 0
+
+
+@pytest.mark.slow
+def test_chaos_soak_queue_loses_nothing(redis_server, proj):
+    """Jobs flow through the reliable-queue example for PH_CHAOS_SECONDS
+    (default 40) while the test SIGKILLs random workers, sends TTIN/TTOU,
+    HUP reloads and a USR2 upgrade, and once kills the worker of the
+    highest slot right before a TTOU retires that slot (its processing
+    list is then nobody's: the owner-key sweep must push it back).
+
+    At the end: every job pushed was done at least once, the queue and all
+    processing lists are empty, the live workers are exactly the target
+    and all running, no zombie, every worker pid ever seen is either dead
+    or still under the master, and after `stop` nothing is left."""
+    duration = float(os.environ.get('PH_CHAOS_SECONDS', '40'))
+    config = queue_project(proj)
+    r = redis_server.client
+    base = 4
+    res = proj.ph('start', '-d', '--set', 'redis_url=' + redis_server.url,
+                  '--set', 'work_time=0.004', '--set', 'owner_ttl=3',
+                  '--set', 'number_workers=%d' % base, config=config)
+    qlog = os.path.join(os.path.dirname(config), 'queue.log')
+    assert res.returncode == 0, (res.stderr, open(qlog).read()
+                                 if os.path.exists(qlog) else '')
+    with open(os.path.join(os.path.dirname(config), 'queue.pid')) as f:
+        master = int(f.read().strip())
+    proj.masters.add(master)
+
+    def status():
+        res = proj.ph('status', '--json', config=config)
+        if res.returncode != 0:
+            return None
+        doc = json.loads(res.stdout)
+        for w in doc['workers']:
+            if w.get('pid'):
+                proj.workers.add(w['pid'])
+        return doc
+
+    def target_is(n):
+        doc = status()
+        return doc is not None and doc['master']['number_workers'] == n
+
+    rng = random.Random()
+    seen = set()
+    pushed = 0
+    counts = collections.Counter()
+    target = base
+    min_age = processhandler.Arbiter.EARLY_DEATH + 0.2
+    t0 = time.monotonic()
+    t_end = t0 + duration
+    # Scheduled events, as fractions of the run: the rest is random.
+    plan = [(0.25, 'hup'), (0.45, 'usr2'), (0.65, 'retire_dead'),
+            (0.8, 'hup')]
+    next_tick = t0
+    next_resize = t0 + 1.0
+    while time.monotonic() < t_end:
+        now = time.monotonic()
+        # Jobs keep flowing: ~400 a second, about half the capacity.
+        pipe = r.pipeline(transaction=False)
+        for _ in range(40):
+            pipe.lpush('jobs', 'job-%d' % pushed)
+            pushed += 1
+        pipe.execute()
+        tree = descendants(master)
+        seen.update(tree)
+        proj.workers.update(tree)
+        if plan and now - t0 >= plan[0][0] * duration:
+            what = plan.pop(0)[1]
+            counts[what] += 1
+            if what == 'hup':
+                os.kill(master, signal.SIGHUP)
+                target = base                    # HUP resets the count
+                wait_for(lambda: target_is(base), DEADLINE, 'HUP seen')
+            elif what == 'usr2':
+                os.kill(master, signal.SIGUSR2)
+                wait_log_file(qlog, 'upgrade complete', DEADLINE * 2)
+                assert alive(master)
+            else:
+                # Kill the highest slot's worker, then retire that slot
+                # before the master can replace it.
+                doc = wait_for(status, DEADLINE, 'status')
+                rows = [w for w in doc['workers'] if w['pid']]
+                top = max(w['slot'] for w in rows)
+                for w in rows:
+                    if w['slot'] == top:
+                        os.kill(w['pid'], signal.SIGKILL)
+                        counts['kill'] += 1
+                # As if it died holding a job (it is often between jobs).
+                r.lpush('jobs:processing:%d' % top, 'job-%d' % pushed)
+                pushed += 1
+                os.kill(master, signal.SIGTTOU)
+                target = max(1, target - 1)
+                wait_for(lambda: target_is(target), DEADLINE, 'TTOU seen')
+        elif now >= next_resize:
+            next_resize = now + 1.0
+            if target <= 2 or (target < 6 and rng.random() < 0.5):
+                os.kill(master, signal.SIGTTIN)
+                target += 1
+                counts['ttin'] += 1
+            else:
+                os.kill(master, signal.SIGTTOU)
+                target -= 1
+                counts['ttou'] += 1
+            # One at a time: the same signal twice before the master's
+            # handler runs is one signal (POSIX), so wait for it to land.
+            wait_for(lambda: target_is(target), DEADLINE,
+                     'number_workers %d' % target)
+        elif rng.random() < 0.5:
+            victims = [p for p in tree if proc_state(p) not in (None, 'Z')
+                       and process_age(p) >= min_age]
+            if victims:
+                try:
+                    os.kill(rng.choice(victims), signal.SIGKILL)
+                    counts['kill'] += 1
+                except OSError:
+                    pass
+        # The tick is the test's input rate, not a wait for a condition.
+        next_tick += 0.1
+        time.sleep(max(0.0, next_tick - time.monotonic()))
+    chaos_took = time.monotonic() - t0
+    left_in_queue = r.llen('jobs')
+
+    def settled():
+        if r.llen('jobs') or processing_left(r):
+            return None
+        doc = status()
+        if doc is None or doc['master']['number_workers'] != target:
+            return None
+        rows = doc['workers']
+        if len(rows) != target or any(w['state'] != 'running'
+                                      for w in rows):
+            return None
+        live = [p for p in descendants(master) if proc_state(p) != 'Z']
+        if sorted(live) != sorted(w['pid'] for w in rows):
+            return None
+        return doc
+    doc = wait_for(settled, 90, lambda: 'settled: queue %d, processing %s, '
+                   'status %s' % (r.llen('jobs'), processing_left(r),
+                                  status()))
+    drained = time.monotonic() - t0
+    wait_for(lambda: not tree_zombies(master), DEADLINE, 'no zombies')
+    tree = set(descendants(master))
+    strays = [p for p in seen if alive(p) and p not in tree]
+    assert not strays, [(p, proc_state(p), ppid_of(p)) for p in strays]
+    done = dict((k.decode(), int(v)) for k, v in r.hgetall(
+        'jobs:done').items())
+    lost = [j for j in ('job-%d' % i for i in range(pushed))
+            if j not in done]
+    duplicates = sum(done.values()) - len(done)
+    swept = log_count(qlog, 'abandoned job(s)')
+    print('\nchaos soak: %.0fs of chaos, drained after %.1fs; %d jobs, '
+          '%d kills, %d TTIN, %d TTOU, %d HUP, %d USR2, %d sweeps of a '
+          'retired slot; %d duplicates, %d lost; %d worker pids, target %d, '
+          '%d left in the queue when the chaos stopped' % (
+              chaos_took, drained, pushed, counts['kill'], counts['ttin'],
+              counts['ttou'], counts['hup'], counts['usr2'], swept,
+              duplicates, len(lost), len(seen), target, left_in_queue))
+    assert not lost, lost[:10]
+    assert set(done) == set('job-%d' % i for i in range(pushed))
+    assert duplicates <= counts['kill'], (duplicates, counts)
+    assert counts['usr2'] == 1 and counts['hup'] == 2
+    assert counts['ttin'] + counts['ttou'] >= duration / 2 - 10
+    assert alive(master) and proj.master_pid(os.path.join(
+        os.path.dirname(config), 'queue.pid')) == master
+    res = proj.ph('stop', config=config)
+    assert res.returncode == 0, res.stderr
+    assert not alive(master)
+    still = [p for p in seen if alive(p)]
+    assert not still, still
+    assert not processing_left(r)
 
 
 # -- reliability: signal storm, full disk, leaks ------------------------------
