@@ -5032,7 +5032,7 @@ def test_queue_sweeps_processing_list_of_a_slot_nobody_owns(
 @pytest.mark.slow
 def test_chaos_soak_queue_loses_nothing(redis_server, proj):
     """Jobs flow through the reliable-queue example for PH_CHAOS_SECONDS
-    (default 40) while the test SIGKILLs random workers, sends TTIN/TTOU,
+    (default 30) while the test SIGKILLs random workers, sends TTIN/TTOU,
     HUP reloads and a USR2 upgrade, and once kills the worker of the
     highest slot right before a TTOU retires that slot (its processing
     list is then nobody's: the owner-key sweep must push it back).
@@ -5041,7 +5041,7 @@ def test_chaos_soak_queue_loses_nothing(redis_server, proj):
     processing lists are empty, the live workers are exactly the target
     and all running, no zombie, every worker pid ever seen is either dead
     or still under the master, and after `stop` nothing is left."""
-    duration = float(os.environ.get('PH_CHAOS_SECONDS', '40'))
+    duration = float(os.environ.get('PH_CHAOS_SECONDS', '30'))
     config = queue_project(proj)
     r = redis_server.client
     base = 4

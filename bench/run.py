@@ -1411,7 +1411,7 @@ def settings(opts):
     opts.startup_trials = opts.trials
     opts.startup_n = 16 if opts.smoke else 64
     opts.respawn_timeout = 5.0
-    opts.respawn_budget = 100.0 if not opts.quick else 20.0
+    opts.respawn_budget = 45.0 if not opts.quick else 20.0
     opts.system_budget = 25.0 if not opts.quick else 4.0
     opts.start_timeout = 120.0
     opts.stop_cap = 15.0
