@@ -4390,7 +4390,46 @@ def main(argv=None):
         return EXIT_FAILURE
 
 
+# Commands that start a master (none given means start).
+MASTER_COMMANDS = ('start', 'restart')
+
+# How `python3 processhandler.py start` becomes a lean master (see _main()).
+LEAN_START = '''import os, sys
+path = sys.argv[1]
+sys.argv = [path] + sys.argv[2:]
+sys.path.insert(0, os.path.dirname(path))
+import processhandler
+processhandler._START['argv'] = list(sys.argv)
+sys.exit(processhandler.main())'''
+
+
+def starts_master(argv):
+    words = [a for a in argv if a in COMMANDS]
+    return not words or words[0] in MASTER_COMMANDS
+
+
 def _main():
+    # A master run as a script carries the script's syntax tree for its
+    # whole life: CPython frees a __main__ file's AST only when the script
+    # returns (~7 MB here), and every fork copies page tables for it and
+    # every worker exit unmaps them (respawn and recycle pay it).  So a
+    # master re-executes itself (same pid, args, env and fds) as an import
+    # of this module, whose AST is freed right after compiling.
+    if not IS_PYPY and starts_master(sys.argv[1:]) and \
+            not os.environ.get('PROCESSHANDLER_NO_LEAN'):
+        try:
+            # Keep -X, -O, -W... (private helper, stable since 3.3;
+            # multiprocessing uses it the same way).
+            import subprocess
+            flags = subprocess._args_from_interpreter_flags()
+        except Exception:
+            flags = []
+        try:
+            os.execv(sys.executable, [sys.executable] + flags +
+                     ['-c', LEAN_START, os.path.abspath(__file__)] +
+                     sys.argv[1:])
+        except OSError:
+            pass     # run here, as a script: heavier, same behaviour
     # The running script is the module: user code doing `import
     # processhandler` must get this module, not a second copy whose Worker
     # class would be a different class.

@@ -391,6 +391,59 @@ def test_daemon_start_status_stop(proj):
     assert proj.ph('stop').returncode == 0
 
 
+def rss_anon_kb(pid):
+    with open('/proc/%d/status' % pid) as f:
+        for line in f:
+            if line.startswith('RssAnon:'):
+                return int(line.split()[1])
+    return None
+
+
+@pytest.mark.skipif(IS_PYPY, reason='the lean re-exec is CPython only')
+def test_script_master_reexecs_lean_keeping_pid_and_flags(proj):
+    """`python -X dev processhandler.py -c ... -f` becomes an import of the
+    module (CPython keeps a __main__ script's syntax tree for the process's
+    life): same pid as launched, interpreter flags kept, argv[0] still the
+    script, and a smaller master than PROCESSHANDLER_NO_LEAN=1 gives."""
+    proj.write_module('flagworker', """
+import os, sys, time
+import processhandler
+""" + EVENT_HELPER + """
+class Job(processhandler.Worker):
+    def init(self):
+        event(self, 'flags', 'dev=%d argv0=%s' % (sys.flags.dev_mode,
+                                                  sys.argv[0]))
+    def run(self):
+        self.sleep(60)
+        return False
+""")
+    proj.write_config(worker_class='flagworker:Job', number_workers=1)
+    sizes = {}
+    for lean in (True, False):
+        env = dict(os.environ)
+        if not lean:
+            env['PROCESSHANDLER_NO_LEAN'] = '1'
+        out = open(os.path.join(proj.path, 'fg.out'), 'ab')
+        p = subprocess.Popen([PY, '-X', 'dev', PH, '-c', proj.config, '-f'],
+                             stdin=subprocess.DEVNULL, stdout=out,
+                             stderr=subprocess.STDOUT, cwd=proj.path,
+                             start_new_session=True, env=env)
+        out.close()
+        proj.popens.append(p)
+        proj.masters.add(p.pid)
+        wait_for(lambda: len(proj.events('flags')) == (1 if lean else 2),
+                 what='worker booted')
+        assert proj.master_pid() == p.pid
+        sizes[lean] = rss_anon_kb(p.pid)
+        ev = proj.events('flags')[-1]
+        assert ev[4] == 'dev=1 argv0=%s' % PH, ev
+        os.kill(p.pid, signal.SIGTERM)
+        assert p.wait(DEADLINE) == 0
+    print('\nmaster RssAnon: lean %d kB, as a script %d kB' % (
+        sizes[True], sizes[False]))
+    assert sizes[True] < sizes[False] - 2048, sizes
+
+
 def test_killed_worker_is_replaced_in_same_slot(proj):
     proj.write_config(number_workers=3)
     proj.start_daemon()
