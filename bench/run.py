@@ -30,7 +30,6 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PH = os.path.join(ROOT, 'processhandler.py')
-PH = os.environ.get('PH_SCRIPT', PH)
 AGENTS = os.path.join(HERE, 'agents.py')
 VENV_BIN = os.path.join(HERE, '.venv', 'bin')
 RESULTS = os.path.join(HERE, 'RESULTS.md')
