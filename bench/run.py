@@ -914,7 +914,8 @@ def bench_master_killed(opts, systems, table):
               'worker is gone (exited or a zombie), polled every 1 ms, '
               'capped at %g s ("never": still running at the cap, then '
               'killed by the harness; such a system gets no further '
-              'trials); up to %d trials.' % (opts.kill_cap, opts.trials * 2))
+              'trials); up to %d trials.' % (opts.kill_cap,
+                                              opts.killed_trials))
     floor = 'killed-floor'
     table.row(floor, 'floor: the 16 workers SIGKILLed directly', 's',
               'the floor of the row above: 16 idle workers, the master is '
@@ -924,7 +925,7 @@ def bench_master_killed(opts, systems, table):
               'moment, in the same rounds (processhandler and Pool only).')
     capped = set()
     spent = {}
-    for trial in range(opts.trials * 2):
+    for trial in range(opts.killed_trials):
         for s in systems:
             if isinstance(s, (ProcessHandler, Pool)) and \
                     not over_budget(opts, spent, s, trial):
@@ -934,6 +935,11 @@ def bench_master_killed(opts, systems, table):
                     log('floor: %s: %s' % (s.label, e))
         for s in systems:
             if s.name in capped or over_budget(opts, spent, s, trial):
+                continue
+            if opts.quick and isinstance(s, Peer):
+                table.not_applicable(key, s.name, 'skipped in --quick (the '
+                                     'full run shows they leave their '
+                                     'workers running)')
                 continue
             t_sys = time.monotonic()
             inst = None
@@ -1070,8 +1076,8 @@ def bench_recycle(opts, systems, table):
                                   http_clients(s.port, opts.window))
                     else:
                         table.add(key, s.name, count_jobs(
-                            inst, max(opts.window, 3.0) if isinstance(s, Peer)
-                            else opts.window))
+                            inst, max(opts.window, opts.peer_window)
+                            if isinstance(s, Peer) else opts.window))
                 except Exception as e:
                     log('recycle %d: %s: %s' % (mr, s.label, e))
                     table.not_applicable(key, s.name, 'failed: %s' % e)
@@ -1242,7 +1248,7 @@ def bench_echo(opts, systems, table):
                   'bind = 127.0.0.1:0 (port read from status --json '
                   'master.listeners); 2 client processes x 4 threads, one '
                   'connection per request, for %g s; requests/s echoed; '
-                  'variants alternate in each trial.' % opts.window)
+                  'variants alternate in each trial.' % opts.echo_window)
     for _ in range(opts.trials):
         for s in systems:
             for key, title, extra in variants:
@@ -1260,13 +1266,13 @@ def bench_echo(opts, systems, table):
                     port = int(addr.rsplit(':', 1)[1])
                     clients = [TRACK.popen(
                         [sys.executable, __file__, '--echo-client',
-                         str(port), str(opts.window), '4'],
+                         str(port), str(opts.echo_window), '4'],
                         stdout=subprocess.PIPE) for _ in range(2)]
                     total = 0
                     for c in clients:
-                        out, _ = c.communicate(timeout=opts.window + 60)
+                        out, _ = c.communicate(timeout=opts.echo_window + 60)
                         total += int(out.strip() or 0)
-                    table.add(key, s.name, total / opts.window)
+                    table.add(key, s.name, total / opts.echo_window)
                 except Exception as e:
                     log('echo: %s %s: %s' % (s.label, key, e))
                     table.not_applicable(key, s.name, 'failed: %s' % e)
@@ -1409,9 +1415,13 @@ def settings(opts):
         opts.idle_window, opts.idle_parts = 20.0, 10
         opts.scale_n = 256
     opts.startup_trials = opts.trials
+    # Peers restart slowly (seconds): a longer window to count anything.
+    opts.peer_window = 2.0 if opts.quick else 3.0
+    opts.killed_trials = 1 if opts.quick else opts.trials * 2
+    opts.echo_window = 0.5 if opts.quick else opts.window
     opts.startup_n = 16 if opts.smoke else 64
     opts.respawn_timeout = 5.0
-    opts.respawn_budget = 45.0 if not opts.quick else 20.0
+    opts.respawn_budget = 45.0 if not opts.quick else 10.0
     opts.system_budget = 25.0 if not opts.quick else 4.0
     opts.start_timeout = 120.0
     opts.stop_cap = 15.0
