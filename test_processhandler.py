@@ -284,8 +284,8 @@ class Project(object):
         with open(pidfile or self.pidfile) as f:
             return int(f.read().strip())
 
-    def status(self, *args):
-        res = self.ph('status', '--json', *args)
+    def status(self, *args, **kw):
+        res = self.ph('status', '--json', *args, **kw)
         if res.returncode != 0:
             return None
         doc = json.loads(res.stdout)
@@ -5109,14 +5109,7 @@ def test_chaos_soak_queue_loses_nothing(redis_server, proj):
     proj.masters.add(master)
 
     def status():
-        res = proj.ph('status', '--json', config=config)
-        if res.returncode != 0:
-            return None
-        doc = json.loads(res.stdout)
-        for w in doc['workers']:
-            if w.get('pid'):
-                proj.workers.add(w['pid'])
-        return doc
+        return proj.status(config=config)
 
     def target_is(n):
         doc = status()
