@@ -1,82 +1,72 @@
-"""python3 bench/loop_profile.py: evidence for the loop-overhead report: core Worker._loop vs bare loop vs a
-variant of _loop with the per-run memory check hoisted (prototype only)."""
+"""python3 bench/loop_profile.py [ROUNDS]: the sync loop's own cost, in one
+process, without the harness: Worker._loop (no limits; timeout + memory
+limits) against the bare ``while w.alive: if run(): n += 1`` loop, each
+round 0.15 s of CPU time per variant, interleaved.  Prints the best round of
+each (the least disturbed by other load on the machine) and the ratios.
+
+A quick check while changing _loop; bench/run.py's "loop" rows are the
+figures that go to RESULTS.md."""
 import os
+import signal
 import sys
 import time
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import processhandler as ph
-from processhandler import Scoreboard, MemoryCheck
-N = 1000000
-INF = float('inf')
+import processhandler as ph  # noqa: E402
+
 
 class Spin(ph.Worker):
     def run(self):
         return True
 
-class Opt(Spin):
-    def _loop(self):
-        run = self.run
-        q, d = self._board.q, self._board.d
-        base = self._cell * Scoreboard.FIELDS
-        i_req, i_started = base + Scoreboard.REQUESTS, base + Scoreboard.RUN_STARTED
-        max_requests = self._max_requests()
-        interval = self.setting('interval')
-        timed = self.setting('timeout') > 0
-        monotonic = time.monotonic
-        memory = MemoryCheck(self)
-        next_mem = memory.next          # inf without a soft limit
-        check_parent = self._check_parent
-        requests = self.requests
-        while self.alive:
-            if timed:
-                now = d[i_started] = monotonic()
-            handled = run()
-            if timed:
-                d[i_started] = 0.0
-            if handled:
-                requests += 1
-                self.requests = q[i_req] = requests
-                if max_requests and requests >= max_requests:
-                    break
-            if next_mem != INF and (now if timed else monotonic()) >= next_mem:
-                next_mem = monotonic() + memory.every
-                if memory.over_soft():
-                    break
-            if check_parent and os.getppid() != self.ppid:
-                break
-            if interval and self.alive:
-                self.sleep(interval)
 
-def stopper(w):
-    # stop after N runs without touching run(): count via requests in a signal
-    import signal
+def stop_after(w, secs):
     signal.signal(signal.SIGALRM, lambda s, f: setattr(w, 'alive', False))
+    signal.setitimer(signal.ITIMER_REAL, secs)
 
-def measure(cls, extra, secs=1.0):
-    import signal
-    cfg = ph.Config(dict(extra))
-    w = cls()
-    board = Scoreboard(16); cell = board.alloc()
+
+def core(extra, secs):
+    w = Spin()
+    board = ph.Scoreboard(16)
     r, wfd = os.pipe()
-    w._boot(cfg, 1, board, cell, wfd, os.getppid(), [], None, True)
-    signal.signal(signal.SIGALRM, lambda s, f: setattr(w, 'alive', False))
-    c0 = time.process_time(); signal.setitimer(signal.ITIMER_REAL, secs); w._loop()
-    return w.requests / (time.process_time() - c0)
+    w._boot(ph.Config(dict(extra)), 1, board, board.alloc(), wfd,
+            os.getppid(), [], None, True)
+    c0 = time.process_time()
+    stop_after(w, secs)
+    w._loop()
+    rate = w.requests / (time.process_time() - c0)
+    os.close(r)
+    os.close(wfd)
+    return rate
 
-def bare(secs=1.0):
-    import signal
-    w = Spin(); w.alive = True; run = w.run; n = 0
-    signal.signal(signal.SIGALRM, lambda s, f: setattr(w, 'alive', False))
-    c0 = time.process_time(); signal.setitimer(signal.ITIMER_REAL, secs)
+
+def bare(secs):
+    w = Spin()
+    run, n = w.run, 0
+    c0 = time.process_time()
+    stop_after(w, secs)
     while w.alive:
-        if run(): n += 1
+        if run():
+            n += 1
     return n / (time.process_time() - c0)
 
-lim = dict(timeout=30, soft_memory_limit=1000, hard_memory_limit=2000)
-for i in range(3):
-    b = bare()
-    c, cl = measure(Spin, {}), measure(Spin, lim)
-    o, ol = measure(Opt, {}), measure(Opt, lim)
-    print('%s bare %.2fM/s | core %.2fM/s (%.2f, +%.0f ns) limits %.2fM/s (%.2f, +%.0f ns) | hoisted %.2fM/s (%.2f, +%.0f ns) limits %.2fM/s (%.2f, +%.0f ns)' % (
-        ph.platform.python_implementation(), b/1e6, c/1e6, c/b, 1e9/c-1e9/b, cl/1e6, cl/b, 1e9/cl-1e9/b,
-        o/1e6, o/b, 1e9/o-1e9/b, ol/1e6, ol/b, 1e9/ol-1e9/b))
+
+def main():
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 15
+    limits = dict(timeout=30, soft_memory_limit=1000, hard_memory_limit=2000)
+    best = {'bare': 0.0, 'loop': 0.0, 'limits': 0.0}
+    for _ in range(rounds):
+        best['bare'] = max(best['bare'], bare(0.15))
+        best['loop'] = max(best['loop'], core({}, 0.15))
+        best['limits'] = max(best['limits'], core(limits, 0.15))
+    b = best['bare']
+    print('%s %s, best of %d rounds:' % (
+        ph.platform.python_implementation(), sys.version.split()[0], rounds))
+    for k in ('bare', 'loop', 'limits'):
+        v = best[k]
+        print('  %-7s %8.2f M runs/s  %6.1f ns/run  ratio %.2f' % (
+            k, v / 1e6, 1e9 / v, v / b))
+
+
+if __name__ == '__main__':
+    main()
