@@ -25,7 +25,8 @@ Map of this file (sections in dependency order)::
     Workers                        Worker -> SyncWorker / ThreadWorker /
                                    GeventWorker / AsyncioWorker
     Arbiter                        the master: signals -> handle_<name>,
-                                   reap -> murder -> manage, control socket
+                                   reap -> murder -> manage, the spare,
+                                   control socket
     Manager                        uliweb-style programmatic front end
     Control client                 stop / status / reload / incr / decr
     CLI and main()
@@ -38,6 +39,8 @@ Class diagram::
           |-- GeventWorker    `threads` run loops in greenlets
           '-- AsyncioWorker   `threads` tasks of ``async def run``
         Arbiter (master loop) --forks--> one worker process per slot
+                              --forks--> one spare, which becomes the
+                                         next slot's worker when needed
         Manager(workers) --builds--> Arbiter
 
 Design notes live in README.md ("Design").
@@ -1583,8 +1586,12 @@ class Scoreboard(object):
 
 # Signal that makes a worker write every thread's stack to the log and die
 # (faulthandler, chained to the default action: no core file, works even
-# when the worker is stuck in C code).  Used by the master on timeout.
-DUMP_SIGNAL = signal.SIGUSR2
+# when the worker is stuck in C code).  Used by the master on timeout.  A
+# real-time signal nobody sends by hand: USR2 is the master's upgrade
+# signal, and a `pkill -USR2 -f` that also hits the workers must not kill
+# them (they ignore it).  USR2 where there are no real-time signals.
+DUMP_SIGNAL = signal.SIGRTMIN + 5 if hasattr(signal, 'SIGRTMIN') \
+    else signal.SIGUSR2
 
 
 class Worker(object):
@@ -1726,9 +1733,10 @@ class Worker(object):
         board.set(cell, Scoreboard.PID, self.pid)
 
     def _init_signals(self):
-        for name in ('HUP', 'TTIN', 'TTOU', 'WINCH'):
-            # TTIN/TTOU would *stop* a process by default: a `pkill -TTIN`
-            # aimed at the master must not freeze its workers.
+        for name in ('HUP', 'TTIN', 'TTOU', 'WINCH', 'USR2'):
+            # TTIN/TTOU would *stop* a process by default, HUP and USR2
+            # end it: a `pkill -TTIN` or `pkill -USR2` aimed at the master
+            # must not freeze or kill its workers.
             signal.signal(getattr(signal, 'SIG' + name), signal.SIG_IGN)
         signal.signal(signal.SIGTERM, self._signal_term)
         signal.signal(signal.SIGINT, self._signal_quit)
@@ -2649,7 +2657,9 @@ def describe_status(status):
         try:
             name = signal.Signals(sig).name
         except ValueError:
-            name = 'signal %d' % sig
+            rt = getattr(signal, 'SIGRTMIN', 0)
+            name = 'SIGRTMIN+%d' % (sig - rt) if rt and \
+                rt <= sig <= signal.SIGRTMAX else 'signal %d' % sig
         return 'killed by %s' % name
     if os.WIFEXITED(status):
         return 'exit status %d' % os.WEXITSTATUS(status)

@@ -1939,6 +1939,30 @@ def test_winch_daemon_stops_workers_master_stays(proj):
     assert alive(master)
 
 
+def test_workers_and_spare_survive_the_masters_signals(proj):
+    """`pkill -f` hits every process of the tree: HUP, TTIN, TTOU, WINCH
+    and USR2 sent to the workers and the spare themselves neither stop
+    (TTIN's default) nor kill (HUP's, USR2's default) them."""
+    proj.write_config(number_workers=2)
+    master = proj.start_daemon()
+    workers = proj.wait_running(2)
+    spare = new_spare(proj)
+    targets = list(workers.values()) + [spare]
+    for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
+                signal.SIGWINCH, signal.SIGUSR2):
+        for pid in targets:
+            os.kill(pid, sig)
+    mark = len(proj.events('run_end'))
+    wait_for(lambda: len(proj.events('run_end')) > mark + 4,
+             what='the workers still running')
+    for pid in targets:
+        assert proc_state(pid) in ('S', 'R'), (pid, proc_state(pid))
+    assert proj.running_workers(2) == workers
+    assert spare_of(proj) == spare
+    assert proj.ph('stop').returncode == 0
+    assert not alive(master)
+
+
 def test_winch_ignored_in_foreground(proj):
     """WINCH on a foreground master (a terminal resize) is ignored: the
     workers keep running; a TTIN sent after it adds to the same two."""
