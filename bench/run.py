@@ -1408,7 +1408,7 @@ def settings(opts):
         opts.scale_n = 32
     elif opts.quick:
         opts.kills, opts.trials, opts.window = 10, 1, 1.0
-        opts.idle_window, opts.idle_parts = 5.0, 5
+        opts.idle_window, opts.idle_parts = 4.0, 4
         opts.scale_n = 256
     else:
         opts.kills, opts.trials, opts.window = 30, 4, 1.5
@@ -1424,7 +1424,7 @@ def settings(opts):
     opts.echo_trials = min(opts.trials, 2)
     opts.startup_n = 16 if opts.smoke else 64
     opts.respawn_timeout = 5.0
-    opts.respawn_budget = 45.0 if not opts.quick else 10.0
+    opts.respawn_budget = 45.0 if not opts.quick else 8.0
     opts.system_budget = 25.0 if not opts.quick else 4.0
     opts.start_timeout = 120.0
     opts.stop_cap = 15.0
