@@ -3439,7 +3439,9 @@ class Arbiter(object):
             # boot notes wake the master again.
             return
         r, w = os.pipe()
-        dump_fd = self.open_dump_file()   # the slot's timeout is not known
+        # The slot it will serve is not known yet: a dump file if any
+        # worker here can time out.
+        dump_fd = self.open_dump_file() if self.may_time_out() else None
         try:
             pid = os.fork()
         except OSError as e:
@@ -3455,6 +3457,13 @@ class Arbiter(object):
         os.set_inheritable(w, False)
         self.spare = SpareProcess(pid, w, dump_fd, self.generation)
         log.debug('spare forked: pid %d', pid)
+
+    def may_time_out(self):
+        if self.templates:
+            return any(t.options.get('timeout', self.cfg.timeout)
+                       for t in self.templates)
+        return bool(self.make_worker(1).options.get('timeout',
+                                                     self.cfg.timeout))
 
     def hand_to_spare(self, proc):
         """Give ``proc``'s slot and cell to the spare; its pid, or None

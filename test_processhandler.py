@@ -5566,8 +5566,10 @@ def test_no_fd_or_memory_leak_over_many_recycles(proj):
     """max_requests = 1: 10,000 worker recycles after a warm-up (or as many
     as fit in the time bound, PH_SOAK_SECONDS); the master's fd count is
     unchanged and its RSS grows by less than 2 MB.  PyPy's warm-up is longer:
-    its JIT and GC settle after a few thousand recycles (measured: flat at
-    +0.3 MB from 5,000 to 23,000)."""
+    its JIT and GC grow the heap in ~1 MB steps for the first ~15,000
+    recycles, then stay flat (measured with the spare: 63.6 MB at 5,000,
+    65.2 MB at 15,800, 65.2 MB at 26,000; the window 5,000-15,000 once grew
+    2.5 MB).  A leak grows all the time."""
     proj.write_module('quiet', QUIET_WORKER_RELIABILITY)
     proj.write_config(worker_class='quiet:Quiet', number_workers=2,
                       max_requests=1, run_time=0, log_level='warning')
@@ -5586,8 +5588,8 @@ def test_no_fd_or_memory_leak_over_many_recycles(proj):
             counts.append(fd_count(master))
             time.sleep(0.01)
         return min(counts)
-    warm = 5000 if IS_PYPY else 1000
-    wait_for(lambda: spawns() >= warm, 180, '%d recycles (warm-up)' % warm)
+    warm = 15000 if IS_PYPY else 1000
+    wait_for(lambda: spawns() >= warm, 300, '%d recycles (warm-up)' % warm)
     fds0, rss0 = fds(), rss_kb(master)
     limit = time.monotonic() + float(os.environ.get('PH_SOAK_SECONDS', '120'))
     start = spawns()
