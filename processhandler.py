@@ -396,8 +396,12 @@ SETTINGS = [Setting(*row) for row in [
     ('base_path', _optional_path, None,
      "working directory and import path (default: config file's folder)"),
     ('log_path', _string, None, 'a folder, available for interpolation'),
-    ('log_file', _optional_path, None, 'log file (default: stderr)'),
+    ('log_file', _optional_path, None,
+     'log file (default: stderr; - for stdout)'),
     ('log_level', _log_level, 'INFO', 'debug, info, warning, error'),
+    ('log_format', _choice('text', 'json'), 'text',
+     'text, or json: one JSON object per line (time, level, role, slot, '
+     'pid, message, exception)'),
     ('user', _string, None, 'drop to this user (as root)'),
     ('group', _string, None, 'drop to this group (as root)'),
     ('umask', _umask, 0o022, 'umask of the master and workers (octal)'),
@@ -455,10 +459,13 @@ class Config(object):
     """
 
     def __init__(self, values=None, extras=None, path=None, section=None,
-                 overrides=()):
+                 overrides=(), sources=None):
         self.path = path
         self.section = section or 'processhandler'
         self.overrides = list(overrides)
+        # key -> where its value came from ('file', '--set', ...), for
+        # `check --print`; a key missing here has its default.
+        self.sources = dict(sources or {})
         self.extras = dict(extras or {})
         values = values or {}
         for s in SETTINGS:
@@ -471,19 +478,19 @@ class Config(object):
         self.base_path = os.path.normpath(os.path.join(
             here, self.base_path or ''))
         for key in ('pidfile', 'log_file'):
-            if getattr(self, key):
+            if getattr(self, key) and getattr(self, key) != '-':
                 setattr(self, key, os.path.normpath(os.path.join(
                     self.base_path, getattr(self, key))))
         if self.log_path is None:
             self.log_path = self.base_path
 
-    def validate(self, where=''):
-        """Cross-key checks; raise ConfigError."""
+    def validate(self, where='', problems=None):
+        """Cross-key checks; raise ConfigError, or append each problem to
+        ``problems`` when a list is given (`check` reports them all)."""
         soft, hard = self.soft_memory_limit, self.hard_memory_limit
         if soft and hard and hard <= soft:
-            raise ConfigError('%shard_memory_limit: must exceed '
-                              'soft_memory_limit (%g <= %g)'
-                              % (where, hard, soft))
+            report(problems, '%shard_memory_limit: must exceed '
+                   'soft_memory_limit (%g <= %g)' % (where, hard, soft))
 
     def __getitem__(self, key):
         if key in SETTINGS_BY_NAME:
@@ -522,32 +529,74 @@ class Config(object):
                               ' %s:' % key if key else ':')
 
 
-def parse_overrides(pairs):
+def report(problems, msg):
+    """Raise ConfigError(msg), or collect it when ``problems`` is a list."""
+    if problems is None:
+        raise ConfigError(msg)
+    problems.append(msg)
+
+
+def parse_overrides(pairs, where='--set'):
     """['key=value', ...] -> [(key, value)]; ConfigError on a bad pair."""
     out = []
     for pair in pairs or ():
         key, sep, value = pair.partition('=')
         if not sep or not key.strip():
-            raise ConfigError('--set %r: expected KEY=VALUE' % pair)
+            raise ConfigError('%s %r: expected KEY=VALUE' % (where, pair))
         out.append((key.strip(), value))
     return out
 
 
-def load_config(path, section=None, overrides=()):
-    """Read ``path`` and return the Config of ``section``.
+# Extra --set values from the environment (like GUNICORN_CMD_ARGS), and the
+# default for -c: what a container's environment can say.
+ENV_SET = 'PROCESSHANDLER_SET'
+ENV_CONFIG = 'PROCESSHANDLER_CONFIG'
 
-    Raises ConfigError with one line naming the file, section, key and what
-    is wrong.
-    """
-    overrides = parse_overrides(overrides)
-    path = os.path.abspath(path)
+
+def env_overrides():
+    """PROCESSHANDLER_SET="k=v k2='a b'" -> ['k=v', 'k2=a b'] (shlex)."""
+    import shlex
+    try:
+        return shlex.split(os.environ.get(ENV_SET, ''), comments=True)
+    except ValueError as e:
+        raise ConfigError('%s: %s' % (ENV_SET, e))
+
+
+class EnvInterpolation(configparser.BasicInterpolation):
+    """``%(name)s`` as usual, plus ``%(ENV_NAME)s``: the environment
+    variable NAME (supervisor's convention).  Names are looked up
+    case-insensitively (configparser lower-cases option names)."""
+
+    def before_get(self, parser, section, option, value, defaults):
+        if '%(' in value:
+            env = dict(('env_' + k.lower(), v.replace('%', '%%'))
+                       for k, v in os.environ.items())
+            env.update(defaults)
+            defaults = env
+        return configparser.BasicInterpolation.before_get(
+            self, parser, section, option, value, defaults)
+
+
+def new_parser(defaults=None):
+    # Inline comments (';' or '#' after whitespace) are comments, as INI
+    # users expect: `queue = jobs  ; the queue` gives 'jobs'.
+    return configparser.ConfigParser(
+        defaults=defaults, interpolation=EnvInterpolation(),
+        inline_comment_prefixes=(';', '#'))
+
+
+def read_parser(path):
+    """(parser with base_path/log_path defaults, parser of the file alone)
+    for ``path``; ConfigError with one line."""
     here = os.path.dirname(path)
     # base_path and log_path defaults are visible to %(...)s interpolation.
-    parser = configparser.ConfigParser(
-        defaults={'base_path': here, 'log_path': '%(base_path)s'})
+    parser = new_parser({'base_path': here, 'log_path': '%(base_path)s'})
+    plain = new_parser()      # tells a key of the file from a default
     try:
         with open(path, encoding='utf-8') as f:
-            parser.read_file(f, path)
+            text = f.read()
+        parser.read_string(text, path)
+        plain.read_string(text, path)
     except (OSError, IOError) as e:
         raise ConfigError('%s: cannot read config file: %s'
                           % (path, e.strerror or e))
@@ -555,44 +604,97 @@ def load_config(path, section=None, overrides=()):
         raise ConfigError('%s: not a text file (invalid UTF-8)' % path)
     except configparser.Error as e:
         raise ConfigError('%s: %s' % (path, str(e).splitlines()[0]))
+    return parser, plain
+
+
+def pick_section(parser, section, path):
     sections = parser.sections()
     if section is None:
         if len(sections) == 1:
-            section = sections[0]
-        elif not sections:
+            return sections[0]
+        if not sections:
             raise ConfigError('%s: no section found (add one such as '
                               '[myjob])' % path)
-        else:
-            raise ConfigError('%s: several sections (%s): choose one with -s'
-                              % (path, ', '.join(sections)))
-    elif not parser.has_section(section):
+        raise ConfigError('%s: several sections (%s): choose one with -s'
+                          % (path, ', '.join(sections)))
+    if not parser.has_section(section):
         hint = did_you_mean(section, sections)
         raise ConfigError('%s: no section [%s]%s (sections: %s)' % (
             path, section, "; did you mean '%s'?" % hint if hint else '',
             ', '.join(sections) or 'none'))
-    for key, value in overrides:
-        try:
-            parser.set(section, key, value)
-        except (ValueError, configparser.Error) as e:
-            raise ConfigError('--set %s: %s' % (key, e))
-    values, extras = {}, {}
+    return section
+
+
+def value_source(plain, section, key):
+    """'file', or 'environment ($NAME, via the file)' for a file value
+    that interpolates one; None for a default."""
+    if not plain.has_option(section, key):
+        return None
+    raw = plain.get(section, key, raw=True)
+    names = [w.split(')')[0][4:].upper() for w in raw.split('%(')[1:]
+             if w.lower().startswith('env_')]
+    if names:
+        return 'environment (%s, via the file)' % ', '.join(
+            '$' + n for n in names)
+    return 'file'
+
+
+def interpolation_error(where, key, e):
+    ref = getattr(e, 'reference', '') or ''
+    if isinstance(e, configparser.InterpolationMissingOptionError) and \
+            ref.startswith('env_'):
+        return '%s %s: environment variable %s is not set' % (
+            where, key, ref[4:].upper())
+    return '%s %s: %s' % (where, key, ' '.join(str(e).split()))
+
+
+def load_config(path, section=None, overrides=(), problems=None,
+                from_env=()):
+    """Read ``path`` and return the Config of ``section``.
+
+    ``from_env``: KEY=VALUE pairs from PROCESSHANDLER_SET, applied before
+    ``overrides`` (--set).  Raises ConfigError with one line naming the
+    file, section, key and what is wrong; with a ``problems`` list, a bad
+    value is appended there instead (the key keeps its default) so that
+    `check` can report every problem at once.
+    """
+    from_env = parse_overrides(from_env, ENV_SET)
+    overrides = parse_overrides(overrides)
+    path = os.path.abspath(path)
+    parser, plain = read_parser(path)
+    section = pick_section(parser, section, path)
     where = '%s [%s]' % (path, section)
+    sources = {}
+    for pairs, origin in ((from_env, 'environment (%s)' % ENV_SET),
+                          (overrides, '--set')):
+        for key, value in pairs:
+            try:
+                parser.set(section, key, value)
+            except (ValueError, configparser.Error) as e:
+                raise ConfigError('%s %s: %s' % (
+                    '--set' if origin == '--set' else ENV_SET, key, e))
+            sources[parser.optionxform(key)] = origin
+    values, extras = {}, {}
     for key in parser.options(section):
         try:
             raw = parser.get(section, key)
         except configparser.InterpolationError as e:
-            raise ConfigError('%s %s: %s' % (
-                where, key, ' '.join(str(e).split())))
+            report(problems, interpolation_error(where, key, e))
+            continue
+        if key not in sources:
+            sources[key] = value_source(plain, section, key)
         if key in SETTINGS_BY_NAME:
             try:
                 values[key] = SETTINGS_BY_NAME[key].parse(raw)
             except ValueError as e:
-                raise ConfigError('%s %s: %s' % (where, key, e))
+                report(problems, '%s %s: %s' % (where, key, e))
+                sources[key] = '%s: INVALID, default shown' % sources[key]
         else:
             extras[key] = raw
     cfg = Config(values, extras, path=path, section=section,
-                 overrides=overrides)
-    cfg.validate(where + ' ')
+                 overrides=from_env + overrides,
+                 sources=dict((k, v) for k, v in sources.items() if v))
+    cfg.validate(where + ' ', problems)
     return cfg
 
 
@@ -630,6 +732,45 @@ class LineFormatter(logging.Formatter):
         return head + text.replace('\n', '\n  | ')
 
 
+class JsonFormatter(logging.Formatter):
+    """``log_format = json``: one JSON object per line, for log shippers.
+
+    Keys: time (ISO 8601, local, with offset), level, role (master, worker,
+    spare), slot (or null), pid, name (proc_name), logger, message,
+    exception (the formatted traceback, or null).  json.dumps escapes
+    newlines, so a traceback stays inside its one line.
+    """
+
+    def __init__(self, proc_name='processhandler'):
+        logging.Formatter.__init__(self)
+        self.proc_name = proc_name
+
+    def format(self, record):
+        t = time.localtime(record.created)
+        stamp = time.strftime('%Y-%m-%dT%H:%M:%S', t) + '.%03d%s' % (
+            record.msecs, time.strftime('%z', t))
+        role, _, slot = _process_tag[0].partition(' ')
+        exc = None
+        if record.exc_info:
+            exc = ''.join(traceback.format_exception(*record.exc_info))
+        elif record.exc_text:
+            exc = record.exc_text
+        doc = {'time': stamp, 'level': record.levelname, 'role': role,
+               'slot': int(slot) if slot.isdigit() else None,
+               'pid': record.process or os.getpid(), 'name': self.proc_name,
+               'logger': record.name, 'message': record.getMessage(),
+               'exception': exc.rstrip() if exc else None}
+        if record.stack_info:
+            doc['stack'] = record.stack_info
+        return json.dumps(doc, ensure_ascii=False, default=str)
+
+
+def make_formatter(cfg):
+    if getattr(cfg, 'log_format', 'text') == 'json':
+        return JsonFormatter(cfg.proc_name)
+    return LineFormatter(cfg.proc_name)
+
+
 class LogFile(object):
     """The log target of this process: stderr or a file opened O_APPEND.
 
@@ -645,7 +786,9 @@ class LogFile(object):
         self.redirect_stdio = redirect_stdio
         self.fd = 2
         self.failed = False
-        if path:
+        if path == '-':        # log_file = -: stdout (containers)
+            self.fd = 1
+        elif path:
             self.fd = self._open()
             if redirect_stdio:
                 self._stdio_to(self.fd)
@@ -662,7 +805,7 @@ class LogFile(object):
                 os.dup2(fd, std)
 
     def reopen(self):
-        if not self.path:
+        if not self.path or self.path == '-':
             return
         fd = self._open()
         try:
@@ -695,7 +838,7 @@ class LogFile(object):
                             pass
 
     def close(self):
-        if self.path and self.fd > 2:
+        if self.path and self.path != '-' and self.fd > 2:
             try:
                 os.close(self.fd)
             except OSError:
@@ -738,7 +881,7 @@ def setup_logging(cfg, logfile):
     for h in list(root.handlers):
         if isinstance(h, LogFileHandler):
             root.removeHandler(h)
-    root.addHandler(LogFileHandler(logfile, LineFormatter(cfg.proc_name)))
+    root.addHandler(LogFileHandler(logfile, make_formatter(cfg)))
     root.setLevel(getattr(logging, cfg.log_level))
     log.setLevel(logging.NOTSET)
 
@@ -1153,7 +1296,7 @@ def daemonize(cfg):
     os.chdir(cfg.base_path)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
-    if not cfg.log_file:     # no log file: nothing would read stdio anyway
+    if cfg.log_file in (None, '-'):   # nothing would read stdio anyway
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
     os.close(devnull)
@@ -4289,7 +4432,8 @@ def load_worker_class(cfg, reload=False):
     except Exception as e:
         sys.modules.update(saved)
         if isinstance(e, AttributeError):
-            why = 'module %s has no %s' % (module_name, class_name)
+            why = 'module %s has no %s%s' % (module_name, class_name,
+                                             class_hint(module, class_name))
         else:
             why = '%s: %s' % (type(e).__name__, e)
         raise ConfigError('%s worker_class: cannot import %s (%s)' % (
@@ -4299,6 +4443,45 @@ def load_worker_class(cfg, reload=False):
                           'processhandler.Worker' % (cfg.where(),
                                                      cfg.worker_class))
     return cls
+
+
+def class_hint(module, name):
+    """"; did you mean 'JobExecute'?" among the module's classes."""
+    classes = [k for k, v in vars(module).items()
+               if isinstance(v, type) and not k.startswith('_')]
+    close = difflib.get_close_matches(name, classes, n=1, cutoff=0.6)
+    if not close:     # case slips: jobexecute for JobExecute
+        close = [c for c in classes if c.lower() == name.lower()]
+    return "; did you mean '%s'?" % close[0] if close else ''
+
+
+def worker_class_problems(cfg, cls):
+    """What makes ``cls`` unable to run under ``cfg``, one line each
+    (refused by start and reported by check)."""
+    problems = []
+    if cfg.worker_type == 'sync':
+        import inspect
+        for name in ('run', 'handle'):
+            if inspect.iscoroutinefunction(getattr(cls, name, None)):
+                problems.append(
+                    "%s worker_type: %s.%s is 'async def' but worker_type "
+                    "is sync (it would never be awaited): set worker_type "
+                    "= asyncio" % (cfg.where(), cls.__name__, name))
+    if cfg.worker_type == 'gevent' and not gevent_available():
+        problems.append('%s worker_type: gevent is not installed for %s '
+                        '(pip install gevent)' % (cfg.where(),
+                                                  sys.executable))
+    return problems
+
+
+def gevent_available():
+    """Whether gevent imports, without importing it into the master (it
+    must be imported after fork, to monkey-patch the worker only)."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec('gevent') is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def forget_user_modules(base_path):
@@ -4334,6 +4517,19 @@ def control_request(pidfile, request, timeout=5.0):
     return json.loads(buf.decode('utf-8'))
 
 
+def inline_comment(value):
+    """' 2   ; two' -> '   ; two': the inline comment of a value, with the
+    blanks before it (configparser's rule: ';' or '#' after whitespace)."""
+    marks = [i for i in range(1, len(value))
+             if value[i] in ';#' and value[i - 1] in ' \t']
+    if not marks:
+        return ''
+    start = marks[0]
+    while start > 0 and value[start - 1] in ' \t':
+        start -= 1
+    return value[start:]
+
+
 def save_number_workers(path, section, n):
     """Rewrite ``number_workers`` of ``section`` in place, atomically.
 
@@ -4357,7 +4553,8 @@ def save_number_workers(path, section, n):
                 key, sep, _ = line.partition(':')
             if sep and key.strip().lower() == 'number_workers':
                 eol = line[len(line.rstrip('\r\n')):] or '\n'
-                line = '%s%s %d%s' % (key, sep, n, eol)
+                line = '%s%s %d%s%s' % (key, sep, n, inline_comment(
+                    line[len(key) + len(sep):].rstrip('\r\n')), eol)
                 done = True
         out.append(line)
     if not done:
@@ -4417,7 +4614,8 @@ def build_parser():
                    % ', '.join(COMMANDS))
     p.add_argument('n', nargs='?', type=int, default=None, metavar='N',
                    help='how many workers to add or remove (incr/decr)')
-    p.add_argument('-c', '--config', required=True, help='INI config file')
+    p.add_argument('-c', '--config', default=os.environ.get(ENV_CONFIG),
+                   help='INI config file (default: $%s)' % ENV_CONFIG)
     p.add_argument('-s', '--section', help='config section (default: the '
                    'only one)')
     p.add_argument('-i', '--instance', type=int, default=None,
@@ -4429,6 +4627,9 @@ def build_parser():
     p.add_argument('--set', action='append', default=[],
                    metavar='KEY=VALUE', help='override a config key')
     p.add_argument('--json', action='store_true', help='status as JSON')
+    p.add_argument('--print', action='store_true', dest='print_config',
+                   help='check: also print the effective config, each value '
+                   'with where it came from')
     p.add_argument('--save', action='store_true', help='incr/decr: also '
                    'write number_workers into the config file; start: '
                    'TTIN/TTOU do too')
@@ -4470,6 +4671,8 @@ def cmd_start(cfg, args):
     for problem in not_yet_supported(cfg):
         raise ConfigError(problem)
     worker_class = load_worker_class(cfg)
+    for problem in worker_class_problems(cfg, worker_class):
+        raise ConfigError(problem)
     try:
         resolve_user_group(cfg.user, cfg.group)
     except ConfigError as e:   # name the file and section, as check does
@@ -4687,11 +4890,15 @@ def cmd_decr(cfg, args):
 
 
 def cmd_check(cfg, args):
-    problems, notes = not_yet_supported(cfg), []
+    problems = list(getattr(args, 'problems', None) or [])
+    problems += not_yet_supported(cfg)
+    notes = []
     try:
-        load_worker_class(cfg)
+        cls = load_worker_class(cfg)
     except ConfigError as e:
         problems.append(str(e))
+    else:
+        problems += worker_class_problems(cfg, cls) or gevent_imports(cfg)
     for key, hint in cfg.unknown_keys():
         if hint:
             problems.append("%s %s: unknown key; did you mean '%s'?"
@@ -4702,14 +4909,9 @@ def cmd_check(cfg, args):
         resolve_user_group(cfg.user, cfg.group)
     except ConfigError as e:
         problems.append('%s %s' % (cfg.where(), e))
-    for key in ('log_file', 'pidfile'):
-        path = getattr(cfg, key)
-        if path and not os.path.isdir(os.path.dirname(path)):
-            problems.append('%s %s: folder %s does not exist' % (
-                cfg.where(), key, os.path.dirname(path)))
-    if not os.path.isdir(cfg.base_path):
-        problems.append('%s base_path: %s is not a folder'
-                        % (cfg.where(), cfg.base_path))
+    problems += path_problems(cfg)
+    if args.print_config:
+        print(format_config(cfg))
     for p in problems:
         complain(p)
     if problems:
@@ -4721,11 +4923,67 @@ def cmd_check(cfg, args):
     return EXIT_OK
 
 
+def gevent_imports(cfg):
+    """check only: gevent is there, but does it import?  (Harmless in the
+    check process; the master itself never imports it.)"""
+    if cfg.worker_type != 'gevent':
+        return []
+    try:
+        importlib.import_module('gevent')
+    except Exception as e:
+        return ['%s worker_type: gevent does not import (%s: %s)' % (
+            cfg.where(), type(e).__name__, ' '.join(str(e).split()))]
+    return []
+
+
+def path_problems(cfg):
+    problems = []
+    for key in ('log_file', 'pidfile'):
+        path = getattr(cfg, key)
+        if path and path != '-' and \
+                not os.path.isdir(os.path.dirname(path)):
+            problems.append('%s %s: folder %s does not exist' % (
+                cfg.where(), key, os.path.dirname(path)))
+    if not os.path.isdir(cfg.base_path):
+        problems.append('%s base_path: %s is not a folder'
+                        % (cfg.where(), cfg.base_path))
+    return problems
+
+
+def format_config(cfg):
+    """`check --print`: the effective config as INI, each value followed
+    by where it came from (default, file, --set, environment)."""
+    def show(s, v):
+        if s.name == 'umask':
+            return '%03o' % v
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, list):
+            return ','.join(str(x) for x in v)
+        return '' if v is None else str(v).lower() \
+            if s.name == 'log_level' else str(v)
+    rows = [(s.name, show(s, getattr(cfg, s.name)),
+             cfg.sources.get(s.name, 'default')) for s in SETTINGS]
+    rows += [(k, v, '%s, passed to workers' % cfg.sources.get(k, 'file'))
+             for k, v in sorted(cfg.extras.items())]
+    width = max(len(k) for k, _, _ in rows)
+    vwidth = min(40, max(len(v) for _, v, _ in rows))
+    return '\n'.join(['; %s' % cfg.path, '[%s]' % cfg.section] + [
+        '%-*s = %-*s  ; %s' % (width, k, vwidth, v, src)
+        for k, v, src in rows])
+
+
 def main(argv=None):
     """Command-line entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.section, args.set)
+        if not args.config:
+            raise ConfigError('no config file: give -c CONFIG or set %s'
+                              % ENV_CONFIG)
+        # check reports every bad value at once; the others stop at one.
+        args.problems = [] if args.command == 'check' else None
+        cfg = load_config(args.config, args.section, args.set,
+                          problems=args.problems, from_env=env_overrides())
         for key, hint in cfg.unknown_keys():
             if hint and args.command != 'check':
                 complain("%s %s: unknown key, passed to workers as a "
