@@ -1882,7 +1882,9 @@ class Worker(object):
             # must not freeze or kill its workers.
             signal.signal(getattr(signal, 'SIG' + name), signal.SIG_IGN)
         signal.signal(signal.SIGTERM, self._signal_term)
-        signal.signal(signal.SIGINT, self._signal_quit)
+        # Ctrl-C reaches the whole foreground process group: a worker
+        # finishes its job (the master makes a second Ctrl-C a QUIT).
+        signal.signal(signal.SIGINT, self._signal_term)
         signal.signal(signal.SIGQUIT, self._signal_quit)
         signal.signal(signal.SIGUSR1, self._signal_usr1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -2562,9 +2564,9 @@ class AsyncioLoop(SyncLoop):
         n = max(1, w.cfg.threads)
         self.starts = [0.0] * n
         self.in_flight = 0   # runs started, not finished (see body)
-        self.loop.add_signal_handler(signal.SIGTERM, w.stop)
-        for sig in (signal.SIGINT, signal.SIGQUIT):
-            self.loop.add_signal_handler(sig, self.quit)
+        for sig in (signal.SIGTERM, signal.SIGINT):   # INT: see Worker
+            self.loop.add_signal_handler(sig, w.stop)
+        self.loop.add_signal_handler(signal.SIGQUIT, self.quit)
         self.loop.add_signal_handler(signal.SIGUSR1, w._signal_usr1, 0, None)
         if w.serves_sockets():
             await self.serve()
@@ -3257,8 +3259,20 @@ class Arbiter(object):
         self.begin_stop(graceful=True)
 
     def handle_int(self):
-        """Quick stop."""
-        self.begin_stop(graceful=False)
+        """Ctrl-C: the first a graceful stop (current jobs finish, as in
+        celery and rq), a second one -- or one during a stop -- quick."""
+        if self.stopping:
+            return self.begin_stop(graceful=False)
+        self.begin_stop(graceful=True)
+        self.tell_terminal('stopping gracefully; Ctrl-C again to quit at once')
+
+    def tell_terminal(self, msg):
+        log.info(msg)
+        if not self.daemonized and self.logfile and self.logfile.fd != 2:
+            try:       # the log is elsewhere: the person at the terminal
+                os.write(2, ('processhandler: %s\n' % msg).encode())
+            except OSError:
+                pass
 
     def handle_quit(self):
         """Quick stop."""
@@ -4296,6 +4310,7 @@ class Arbiter(object):
                   'spawns': self.spawns,
                   'spare': self.spare.pid if self.spare else None,
                   'stopping': self.stopping,
+                  'daemonized': self.daemonized,
                   'pidfile': self.pidfile.path,
                   'listeners': [listener_name(s) for s in self.sockets]}
         if self.leader is not None:
@@ -4758,10 +4773,27 @@ def wait_until(pending, limit):
 
 
 def cmd_restart(cfg, args):
+    """stop, then start the way the master was started: one started with
+    -d comes back as a daemon, not in the foreground (-f or -d decide)."""
+    if not (args.daemon or args.foreground) and started_as_daemon(cfg, args):
+        args.daemon = True
     status = cmd_stop(cfg, args)
     if status != EXIT_OK:
         return status
     return cmd_start(cfg, args)
+
+
+def started_as_daemon(cfg, args):
+    """Whether a running instance says it is a daemon (status' master
+    'daemonized'); if none answers within 2 s, the config's daemonize
+    decides, as for start."""
+    for n, path, pid in target_instances(cfg, args):
+        try:
+            doc = control_request(path, {'cmd': 'status'}, timeout=2.0)
+            return bool(doc['master'].get('daemonized'))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return False
 
 
 def signal_instances(cfg, args, sig, done):

@@ -848,6 +848,7 @@ BAD_VALUES = [
     ('log_path', 'a\0b'),
     ('log_file', 'a\0b.log'),
     ('log_level', 'loud'),
+    ('log_format', 'xml'),
     ('user', 'no_such_user_ph'),
     ('group', 'no_such_group_ph'),
     ('umask', '099'),
@@ -1877,9 +1878,9 @@ def test_ttin_ttou_follow_worker_count_never_below_one(proj):
 
 # -- 2. INT, QUIT, TERM ------------------------------------------------------------
 
-@pytest.mark.parametrize('signame', ['SIGINT', 'SIGQUIT'])
+@pytest.mark.parametrize('signame', ['SIGQUIT'])   # INT: see issue 15
 def test_int_quit_quick_stop_foreground_exits_0(proj, signame):
-    """INT and QUIT stop at once: workers in the middle of a 60 s run do not
+    """QUIT stops at once: workers in the middle of a 60 s run do not
     finish it, nothing waits for graceful_timeout (30 s), the foreground
     master exits 0 and no worker is left."""
     proj.write_config(number_workers=2, run_time=60, graceful_timeout=30)
@@ -5706,8 +5707,11 @@ def test_fuzz_cli_exits_2_with_one_line(tmp_path, sections, data, command):
     assert 'Traceback' not in res.stderr.decode('utf-8', 'replace')
     if bad:
         assert res.returncode == 2, res.stderr
-        assert len(res.stderr.decode('utf-8', 'replace').strip()
-                   .splitlines()) == 1, res.stderr
+        lines = res.stderr.decode('utf-8', 'replace').strip().splitlines()
+        # check reports every problem (issue 15): one line each
+        assert len(lines) == 1 or (command == 'check' and all(
+            line.startswith('processhandler: ') for line in lines)), \
+            res.stderr
 
 
 # -- benchmarks (smoke only) --------------------------------------------------
@@ -5727,3 +5731,362 @@ def test_bench_smoke_runs_and_prints_table():
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
     assert '| metric ' in res.stdout and 'respawn latency' in res.stdout, \
         res.stdout[-3000:]
+
+
+# ==== operability: configs, check, Ctrl-C, restart, logs, env (issue 15) ====
+
+README = os.path.join(HERE, 'README.md')
+
+# The README's example worker (myjob:JobExecute), which also writes the
+# config it was given, as JSON, to cfg-<slot>.json.
+README_WORKER = '''
+import json, os, time
+import processhandler
+
+class JobExecute(processhandler.Worker):
+    def init(self):
+        doc = dict((k, v if isinstance(v, (int, float, str, type(None)))
+                    else str(v)) for k, v in self.cfg.items())
+        path = os.path.join(self.cfg.base_path, 'cfg-%d.json' % self.slot)
+        with open(path + '.tmp', 'w') as f:
+            json.dump(doc, f)
+        os.rename(path + '.tmp', path)
+    def run(self):
+        time.sleep(0.05)
+        return False
+'''
+
+
+def readme_ini_blocks():
+    with open(README, encoding='utf-8') as f:
+        text = f.read()
+    return [b.split('```', 1)[0] for b in text.split('```ini\n')[1:]]
+
+
+def plain_ini_value(line):
+    """What a reader of the README expects the value to be: the text after
+    '=' up to an inline comment (';' or '#' after a blank)."""
+    value = line.partition('=')[2]
+    for i in range(1, len(value)):
+        if value[i] in ';#' and value[i - 1] in ' \t':
+            value = value[:i]
+            break
+    return value.strip()
+
+
+def test_readme_ini_blocks_exist():
+    blocks = readme_ini_blocks()
+    assert len(blocks) >= 3
+    assert any('; unknown keys reach the worker' in b for b in blocks)
+
+
+@pytest.mark.parametrize('n', range(3))
+def test_readme_ini_block_gives_the_worker_what_it_says(proj, n,
+                                                       monkeypatch):
+    """Each ```ini block of README.md, as written: `check` is happy and a
+    daemon started from it hands the worker exactly the values the lines
+    say (inline comments are comments; %(ENV_X)s gets $X)."""
+    block = readme_ini_blocks()[n]
+    proj.write_module('myjob', README_WORKER)
+    proj.write_config(text=block)
+    for name in re.findall(r'%\(ENV_(\w+)\)s', block):
+        monkeypatch.setenv(name, 'from-env-' + name)
+        block = block.replace('%%(ENV_%s)s' % name, 'from-env-' + name)
+    env = dict(os.environ)
+    res = proj.ph('check', env=env)
+    assert res.returncode == 0, (block, res.stderr)
+    res = proj.ph('start', '-d', '--set', 'log_file=ph.log', env=env)
+    pidfile = proj.config and processhandler.load_config(
+        proj.config).pidfile
+    track_started(proj, pidfile)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    dumps = wait_for(lambda: glob.glob(os.path.join(proj.path,
+                                                    'cfg-1.json')))
+    with open(dumps[0]) as f:
+        got = json.load(f)
+    for line in block.splitlines():
+        if '=' not in line or line.lstrip().startswith((';', '#')):
+            continue
+        key = line.partition('=')[0].strip()
+        want = plain_ini_value(line)
+        if '%(' in want or key in ('log_file', 'pidfile'):
+            continue
+        setting = processhandler.SETTINGS_BY_NAME.get(key)
+        if setting:
+            want = setting.parse(want)
+            if isinstance(want, list):
+                want = str(want)
+        assert got[key] == want, (key, got[key], want)
+    res = proj.ph('stop', env=env)
+    assert res.returncode == 0, res.stderr
+
+
+def test_save_keeps_the_inline_comment(proj):
+    proj.write_config(text='[job]\nworker_class = testworker:Job\n'
+                      'number_workers = 1   ; one to start with\n'
+                      'pidfile = %s\nlog_file = %s\n'
+                      % (proj.pidfile, proj.log))
+    proj.start_daemon()
+    res = proj.ph('incr', '--save')
+    assert res.returncode == 0, res.stderr
+    with open(proj.config) as f:
+        lines = f.read().splitlines()
+    assert lines[2] == 'number_workers = 2   ; one to start with', lines
+    assert processhandler.load_config(proj.config).number_workers == 2
+
+
+def test_check_reports_every_problem_at_once(proj):
+    proj.write_config(max_requests='lots', timeout=-1, numbr_workers=3,
+                      number_workers=None)
+    res = proj.ph('check')
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 3, res.stderr
+    assert 'max_requests' in lines[0] and 'lots' in lines[0]
+    assert 'timeout' in lines[1] and 'at least 0' in lines[1]
+    assert "did you mean 'number_workers'" in lines[2]
+    assert 'Traceback' not in res.stderr
+    # start still stops at the first, with one line
+    assert_one_line_error(proj.ph('start', '-f'), 'max_requests')
+    assert not os.path.exists(proj.pidfile)
+
+
+def test_missing_class_did_you_mean(proj):
+    proj.write_config(worker_class='testworker:job')
+    assert_one_line_error(proj.ph('check'), "testworker has no job",
+                          "did you mean 'Job'?")
+    proj.write_config(worker_class='testworker:Jbo')
+    assert_one_line_error(proj.ph('start', '-d'), "did you mean 'Job'?")
+
+
+ASYNC_WORKER = '''
+import processhandler
+
+class Job(processhandler.Worker):
+    async def run(self):
+        return True
+'''
+
+
+def test_async_run_under_sync_is_refused(proj):
+    proj.write_module('asyncjob', ASYNC_WORKER)
+    proj.write_config(worker_class='asyncjob:Job')
+    for cmd in (('check',), ('start', '-f'), ('start', '-d')):
+        res = proj.ph(*cmd, timeout=30)
+        assert_one_line_error(res, "Job.run is 'async def'",
+                              'worker_type = asyncio')
+    assert not os.path.exists(proj.pidfile)
+    proj.write_config(worker_class='asyncjob:Job', worker_type='asyncio')
+    assert proj.ph('check').returncode == 0
+
+
+def test_gevent_not_importable_check_says_so(proj):
+    """A gevent that does not import (a shadow package raising ImportError,
+    first on the path: base_path): check names it, on both interpreters."""
+    os.mkdir(os.path.join(proj.path, 'gevent'))
+    with open(os.path.join(proj.path, 'gevent', '__init__.py'), 'w') as f:
+        f.write("raise ImportError('No module named gevent._gevent_c')\n")
+    proj.write_config(worker_type='gevent')
+    assert_one_line_error(proj.ph('check'), 'worker_type',
+                          'gevent does not import', 'ImportError')
+
+
+@pytest.mark.skipif(importlib.util.find_spec('gevent') is not None,
+                    reason='gevent is installed here (the PyPy run tests '
+                    'this)')
+def test_gevent_missing_check_and_start_say_so(proj):
+    proj.write_config(worker_type='gevent')
+    for cmd in (('check',), ('start', '-f'), ('start', '-d')):
+        res = proj.ph(*cmd, timeout=30)
+        assert_one_line_error(res, 'gevent is not installed',
+                              'pip install gevent')
+    assert not os.path.exists(proj.pidfile)
+
+
+def printed_config(stdout):
+    """check --print -> {key: (value, source)}."""
+    out = {}
+    for line in stdout.splitlines():
+        if ' = ' in line and not line.startswith(';'):
+            key, _, rest = line.partition(' = ')
+            value, _, source = rest.partition('  ; ')
+            out[key.strip()] = (value.strip(), source.strip())
+    return out
+
+
+def test_check_print_shows_sources(proj):
+    proj.write_config(text='[job]\nworker_class = testworker:Job\n'
+                      'number_workers = 3 ; three\n'
+                      'log_level = %(ENV_PH_TEST_LEVEL)s\n'
+                      'queue = q1\n')
+    env = dict(os.environ, PH_TEST_LEVEL='debug',
+               PROCESSHANDLER_SET="interval=0.5 'proc_name=my job'")
+    res = proj.ph('check', '--print', '--set', 'max_requests=7',
+                  '--set', 'interval=0.25', env=env)
+    assert res.returncode == 0, res.stderr
+    got = printed_config(res.stdout)
+    assert got['number_workers'] == ('3', 'file')
+    assert got['max_requests'] == ('7', '--set')
+    assert got['interval'] == ('0.25', '--set')     # --set beats the env
+    assert got['proc_name'] == ('my job', 'environment (PROCESSHANDLER_SET)')
+    assert got['log_level'] == ('debug',
+                                'environment ($PH_TEST_LEVEL, via the file)')
+    assert got['timeout'] == ('0.0', 'default')
+    assert got['base_path'] == (proj.path, 'default')
+    assert got['queue'] == ('q1', 'file, passed to workers')
+    # the printed config is itself a config that parses to the same values
+    printed = os.path.join(proj.path, 'printed.ini')
+    with open(printed, 'w') as f:
+        f.write(res.stdout)
+    again = processhandler.load_config(printed)
+    assert (again.number_workers, again.max_requests, again.proc_name,
+            again.interval) == (3, 7, 'my job', 0.25)
+
+
+def test_check_print_with_problems_marks_them(proj):
+    proj.write_config(max_requests='lots')
+    res = proj.ph('check', '--print')
+    assert res.returncode == 2
+    got = printed_config(res.stdout)
+    assert got['max_requests'] == ('0', 'file: INVALID, default shown')
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_once_is_a_graceful_stop(proj):
+    """Ctrl-C (INT to the whole foreground process group, as a terminal
+    sends it): the jobs in flight finish, after_run runs, exit 0, and the
+    terminal is told how to quit at once."""
+    proj.write_config(number_workers=2, run_time=1.5, graceful_timeout=30)
+    p = proj.start_foreground()
+    wait_for(lambda: len(set(ev[2] for ev in proj.events('run_start')))
+             >= 2, what='both workers inside run()')
+    workers = set(ev[2] for ev in proj.events('init'))
+    proj.workers |= workers
+    os.killpg(p.pid, signal.SIGINT)
+    assert p.wait(60) == 0, proj.fg_output()
+    assert not any(alive(w) for w in workers)
+    assert set(ev[2] for ev in proj.events('after_run')) == workers
+    assert set(ev[2] for ev in proj.events('run_end')) == workers
+    out = proj.fg_output()
+    assert 'processhandler: stopping gracefully; Ctrl-C again to quit at ' \
+        'once' in out, out
+    assert 'Traceback' not in out
+
+
+def test_ctrl_c_twice_is_a_quick_stop(proj):
+    proj.write_config(number_workers=2, run_time=60, graceful_timeout=30)
+    p = proj.start_foreground()
+    wait_for(lambda: len(set(ev[2] for ev in proj.events('run_start')))
+             >= 2, what='both workers inside run()')
+    workers = set(ev[2] for ev in proj.events('init'))
+    proj.workers |= workers
+    os.killpg(p.pid, signal.SIGINT)
+    wait_for(lambda: 'Ctrl-C again' in proj.fg_output(), what='message')
+    assert alive(p.pid) and all(alive(w) for w in workers)  # still in run()
+    t0 = time.monotonic()
+    os.killpg(p.pid, signal.SIGINT)
+    assert p.wait(60) == 0, proj.fg_output()
+    assert time.monotonic() - t0 < 10
+    assert not any(alive(w) for w in workers)
+    assert proj.events('run_end') == [] and proj.events('after_run') == []
+
+
+def test_restart_of_a_daemon_comes_back_as_a_daemon(proj):
+    proj.write_config(number_workers=1)
+    old = proj.start_daemon()
+    assert proj.status()['master']['daemonized'] is True
+    res = proj.ph('restart', timeout=60)   # a foreground start would block
+    track_started(proj)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert 'started' in res.stdout
+    new = proj.master_pid()
+    proj.masters.add(new)
+    assert new != old and not alive(old)
+    doc = wait_for(lambda: proj.status())
+    assert doc['master']['daemonized'] is True
+    assert ppid_of(new) != os.getpid()
+    res = proj.ph('stop')
+    assert res.returncode == 0 and not alive(new)
+
+
+def json_records(text):
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_json_log_lines_parse(proj):
+    proj.write_config(number_workers=1, log_format='json', run_mode='raise',
+                      interval=0.2)
+    proj.start_daemon()
+    proj.wait_running(1)
+    wait_for(lambda: 'bad job' in proj.log_text(), what='a traceback')
+    proj.ph('stop')
+    records = json_records(proj.log_text())
+    assert {'time', 'level', 'role', 'slot', 'pid', 'message',
+            'exception'} <= set(records[0])
+    roles = set(r['role'] for r in records)
+    assert {'master', 'worker'} <= roles, roles
+    tb = [r for r in records if r['exception']]
+    assert tb and tb[0]['role'] == 'worker' and tb[0]['slot'] == 1
+    assert 'ValueError: bad job' in tb[0]['exception']
+    assert tb[0]['exception'].startswith('Traceback')
+    assert all(r['slot'] is None for r in records if r['role'] == 'master')
+    assert all(isinstance(r['pid'], int) for r in records)
+
+
+def test_log_file_dash_is_stdout(proj):
+    proj.write_config(number_workers=1, log_file='-', log_format='json',
+                      run_mode='log', lines=1, width=1, interval=0.2)
+    out_path = os.path.join(proj.path, 'out')
+    err_path = os.path.join(proj.path, 'err')
+    with open(out_path, 'wb') as out, open(err_path, 'wb') as err:
+        p = subprocess.Popen([PY, PH, '-c', proj.config, '-f'],
+                             stdin=subprocess.DEVNULL, stdout=out,
+                             stderr=err, cwd=proj.path,
+                             start_new_session=True)
+    proj.popens.append(p)
+    proj.masters.add(p.pid)
+    proj.wait_running(1)
+    wait_for(lambda: '"line 0 x"' in open(out_path).read())
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(DEADLINE) == 0
+    with open(out_path) as f:
+        records = json_records(f.read())
+    assert any(r['role'] == 'worker' for r in records)
+    assert any(r['role'] == 'master' for r in records)
+    with open(err_path) as f:
+        assert f.read() == ''
+    assert not os.path.exists(os.path.join(proj.path, '-'))
+
+
+def test_config_from_the_environment(proj):
+    """PROCESSHANDLER_CONFIG instead of -c, %(ENV_NAME)s in the file, and
+    PROCESSHANDLER_SET (shlex) as extra --set values."""
+    proj.write_module('myjob', README_WORKER)
+    proj.write_config(worker_class='myjob:JobExecute', number_workers=3,
+                      queue='%(ENV_PH_TEST_QUEUE)s')
+    env = dict(os.environ, PROCESSHANDLER_CONFIG=proj.config,
+               PH_TEST_QUEUE='q-%-from-env',
+               PROCESSHANDLER_SET="number_workers=1 'greeting=hello world'")
+
+    def ph(*args):
+        return subprocess.run([PY, PH] + list(args), env=env, cwd=proj.path,
+                              stdin=subprocess.DEVNULL, timeout=60,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True)
+    res = ph('start', '-d')
+    track_started(proj)
+    assert res.returncode == 0, res.stderr
+    doc = proj.wait_running(1)
+    with open(os.path.join(proj.path, 'cfg-1.json')) as f:
+        got = json.load(f)
+    assert got['queue'] == 'q-%-from-env'
+    assert got['greeting'] == 'hello world'
+    assert got['number_workers'] == 1 and list(doc) == [1]
+    assert ph('stop').returncode == 0
+    del env['PH_TEST_QUEUE']
+    assert_one_line_error(ph('check'), 'queue',
+                          'environment variable PH_TEST_QUEUE is not set')
+    env['PROCESSHANDLER_SET'] = "number_workers=1 'unbalanced"
+    assert_one_line_error(ph('check'), 'PROCESSHANDLER_SET')
+    del env['PROCESSHANDLER_CONFIG']
+    assert_one_line_error(ph('status'), '-c CONFIG', 'PROCESSHANDLER_CONFIG')
