@@ -687,6 +687,8 @@ def load_config(path, section=None, overrides=(), problems=None,
             try:
                 values[key] = SETTINGS_BY_NAME[key].parse(raw)
             except ValueError as e:
+                if sources[key] is None and problems:
+                    continue   # a default made of a bad value (log_path)
                 report(problems, '%s %s: %s' % (where, key, e))
                 sources[key] = '%s: INVALID, default shown' % sources[key]
         else:
@@ -4926,9 +4928,11 @@ def cmd_check(cfg, args):
     problems += not_yet_supported(cfg)
     notes = []
     try:
+        if 'INVALID' in cfg.sources.get('worker_class', ''):
+            raise ConfigError(None)       # already said
         cls = load_worker_class(cfg)
     except ConfigError as e:
-        problems.append(str(e))
+        problems += [str(e)] if e.args[0] else []
     else:
         problems += worker_class_problems(cfg, cls) or gevent_imports(cfg)
     for key, hint in cfg.unknown_keys():
