@@ -6096,3 +6096,38 @@ def test_config_from_the_environment(proj):
     assert_one_line_error(ph('check'), 'PROCESSHANDLER_SET')
     del env['PROCESSHANDLER_CONFIG']
     assert_one_line_error(ph('status'), '-c CONFIG', 'PROCESSHANDLER_CONFIG')
+
+
+def test_bench_chart_is_drawn_from_results_and_well_formed(tmp_path):
+    """bench/run.py --svg-only redraws the chart from RESULTS.md without a
+    run; it is well-formed SVG with a bar per system and metric, and the
+    committed bench/results.svg is exactly that drawing (no drift)."""
+    import xml.etree.ElementTree as ET
+    out = str(tmp_path / 'chart.svg')
+    res = subprocess.run([PY, BENCH, '--svg-only', '--svg-to', out],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, universal_newlines=True,
+                         timeout=60, cwd=HERE)
+    assert res.returncode == 0, res.stderr
+    root = ET.parse(out).getroot()
+    ns = '{http://www.w3.org/2000/svg}'
+    assert root.tag == ns + 'svg'
+    texts = [t.text or '' for t in root.iter(ns + 'text')]
+    with open(os.path.join(HERE, 'bench', 'RESULTS.md'),
+              encoding='utf-8') as f:
+        table = [[c.strip() for c in l.strip().strip('|').split(' | ')]
+                 for l in f if l.startswith('| ')]
+    labels = table[0][1:]
+    respawn = [r for r in table if r[0] == 'respawn latency'][0]
+    assert len(labels) >= 2
+    for label in labels:
+        assert texts.count(label) >= 6, label     # one per headline panel
+    bars = [r for r in root.iter(ns + 'rect') if r.get('class', '')
+            .startswith('c')]
+    assert len(bars) >= 6 * 2
+    assert respawn[1].split(' (')[0] in texts    # a median, as printed
+    with open(os.path.join(HERE, 'bench', 'results.svg'),
+              encoding='utf-8') as f, open(out, encoding='utf-8') as g:
+        assert f.read() == g.read(), 'run bench/run.py --svg-only'
+    with open(README, encoding='utf-8') as f:
+        assert '(bench/results.svg)' in f.read()

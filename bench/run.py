@@ -7,6 +7,7 @@ and supervisor, side by side in one run (issue 6; issue 4 for the socket path).
     python3 bench/run.py --smoke         # seconds: only proves the harness runs
     python3 bench/run.py --python pypy3  # processhandler on PyPy only
     python3 bench/run.py --systems processhandler,pool
+    python3 bench/run.py --svg-only      # redraw results.svg from RESULTS.md
 
 Standard library only.  The peers are used from bench/.venv when it exists
 (see bench/README.md).  Every process started here is tracked by pid (and
@@ -33,6 +34,7 @@ PH = os.path.join(ROOT, 'processhandler.py')
 AGENTS = os.path.join(HERE, 'agents.py')
 VENV_BIN = os.path.join(HERE, '.venv', 'bin')
 RESULTS = os.path.join(HERE, 'RESULTS.md')
+CHART = os.path.join(HERE, 'results.svg')
 CLK_TCK = os.sysconf('SC_CLK_TCK')
 INF = float('inf')
 
@@ -1396,6 +1398,11 @@ def parse_args(argv):
                    'recycle, stop, killed, scale, echo (default: all)')
     p.add_argument('--no-results', action='store_true',
                    help='print the table only, do not write RESULTS.md')
+    p.add_argument('--svg-only', action='store_true',
+                   help='only redraw bench/results.svg from the table in '
+                   'RESULTS.md (no benchmark run)')
+    p.add_argument('--svg-from', default=RESULTS, help=argparse.SUPPRESS)
+    p.add_argument('--svg-to', default=CHART, help=argparse.SUPPRESS)
     p.add_argument('--echo-client', nargs=3, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -1472,6 +1479,8 @@ def main(argv=None):
     opts = parse_args(argv)
     if opts.echo_client:
         return echo_client_main(opts.echo_client)
+    if opts.svg_only:
+        return write_chart(opts.svg_from, opts.svg_to)
     settings(opts)
     opts_global = opts
     become_subreaper()
@@ -1592,6 +1601,158 @@ def write_results(opts, argv, info, systems, table, text, notes, verdicts,
     with open(RESULTS, 'w') as f:
         f.write('\n'.join(lines))
     log('wrote %s' % RESULTS)
+    write_chart(RESULTS, CHART)
+
+
+
+# =============================================================================
+# The chart: bench/results.svg, drawn from the table in RESULTS.md
+# =============================================================================
+# The table in RESULTS.md is the one source: the chart is redrawn from it
+# (`--svg-only`) without a new run, and cannot disagree with it.  The SVG
+# text is written by hand (standard library only).
+
+# (row title in RESULTS.md, caption, True when lower is better)
+HEADLINES = [
+    ('respawn latency', 'respawn latency (worker killed -> replacement '
+     'runs user code)', True),
+    ('start-up (64 workers)', 'start-up, 64 workers', True),
+    ('stop (TERM, 16 workers)', 'stop (TERM), 16 workers', True),
+    ('master SIGKILLed → workers gone (16)', 'master SIGKILLed -> its 16 '
+     'workers gone', True),
+    ('recycle, max_requests=1 (2 workers)', 'recycle rate, max_requests=1',
+     False),
+    ('recycle, max_requests=100 (2 workers)',
+     'recycle rate, max_requests=100', False),
+    ('idle master wake-ups (16 workers)', 'idle master wake-ups, 16 '
+     'workers', True),
+    ('idle master CPU (16 workers)', 'idle master CPU, 16 workers', True),
+]
+COLOURS = ['#1f6feb', '#58a6ff', '#8b949e', '#d29922', '#2da44e',
+           '#a371f7', '#3fb950']
+# Longest first: ' ms/min' before ' ms', ' M/s' before '/s'.
+UNITS = [(' ms/min', 1.0), (' G/s', 1e9), (' M/s', 1e6), (' k/s', 1e3),
+         ('/s', 1.0), (' µs', 1e-6), (' ms', 1e-3), (' ns', 1e-9),
+         (' MB', 1.0), (' s', 1.0)]
+
+
+def read_table(path):
+    """RESULTS.md -> (column labels, {row title: [cell, ...]})."""
+    with open(path, encoding='utf-8') as f:
+        lines = [l for l in f.read().splitlines() if l.startswith('| ')]
+    cells = [[c.strip() for c in l.strip().strip('|').split(' | ')]
+             for l in lines]
+    header, rows = cells[0], cells[1:]
+    return header[1:], dict((r[0], r[1:]) for r in rows)
+
+
+def cell_value(cell):
+    """'3.31 ms (2.74 ms–4.5 ms)' -> (0.00331, '3.31 ms'); 'never' ->
+    (inf, 'never'); 'n/a [1]' or '' -> (None, 'n/a')."""
+    shown = cell.split(' (')[0].strip()
+    if shown == 'never':
+        return INF, shown
+    for suffix, scale in UNITS:
+        if shown.endswith(suffix):
+            try:
+                return float(shown[:-len(suffix)]) * scale, shown
+            except ValueError:
+                break
+    try:
+        return float(shown), shown
+    except ValueError:
+        return None, 'n/a'
+
+
+def xml_text(s):
+    return (s.replace('&', '&amp;').replace('<', '&lt;')
+            .replace('>', '&gt;'))
+
+
+def chart_panel(x, y, w, caption, lower, labels, values):
+    """SVG elements of one metric: a bar per system, the value beside it."""
+    out = ['<text x="%d" y="%d" class="cap">%s <tspan class="dir">(%s)'
+           '</tspan></text>' % (x, y + 14, xml_text(caption),
+                                'lower is better' if lower
+                                else 'higher is better')]
+    finite = [v for v, _ in values if v is not None and v != INF]
+    top = max(finite) if finite and max(finite) > 0 else 1.0
+    left, bar_w = x + 190, w - 190 - 80
+    for i, (label, (v, shown)) in enumerate(zip(labels, values)):
+        by = y + 24 + i * 18
+        out.append('<text x="%d" y="%d" class="lab">%s</text>' % (
+            left - 6, by + 11, xml_text(label)))
+        if v is None:
+            n, cls = 0, 'na'
+        elif v == INF:
+            n, cls = bar_w, 'never'
+        else:
+            n, cls = max(1.5, bar_w * v / top), 'c%d' % i
+        if n:
+            out.append('<rect x="%d" y="%d" width="%.1f" height="13" '
+                       'class="%s"/>' % (left, by, n, cls))
+        out.append('<text x="%.1f" y="%d" class="val">%s</text>' % (
+            left + n + 4, by + 11, xml_text(shown)))
+    return out, 24 + len(labels) * 18 + 14
+
+
+def render_chart(labels, rows, source):
+    width, col_w, pad = 1100, 540, 10
+    parts, heights, y = [], [], 44
+    panels = [(t, c, lo) for t, c, lo in HEADLINES if t in rows]
+    for i, (title, caption, lower) in enumerate(panels):
+        x = pad + (i % 2) * (col_w + pad)
+        if i % 2 == 0 and i:
+            y += max(heights[-2:])
+        values = [cell_value(c) for c in rows[title]]
+        els, h = chart_panel(x, y, col_w, caption, lower, labels, values)
+        parts += els
+        heights.append(h)
+    height = y + (max(heights[-2:]) if heights else 0) + 24
+    style = ['text{font-family:DejaVu Sans,Arial,sans-serif;font-size:11px;'
+             'fill:#24292f}', '.cap{font-weight:bold;font-size:12px}',
+             '.dir{font-weight:normal;fill:#57606a}',
+             '.lab{text-anchor:end}', '.val{fill:#24292f}',
+             '.title{font-size:15px;font-weight:bold}',
+             '.note{fill:#57606a;font-size:10px}',
+             '.never{fill:url(#hatch)}', '.na{fill:none}']
+    style += ['.c%d{fill:%s}' % (i, COLOURS[i % len(COLOURS)])
+              for i in range(len(labels))]
+    head = [
+        '<?xml version="1.0" encoding="UTF-8"?>',
+        '<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" '
+        'viewBox="0 0 %d %d">' % (width, height, width, height),
+        '<defs><pattern id="hatch" width="6" height="6" '
+        'patternUnits="userSpaceOnUse" patternTransform="rotate(45)">'
+        '<rect width="6" height="6" fill="#ffebe9"/>'
+        '<line x1="0" y1="0" x2="0" y2="6" stroke="#cf222e" '
+        'stroke-width="2"/></pattern></defs>',
+        '<style>%s</style>' % ''.join(style),
+        '<rect width="100%" height="100%" fill="white"/>',
+        '<text x="%d" y="24" class="title">processhandler and its peers: '
+        'headline metrics (medians)</text>' % pad]
+    foot = ['<text x="%d" y="%d" class="note">Drawn by bench/run.py from '
+            'the table in %s; linear scale per panel; hatched: never '
+            'happened; n/a: not applicable (see RESULTS.md).</text>'
+            % (pad, height - 8, xml_text(source)), '</svg>']
+    return '\n'.join(head + parts + foot) + '\n'
+
+
+def write_chart(source, target):
+    """Redraw the chart from the table in ``source`` (RESULTS.md)."""
+    try:
+        labels, rows = read_table(source)
+    except (OSError, IndexError) as e:
+        sys.stderr.write('bench/run.py: no table to draw in %s: %s\n'
+                         % (source, e))
+        return 1
+    text = render_chart(labels, rows, os.path.relpath(source, ROOT))
+    tmp = target + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        f.write(text)
+    os.rename(tmp, target)
+    log('wrote %s' % target)
+    return 0
 
 
 if __name__ == '__main__':
