@@ -5977,6 +5977,25 @@ def test_ctrl_c_once_is_a_graceful_stop(proj):
     assert 'Traceback' not in out
 
 
+@pytest.mark.parametrize('wtype', CONCURRENT_TYPES)
+def test_ctrl_c_once_is_graceful_for_every_worker_type(proj, wtype):
+    """The terminal's INT also reaches the workers themselves: threads,
+    greenlets and asyncio tasks finish their run too."""
+    typed_config(proj, wtype, number_workers=1, threads=2, run_time=1.5,
+                 graceful_timeout=30)
+    p = proj.start_foreground()
+    wait_for(lambda: len(proj.events('run_start')) >= 2,
+             what='both loops inside run()')
+    worker = proj.events('run_start')[0][2]
+    proj.workers.add(worker)
+    started = len(proj.events('run_start'))
+    os.killpg(p.pid, signal.SIGINT)
+    assert p.wait(60) == 0, proj.fg_output()
+    assert not alive(worker)
+    assert len(proj.events('run_end')) >= started
+    assert [ev[2] for ev in proj.events('after_run')] == [worker]
+
+
 def test_ctrl_c_twice_is_a_quick_stop(proj):
     proj.write_config(number_workers=2, run_time=60, graceful_timeout=30)
     p = proj.start_foreground()
