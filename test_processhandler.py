@@ -5784,7 +5784,7 @@ def test_readme_ini_blocks_exist():
     assert any('; unknown keys reach the worker' in b for b in blocks)
 
 
-@pytest.mark.parametrize('n', range(3))
+@pytest.mark.parametrize('n', range(len(readme_ini_blocks())))
 def test_readme_ini_block_gives_the_worker_what_it_says(proj, n,
                                                        monkeypatch):
     """Each ```ini block of README.md, as written: `check` is happy and a
