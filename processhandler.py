@@ -21,12 +21,14 @@ Map of this file (sections in dependency order)::
     Logging                        one os.write() per record, O_APPEND, reopen
     Process utilities              titles, prctl, daemonize, instance lock,
                                    memory (RSS), CPU affinity, children
+    Leader lock                    FileLeader / RedisLeader, and Leadership:
+                                   active/standby, renew, fence, step down
     Scoreboard                     shared mmap: per-worker heartbeat and counts
     Workers                        Worker -> SyncWorker / ThreadWorker /
                                    GeventWorker / AsyncioWorker
     Arbiter                        the master: signals -> handle_<name>,
-                                   reap -> murder -> manage, the spare,
-                                   control socket
+                                   reap -> murder -> manage, the spare;
+                                   ControlServer: the control socket
     Manager                        uliweb-style programmatic front end
     Control client                 stop / status / reload / incr / decr
     CLI and main()
@@ -1480,6 +1482,104 @@ def make_leader(cfg):
     return RedisLeader(cfg.leader_lock, cfg.leader_ttl)
 
 
+class Leadership(object):
+    """Active / standby through the leader lock, owned by the Arbiter.
+
+    A standby polls the lock; an active master renews it and fences
+    itself: when it cannot renew in time it stops every worker before
+    its lease can expire (step_down), so two masters never run workers
+    at once.  ``lock`` is a FileLeader or RedisLeader.
+    """
+
+    def __init__(self, arbiter, lock):
+        self.arbiter = arbiter
+        self.lock = lock
+        self.active = False
+        self.next_at = 0.0      # next renew (active) or poll (standby)
+        self.warned = None      # the last LeaderError logged
+
+    def step_down_at(self):
+        """When an active master that could not renew must start stopping
+        its workers so that all are dead before its lease can expire:
+        expiry - (grace + margin), grace capped at a third of the TTL."""
+        ttl = self.lock.ttl
+        return self.lock.expires - self.step_down_grace() - \
+            min(1.0, ttl / 10.0)
+
+    def step_down_grace(self):
+        return min(self.arbiter.cfg.graceful_timeout, self.lock.ttl / 3.0)
+
+    def tended(self):
+        """A standby polls until it stops; an active master renews until
+        its last worker is gone, a stopping one included: workers slow to
+        finish must not outlive the lease while a standby takes over."""
+        a = self.arbiter
+        return not a.stopping or (self.active and bool(a.procs))
+
+    def deadlines(self):
+        """The loop's wake-up times for the lock (next_deadline)."""
+        if not self.tended():
+            return []
+        if self.active:
+            return [self.next_at, self.step_down_at()]
+        return [self.next_at]
+
+    def tend(self):
+        """Renew (active) or try to take (standby) the leader lock."""
+        if not self.tended():
+            return
+        now = time.monotonic()
+        if now < self.next_at and not (
+                self.active and now >= self.step_down_at()):
+            return
+        ttl = self.lock.ttl
+        try:
+            if self.active:
+                if self.lock.renew():
+                    self.next_at = now + ttl / 3.0
+                    self.warned = None
+                else:
+                    return self.step_down('lost the leader lock (taken '
+                                          'by %s)' % self.lock.holder())
+            elif self.lock.acquire():
+                self.become_active()
+            else:
+                self.next_at = now + min(0.5, ttl / 4.0)
+            self.warned = None
+        except LeaderError as e:
+            if str(e) != self.warned:
+                log.warning('leader lock: %s', e)
+                self.warned = str(e)
+            self.next_at = now + min(0.5, ttl / 4.0)
+        if self.active and time.monotonic() >= self.step_down_at():
+            self.step_down('could not renew the leader lock in time')
+
+    def become_active(self):
+        self.active = True
+        self.next_at = time.monotonic() + self.lock.ttl / 3.0
+        log.info('leader lock %s taken: active, starting %d worker(s)',
+                 self.lock.describe(), self.arbiter.num_workers)
+        sd_notify('STATUS=active, %d workers' % self.arbiter.num_workers)
+
+    def step_down(self, why):
+        """Stand by: stop every worker before the lease can expire."""
+        a = self.arbiter
+        self.active = False
+        a.discard_spare('standing down')
+        expiry = self.lock.expires
+        log.error('standing down: %s; stopping %d worker(s) before the '
+                  'lease expires', why, len(a.procs))
+        kill_by = time.monotonic() + self.step_down_grace()
+        if expiry != float('inf'):
+            kill_by = min(kill_by, expiry - min(1.0, self.lock.ttl / 10.0))
+        for proc in list(a.procs.values()):
+            a.stop_worker(proc, 'standing down')
+            if proc.kill_at is not None:
+                proc.kill_at = min(proc.kill_at, kill_by)
+        self.next_at = time.monotonic() + min(0.5, self.lock.ttl / 4)
+        sd_notify('STATUS=standby')
+
+
 ###############################################################################
 # Scoreboard ##################################################################
 ###############################################################################
@@ -2666,6 +2766,147 @@ def describe_status(status):
     return 'status %d' % status
 
 
+# -- control server -------------------------------------------------------------
+
+class ControlServer(object):
+    """The master's control socket (unix, mode 0600) for the CLI.
+
+    One JSON request per connection, one JSON reply.  Only root and the
+    master's own uid may talk to it (SO_PEERCRED).  ``requests`` maps a
+    request's ``cmd`` to a method ``fn(req, conn)``: it returns the reply,
+    or None when it keeps ``conn`` to answer later with ``reply()``.
+    """
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.path = None
+        self.sock = None
+        self.buffers = {}       # conn -> bytes received so far
+        self.requests = {'status': self.request_status,
+                         'incr': self.request_scale,
+                         'decr': self.request_scale}
+
+    def open(self):
+        """Bind the socket beside the pidfile and watch it."""
+        a = self.arbiter
+        path = self.path = control_path(a.pidfile.path)
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)   # ours: we hold the instance lock
+        except OSError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        except OSError as e:
+            sock.close()
+            raise HaltServer('cannot create control socket %s: %s'
+                             % (path, e.strerror))
+        finally:
+            os.umask(old)
+        sock.listen(16)
+        sock.setblocking(False)
+        self.sock = sock
+        a.selector.register(sock, selectors.EVENT_READ, self.accept)
+
+    def close(self):
+        if self.sock is None:
+            return
+        try:
+            self.arbiter.selector.unregister(self.sock)
+        except (KeyError, ValueError):
+            pass
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        self.sock.close()
+        self.sock = None
+
+    def accept(self, sock):
+        try:
+            conn, _ = sock.accept()
+        except OSError:
+            return
+        if not self.peer_allowed(conn):
+            conn.close()
+            return
+        conn.setblocking(False)
+        self.arbiter.selector.register(conn, selectors.EVENT_READ, self.read)
+        self.buffers[conn] = b''
+
+    def peer_allowed(self, conn):
+        cred = getattr(socket, 'SO_PEERCRED', None)
+        if cred is None:
+            return True
+        try:
+            raw = conn.getsockopt(socket.SOL_SOCKET, cred,
+                                  struct.calcsize('3i'))
+            uid = struct.unpack('3i', raw)[1]
+        except OSError:
+            return False
+        return uid in (0, os.geteuid())
+
+    def read(self, conn):
+        try:
+            data = conn.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b''
+        buf = self.buffers.get(conn, b'') + data
+        if data and b'\n' not in buf and len(buf) < 65536:
+            self.buffers[conn] = buf
+            return
+        self.arbiter.selector.unregister(conn)
+        self.buffers.pop(conn, None)
+        if b'\n' not in buf:
+            conn.close()
+            return
+        reply = self.handle(buf.split(b'\n', 1)[0], conn)
+        if reply is not None:
+            self.reply(conn, reply)
+
+    def handle(self, line, conn):
+        """The reply to one request line (None: a handler answers later)."""
+        try:
+            req = json.loads(line.decode('utf-8'))
+            cmd = req['cmd']
+            fn = self.requests.get(cmd)
+        except (ValueError, KeyError, TypeError):
+            return {'ok': False, 'error': 'bad request'}
+        if fn is None:
+            return {'ok': False, 'error': 'unknown command %r' % (cmd,)}
+        return fn(req, conn)
+
+    def reply(self, conn, doc):
+        """Send ``doc`` as one JSON line and close the connection."""
+        try:
+            conn.setblocking(True)
+            conn.settimeout(2.0)
+            conn.sendall(json.dumps(doc).encode('utf-8') + b'\n')
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def request_status(self, req, conn):
+        return self.arbiter.status()
+
+    def request_scale(self, req, conn):
+        """incr / decr N."""
+        a = self.arbiter
+        n = req.get('n', 1)
+        if not isinstance(n, int) or n < 1:
+            return {'ok': False, 'error': 'N must be a positive number'}
+        target = a.num_workers + n if req['cmd'] == 'incr' else \
+            max(1, a.num_workers - n)
+        a.set_num_workers(target, req['cmd'])
+        a.manage_workers()
+        return {'ok': True, 'number_workers': a.num_workers}
+
+
 class Arbiter(object):
     """The master: keeps ``number_workers`` worker processes alive.
 
@@ -2717,16 +2958,13 @@ class Arbiter(object):
         self.next_memory_check = 0.0
         self.watchdog = watchdog_interval()   # systemd WATCHDOG_USEC / 2
         self.next_watchdog = 0.0
-        self.leader = None         # FileLeader / RedisLeader, if configured
-        self.active = True         # False: standby (leader lock not held)
-        self.next_leader = 0.0     # next renew (active) or poll (standby)
-        self.leader_warned = None
+        self.leadership = None     # Leadership, with leader_lock set
         self.pidfile = None
         self.instance = 1
         self.logfile = None
         self.board = None
         self.selector = None
-        self.control = None
+        self.control_server = ControlServer(self)
         self.sockets = []          # listeners shared by every worker
         self.accept_fd = None      # accept_lock's file
         self.uid = self.gid = None
@@ -2738,6 +2976,27 @@ class Arbiter(object):
         self.dead_spares = set()   # discarded spares not reaped yet
         self.spare_failures = 0    # spares that died on their own, in a row
         self.next_spare = 0.0      # no spare before (backoff after deaths)
+
+    @property
+    def control(self):
+        """The control socket, or None (closed in children)."""
+        return self.control_server.sock
+
+    def open_control(self):
+        self.control_server.open()
+
+    def close_control(self):
+        self.control_server.close()
+
+    @property
+    def leader(self):
+        """The leader lock (FileLeader / RedisLeader), or None."""
+        return self.leadership.lock if self.leadership else None
+
+    @property
+    def active(self):
+        """False while on standby (the leader lock is held elsewhere)."""
+        return self.leadership.active if self.leadership else True
 
     # -- setup ----------------------------------------------------------------
 
@@ -2754,16 +3013,16 @@ class Arbiter(object):
         self.uid, self.gid = resolve_user_group(cfg.user, cfg.group)
         self.acquire_instance()
         self.open_sockets()
-        self.leader = make_leader(cfg)
-        if self.leader is not None:
-            self.active = False
+        lock = make_leader(cfg)
+        if lock is not None:
+            self.leadership = Leadership(self, lock)
             held = (self.upgrade or {}).get('leader')
             if held:   # USR2: the lease is ours already, keep it
-                self.leader.token = held['token']
-                self.leader.expires = held['expires']
-                self.leader.fd = held.get('fd')
-                self.active = True
-            self.tend_leader()
+                lock.token = held['token']
+                lock.expires = held['expires']
+                lock.fd = held.get('fd')
+                self.leadership.active = True
+            self.leadership.tend()
         if not prctl(PR_SET_CHILD_SUBREAPER, 1):
             log.info('not a child subreaper on this platform: orphaned '
                      'grandchildren go to init')
@@ -2930,7 +3189,8 @@ class Arbiter(object):
                 return
             self.murder_workers()
             self.check_memory()
-            self.tend_leader()
+            if self.leadership is not None:
+                self.leadership.tend()
             self.manage_workers()
             self.flush_logs()
             self.check_ready()
@@ -2961,10 +3221,8 @@ class Arbiter(object):
             deadlines.append(self.next_spare)
         if self.watchdog:
             deadlines.append(self.next_watchdog)
-        if self.leader_tended():
-            deadlines.append(self.next_leader)
-            if self.active:
-                deadlines.append(self.step_down_at())
+        if self.leadership is not None:
+            deadlines.extend(self.leadership.deadlines())
         deadlines = [d for d in deadlines if d != float('inf')]
         if not deadlines:
             return None
@@ -3014,80 +3272,6 @@ class Arbiter(object):
         self.ready_fd = report_to_launcher(self.ready_fd, 'ready', msg)
         sd_notify('READY=1\nSTATUS=%d workers\nMAINPID=%d'
                   % (self.num_workers, self.pid))
-
-    # -- leader lock (active / standby) -------------------------------------------
-
-    def step_down_at(self):
-        """When an active master that could not renew must start stopping
-        its workers so that all are dead before its lease can expire:
-        expiry - (grace + margin), grace capped at a third of the TTL."""
-        ttl = self.leader.ttl
-        return self.leader.expires - self.step_down_grace() - \
-            min(1.0, ttl / 10.0)
-
-    def step_down_grace(self):
-        return min(self.cfg.graceful_timeout, self.leader.ttl / 3.0)
-
-    def leader_tended(self):
-        """A standby polls until it stops; an active master renews until
-        its last worker is gone, a stopping one included: workers slow to
-        finish must not outlive the lease while a standby takes over."""
-        return self.leader is not None and (
-            not self.stopping or (self.active and bool(self.procs)))
-
-    def tend_leader(self):
-        """Renew (active) or try to take (standby) the leader lock."""
-        if not self.leader_tended():
-            return
-        now = time.monotonic()
-        if now < self.next_leader and not (
-                self.active and now >= self.step_down_at()):
-            return
-        ttl = self.leader.ttl
-        try:
-            if self.active:
-                if self.leader.renew():
-                    self.next_leader = now + ttl / 3.0
-                    self.leader_warned = None
-                else:
-                    return self.step_down('lost the leader lock (taken '
-                                          'by %s)' % self.leader.holder())
-            elif self.leader.acquire():
-                self.become_active()
-            else:
-                self.next_leader = now + min(0.5, ttl / 4.0)
-            self.leader_warned = None
-        except LeaderError as e:
-            if str(e) != self.leader_warned:
-                log.warning('leader lock: %s', e)
-                self.leader_warned = str(e)
-            self.next_leader = now + min(0.5, ttl / 4.0)
-        if self.active and time.monotonic() >= self.step_down_at():
-            self.step_down('could not renew the leader lock in time')
-
-    def become_active(self):
-        self.active = True
-        self.next_leader = time.monotonic() + self.leader.ttl / 3.0
-        log.info('leader lock %s taken: active, starting %d worker(s)',
-                 self.leader.describe(), self.num_workers)
-        sd_notify('STATUS=active, %d workers' % self.num_workers)
-
-    def step_down(self, why):
-        """Stand by: stop every worker before the lease can expire."""
-        self.active = False
-        self.discard_spare('standing down')
-        expiry = self.leader.expires
-        log.error('standing down: %s; stopping %d worker(s) before the '
-                  'lease expires', why, len(self.procs))
-        kill_by = time.monotonic() + self.step_down_grace()
-        if expiry != float('inf'):
-            kill_by = min(kill_by, expiry - min(1.0, self.leader.ttl / 10.0))
-        for proc in list(self.procs.values()):
-            self.stop_worker(proc, 'standing down')
-            if proc.kill_at is not None:
-                proc.kill_at = min(proc.kill_at, kill_by)
-        self.next_leader = time.monotonic() + min(0.5, self.leader.ttl / 4)
-        sd_notify('STATUS=standby')
 
     def feed_watchdog(self):
         """WATCHDOG=1 at half of WATCHDOG_USEC, from the loop itself: a
@@ -4031,113 +4215,7 @@ class Arbiter(object):
             self.pidfile.release()
         signal.set_wakeup_fd(-1)
 
-    # -- control socket ---------------------------------------------------------
-
-    def open_control(self):
-        """A unix socket, mode 0600, for status/incr/decr from the CLI."""
-        path = self.control_path = control_path(self.pidfile.path)
-        try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)   # ours: we hold the instance lock
-        except OSError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            sock.bind(path)
-        except OSError as e:
-            sock.close()
-            raise HaltServer('cannot create control socket %s: %s'
-                             % (path, e.strerror))
-        finally:
-            os.umask(old)
-        sock.listen(16)
-        sock.setblocking(False)
-        self.control = sock
-        self.selector.register(sock, selectors.EVENT_READ,
-                               self.accept_control)
-
-    def close_control(self):
-        if self.control is None:
-            return
-        try:
-            self.selector.unregister(self.control)
-        except (KeyError, ValueError):
-            pass
-        try:
-            os.unlink(self.control_path)
-        except OSError:
-            pass
-        self.control.close()
-        self.control = None
-
-    def accept_control(self, sock):
-        try:
-            conn, _ = sock.accept()
-        except OSError:
-            return
-        if not self.peer_allowed(conn):
-            conn.close()
-            return
-        conn.setblocking(False)
-        self.selector.register(conn, selectors.EVENT_READ, self.read_control)
-        self._control_buf = getattr(self, '_control_buf', {})
-        self._control_buf[conn] = b''
-
-    def peer_allowed(self, conn):
-        cred = getattr(socket, 'SO_PEERCRED', None)
-        if cred is None:
-            return True
-        try:
-            raw = conn.getsockopt(socket.SOL_SOCKET, cred,
-                                  struct.calcsize('3i'))
-            uid = struct.unpack('3i', raw)[1]
-        except OSError:
-            return False
-        return uid in (0, os.geteuid())
-
-    def read_control(self, conn):
-        try:
-            data = conn.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b''
-        buf = self._control_buf.get(conn, b'') + data
-        if data and b'\n' not in buf and len(buf) < 65536:
-            self._control_buf[conn] = buf
-            return
-        self.selector.unregister(conn)
-        self._control_buf.pop(conn, None)
-        try:
-            if b'\n' in buf:
-                reply = self.control_command(buf.split(b'\n', 1)[0])
-                conn.setblocking(True)
-                conn.settimeout(2.0)
-                conn.sendall(json.dumps(reply).encode('utf-8') + b'\n')
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def control_command(self, line):
-        try:
-            req = json.loads(line.decode('utf-8'))
-            cmd = req['cmd']
-        except (ValueError, KeyError, TypeError):
-            return {'ok': False, 'error': 'bad request'}
-        if cmd == 'status':
-            return self.status()
-        if cmd in ('incr', 'decr'):
-            n = req.get('n', 1)
-            if not isinstance(n, int) or n < 1:
-                return {'ok': False, 'error': 'N must be a positive number'}
-            target = self.num_workers + n if cmd == 'incr' else \
-                max(1, self.num_workers - n)
-            self.set_num_workers(target, cmd)
-            self.manage_workers()
-            return {'ok': True, 'number_workers': self.num_workers}
-        return {'ok': False, 'error': 'unknown command %r' % cmd}
+    # -- status -----------------------------------------------------------------
 
     def status(self):
         now = time.monotonic()
@@ -4397,10 +4475,6 @@ def save_number_workers(path, section, n):
 # CLI #########################################################################
 ###############################################################################
 
-COMMANDS = ('start', 'stop', 'restart', 'reload', 'status', 'incr', 'decr',
-            'reopen', 'check')
-
-
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         # One line, exit 2: the usage block is one -h away.
@@ -4412,7 +4486,8 @@ def build_parser():
         prog='processhandler',
         description='Master/worker process manager. Commands: %s.'
         % ', '.join(COMMANDS))
-    p.add_argument('command', nargs='?', default='start', choices=COMMANDS,
+    p.add_argument('command', nargs='?', default='start',
+                   choices=list(COMMANDS),
                    metavar='COMMAND', help='one of %s (default: start)'
                    % ', '.join(COMMANDS))
     p.add_argument('n', nargs='?', type=int, default=None, metavar='N',
@@ -4721,6 +4796,12 @@ def cmd_check(cfg, args):
     return EXIT_OK
 
 
+# The commands, in the order --help lists them: name -> cmd_<name>(cfg, args).
+COMMANDS = {'start': cmd_start, 'stop': cmd_stop, 'restart': cmd_restart,
+            'reload': cmd_reload, 'status': cmd_status, 'incr': cmd_incr,
+            'decr': cmd_decr, 'reopen': cmd_reopen, 'check': cmd_check}
+
+
 def main(argv=None):
     """Command-line entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -4731,7 +4812,7 @@ def main(argv=None):
                 complain("%s %s: unknown key, passed to workers as a "
                          "string; did you mean '%s'?"
                          % (cfg.where(), key, hint))
-        return globals()['cmd_' + args.command](cfg, args)
+        return COMMANDS[args.command](cfg, args)
     except ConfigError as e:
         complain(e)
         return EXIT_USAGE
