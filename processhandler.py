@@ -183,6 +183,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1          # could not start / did not stop in time
 EXIT_USAGE = 2            # usage or config error
 EXIT_NOT_RUNNING = 3      # LSB: program is not running
+EXIT_NO_PERMISSION = 4    # LSB: user had insufficient privilege
 
 # Exit statuses of worker processes, read by the master when it reaps them.
 WORKER_EXIT_OK = 0
@@ -363,10 +364,15 @@ class Setting(object):
 # mean", --set, `check` and the README's table all come from here.  A default
 # of None means "unset"; defaults that depend on other keys are filled in by
 # Config.__init__ (proc_name, base_path).
+# The scoreboard has a cell per worker process (4096): a reload runs two
+# generations side by side, plus the spare, so at most this many workers.
+MAX_WORKERS = 2000
+
 SETTINGS = [Setting(*row) for row in [
     ('worker_class', _worker_class, None,
      "'module:Class' of the worker; required from a config file"),
-    ('number_workers', _number(int, 1, 100000), 1, 'workers kept alive'),
+    ('number_workers', _number(int, 1, MAX_WORKERS), 1,
+     'workers kept alive'),
     ('worker_type', _choice('sync', 'thread', 'gevent', 'asyncio'), 'sync',
      'sync, thread, gevent (greenlets) or asyncio'),
     ('threads', _number(int, 1, 100000), 1,
@@ -632,6 +638,42 @@ class LineFormatter(logging.Formatter):
         return head + text.replace('\n', '\n  | ')
 
 
+def file_kind(mode):
+    """'a FIFO', 'a socket'... for the type bits of ``mode``."""
+    for test, name in ((stat.S_ISFIFO, 'a FIFO (named pipe)'),
+                       (stat.S_ISSOCK, 'a socket'),
+                       (stat.S_ISDIR, 'a directory'),
+                       (stat.S_ISBLK, 'a block device'),
+                       (stat.S_ISCHR, 'a character device'),
+                       (stat.S_ISREG, 'a regular file')):
+        if test(mode):
+            return name
+    return 'not a regular file'
+
+
+def check_log_target(path):
+    """Refuse a ``log_file`` that is neither a regular file nor a character
+    device (/dev/null, /dev/full, a tty); raise ConfigError.
+
+    Opening a FIFO for writing blocks until a reader comes (a start that
+    hangs for ever), a socket or a directory cannot be opened, a block
+    device would be overwritten.  A missing file is fine: it is created.
+    Only stat() here: the check itself must never block.
+    """
+    if not path:
+        return
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ConfigError('log_file %s: %s' % (path, e.strerror or e))
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        raise ConfigError('log_file %s is %s: it must be a regular file or '
+                          'a character device such as /dev/null'
+                          % (path, file_kind(st.st_mode)))
+
+
 class LogFile(object):
     """The log target of this process: stderr or a file opened O_APPEND.
 
@@ -647,6 +689,10 @@ class LogFile(object):
         self.redirect_stdio = redirect_stdio
         self.fd = 2
         self.failed = False
+        # Write failures (a full disk), for `status`: the log itself is the
+        # one place where nobody will read about them.
+        self.errors = 0
+        self.last_error = self.last_error_at = None
         if path:
             self.fd = self._open()
             if redirect_stdio:
@@ -681,6 +727,9 @@ class LogFile(object):
                 n = os.write(self.fd, data)
                 data = data[n:]
         except OSError as e:
+            self.errors += 1
+            self.last_error = e.strerror or str(e)
+            self.last_error_at = time.time()
             if not self.failed:
                 # Say it once, where someone may see it, then carry on: a
                 # full disk must not crash the master or a worker.
@@ -1000,6 +1049,19 @@ def running_pid(path):
         os.close(fd)
 
 
+def foreign_file(st, what, path):
+    """Why a lock file we opened (``st``: its fstat) must not be used, or
+    None: not a regular file, or owned by another non-root user (a file
+    planted there to be locked for ever or to receive our writes)."""
+    if not stat.S_ISREG(st.st_mode):
+        return '%s %s is %s, not a regular file' % (
+            what, path, file_kind(st.st_mode))
+    if st.st_uid not in (os.geteuid(), 0):
+        return '%s %s is owned by uid %d, not by us' % (what, path,
+                                                         st.st_uid)
+    return None
+
+
 class PidFile(object):
     """The pid file, doubling as the instance lock.
 
@@ -1026,13 +1088,10 @@ class PidFile(object):
             raise HaltServer('cannot open pidfile %s: %s (directory %s)'
                              % (self.path, e.strerror, d))
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        problem = foreign_file(st, 'pidfile', self.path)
+        if problem:
             os.close(fd)
-            raise HaltServer('pidfile %s is not a regular file' % self.path)
-        if st.st_uid not in (os.geteuid(), 0):
-            os.close(fd)
-            raise HaltServer('pidfile %s is owned by uid %d, not by us'
-                             % (self.path, st.st_uid))
+            raise HaltServer(problem)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -1345,13 +1404,38 @@ class FileLeader(object):
     def describe(self):
         return 'file:%s' % self.path
 
-    def acquire(self):
+    def check(self):
+        """At start: refuse a lock file we must not use (HaltServer), as
+        the pidfile's: otherwise every master stands by for ever."""
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT |
+            self.discard(self.open())
+        except LeaderError as e:
+            raise HaltServer('leader_lock: %s' % e)
+
+    def open(self):
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK |
                          getattr(os, 'O_NOFOLLOW', 0) |
                          getattr(os, 'O_CLOEXEC', 0), 0o644)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise LeaderError('%s is a symbolic link: refusing to '
+                                  'follow it' % self.path)
             raise LeaderError('cannot open %s: %s' % (self.path, e.strerror))
+        problem = foreign_file(os.fstat(fd), 'lock file', self.path)
+        if problem:
+            os.close(fd)
+            raise LeaderError(problem)
+        return fd
+
+    def discard(self, fd):
+        # Closing any descriptor of the file drops this process's POSIX
+        # locks on it: never while we hold the lock.
+        if self.fd is None:
+            os.close(fd)
+
+    def acquire(self):
+        fd = self.open()
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -2900,6 +2984,10 @@ class ControlServer(object):
         n = req.get('n', 1)
         if not isinstance(n, int) or n < 1:
             return {'ok': False, 'error': 'N must be a positive number'}
+        if req['cmd'] == 'incr' and a.num_workers + n > MAX_WORKERS:
+            return {'ok': False, 'error': 'incr %d refused: %d + %d worker(s) '
+                    'would exceed the maximum of %d' % (
+                        n, a.num_workers, n, MAX_WORKERS)}
         target = a.num_workers + n if req['cmd'] == 'incr' else \
             max(1, a.num_workers - n)
         a.set_num_workers(target, req['cmd'])
@@ -3022,6 +3110,8 @@ class Arbiter(object):
                 lock.expires = held['expires']
                 lock.fd = held.get('fd')
                 self.leadership.active = True
+            elif isinstance(lock, FileLeader):
+                lock.check()
             self.leadership.tend()
         if not prctl(PR_SET_CHILD_SUBREAPER, 1):
             log.info('not a child subreaper on this platform: orphaned '
@@ -3307,6 +3397,10 @@ class Arbiter(object):
 
     def handle_ttin(self):
         """One more worker (saved to the config with `start --save`)."""
+        if self.num_workers >= MAX_WORKERS:
+            log.warning('TTIN ignored: %d worker(s) is the maximum',
+                        MAX_WORKERS)
+            return
         self.set_num_workers(self.num_workers + 1, 'TTIN')
         self.save_num_workers()
 
@@ -4233,6 +4327,11 @@ class Arbiter(object):
                   'stopping': self.stopping,
                   'pidfile': self.pidfile.path,
                   'listeners': [listener_name(s) for s in self.sockets]}
+        if self.logfile is not None:
+            lf = self.logfile
+            master['log'] = {'path': lf.path, 'write_errors': lf.errors,
+                             'last_error': lf.last_error,
+                             'last_error_at': lf.last_error_at}
         if self.leader is not None:
             master['leader'] = {'lock': self.leader.describe(),
                                 'holder': self.leader.holder(),
@@ -4417,7 +4516,11 @@ def save_number_workers(path, section, n):
 
     Every other byte of the file stays as it was (comments, order, blank
     lines, line endings); mode and owner are kept; temp file + rename.
+    A symlinked config is edited at its target (the link stays a link).
     """
+    # Renaming over the link would replace the link by a regular file and
+    # leave the file it points to unchanged.
+    path = os.path.realpath(path)
     with open(path, encoding='utf-8', newline='') as f:
         lines = f.read().splitlines(True)
     out, in_section, done, insert_at = [], False, False, None
@@ -4449,8 +4552,9 @@ def save_number_workers(path, section, n):
             insert_at -= 1
         out.insert(insert_at, 'number_workers = %d%s' % (n, eol))
     st = os.stat(path)
-    if not os.access(path, os.W_OK):
-        # The rename below would replace a read-only file: respect it.
+    if not os.access(path, os.W_OK) or not st.st_mode & 0o222:
+        # The rename below would replace a read-only file: respect it,
+        # also as root (access() says yes to root; the mode bits say no).
         raise OSError(errno.EACCES, 'the file is read-only')
     fd, tmp = tempfile.mkstemp(prefix='.%s.' % os.path.basename(path),
                                dir=os.path.dirname(path))
@@ -4504,6 +4608,8 @@ def build_parser():
     p.add_argument('--set', action='append', default=[],
                    metavar='KEY=VALUE', help='override a config key')
     p.add_argument('--json', action='store_true', help='status as JSON')
+    p.add_argument('--strict', action='store_true', help='check: unknown '
+                   'keys that look like a misspelt setting are errors')
     p.add_argument('--save', action='store_true', help='incr/decr: also '
                    'write number_workers into the config file; start: '
                    'TTIN/TTOU do too')
@@ -4544,6 +4650,10 @@ def take_upgrade_state():
 def cmd_start(cfg, args):
     for problem in not_yet_supported(cfg):
         raise ConfigError(problem)
+    try:
+        check_log_target(cfg.log_file)
+    except ConfigError as e:
+        raise ConfigError('%s %s' % (cfg.where(), e))
     worker_class = load_worker_class(cfg)
     try:
         resolve_user_group(cfg.user, cfg.group)
@@ -4578,13 +4688,28 @@ def cmd_start(cfg, args):
     return status
 
 
+def not_permitted(pid, path):
+    """One line and LSB status 4 for a command the OS refused: a master
+    of another user (root) is signalled and asked only by that user."""
+    try:
+        owner = ' (it runs as uid %d)' % os.stat(path).st_uid
+    except OSError:
+        owner = ''
+    complain('not permitted to control master pid %d%s: run this command '
+             'as the same user or as root' % (pid, owner))
+    return EXIT_NO_PERMISSION
+
+
 def cmd_stop(cfg, args):
     found = target_instances(cfg, args)
     if not found:
         say('not running')
         return EXIT_OK
     for n, path, pid in found:
-        os.kill(pid, signal.SIGTERM)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except PermissionError:
+            return not_permitted(pid, path)
     limit = args.timeout if args.timeout is not None else \
         cfg.graceful_timeout + 10
     # Gone means: lock released AND process exited (it releases the lock
@@ -4642,7 +4767,10 @@ def signal_instances(cfg, args, sig, done):
         say('not running')
         return EXIT_NOT_RUNNING
     for n, path, pid in found:
-        os.kill(pid, sig)
+        try:
+            os.kill(pid, sig)
+        except PermissionError:
+            return not_permitted(pid, path)
         say('%s (pid %d)' % (done, pid))
     return EXIT_OK
 
@@ -4668,7 +4796,10 @@ def cmd_status(cfg, args):
     docs, status = [], EXIT_OK
     for n, path, pid in found:
         try:
-            docs.append(control_request(path, {'cmd': 'status'}))
+            docs.append(pids_seen_here(control_request(
+                path, {'cmd': 'status'}), pid))
+        except PermissionError:
+            return not_permitted(pid, path)
         except (OSError, ValueError) as e:
             complain('master pid %d holds %s but its control socket does '
                      'not answer (%s)' % (pid, path, e))
@@ -4682,6 +4813,45 @@ def cmd_status(cfg, args):
     return status
 
 
+def nspid(pid):
+    """[pid as seen here, ..., pid in its own namespace] (/proc NSpid)."""
+    try:
+        with open('/proc/%d/status' % pid) as f:
+            for line in f:
+                if line.startswith('NSpid:'):
+                    return [int(p) for p in line.split()[1:]]
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def pids_seen_here(doc, pid):
+    """A status document from a master in another pid namespace (a
+    container) names the pids of that namespace ("master 1"): a `kill` of
+    them here would hit other processes.  Put the pids as seen here in
+    ``pid`` and the namespace's in ``ns_pid`` (None where not visible).
+    ``pid``: the master as we see it (the holder of the lock)."""
+    m = doc.get('master') or {}
+    if m.get('pid') in (None, pid):
+        return doc
+    seen = {}
+    for p in [pid] + sorted(child_pids(pid)):
+        ns = nspid(p)
+        if ns:
+            seen[ns[-1]] = p
+    try:
+        m['pid_namespace'] = os.readlink('/proc/%d/ns/pid' % pid)
+    except OSError:
+        m['pid_namespace'] = 'another pid namespace'
+    m['ns_pid'], m['pid'] = m['pid'], pid
+    if m.get('spare'):
+        m['spare'] = seen.get(m['spare'])
+    for w in doc.get('workers', ()):
+        if w.get('pid'):
+            w['ns_pid'], w['pid'] = w['pid'], seen.get(w['pid'])
+    return doc
+
+
 def format_status(doc):
     m = doc['master']
     running = sum(1 for w in doc['workers'] if w['state'] == 'running')
@@ -4692,6 +4862,9 @@ def format_status(doc):
                  m['config'] or '-', m['section'],
                  ' instance %d' % m['instance'] if m['instance'] > 1
                  else '')]
+    if m.get('ns_pid') is not None:
+        lines.append('pids as seen here; in its own pid namespace (%s) the '
+                     'master is %d' % (m['pid_namespace'], m['ns_pid']))
     lead = m.get('leader')
     if lead:
         holder = lead.get('holder') or 'nobody'
@@ -4700,6 +4873,12 @@ def format_status(doc):
         lines.append('leader lock %s: held by %s%s' % (
             lead['lock'], holder, ', lease %.1fs left' % lead['lease_left']
             if lead.get('lease_left') is not None else ''))
+    logf = m.get('log') or {}
+    if logf.get('write_errors'):
+        lines.append('log %s: %d write error(s), the last at %s: %s' % (
+            logf['path'] or 'stderr', logf['write_errors'], time.strftime(
+                '%Y-%m-%d %H:%M:%S', time.localtime(logf['last_error_at'])),
+            logf['last_error']))
     lines.append('%-5s %-8s %-9s %9s %8s %9s' % (
         'slot', 'pid', 'state', 'requests', 'rss_mb', 'age'))
     for w in doc['workers']:
@@ -4729,6 +4908,9 @@ def cmd_incr(cfg, args, sign=1):
     n = 1 if args.n is None else args.n
     if n < 1:
         raise ConfigError('N must be a positive number, got %d' % n)
+    if n > MAX_WORKERS:
+        raise ConfigError('N must be at most %d (the maximum number of '
+                          'workers), got %d' % (MAX_WORKERS, n))
     found = target_instances(cfg, args)
     if not found:
         say('not running')
@@ -4738,9 +4920,14 @@ def cmd_incr(cfg, args, sign=1):
         try:
             reply = control_request(path, {'cmd': 'incr' if sign > 0
                                             else 'decr', 'n': n})
+        except PermissionError:
+            return not_permitted(pid, path)
         except (OSError, ValueError) as e:
             complain('master pid %d does not answer: %s' % (pid, e))
             return EXIT_FAILURE
+        if not reply.get('ok'):
+            complain('pid %d: %s' % (pid, reply.get('error')))
+            return EXIT_USAGE
         new = reply['number_workers']
         say('pid %d: %d worker(s)' % (pid, new))
     if args.save and new is not None:
@@ -4768,11 +4955,21 @@ def cmd_check(cfg, args):
     except ConfigError as e:
         problems.append(str(e))
     for key, hint in cfg.unknown_keys():
-        if hint:
-            problems.append("%s %s: unknown key; did you mean '%s'?"
-                            % (cfg.where(), key, hint))
+        notes.append(key)
+        if not hint:
+            continue
+        # A worker key that merely looks like a setting (job_timeout) is
+        # legitimate: a warning, an error only with --strict.
+        msg = ("%s %s: unknown key, passed to the workers as a string; did "
+               "you mean '%s'?" % (cfg.where(), key, hint))
+        if args.strict:
+            problems.append(msg)
         else:
-            notes.append(key)
+            complain('warning: ' + msg)
+    try:
+        check_log_target(cfg.log_file)
+    except ConfigError as e:
+        problems.append('%s %s' % (cfg.where(), e))
     try:
         resolve_user_group(cfg.user, cfg.group)
     except ConfigError as e:
