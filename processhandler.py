@@ -4312,7 +4312,12 @@ class Arbiter(object):
     # -- status -----------------------------------------------------------------
 
     def status(self):
+        """The `status --json` document."""
         now = time.monotonic()
+        return {'master': self.master_status(now),
+                'workers': self.worker_rows(now)}
+
+    def master_status(self, now):
         cfg = self.cfg
         master = {'pid': self.pid, 'proc_name': cfg.proc_name,
                   'state': 'active' if self.active else 'standby',
@@ -4339,6 +4344,9 @@ class Arbiter(object):
             if self.active and self.leader.expires != float('inf'):
                 master['leader']['lease_left'] = round(
                     self.leader.expires - now, 3)
+        return master
+
+    def worker_rows(self, now):
         rows = []
         for slot in sorted(self.slots.values(), key=lambda s: s.number):
             for proc in slot.procs():
@@ -4358,7 +4366,7 @@ class Arbiter(object):
             if id(proc) not in known:
                 rows.append(self.proc_row(proc, now))
         rows.sort(key=lambda r: (r['slot'], r['pid'] or 0))
-        return {'master': master, 'workers': rows}
+        return rows
 
     def proc_row(self, proc, now):
         b = self.board
@@ -4551,6 +4559,12 @@ def save_number_workers(path, section, n):
         while insert_at > 0 and not out[insert_at - 1].strip():
             insert_at -= 1
         out.insert(insert_at, 'number_workers = %d%s' % (n, eol))
+    replace_file(path, ''.join(out))
+
+
+def replace_file(path, text):
+    """Write ``text`` over ``path`` atomically (temp file + rename),
+    keeping its mode and owner; refuse a read-only file."""
     st = os.stat(path)
     if not os.access(path, os.W_OK) or not st.st_mode & 0o222:
         # The rename below would replace a read-only file: respect it,
@@ -4560,7 +4574,7 @@ def save_number_workers(path, section, n):
                                dir=os.path.dirname(path))
     try:
         with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
-            f.write(''.join(out))
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, stat.S_IMODE(st.st_mode))
