@@ -690,9 +690,10 @@ class LogFile(object):
         self.fd = 2
         self.failed = False
         # Write failures (a full disk), for `status`: the log itself is the
-        # one place where nobody will read about them.
-        self.errors = 0
-        self.last_error = self.last_error_at = None
+        # one place where nobody will read about them.  In shared memory:
+        # the workers, forked after this, count theirs into the same cells
+        # [count, errno, time] (an increment lost to a race is harmless).
+        self.failures = memoryview(mmap.mmap(-1, 24)).cast('d')
         if path:
             self.fd = self._open()
             if redirect_stdio:
@@ -727,9 +728,8 @@ class LogFile(object):
                 n = os.write(self.fd, data)
                 data = data[n:]
         except OSError as e:
-            self.errors += 1
-            self.last_error = e.strerror or str(e)
-            self.last_error_at = time.time()
+            f = self.failures
+            f[0], f[1], f[2] = f[0] + 1, e.errno or 0, time.time()
             if not self.failed:
                 # Say it once, where someone may see it, then carry on: a
                 # full disk must not crash the master or a worker.
@@ -744,6 +744,14 @@ class LogFile(object):
                             break
                         except OSError:
                             pass
+
+    def write_errors(self):
+        """{'write_errors': N, 'last_error': text, 'last_error_at': time}
+        over this process and its children."""
+        n, code, when = self.failures
+        return {'write_errors': int(n),
+                'last_error': os.strerror(int(code)) if n else None,
+                'last_error_at': when or None}
 
     def close(self):
         if self.path and self.fd > 2:
@@ -4333,10 +4341,8 @@ class Arbiter(object):
                   'pidfile': self.pidfile.path,
                   'listeners': [listener_name(s) for s in self.sockets]}
         if self.logfile is not None:
-            lf = self.logfile
-            master['log'] = {'path': lf.path, 'write_errors': lf.errors,
-                             'last_error': lf.last_error,
-                             'last_error_at': lf.last_error_at}
+            master['log'] = dict(self.logfile.write_errors(),
+                                 path=self.logfile.path)
         if self.leader is not None:
             master['leader'] = {'lock': self.leader.describe(),
                                 'holder': self.leader.holder(),

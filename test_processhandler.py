@@ -1380,7 +1380,9 @@ def test_daemon_worker_stdio_goes_to_log_file(proj):
 @pytest.mark.parametrize('how', ['folder', 'missing_folder'])
 def test_log_file_that_cannot_be_opened(proj, how):
     """log_file naming a folder, or inside a missing one: start (daemon or
-    foreground) exits 1 with one line naming it, no traceback, no pidfile."""
+    foreground) exits with one line naming it, no traceback, no pidfile:
+    2 for the folder (a log_file of the wrong type, refused like a FIFO by
+    check_log_target), 1 for the missing folder (cannot open)."""
     log_file = os.path.join(proj.path, 'logs')
     if how == 'folder':
         os.mkdir(log_file)
@@ -1390,7 +1392,8 @@ def test_log_file_that_cannot_be_opened(proj, how):
     for args in (['start', '-d'], ['start', '-f']):
         res = proj.ph(*args)
         track_started(proj)
-        assert res.returncode == 1, (args, res.stdout, res.stderr)
+        assert res.returncode == (2 if how == 'folder' else 1), (
+            args, res.stdout, res.stderr)
         line = one_line(res)
         assert 'log_file' in line and log_file in line
         assert not os.path.exists(proj.pidfile)
@@ -5977,3 +5980,49 @@ def test_check_warns_on_setting_lookalike_keys_strict_fails(proj):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 3 and not any('warning' in l for l in lines), lines
     assert not os.path.exists(proj.pidfile)
+
+
+def test_log_on_a_full_tmpfs_counts_workers_write_errors(proj):
+    """The log on a small tmpfs that fills up while workers log (the
+    master idle): the workers' failed writes are counted in `status`, and
+    everything keeps running."""
+    needs_root()
+    mnt = os.path.join(proj.path, 'small')
+    os.mkdir(mnt)
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=256k', 'tmpfs',
+                       mnt], stderr=subprocess.DEVNULL).returncode != 0:
+        pytest.skip('cannot mount a tmpfs here')
+    try:
+        proj.write_module('chatty', '''
+            import time, processhandler
+            class Chatty(processhandler.Worker):
+                def run(self):
+                    self.log.info('one job done')
+                    time.sleep(0.02)
+                    return True
+        ''')
+        proj.write_config(worker_class='chatty:Chatty',
+                          log_file=os.path.join(mnt, 'master.log'))
+        master = proj.start_daemon()
+        proj.wait_running(2)
+        assert proj.status()['master']['log']['write_errors'] == 0
+        fd = os.open(os.path.join(mnt, 'filler'), os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b'x' * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+        def errors():
+            doc = proj.status()
+            lg = doc and doc['master']['log']
+            return lg and lg['write_errors'] > 0 and lg
+        lg = wait_for(errors)
+        assert 'No space left' in lg['last_error']
+        assert alive(master) and proj.running_workers(2)
+        assert proj.ph('stop').returncode == 0
+    finally:
+        proj.cleanup()
+        subprocess.run(['umount', mnt])
