@@ -21,12 +21,14 @@ Map of this file (sections in dependency order)::
     Logging                        one os.write() per record, O_APPEND, reopen
     Process utilities              titles, prctl, daemonize, instance lock,
                                    memory (RSS), CPU affinity, children
+    Leader lock                    FileLeader / RedisLeader, and Leadership:
+                                   active/standby, renew, fence, step down
     Scoreboard                     shared mmap: per-worker heartbeat and counts
     Workers                        Worker -> SyncWorker / ThreadWorker /
                                    GeventWorker / AsyncioWorker
     Arbiter                        the master: signals -> handle_<name>,
-                                   reap -> murder -> manage, the spare,
-                                   control socket
+                                   reap -> murder -> manage, the spare;
+                                   ControlServer: the control socket
     Manager                        uliweb-style programmatic front end
     Control client                 stop / status / reload / incr / decr
     CLI and main()
@@ -181,6 +183,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1          # could not start / did not stop in time
 EXIT_USAGE = 2            # usage or config error
 EXIT_NOT_RUNNING = 3      # LSB: program is not running
+EXIT_NO_PERMISSION = 4    # LSB: user had insufficient privilege
 
 # Exit statuses of worker processes, read by the master when it reaps them.
 WORKER_EXIT_OK = 0
@@ -361,10 +364,15 @@ class Setting(object):
 # mean", --set, `check` and the README's table all come from here.  A default
 # of None means "unset"; defaults that depend on other keys are filled in by
 # Config.__init__ (proc_name, base_path).
+# The scoreboard has a cell per worker process (4096): a reload runs two
+# generations side by side, plus the spare, so at most this many workers.
+MAX_WORKERS = 2000
+
 SETTINGS = [Setting(*row) for row in [
     ('worker_class', _worker_class, None,
      "'module:Class' of the worker; required from a config file"),
-    ('number_workers', _number(int, 1, 100000), 1, 'workers kept alive'),
+    ('number_workers', _number(int, 1, MAX_WORKERS), 1,
+     'workers kept alive'),
     ('worker_type', _choice('sync', 'thread', 'gevent', 'asyncio'), 'sync',
      'sync, thread, gevent (greenlets) or asyncio'),
     ('threads', _number(int, 1, 100000), 1,
@@ -773,6 +781,42 @@ def make_formatter(cfg):
     return LineFormatter(cfg.proc_name)
 
 
+def file_kind(mode):
+    """'a FIFO', 'a socket'... for the type bits of ``mode``."""
+    for test, name in ((stat.S_ISFIFO, 'a FIFO (named pipe)'),
+                       (stat.S_ISSOCK, 'a socket'),
+                       (stat.S_ISDIR, 'a directory'),
+                       (stat.S_ISBLK, 'a block device'),
+                       (stat.S_ISCHR, 'a character device'),
+                       (stat.S_ISREG, 'a regular file')):
+        if test(mode):
+            return name
+    return 'not a regular file'
+
+
+def check_log_target(path):
+    """Refuse a ``log_file`` that is neither a regular file nor a character
+    device (/dev/null, /dev/full, a tty); raise ConfigError.
+
+    Opening a FIFO for writing blocks until a reader comes (a start that
+    hangs for ever), a socket or a directory cannot be opened, a block
+    device would be overwritten.  A missing file is fine: it is created.
+    Only stat() here: the check itself must never block.
+    """
+    if not path:
+        return
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ConfigError('log_file %s: %s' % (path, e.strerror or e))
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        raise ConfigError('log_file %s is %s: it must be a regular file or '
+                          'a character device such as /dev/null'
+                          % (path, file_kind(st.st_mode)))
+
+
 class LogFile(object):
     """The log target of this process: stderr or a file opened O_APPEND.
 
@@ -788,6 +832,11 @@ class LogFile(object):
         self.redirect_stdio = redirect_stdio
         self.fd = 2
         self.failed = False
+        # Write failures (a full disk), for `status`: the log itself is the
+        # one place where nobody will read about them.  In shared memory:
+        # the workers, forked after this, count theirs into the same cells
+        # [count, errno, time] (an increment lost to a race is harmless).
+        self.failures = memoryview(mmap.mmap(-1, 24)).cast('d')
         if path == '-':        # log_file = -: stdout (containers)
             self.fd = 1
         elif path:
@@ -824,6 +873,8 @@ class LogFile(object):
                 n = os.write(self.fd, data)
                 data = data[n:]
         except OSError as e:
+            f = self.failures
+            f[0], f[1], f[2] = f[0] + 1, e.errno or 0, time.time()
             if not self.failed:
                 # Say it once, where someone may see it, then carry on: a
                 # full disk must not crash the master or a worker.
@@ -838,6 +889,14 @@ class LogFile(object):
                             break
                         except OSError:
                             pass
+
+    def write_errors(self):
+        """{'write_errors': N, 'last_error': text, 'last_error_at': time}
+        over this process and its children."""
+        n, code, when = self.failures
+        return {'write_errors': int(n),
+                'last_error': os.strerror(int(code)) if n else None,
+                'last_error_at': when or None}
 
     def close(self):
         if self.path and self.path != '-' and self.fd > 2:
@@ -1143,6 +1202,19 @@ def running_pid(path):
         os.close(fd)
 
 
+def foreign_file(st, what, path):
+    """Why a lock file we opened (``st``: its fstat) must not be used, or
+    None: not a regular file, or owned by another non-root user (a file
+    planted there to be locked for ever or to receive our writes)."""
+    if not stat.S_ISREG(st.st_mode):
+        return '%s %s is %s, not a regular file' % (
+            what, path, file_kind(st.st_mode))
+    if st.st_uid not in (os.geteuid(), 0):
+        return '%s %s is owned by uid %d, not by us' % (what, path,
+                                                         st.st_uid)
+    return None
+
+
 class PidFile(object):
     """The pid file, doubling as the instance lock.
 
@@ -1169,13 +1241,10 @@ class PidFile(object):
             raise HaltServer('cannot open pidfile %s: %s (directory %s)'
                              % (self.path, e.strerror, d))
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        problem = foreign_file(st, 'pidfile', self.path)
+        if problem:
             os.close(fd)
-            raise HaltServer('pidfile %s is not a regular file' % self.path)
-        if st.st_uid not in (os.geteuid(), 0):
-            os.close(fd)
-            raise HaltServer('pidfile %s is owned by uid %d, not by us'
-                             % (self.path, st.st_uid))
+            raise HaltServer(problem)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -1488,13 +1557,38 @@ class FileLeader(object):
     def describe(self):
         return 'file:%s' % self.path
 
-    def acquire(self):
+    def check(self):
+        """At start: refuse a lock file we must not use (HaltServer), as
+        the pidfile's: otherwise every master stands by for ever."""
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT |
+            self.discard(self.open())
+        except LeaderError as e:
+            raise HaltServer('leader_lock: %s' % e)
+
+    def open(self):
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK |
                          getattr(os, 'O_NOFOLLOW', 0) |
                          getattr(os, 'O_CLOEXEC', 0), 0o644)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise LeaderError('%s is a symbolic link: refusing to '
+                                  'follow it' % self.path)
             raise LeaderError('cannot open %s: %s' % (self.path, e.strerror))
+        problem = foreign_file(os.fstat(fd), 'lock file', self.path)
+        if problem:
+            os.close(fd)
+            raise LeaderError(problem)
+        return fd
+
+    def discard(self, fd):
+        # Closing any descriptor of the file drops this process's POSIX
+        # locks on it: never while we hold the lock.
+        if self.fd is None:
+            os.close(fd)
+
+    def acquire(self):
+        fd = self.open()
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -1623,6 +1717,104 @@ def make_leader(cfg):
     if cfg.leader_lock.startswith('file:'):
         return FileLeader(os.path.join(cfg.base_path, cfg.leader_lock[5:]))
     return RedisLeader(cfg.leader_lock, cfg.leader_ttl)
+
+
+class Leadership(object):
+    """Active / standby through the leader lock, owned by the Arbiter.
+
+    A standby polls the lock; an active master renews it and fences
+    itself: when it cannot renew in time it stops every worker before
+    its lease can expire (step_down), so two masters never run workers
+    at once.  ``lock`` is a FileLeader or RedisLeader.
+    """
+
+    def __init__(self, arbiter, lock):
+        self.arbiter = arbiter
+        self.lock = lock
+        self.active = False
+        self.next_at = 0.0      # next renew (active) or poll (standby)
+        self.warned = None      # the last LeaderError logged
+
+    def step_down_at(self):
+        """When an active master that could not renew must start stopping
+        its workers so that all are dead before its lease can expire:
+        expiry - (grace + margin), grace capped at a third of the TTL."""
+        ttl = self.lock.ttl
+        return self.lock.expires - self.step_down_grace() - \
+            min(1.0, ttl / 10.0)
+
+    def step_down_grace(self):
+        return min(self.arbiter.cfg.graceful_timeout, self.lock.ttl / 3.0)
+
+    def tended(self):
+        """A standby polls until it stops; an active master renews until
+        its last worker is gone, a stopping one included: workers slow to
+        finish must not outlive the lease while a standby takes over."""
+        a = self.arbiter
+        return not a.stopping or (self.active and bool(a.procs))
+
+    def deadlines(self):
+        """The loop's wake-up times for the lock (next_deadline)."""
+        if not self.tended():
+            return []
+        if self.active:
+            return [self.next_at, self.step_down_at()]
+        return [self.next_at]
+
+    def tend(self):
+        """Renew (active) or try to take (standby) the leader lock."""
+        if not self.tended():
+            return
+        now = time.monotonic()
+        if now < self.next_at and not (
+                self.active and now >= self.step_down_at()):
+            return
+        ttl = self.lock.ttl
+        try:
+            if self.active:
+                if self.lock.renew():
+                    self.next_at = now + ttl / 3.0
+                    self.warned = None
+                else:
+                    return self.step_down('lost the leader lock (taken '
+                                          'by %s)' % self.lock.holder())
+            elif self.lock.acquire():
+                self.become_active()
+            else:
+                self.next_at = now + min(0.5, ttl / 4.0)
+            self.warned = None
+        except LeaderError as e:
+            if str(e) != self.warned:
+                log.warning('leader lock: %s', e)
+                self.warned = str(e)
+            self.next_at = now + min(0.5, ttl / 4.0)
+        if self.active and time.monotonic() >= self.step_down_at():
+            self.step_down('could not renew the leader lock in time')
+
+    def become_active(self):
+        self.active = True
+        self.next_at = time.monotonic() + self.lock.ttl / 3.0
+        log.info('leader lock %s taken: active, starting %d worker(s)',
+                 self.lock.describe(), self.arbiter.num_workers)
+        sd_notify('STATUS=active, %d workers' % self.arbiter.num_workers)
+
+    def step_down(self, why):
+        """Stand by: stop every worker before the lease can expire."""
+        a = self.arbiter
+        self.active = False
+        a.discard_spare('standing down')
+        expiry = self.lock.expires
+        log.error('standing down: %s; stopping %d worker(s) before the '
+                  'lease expires', why, len(a.procs))
+        kill_by = time.monotonic() + self.step_down_grace()
+        if expiry != float('inf'):
+            kill_by = min(kill_by, expiry - min(1.0, self.lock.ttl / 10.0))
+        for proc in list(a.procs.values()):
+            a.stop_worker(proc, 'standing down')
+            if proc.kill_at is not None:
+                proc.kill_at = min(proc.kill_at, kill_by)
+        self.next_at = time.monotonic() + min(0.5, self.lock.ttl / 4)
+        sd_notify('STATUS=standby')
 
 
 ###############################################################################
@@ -2813,6 +3005,151 @@ def describe_status(status):
     return 'status %d' % status
 
 
+# -- control server -------------------------------------------------------------
+
+class ControlServer(object):
+    """The master's control socket (unix, mode 0600) for the CLI.
+
+    One JSON request per connection, one JSON reply.  Only root and the
+    master's own uid may talk to it (SO_PEERCRED).  ``requests`` maps a
+    request's ``cmd`` to a method ``fn(req, conn)``: it returns the reply,
+    or None when it keeps ``conn`` to answer later with ``reply()``.
+    """
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.path = None
+        self.sock = None
+        self.buffers = {}       # conn -> bytes received so far
+        self.requests = {'status': self.request_status,
+                         'incr': self.request_scale,
+                         'decr': self.request_scale}
+
+    def open(self):
+        """Bind the socket beside the pidfile and watch it."""
+        a = self.arbiter
+        path = self.path = control_path(a.pidfile.path)
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)   # ours: we hold the instance lock
+        except OSError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        except OSError as e:
+            sock.close()
+            raise HaltServer('cannot create control socket %s: %s'
+                             % (path, e.strerror))
+        finally:
+            os.umask(old)
+        sock.listen(16)
+        sock.setblocking(False)
+        self.sock = sock
+        a.selector.register(sock, selectors.EVENT_READ, self.accept)
+
+    def close(self):
+        if self.sock is None:
+            return
+        try:
+            self.arbiter.selector.unregister(self.sock)
+        except (KeyError, ValueError):
+            pass
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        self.sock.close()
+        self.sock = None
+
+    def accept(self, sock):
+        try:
+            conn, _ = sock.accept()
+        except OSError:
+            return
+        if not self.peer_allowed(conn):
+            conn.close()
+            return
+        conn.setblocking(False)
+        self.arbiter.selector.register(conn, selectors.EVENT_READ, self.read)
+        self.buffers[conn] = b''
+
+    def peer_allowed(self, conn):
+        cred = getattr(socket, 'SO_PEERCRED', None)
+        if cred is None:
+            return True
+        try:
+            raw = conn.getsockopt(socket.SOL_SOCKET, cred,
+                                  struct.calcsize('3i'))
+            uid = struct.unpack('3i', raw)[1]
+        except OSError:
+            return False
+        return uid in (0, os.geteuid())
+
+    def read(self, conn):
+        try:
+            data = conn.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b''
+        buf = self.buffers.get(conn, b'') + data
+        if data and b'\n' not in buf and len(buf) < 65536:
+            self.buffers[conn] = buf
+            return
+        self.arbiter.selector.unregister(conn)
+        self.buffers.pop(conn, None)
+        if b'\n' not in buf:
+            conn.close()
+            return
+        reply = self.handle(buf.split(b'\n', 1)[0], conn)
+        if reply is not None:
+            self.reply(conn, reply)
+
+    def handle(self, line, conn):
+        """The reply to one request line (None: a handler answers later)."""
+        try:
+            req = json.loads(line.decode('utf-8'))
+            cmd = req['cmd']
+            fn = self.requests.get(cmd)
+        except (ValueError, KeyError, TypeError):
+            return {'ok': False, 'error': 'bad request'}
+        if fn is None:
+            return {'ok': False, 'error': 'unknown command %r' % (cmd,)}
+        return fn(req, conn)
+
+    def reply(self, conn, doc):
+        """Send ``doc`` as one JSON line and close the connection."""
+        try:
+            conn.setblocking(True)
+            conn.settimeout(2.0)
+            conn.sendall(json.dumps(doc).encode('utf-8') + b'\n')
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def request_status(self, req, conn):
+        return self.arbiter.status()
+
+    def request_scale(self, req, conn):
+        """incr / decr N."""
+        a = self.arbiter
+        n = req.get('n', 1)
+        if not isinstance(n, int) or n < 1:
+            return {'ok': False, 'error': 'N must be a positive number'}
+        if req['cmd'] == 'incr' and a.num_workers + n > MAX_WORKERS:
+            return {'ok': False, 'error': 'incr %d refused: %d + %d worker(s) '
+                    'would exceed the maximum of %d' % (
+                        n, a.num_workers, n, MAX_WORKERS)}
+        target = a.num_workers + n if req['cmd'] == 'incr' else \
+            max(1, a.num_workers - n)
+        a.set_num_workers(target, req['cmd'])
+        a.manage_workers()
+        return {'ok': True, 'number_workers': a.num_workers}
+
+
 class Arbiter(object):
     """The master: keeps ``number_workers`` worker processes alive.
 
@@ -2864,16 +3201,13 @@ class Arbiter(object):
         self.next_memory_check = 0.0
         self.watchdog = watchdog_interval()   # systemd WATCHDOG_USEC / 2
         self.next_watchdog = 0.0
-        self.leader = None         # FileLeader / RedisLeader, if configured
-        self.active = True         # False: standby (leader lock not held)
-        self.next_leader = 0.0     # next renew (active) or poll (standby)
-        self.leader_warned = None
+        self.leadership = None     # Leadership, with leader_lock set
         self.pidfile = None
         self.instance = 1
         self.logfile = None
         self.board = None
         self.selector = None
-        self.control = None
+        self.control_server = ControlServer(self)
         self.sockets = []          # listeners shared by every worker
         self.accept_fd = None      # accept_lock's file
         self.uid = self.gid = None
@@ -2885,6 +3219,27 @@ class Arbiter(object):
         self.dead_spares = set()   # discarded spares not reaped yet
         self.spare_failures = 0    # spares that died on their own, in a row
         self.next_spare = 0.0      # no spare before (backoff after deaths)
+
+    @property
+    def control(self):
+        """The control socket, or None (closed in children)."""
+        return self.control_server.sock
+
+    def open_control(self):
+        self.control_server.open()
+
+    def close_control(self):
+        self.control_server.close()
+
+    @property
+    def leader(self):
+        """The leader lock (FileLeader / RedisLeader), or None."""
+        return self.leadership.lock if self.leadership else None
+
+    @property
+    def active(self):
+        """False while on standby (the leader lock is held elsewhere)."""
+        return self.leadership.active if self.leadership else True
 
     # -- setup ----------------------------------------------------------------
 
@@ -2901,16 +3256,18 @@ class Arbiter(object):
         self.uid, self.gid = resolve_user_group(cfg.user, cfg.group)
         self.acquire_instance()
         self.open_sockets()
-        self.leader = make_leader(cfg)
-        if self.leader is not None:
-            self.active = False
+        lock = make_leader(cfg)
+        if lock is not None:
+            self.leadership = Leadership(self, lock)
             held = (self.upgrade or {}).get('leader')
             if held:   # USR2: the lease is ours already, keep it
-                self.leader.token = held['token']
-                self.leader.expires = held['expires']
-                self.leader.fd = held.get('fd')
-                self.active = True
-            self.tend_leader()
+                lock.token = held['token']
+                lock.expires = held['expires']
+                lock.fd = held.get('fd')
+                self.leadership.active = True
+            elif isinstance(lock, FileLeader):
+                lock.check()
+            self.leadership.tend()
         if not prctl(PR_SET_CHILD_SUBREAPER, 1):
             log.info('not a child subreaper on this platform: orphaned '
                      'grandchildren go to init')
@@ -3077,7 +3434,8 @@ class Arbiter(object):
                 return
             self.murder_workers()
             self.check_memory()
-            self.tend_leader()
+            if self.leadership is not None:
+                self.leadership.tend()
             self.manage_workers()
             self.flush_logs()
             self.check_ready()
@@ -3108,10 +3466,8 @@ class Arbiter(object):
             deadlines.append(self.next_spare)
         if self.watchdog:
             deadlines.append(self.next_watchdog)
-        if self.leader_tended():
-            deadlines.append(self.next_leader)
-            if self.active:
-                deadlines.append(self.step_down_at())
+        if self.leadership is not None:
+            deadlines.extend(self.leadership.deadlines())
         deadlines = [d for d in deadlines if d != float('inf')]
         if not deadlines:
             return None
@@ -3162,80 +3518,6 @@ class Arbiter(object):
         sd_notify('READY=1\nSTATUS=%d workers\nMAINPID=%d'
                   % (self.num_workers, self.pid))
 
-    # -- leader lock (active / standby) -------------------------------------------
-
-    def step_down_at(self):
-        """When an active master that could not renew must start stopping
-        its workers so that all are dead before its lease can expire:
-        expiry - (grace + margin), grace capped at a third of the TTL."""
-        ttl = self.leader.ttl
-        return self.leader.expires - self.step_down_grace() - \
-            min(1.0, ttl / 10.0)
-
-    def step_down_grace(self):
-        return min(self.cfg.graceful_timeout, self.leader.ttl / 3.0)
-
-    def leader_tended(self):
-        """A standby polls until it stops; an active master renews until
-        its last worker is gone, a stopping one included: workers slow to
-        finish must not outlive the lease while a standby takes over."""
-        return self.leader is not None and (
-            not self.stopping or (self.active and bool(self.procs)))
-
-    def tend_leader(self):
-        """Renew (active) or try to take (standby) the leader lock."""
-        if not self.leader_tended():
-            return
-        now = time.monotonic()
-        if now < self.next_leader and not (
-                self.active and now >= self.step_down_at()):
-            return
-        ttl = self.leader.ttl
-        try:
-            if self.active:
-                if self.leader.renew():
-                    self.next_leader = now + ttl / 3.0
-                    self.leader_warned = None
-                else:
-                    return self.step_down('lost the leader lock (taken '
-                                          'by %s)' % self.leader.holder())
-            elif self.leader.acquire():
-                self.become_active()
-            else:
-                self.next_leader = now + min(0.5, ttl / 4.0)
-            self.leader_warned = None
-        except LeaderError as e:
-            if str(e) != self.leader_warned:
-                log.warning('leader lock: %s', e)
-                self.leader_warned = str(e)
-            self.next_leader = now + min(0.5, ttl / 4.0)
-        if self.active and time.monotonic() >= self.step_down_at():
-            self.step_down('could not renew the leader lock in time')
-
-    def become_active(self):
-        self.active = True
-        self.next_leader = time.monotonic() + self.leader.ttl / 3.0
-        log.info('leader lock %s taken: active, starting %d worker(s)',
-                 self.leader.describe(), self.num_workers)
-        sd_notify('STATUS=active, %d workers' % self.num_workers)
-
-    def step_down(self, why):
-        """Stand by: stop every worker before the lease can expire."""
-        self.active = False
-        self.discard_spare('standing down')
-        expiry = self.leader.expires
-        log.error('standing down: %s; stopping %d worker(s) before the '
-                  'lease expires', why, len(self.procs))
-        kill_by = time.monotonic() + self.step_down_grace()
-        if expiry != float('inf'):
-            kill_by = min(kill_by, expiry - min(1.0, self.leader.ttl / 10.0))
-        for proc in list(self.procs.values()):
-            self.stop_worker(proc, 'standing down')
-            if proc.kill_at is not None:
-                proc.kill_at = min(proc.kill_at, kill_by)
-        self.next_leader = time.monotonic() + min(0.5, self.leader.ttl / 4)
-        sd_notify('STATUS=standby')
-
     def feed_watchdog(self):
         """WATCHDOG=1 at half of WATCHDOG_USEC, from the loop itself: a
         master stuck anywhere stops feeding it and systemd restarts it."""
@@ -3282,6 +3564,10 @@ class Arbiter(object):
 
     def handle_ttin(self):
         """One more worker (saved to the config with `start --save`)."""
+        if self.num_workers >= MAX_WORKERS:
+            log.warning('TTIN ignored: %d worker(s) is the maximum',
+                        MAX_WORKERS)
+            return
         self.set_num_workers(self.num_workers + 1, 'TTIN')
         self.save_num_workers()
 
@@ -4190,116 +4476,15 @@ class Arbiter(object):
             self.pidfile.release()
         signal.set_wakeup_fd(-1)
 
-    # -- control socket ---------------------------------------------------------
-
-    def open_control(self):
-        """A unix socket, mode 0600, for status/incr/decr from the CLI."""
-        path = self.control_path = control_path(self.pidfile.path)
-        try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)   # ours: we hold the instance lock
-        except OSError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            sock.bind(path)
-        except OSError as e:
-            sock.close()
-            raise HaltServer('cannot create control socket %s: %s'
-                             % (path, e.strerror))
-        finally:
-            os.umask(old)
-        sock.listen(16)
-        sock.setblocking(False)
-        self.control = sock
-        self.selector.register(sock, selectors.EVENT_READ,
-                               self.accept_control)
-
-    def close_control(self):
-        if self.control is None:
-            return
-        try:
-            self.selector.unregister(self.control)
-        except (KeyError, ValueError):
-            pass
-        try:
-            os.unlink(self.control_path)
-        except OSError:
-            pass
-        self.control.close()
-        self.control = None
-
-    def accept_control(self, sock):
-        try:
-            conn, _ = sock.accept()
-        except OSError:
-            return
-        if not self.peer_allowed(conn):
-            conn.close()
-            return
-        conn.setblocking(False)
-        self.selector.register(conn, selectors.EVENT_READ, self.read_control)
-        self._control_buf = getattr(self, '_control_buf', {})
-        self._control_buf[conn] = b''
-
-    def peer_allowed(self, conn):
-        cred = getattr(socket, 'SO_PEERCRED', None)
-        if cred is None:
-            return True
-        try:
-            raw = conn.getsockopt(socket.SOL_SOCKET, cred,
-                                  struct.calcsize('3i'))
-            uid = struct.unpack('3i', raw)[1]
-        except OSError:
-            return False
-        return uid in (0, os.geteuid())
-
-    def read_control(self, conn):
-        try:
-            data = conn.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b''
-        buf = self._control_buf.get(conn, b'') + data
-        if data and b'\n' not in buf and len(buf) < 65536:
-            self._control_buf[conn] = buf
-            return
-        self.selector.unregister(conn)
-        self._control_buf.pop(conn, None)
-        try:
-            if b'\n' in buf:
-                reply = self.control_command(buf.split(b'\n', 1)[0])
-                conn.setblocking(True)
-                conn.settimeout(2.0)
-                conn.sendall(json.dumps(reply).encode('utf-8') + b'\n')
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def control_command(self, line):
-        try:
-            req = json.loads(line.decode('utf-8'))
-            cmd = req['cmd']
-        except (ValueError, KeyError, TypeError):
-            return {'ok': False, 'error': 'bad request'}
-        if cmd == 'status':
-            return self.status()
-        if cmd in ('incr', 'decr'):
-            n = req.get('n', 1)
-            if not isinstance(n, int) or n < 1:
-                return {'ok': False, 'error': 'N must be a positive number'}
-            target = self.num_workers + n if cmd == 'incr' else \
-                max(1, self.num_workers - n)
-            self.set_num_workers(target, cmd)
-            self.manage_workers()
-            return {'ok': True, 'number_workers': self.num_workers}
-        return {'ok': False, 'error': 'unknown command %r' % cmd}
+    # -- status -----------------------------------------------------------------
 
     def status(self):
+        """The `status --json` document."""
         now = time.monotonic()
+        return {'master': self.master_status(now),
+                'workers': self.worker_rows(now)}
+
+    def master_status(self, now):
         cfg = self.cfg
         master = {'pid': self.pid, 'proc_name': cfg.proc_name,
                   'state': 'active' if self.active else 'standby',
@@ -4315,6 +4500,9 @@ class Arbiter(object):
                   'daemonized': self.daemonized,
                   'pidfile': self.pidfile.path,
                   'listeners': [listener_name(s) for s in self.sockets]}
+        if self.logfile is not None:
+            master['log'] = dict(self.logfile.write_errors(),
+                                 path=self.logfile.path)
         if self.leader is not None:
             master['leader'] = {'lock': self.leader.describe(),
                                 'holder': self.leader.holder(),
@@ -4322,6 +4510,9 @@ class Arbiter(object):
             if self.active and self.leader.expires != float('inf'):
                 master['leader']['lease_left'] = round(
                     self.leader.expires - now, 3)
+        return master
+
+    def worker_rows(self, now):
         rows = []
         for slot in sorted(self.slots.values(), key=lambda s: s.number):
             for proc in slot.procs():
@@ -4341,7 +4532,7 @@ class Arbiter(object):
             if id(proc) not in known:
                 rows.append(self.proc_row(proc, now))
         rows.sort(key=lambda r: (r['slot'], r['pid'] or 0))
-        return {'master': master, 'workers': rows}
+        return rows
 
     def proc_row(self, proc, now):
         b = self.board
@@ -4552,7 +4743,11 @@ def save_number_workers(path, section, n):
 
     Every other byte of the file stays as it was (comments, order, blank
     lines, line endings); mode and owner are kept; temp file + rename.
+    A symlinked config is edited at its target (the link stays a link).
     """
+    # Renaming over the link would replace the link by a regular file and
+    # leave the file it points to unchanged.
+    path = os.path.realpath(path)
     with open(path, encoding='utf-8', newline='') as f:
         lines = f.read().splitlines(True)
     out, in_section, done, insert_at = [], False, False, None
@@ -4584,15 +4779,22 @@ def save_number_workers(path, section, n):
         while insert_at > 0 and not out[insert_at - 1].strip():
             insert_at -= 1
         out.insert(insert_at, 'number_workers = %d%s' % (n, eol))
+    replace_file(path, ''.join(out))
+
+
+def replace_file(path, text):
+    """Write ``text`` over ``path`` atomically (temp file + rename),
+    keeping its mode and owner; refuse a read-only file."""
     st = os.stat(path)
-    if not os.access(path, os.W_OK):
-        # The rename below would replace a read-only file: respect it.
+    if not os.access(path, os.W_OK) or not st.st_mode & 0o222:
+        # The rename below would replace a read-only file: respect it,
+        # also as root (access() says yes to root; the mode bits say no).
         raise OSError(errno.EACCES, 'the file is read-only')
     fd, tmp = tempfile.mkstemp(prefix='.%s.' % os.path.basename(path),
                                dir=os.path.dirname(path))
     try:
         with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
-            f.write(''.join(out))
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, stat.S_IMODE(st.st_mode))
@@ -4611,10 +4813,6 @@ def save_number_workers(path, section, n):
 # CLI #########################################################################
 ###############################################################################
 
-COMMANDS = ('start', 'stop', 'restart', 'reload', 'status', 'incr', 'decr',
-            'reopen', 'check')
-
-
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         # One line, exit 2: the usage block is one -h away.
@@ -4626,7 +4824,8 @@ def build_parser():
         prog='processhandler',
         description='Master/worker process manager. Commands: %s.'
         % ', '.join(COMMANDS))
-    p.add_argument('command', nargs='?', default='start', choices=COMMANDS,
+    p.add_argument('command', nargs='?', default='start',
+                   choices=list(COMMANDS),
                    metavar='COMMAND', help='one of %s (default: start)'
                    % ', '.join(COMMANDS))
     p.add_argument('n', nargs='?', type=int, default=None, metavar='N',
@@ -4647,6 +4846,8 @@ def build_parser():
     p.add_argument('--print', action='store_true', dest='print_config',
                    help='check: also print the effective config, each value '
                    'with where it came from')
+    p.add_argument('--strict', action='store_true', help='check: unknown '
+                   'keys that look like a misspelt setting are errors')
     p.add_argument('--save', action='store_true', help='incr/decr: also '
                    'write number_workers into the config file; start: '
                    'TTIN/TTOU do too')
@@ -4687,6 +4888,10 @@ def take_upgrade_state():
 def cmd_start(cfg, args):
     for problem in not_yet_supported(cfg):
         raise ConfigError(problem)
+    try:
+        check_log_target(cfg.log_file)
+    except ConfigError as e:
+        raise ConfigError('%s %s' % (cfg.where(), e))
     worker_class = load_worker_class(cfg)
     for problem in worker_class_problems(cfg, worker_class):
         raise ConfigError(problem)
@@ -4723,13 +4928,28 @@ def cmd_start(cfg, args):
     return status
 
 
+def not_permitted(pid, path):
+    """One line and LSB status 4 for a command the OS refused: a master
+    of another user (root) is signalled and asked only by that user."""
+    try:
+        owner = ' (it runs as uid %d)' % os.stat(path).st_uid
+    except OSError:
+        owner = ''
+    complain('not permitted to control master pid %d%s: run this command '
+             'as the same user or as root' % (pid, owner))
+    return EXIT_NO_PERMISSION
+
+
 def cmd_stop(cfg, args):
     found = target_instances(cfg, args)
     if not found:
         say('not running')
         return EXIT_OK
     for n, path, pid in found:
-        os.kill(pid, signal.SIGTERM)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except PermissionError:
+            return not_permitted(pid, path)
     limit = args.timeout if args.timeout is not None else \
         cfg.graceful_timeout + 10
     # Gone means: lock released AND process exited (it releases the lock
@@ -4804,7 +5024,10 @@ def signal_instances(cfg, args, sig, done):
         say('not running')
         return EXIT_NOT_RUNNING
     for n, path, pid in found:
-        os.kill(pid, sig)
+        try:
+            os.kill(pid, sig)
+        except PermissionError:
+            return not_permitted(pid, path)
         say('%s (pid %d)' % (done, pid))
     return EXIT_OK
 
@@ -4830,7 +5053,10 @@ def cmd_status(cfg, args):
     docs, status = [], EXIT_OK
     for n, path, pid in found:
         try:
-            docs.append(control_request(path, {'cmd': 'status'}))
+            docs.append(pids_seen_here(control_request(
+                path, {'cmd': 'status'}), pid))
+        except PermissionError:
+            return not_permitted(pid, path)
         except (OSError, ValueError) as e:
             complain('master pid %d holds %s but its control socket does '
                      'not answer (%s)' % (pid, path, e))
@@ -4844,6 +5070,45 @@ def cmd_status(cfg, args):
     return status
 
 
+def nspid(pid):
+    """[pid as seen here, ..., pid in its own namespace] (/proc NSpid)."""
+    try:
+        with open('/proc/%d/status' % pid) as f:
+            for line in f:
+                if line.startswith('NSpid:'):
+                    return [int(p) for p in line.split()[1:]]
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def pids_seen_here(doc, pid):
+    """A status document from a master in another pid namespace (a
+    container) names the pids of that namespace ("master 1"): a `kill` of
+    them here would hit other processes.  Put the pids as seen here in
+    ``pid`` and the namespace's in ``ns_pid`` (None where not visible).
+    ``pid``: the master as we see it (the holder of the lock)."""
+    m = doc.get('master') or {}
+    if m.get('pid') in (None, pid):
+        return doc
+    seen = {}
+    for p in [pid] + sorted(child_pids(pid)):
+        ns = nspid(p)
+        if ns:
+            seen[ns[-1]] = p
+    try:
+        m['pid_namespace'] = os.readlink('/proc/%d/ns/pid' % pid)
+    except OSError:
+        m['pid_namespace'] = 'another pid namespace'
+    m['ns_pid'], m['pid'] = m['pid'], pid
+    if m.get('spare'):
+        m['spare'] = seen.get(m['spare'])
+    for w in doc.get('workers', ()):
+        if w.get('pid'):
+            w['ns_pid'], w['pid'] = w['pid'], seen.get(w['pid'])
+    return doc
+
+
 def format_status(doc):
     m = doc['master']
     running = sum(1 for w in doc['workers'] if w['state'] == 'running')
@@ -4854,6 +5119,9 @@ def format_status(doc):
                  m['config'] or '-', m['section'],
                  ' instance %d' % m['instance'] if m['instance'] > 1
                  else '')]
+    if m.get('ns_pid') is not None:
+        lines.append('pids as seen here; in its own pid namespace (%s) the '
+                     'master is %d' % (m['pid_namespace'], m['ns_pid']))
     lead = m.get('leader')
     if lead:
         holder = lead.get('holder') or 'nobody'
@@ -4862,6 +5130,12 @@ def format_status(doc):
         lines.append('leader lock %s: held by %s%s' % (
             lead['lock'], holder, ', lease %.1fs left' % lead['lease_left']
             if lead.get('lease_left') is not None else ''))
+    logf = m.get('log') or {}
+    if logf.get('write_errors'):
+        lines.append('log %s: %d write error(s), the last at %s: %s' % (
+            logf['path'] or 'stderr', logf['write_errors'], time.strftime(
+                '%Y-%m-%d %H:%M:%S', time.localtime(logf['last_error_at'])),
+            logf['last_error']))
     lines.append('%-5s %-8s %-9s %9s %8s %9s' % (
         'slot', 'pid', 'state', 'requests', 'rss_mb', 'age'))
     for w in doc['workers']:
@@ -4891,6 +5165,9 @@ def cmd_incr(cfg, args, sign=1):
     n = 1 if args.n is None else args.n
     if n < 1:
         raise ConfigError('N must be a positive number, got %d' % n)
+    if n > MAX_WORKERS:
+        raise ConfigError('N must be at most %d (the maximum number of '
+                          'workers), got %d' % (MAX_WORKERS, n))
     found = target_instances(cfg, args)
     if not found:
         say('not running')
@@ -4900,9 +5177,14 @@ def cmd_incr(cfg, args, sign=1):
         try:
             reply = control_request(path, {'cmd': 'incr' if sign > 0
                                             else 'decr', 'n': n})
+        except PermissionError:
+            return not_permitted(pid, path)
         except (OSError, ValueError) as e:
             complain('master pid %d does not answer: %s' % (pid, e))
             return EXIT_FAILURE
+        if not reply.get('ok'):
+            complain('pid %d: %s' % (pid, reply.get('error')))
+            return EXIT_USAGE
         new = reply['number_workers']
         say('pid %d: %d worker(s)' % (pid, new))
     if args.save and new is not None:
@@ -4936,11 +5218,21 @@ def cmd_check(cfg, args):
     else:
         problems += worker_class_problems(cfg, cls) or gevent_imports(cfg)
     for key, hint in cfg.unknown_keys():
-        if hint:
-            problems.append("%s %s: unknown key; did you mean '%s'?"
-                            % (cfg.where(), key, hint))
+        notes.append(key)
+        if not hint:
+            continue
+        # A worker key that merely looks like a setting (job_timeout) is
+        # legitimate: a warning, an error only with --strict.
+        msg = ("%s %s: unknown key, passed to the workers as a string; did "
+               "you mean '%s'?" % (cfg.where(), key, hint))
+        if args.strict:
+            problems.append(msg)
         else:
-            notes.append(key)
+            complain('warning: ' + msg)
+    try:
+        check_log_target(cfg.log_file)
+    except ConfigError as e:
+        problems.append('%s %s' % (cfg.where(), e))
     try:
         resolve_user_group(cfg.user, cfg.group)
     except ConfigError as e:
@@ -5009,6 +5301,12 @@ def format_config(cfg):
         for k, v, src in rows])
 
 
+# The commands, in the order --help lists them: name -> cmd_<name>(cfg, args).
+COMMANDS = {'start': cmd_start, 'stop': cmd_stop, 'restart': cmd_restart,
+            'reload': cmd_reload, 'status': cmd_status, 'incr': cmd_incr,
+            'decr': cmd_decr, 'reopen': cmd_reopen, 'check': cmd_check}
+
+
 def main(argv=None):
     """Command-line entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -5025,7 +5323,7 @@ def main(argv=None):
                 complain("%s %s: unknown key, passed to workers as a "
                          "string; did you mean '%s'?"
                          % (cfg.where(), key, hint))
-        return globals()['cmd_' + args.command](cfg, args)
+        return COMMANDS[args.command](cfg, args)
     except ConfigError as e:
         complain(e)
         return EXIT_USAGE

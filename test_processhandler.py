@@ -898,10 +898,11 @@ def test_hard_memory_limit_must_exceed_soft(proj, soft, hard):
 
 
 def test_misspelt_key_did_you_mean(proj):
-    """`number_worker = 3`: check fails (exit 2) with a suggestion; start
-    warns in one line and runs with the default (the key is not applied)."""
+    """`number_worker = 3`: check --strict fails (exit 2) with a suggestion;
+    start warns in one line and runs with the default (the key is not
+    applied)."""
     proj.write_config(number_workers=None, number_worker=3)
-    res = proj.ph('check')
+    res = proj.ph('check', '--strict')
     assert_one_line_error(res, proj.config, '[job]', 'number_worker',
                           "did you mean 'number_workers'")
     res = proj.ph('start', '-d')
@@ -1124,7 +1125,8 @@ def test_check_ok_and_problems(proj):
         assert_one_line_error(res, proj.config, '[job]', 'worker_class',
                               needle)
     proj.write_config(number_workers=None, number_worker=2)
-    assert_one_line_error(proj.ph('check'), "did you mean 'number_workers'")
+    assert_one_line_error(proj.ph('check', '--strict'),
+                          "did you mean 'number_workers'")
     assert not os.path.exists(proj.pidfile)
     assert not os.path.exists(proj.events_path)
 
@@ -1382,7 +1384,9 @@ def test_daemon_worker_stdio_goes_to_log_file(proj):
 @pytest.mark.parametrize('how', ['folder', 'missing_folder'])
 def test_log_file_that_cannot_be_opened(proj, how):
     """log_file naming a folder, or inside a missing one: start (daemon or
-    foreground) exits 1 with one line naming it, no traceback, no pidfile."""
+    foreground) exits with one line naming it, no traceback, no pidfile:
+    2 for the folder (a log_file of the wrong type, refused like a FIFO by
+    check_log_target), 1 for the missing folder (cannot open)."""
     log_file = os.path.join(proj.path, 'logs')
     if how == 'folder':
         os.mkdir(log_file)
@@ -1392,7 +1396,8 @@ def test_log_file_that_cannot_be_opened(proj, how):
     for args in (['start', '-d'], ['start', '-f']):
         res = proj.ph(*args)
         track_started(proj)
-        assert res.returncode == 1, (args, res.stdout, res.stderr)
+        assert res.returncode == (2 if how == 'folder' else 1), (
+            args, res.stdout, res.stderr)
         line = one_line(res)
         assert 'log_file' in line and log_file in line
         assert not os.path.exists(proj.pidfile)
@@ -6150,3 +6155,297 @@ def test_bench_chart_is_drawn_from_results_and_well_formed(tmp_path):
         assert f.read() == g.read(), 'run bench/run.py --svg-only'
     with open(README, encoding='utf-8') as f:
         assert '(bench/results.svg)' in f.read()
+
+
+# ==== control server, leadership, CLI error paths, log targets (issue 12) ====
+
+def needs_root():
+    if os.geteuid() != 0:
+        pytest.skip('needs root')
+
+
+def as_nobody(*args, **kw):
+    """Run the CLI as user nobody (setpriv); return CompletedProcess."""
+    nobody = pwd.getpwnam('nobody')
+    cmd = ['setpriv', '--reuid=%d' % nobody.pw_uid,
+           '--regid=%d' % nobody.pw_gid, '--clear-groups', PY, PH] + list(
+               args)
+    return subprocess.run(cmd, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=60, cwd='/',
+                          env=dict(os.environ, HOME='/'), **kw)
+
+
+@pytest.fixture
+def open_proj():
+    """A Project in a folder every user may traverse (not under the
+    private pytest tmp folder), for commands run as another user."""
+    import tempfile
+    d = tempfile.mkdtemp(prefix='ph-open-', dir='/tmp')
+    os.chmod(d, 0o755)
+    p = Project(d)
+    try:
+        yield p
+    finally:
+        left = p.cleanup()
+        shutil.rmtree(d, ignore_errors=True)
+    assert not left, 'processes left behind: %s' % left
+
+
+def test_log_file_fifo_or_socket_refused_quickly(proj):
+    """A FIFO or a unix socket as log_file: check and start exit 2 with
+    one line at once (opening a FIFO would block for ever); /dev/null is
+    a fine log."""
+    fifo = os.path.join(proj.path, 'log.fifo')
+    os.mkfifo(fifo)
+    sockpath = os.path.join(proj.path, 'log.sock')
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(sockpath)
+    try:
+        for path, kind in ((fifo, 'FIFO'), (sockpath, 'socket')):
+            proj.write_config(log_file=path)
+            for args in (['check'], ['start', '-d'], ['start', '-f']):
+                t0 = time.monotonic()
+                res = proj.ph(*args, timeout=30)
+                track_started(proj)
+                assert_one_line_error(res, 'log_file', path, kind)
+                assert time.monotonic() - t0 < 15
+                assert not os.path.exists(proj.pidfile)
+    finally:
+        sock.close()
+    proj.write_config(log_file='/dev/null')
+    res = proj.ph('check')
+    assert res.returncode == 0, res.stderr
+    proj.start_daemon()
+    proj.wait_running(2)
+    assert proj.ph('stop').returncode == 0
+
+
+def test_leader_lock_file_foreign_or_not_regular_refused(proj):
+    """A pre-created leader lock file owned by another user, or a FIFO:
+    the master refuses to start with one line (it would stand by for
+    ever behind a lock somebody else holds)."""
+    needs_root()
+    lock = os.path.join(proj.path, 'leader.lock')
+    with open(lock, 'w'):
+        pass
+    os.chown(lock, pwd.getpwnam('nobody').pw_uid, -1)
+    proj.write_config(leader_lock='file:' + lock)
+    res = proj.ph('start', '-d', timeout=60)
+    track_started(proj)
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    line = one_line(res)
+    assert lock in line and 'owned by uid' in line, line
+    os.unlink(lock)
+    os.mkfifo(lock)
+    res = proj.ph('start', '-f', timeout=60)
+    track_started(proj)
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    line = one_line(res)
+    assert lock in line and 'FIFO' in line, line
+    assert not os.path.exists(proj.pidfile)
+    os.unlink(lock)          # a fresh file: taken, the master is active
+    proj.start_daemon()
+    proj.wait_running(2)
+    assert proj.status()['master']['state'] == 'active'
+
+
+def test_non_root_commands_against_root_master_exit_4(open_proj):
+    """status/stop/reload/reopen/incr run as nobody against a root
+    master: one line, exit 4, and the master and workers unaffected."""
+    needs_root()
+    p = open_proj
+    p.write_config()
+    master = p.start_daemon()
+    workers = p.wait_running(2)
+    for args in (['status'], ['status', '--json'], ['stop'], ['reload'],
+                 ['reopen'], ['incr'], ['decr'], ['restart']):
+        res = as_nobody('-c', p.config, *args)
+        assert res.returncode == 4, (args, res.stdout, res.stderr)
+        line = one_line(res)
+        assert 'not permitted' in line and str(master) in line, line
+    assert alive(master)
+    assert p.running_workers(2) == workers
+    assert p.status()['master']['number_workers'] == 2
+
+
+def test_save_edits_a_symlinked_configs_target_and_respects_0444(proj):
+    """--save through a symlink edits the target (the link stays a link);
+    a config without write permission bits is refused, as root too."""
+    confdir = os.path.join(proj.path, 'conf')
+    os.mkdir(confdir)
+    target = os.path.join(confdir, 'real.ini')
+    text = ('[job]\nworker_class = testworker:Job\nnumber_workers = 1\n'
+            'pidfile = %s\nlog_file = %s\nbase_path = %s\n'
+            % (proj.pidfile, proj.log, proj.path))
+    with open(target, 'w') as f:
+        f.write(text)
+    os.symlink(target, proj.config)
+    proj.start_daemon()
+    proj.wait_running(1)
+    res = proj.ph('incr', '--save')
+    assert res.returncode == 0, res.stderr
+    assert os.path.islink(proj.config)
+    assert os.readlink(proj.config) == target
+    with open(target) as f:
+        assert f.read() == text.replace('number_workers = 1',
+                                        'number_workers = 2')
+    assert sorted(os.listdir(confdir)) == ['real.ini']
+    os.chmod(target, 0o444)
+    with open(target) as f:
+        before = f.read()
+    res = proj.ph('incr', '--save')
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    line = one_line(res)
+    assert 'read-only' in line and 'number_workers' in line, line
+    with open(target) as f:
+        assert f.read() == before
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o444
+    assert os.path.islink(proj.config)
+    proj.wait_running(3)        # the running count changed all the same
+
+
+def test_incr_beyond_the_scoreboard_is_refused(proj):
+    """incr 5000 (more than the scoreboard can hold) and an incr that
+    would pass the maximum: refused with one line, exit 2; the master
+    and its workers go on as before."""
+    proj.write_config()
+    master = proj.start_daemon()
+    workers = proj.wait_running(2)
+    res = proj.ph('incr', '5000')
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert 'at most %d' % processhandler.MAX_WORKERS in one_line(res)
+    res = proj.ph('incr', str(processhandler.MAX_WORKERS - 1))
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    line = one_line(res)
+    assert 'exceed the maximum' in line and str(master) in line, line
+    assert alive(master)
+    doc = proj.status()
+    assert doc['master']['number_workers'] == 2
+    assert proj.running_workers(2) == workers
+    assert proj.ph('incr').returncode == 0     # still obeys a sane incr
+    proj.wait_running(3)
+
+
+def test_log_write_errors_show_in_status(proj):
+    """A log on a full device (/dev/full) in daemon mode: the master keeps
+    running and `status` / `status --json` count the write errors."""
+    proj.write_config(log_file='/dev/full')
+    master = proj.start_daemon()
+    proj.wait_running(2)
+
+    def errors():
+        doc = proj.status()
+        lg = doc and doc['master'].get('log')
+        return lg and lg['write_errors'] > 0 and lg
+    lg = wait_for(errors)
+    assert lg['path'] == '/dev/full'
+    assert 'No space left' in lg['last_error']
+    assert abs(lg['last_error_at'] - time.time()) < 600
+    res = proj.ph('status')
+    assert res.returncode == 0, res.stderr
+    assert 'write error' in res.stdout and 'No space left' in res.stdout
+    assert alive(master)
+
+
+def test_status_from_outside_a_pid_namespace(proj):
+    """A master running in its own pid namespace (unshare, as a
+    container would): `status` shows the pids as seen by the caller, and
+    the namespace's pids apart."""
+    needs_root()
+    probe = subprocess.run(['unshare', '--pid', '--fork', '--mount-proc',
+                            'true'], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    if probe.returncode != 0:
+        pytest.skip('unshare --pid does not work here')
+    proj.write_config()
+    out = open(os.path.join(proj.path, 'fg.out'), 'ab')
+    p = subprocess.Popen(['unshare', '--pid', '--fork', '--mount-proc', PY,
+                          PH, '-c', proj.config, '-f'],
+                         stdin=subprocess.DEVNULL, stdout=out,
+                         stderr=subprocess.STDOUT, cwd=proj.path,
+                         start_new_session=True)
+    out.close()
+    proj.popens.append(p)
+    proj.masters.add(p.pid)
+    master = wait_for(lambda: processhandler.child_pids(p.pid))
+    master = list(master)[0]
+    proj.masters.add(master)
+    proj.wait_running(2)
+    doc = proj.status()
+    m = doc['master']
+    assert m['pid'] == master and m['ns_pid'] == 1, m
+    assert m['pid_namespace'].startswith('pid:'), m
+    for w in doc['workers']:
+        assert w['pid'] in processhandler.child_pids(master), w
+        assert processhandler.nspid(w['pid'])[-1] == w['ns_pid'], w
+        assert w['pid'] != w['ns_pid']
+    res = proj.ph('status')
+    assert 'pid namespace' in res.stdout and str(master) in res.stdout
+    os.kill(master, signal.SIGTERM)
+    assert p.wait(30) == 0
+
+
+def test_check_warns_on_setting_lookalike_keys_strict_fails(proj):
+    """job_timeout, pid_file, users are legitimate worker keys: check
+    warns with the suggestion and exits 0; --strict makes them errors."""
+    proj.write_config(job_timeout=30, pid_file='x', users='ann')
+    res = proj.ph('check')
+    assert res.returncode == 0, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 3 and 'Traceback' not in res.stderr, res.stderr
+    for key, hint in (('job_timeout', 'timeout'), ('pid_file', 'pidfile'),
+                      ('users', 'user')):
+        assert any(key in l and "did you mean '%s'" % hint in l and
+                   'warning' in l for l in lines), (key, lines)
+    res = proj.ph('check', '--strict')
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 3 and not any('warning' in l for l in lines), lines
+    assert not os.path.exists(proj.pidfile)
+
+
+def test_log_on_a_full_tmpfs_counts_workers_write_errors(proj):
+    """The log on a small tmpfs that fills up while workers log (the
+    master idle): the workers' failed writes are counted in `status`, and
+    everything keeps running."""
+    needs_root()
+    mnt = os.path.join(proj.path, 'small')
+    os.mkdir(mnt)
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=256k', 'tmpfs',
+                       mnt], stderr=subprocess.DEVNULL).returncode != 0:
+        pytest.skip('cannot mount a tmpfs here')
+    try:
+        proj.write_module('chatty', '''
+            import time, processhandler
+            class Chatty(processhandler.Worker):
+                def run(self):
+                    self.log.info('one job done')
+                    time.sleep(0.02)
+                    return True
+        ''')
+        proj.write_config(worker_class='chatty:Chatty',
+                          log_file=os.path.join(mnt, 'master.log'))
+        master = proj.start_daemon()
+        proj.wait_running(2)
+        assert proj.status()['master']['log']['write_errors'] == 0
+        fd = os.open(os.path.join(mnt, 'filler'), os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b'x' * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+        def errors():
+            doc = proj.status()
+            lg = doc and doc['master']['log']
+            return lg and lg['write_errors'] > 0 and lg
+        lg = wait_for(errors)
+        assert 'No space left' in lg['last_error']
+        assert alive(master) and proj.running_workers(2)
+        assert proj.ph('stop').returncode == 0
+    finally:
+        proj.cleanup()
+        subprocess.run(['umount', mnt])
