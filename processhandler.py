@@ -5128,13 +5128,16 @@ def cmd_metrics(cfg, args):
     if not found:
         say('not running')
         return EXIT_NOT_RUNNING
-    for n, path, pid in found[:1] if args.instance is None else found:
-        try:
-            text = control_request(path, {'cmd': 'metrics'})['text']
-        except (OSError, ValueError, KeyError) as e:
-            complain('master pid %d does not answer: %s' % (pid, e))
-            return EXIT_FAILURE
-        sys.stdout.write(text)
+    if len(found) > 1:   # one exposition cannot hold two masters' series
+        raise ConfigError('%d instances are running: choose one with -i N'
+                          % len(found))
+    n, path, pid = found[0]
+    try:
+        text = control_request(path, {'cmd': 'metrics'})['text']
+    except (OSError, ValueError, KeyError) as e:
+        complain('master pid %d does not answer: %s' % (pid, e))
+        return EXIT_FAILURE
+    sys.stdout.write(text)
     return EXIT_OK
 
 
@@ -5157,10 +5160,10 @@ def watch_status(cfg, args):
                     doc = control_request(path, {'cmd': 'status'})
                     snap = control_request(path, {'cmd': 'metrics',
                                                   'format': 'json'})
-                except (OSError, ValueError) as e:
+                    tables.append(format_watch(doc, snap['metrics'], before))
+                except (OSError, ValueError, KeyError) as e:
                     complain('master pid %d does not answer: %s' % (pid, e))
                     return EXIT_FAILURE
-                tables.append(format_watch(doc, snap['metrics'], before))
             stamp = '-- %s (every %gs, Ctrl-C to quit) --' % (
                 time.strftime('%H:%M:%S'), args.interval)
             sys.stdout.write(('\x1b[H\x1b[2J' if tty else '') + stamp +

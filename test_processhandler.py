@@ -5985,6 +5985,8 @@ def test_health_probe(proj):
     assert proj.ph('stop').returncode == 0
     res = proj.ph('health')
     assert res.returncode == 3 and 'not running' in res.stdout
+    assert proj.ph('metrics').returncode == 3
+    assert proj.ph('status', '--watch', '--count', '1').returncode == 3
 
 
 def test_status_watch_prints_tables(proj):
