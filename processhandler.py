@@ -2964,9 +2964,13 @@ class Metrics(object):
 
     def due(self):
         """The next deadline (a statsd flush, a scrape to drop), or inf."""
+        if not self.conns:
+            return self.next_flush
         return min([self.next_flush] + [c[0] for c in self.conns.values()])
 
     def tick(self):
+        if not self.conns and self.statsd is None:
+            return       # every loop turn: nothing to do costs nothing
         now = time.monotonic()
         for sock, state in list(self.conns.items()):
             if now >= state[0]:
