@@ -6011,27 +6011,41 @@ def test_status_watch_prints_tables(proj):
     assert '\x1b' not in res.stdout
 
 
-def test_status_watch_ctrl_c_exits_0(proj):
+def test_status_watch_on_a_terminal_redraws_until_ctrl_c(proj):
+    """On a terminal (a real pty) each table clears the screen first;
+    Ctrl-C ends it with exit 0 and no traceback."""
+    import pty
+    import select
     proj.write_config(number_workers=1)
     proj.start_daemon()
     proj.wait_running(1)
-    out_path = os.path.join(proj.path, 'watch.out')
-    with open(out_path, 'w') as out:
-        p = subprocess.Popen([PY, PH, '-c', proj.config, 'status', '--watch',
-                              '--interval', '0.2'], stdin=subprocess.DEVNULL,
-                             stdout=out, stderr=subprocess.STDOUT,
-                             cwd=proj.path)
+    master_fd, slave_fd = pty.openpty()
+    p = subprocess.Popen([PY, PH, '-c', proj.config, 'status', '--watch',
+                          '--interval', '0.2'], stdin=subprocess.DEVNULL,
+                         stdout=slave_fd, stderr=slave_fd, cwd=proj.path)
+    os.close(slave_fd)
+    seen = []
+
+    def read_some():
+        r, _, _ = select.select([master_fd], [], [], 0)
+        if r:
+            try:
+                seen.append(os.read(master_fd, 65536).decode('utf-8',
+                                                              'replace'))
+            except OSError:    # EIO: the other side is closed
+                pass
+        return ''.join(seen)
     try:
-        def tables():
-            with open(out_path) as f:
-                return f.read().count('\n-- ') >= 1
-        wait_for(tables, what='two tables')
+        wait_for(lambda: read_some().count('\x1b[H\x1b[2J') >= 2,
+                 what='two redraws')
         p.send_signal(signal.SIGINT)
         assert p.wait(DEADLINE) == 0
+        read_some()
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
-    with open(out_path) as f:
-        text = f.read()
+        os.close(master_fd)
+    text = ''.join(seen)
+    assert 'slot' in text and 'req/s' in text
     assert 'Traceback' not in text and 'KeyboardInterrupt' not in text
