@@ -6049,3 +6049,31 @@ def test_status_watch_on_a_terminal_redraws_until_ctrl_c(proj):
     text = ''.join(seen)
     assert 'slot' in text and 'req/s' in text
     assert 'Traceback' not in text and 'KeyboardInterrupt' not in text
+
+
+def test_health_and_metrics_of_a_standby(proj):
+    """A standby (leader lock held by the other master) is healthy, says
+    so, and reports master_active 0 with no worker wanted."""
+    lock = os.path.join(proj.path, 'leader.lock')
+    proj.write_config(leader_lock='file:' + lock, number_workers=1)
+    proj.start_daemon()
+    proj.wait_running(1)
+    second_cfg = os.path.join(proj.path, 'second.ini')
+    second_pid = os.path.join(proj.path, 'second.pid')
+    with open(proj.config) as f:
+        text = f.read().replace(proj.pidfile, second_pid)
+    with open(second_cfg, 'w') as f:
+        f.write(text)
+    res = proj.ph('start', '-d', config=second_cfg)
+    assert res.returncode == 0 and 'standby' in res.stdout, res.stdout
+    proj.masters.add(proj.master_pid(second_pid))
+    res = proj.ph('health', config=second_cfg)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert res.stdout.startswith('processhandler: healthy: standby'), \
+        res.stdout
+    res = proj.ph('metrics', config=second_cfg)
+    fams = families(res.stdout)
+    assert fams['processhandler_master_active'][()] == 0
+    assert fams['processhandler_workers_wanted'][()] == 0
+    assert proj.ph('health').returncode == 0
+    assert cli_metrics(proj)['processhandler_master_active'][()] == 1
