@@ -6077,3 +6077,25 @@ def test_health_and_metrics_of_a_standby(proj):
     assert fams['processhandler_workers_wanted'][()] == 0
     assert proj.ph('health').returncode == 0
     assert cli_metrics(proj)['processhandler_master_active'][()] == 1
+
+
+def test_health_during_a_rolling_reload(proj):
+    """While new workers boot and the old ones still serve, health says
+    healthy and that a reload is in progress; then plain healthy again,
+    with generation 2 in the metrics."""
+    proj.write_config(run_time='0.02')
+    master = proj.start_daemon()
+    proj.wait_running(2)
+    proj.write_config(run_time='0.02', init_mode='slow', init_time='2')
+    os.kill(master, signal.SIGHUP)
+
+    def rolling():
+        r = proj.ph('health')
+        return 'reload in progress' in r.stdout and r
+    res = wait_for(rolling, what='reload in progress')
+    assert res.returncode == 0, res.stdout
+    assert re.match(r'processhandler: healthy: 2/2 running; reload in '
+                    r'progress for \d+ s$', res.stdout.strip()), res.stdout
+    wait_for(lambda: proj.ph('health').stdout.strip() ==
+             'processhandler: healthy: 2/2 running', what='reload done')
+    assert cli_metrics(proj)['processhandler_master_generation'][()] == 2
