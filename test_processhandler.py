@@ -6099,3 +6099,36 @@ def test_health_during_a_rolling_reload(proj):
     wait_for(lambda: proj.ph('health').stdout.strip() ==
              'processhandler: healthy: 2/2 running', what='reload done')
     assert cli_metrics(proj)['processhandler_master_generation'][()] == 2
+
+
+EXIT_REASONS_WORKER = '''
+    import os, time, processhandler
+
+    class Job(processhandler.Worker):
+        def run(self):
+            time.sleep(0.05)
+            if self.slot == 1 and self.requests >= 2:
+                time.sleep(60)                 # past `timeout`
+            if self.slot == 2 and self.requests >= 2:
+                os._exit(7)                    # a crash
+            if self.slot == 3 and self.requests >= 2:
+                self.ballast = bytearray(80 * 1024 * 1024)   # over the limit
+                self.ballast[::4096] = b'x' * len(self.ballast[::4096])
+            return True
+'''
+
+
+def test_metrics_count_timeout_crash_and_memory_exits(proj):
+    proj.write_module('reasons', EXIT_REASONS_WORKER)
+    proj.write_config(worker_class='reasons:Job', number_workers=3,
+                      timeout=1, hard_memory_limit=60, check_interval=0.1)
+    proj.start_daemon()
+
+    def counted():
+        fams = cli_metrics(proj)
+        exits = dict((k[0][1], v) for k, v in
+                     fams['processhandler_worker_exits_total'].items())
+        return all(exits[r] >= 1 for r in ('timeout', 'crash', 'memory')) \
+            and exits
+    exits = wait_for(counted, what='timeout, crash and memory exits')
+    assert exits['signal'] == 0 and exits['max_requests'] == 0, exits
