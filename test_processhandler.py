@@ -6112,7 +6112,7 @@ EXIT_REASONS_WORKER = '''
             if self.slot == 2 and self.requests >= 2:
                 os._exit(7)                    # a crash
             if self.slot == 3 and self.requests >= 2:
-                self.ballast = bytearray(80 * 1024 * 1024)   # over the limit
+                self.ballast = bytearray(200 * 1024 * 1024)  # over the limit
                 self.ballast[::4096] = b'x' * len(self.ballast[::4096])
             return True
 '''
@@ -6121,7 +6121,7 @@ EXIT_REASONS_WORKER = '''
 def test_metrics_count_timeout_crash_and_memory_exits(proj):
     proj.write_module('reasons', EXIT_REASONS_WORKER)
     proj.write_config(worker_class='reasons:Job', number_workers=3,
-                      timeout=1, hard_memory_limit=60, check_interval=0.1)
+                      timeout=1, hard_memory_limit=150, check_interval=0.1)
     proj.start_daemon()
 
     def counted():
@@ -6130,5 +6130,7 @@ def test_metrics_count_timeout_crash_and_memory_exits(proj):
                      fams['processhandler_worker_exits_total'].items())
         return all(exits[r] >= 1 for r in ('timeout', 'crash', 'memory')) \
             and exits
-    exits = wait_for(counted, what='timeout, crash and memory exits')
+    exits = wait_for(counted, what=lambda: 'timeout, crash and memory '
+                     'exits: %s' % cli_metrics(proj)[
+                         'processhandler_worker_exits_total'])
     assert exits['signal'] == 0 and exits['max_requests'] == 0, exits
