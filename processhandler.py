@@ -343,6 +343,17 @@ def _bind(value):
             and parse_address(a) is not None]
 
 
+def _host_port(value):
+    """'host:port' (statsd_host, metrics_bind) or None when empty."""
+    v = _string(value)
+    if not v:
+        return None
+    if v.startswith('unix:'):
+        raise ValueError('expected host:port, got %r' % value)
+    parse_address(v)
+    return v
+
+
 def _leader_lock(value):
     v = value.strip()
     if v and not (v.startswith('redis://') or v.startswith('file:')):
@@ -422,6 +433,12 @@ SETTINGS = [Setting(*row) for row in [
      'redis://host:port/db?key=NAME or file:/path: active/standby'),
     ('leader_ttl', _number(float, 0.5), 10.0,
      "seconds a leader's lock lives without renewal"),
+    ('metrics_bind', _host_port, None,
+     'host:port where the master serves Prometheus metrics (GET /metrics)'),
+    ('statsd_host', _host_port, None,
+     'host:port of a statsd server: metrics over UDP, as gunicorn sends'),
+    ('statsd_prefix', _string, None,
+     'prefix of the statsd metric names, such as service.app'),
 ]]
 SETTINGS_BY_NAME = dict((s.name, s) for s in SETTINGS)
 
@@ -444,7 +461,8 @@ def settings_table():
 
 
 RESTART_ONLY = ('pidfile', 'single_instance', 'daemonize', 'bind',
-                'reuse_port', 'user', 'group', 'leader_lock', 'base_path')
+                'reuse_port', 'user', 'group', 'leader_lock', 'base_path',
+                'metrics_bind', 'statsd_host', 'statsd_prefix')
 
 
 def not_yet_supported(cfg):
@@ -3023,7 +3041,9 @@ class ControlServer(object):
         self.buffers = {}       # conn -> bytes received so far
         self.requests = {'status': self.request_status,
                          'incr': self.request_scale,
-                         'decr': self.request_scale}
+                         'decr': self.request_scale,
+                         'metrics': self.request_metrics,
+                         'health': self.request_metrics}
 
     def open(self):
         """Bind the socket beside the pidfile and watch it."""
@@ -3130,6 +3150,9 @@ class ControlServer(object):
         finally:
             conn.close()
 
+    def request_metrics(self, req, conn):
+        return self.arbiter.metrics.answer(req)
+
     def request_status(self, req, conn):
         return self.arbiter.status()
 
@@ -3148,6 +3171,423 @@ class ControlServer(object):
         a.set_num_workers(target, req['cmd'])
         a.manage_workers()
         return {'ok': True, 'number_workers': a.num_workers}
+
+
+# -- metrics ------------------------------------------------------------------
+#
+# What the master knows, counted by Metrics through one-line hooks in the
+# Arbiter (worker exit, backoff, reload) and read from its records when
+# asked.  Three outlets: the `metrics` / `health` control requests, a tiny
+# HTTP/1.0 responder for Prometheus on metrics_bind and statsd packets to
+# statsd_host.  Both network outlets live in the master's one selector
+# loop (non-blocking sockets, deadlines in next_deadline): no thread, and a
+# slow client or a dead statsd server can never stall or raise into it.
+
+class Metrics(object):
+    """Counters fed by the Arbiter, and the outlets that publish them.
+
+    Requests per slot survive recycles: a reaped worker's count moves into
+    ``requests_done`` and the live workers' counts are read from the
+    scoreboard when asked."""
+
+    COMMANDS = ('metrics', 'health')   # control requests answered here
+    EXIT_REASONS = ('max_requests', 'memory', 'timeout', 'crash',
+                    'boot_failure', 'signal', 'stopped', 'exited')
+    STATSD_INTERVAL = 1.0     # seconds between statsd flushes
+    HTTP_TIMEOUT = 5.0        # a scrape taking longer is dropped
+    HTTP_MAX_REQUEST = 8192   # bytes of request head accepted
+    HTTP_MAX_CONNS = 16       # scrapes served at once; more are refused
+    HEALTH_BOOT_GRACE = 10.0  # a recycled slot may boot this long and
+                              # still count as healthy
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.requests_done = {}   # slot -> requests of its reaped workers
+        self.exits = dict.fromkeys(self.EXIT_REASONS, 0)
+        self.backoffs = 0
+        self.reload_started = None
+        self.http = None          # the metrics_bind listener
+        self.conns = {}           # scrape socket -> [deadline, in, out]
+        self.statsd = None        # (UDP socket, address)
+        self.prefix = ''
+        self.sent = {}            # statsd counters: total at the last flush
+        self.next_flush = float('inf')
+
+    # -- hooks (one line each in the Arbiter) ----------------------------------
+
+    def worker_exited(self, proc, status):
+        """Before the scoreboard cell is released: keep its request count
+        and classify the exit."""
+        board = self.arbiter.board
+        n = board.get(proc.cell, Scoreboard.REQUESTS)
+        self.requests_done[proc.slot] = \
+            self.requests_done.get(proc.slot, 0) + n
+        self.exits[self.exit_reason(proc, status)] += 1
+
+    def exit_reason(self, proc, status):
+        board = self.arbiter.board
+        reason = board.get(proc.cell, Scoreboard.REASON)
+        if proc.timed_out:
+            return 'timeout'
+        if reason == Scoreboard.R_MEMORY or proc.stop_reason in (
+                'soft memory limit', 'hard memory limit'):
+            return 'memory'
+        if reason == Scoreboard.R_MAX_REQUESTS:
+            return 'max_requests'
+        if proc.state == State.STOPPING:
+            return 'stopped'       # asked: reload, decr, stop, standby
+        if board.get(proc.cell, Scoreboard.STATE) != Scoreboard.BOOTED:
+            return 'boot_failure'
+        if os.WIFSIGNALED(status):
+            return 'signal'
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+            return 'exited'
+        return 'crash'
+
+    def slot_failed(self, slot):
+        self.backoffs += 1
+
+    def reloaded(self):
+        self.reload_started = time.monotonic()
+
+    # -- what the master knows ---------------------------------------------------
+
+    def requests_by_slot(self):
+        a = self.arbiter
+        totals = dict(self.requests_done)
+        for n in a.slots:
+            totals.setdefault(n, 0)
+        for proc in a.procs.values():
+            totals[proc.slot] = totals.get(proc.slot, 0) + \
+                a.board.get(proc.cell, Scoreboard.REQUESTS)
+        return totals
+
+    def slot_counts(self, now):
+        """(running, booting, backoff) slots among the wanted ones."""
+        a = self.arbiter
+        running = booting = backoff = 0
+        for n in range(1, a.wanted() + 1):
+            slot = a.slots.get(n)
+            proc = slot and slot.proc
+            if proc is not None and proc.state == State.RUNNING:
+                running += 1
+            elif proc is not None and proc.state == State.BOOTING:
+                booting += 1
+            elif slot is not None and slot.backoff_until > now:
+                backoff += 1
+        return running, booting, backoff
+
+    def snapshot(self):
+        """The numbers as a dict (the `metrics` request with format json)."""
+        a, now = self.arbiter, time.monotonic()
+        running, booting, backoff = self.slot_counts(now)
+        return {'uptime': round(now - a.started, 3),
+                'generation': a.generation, 'active': a.active,
+                'wanted': a.wanted(), 'running': running,
+                'booting': booting, 'backoff': backoff,
+                'spawns': a.spawns, 'backoffs': self.backoffs,
+                'exits': dict(self.exits),
+                'requests': self.requests_by_slot()}
+
+    def rss_by_slot(self):
+        """RSS in bytes of each slot's current worker (one per slot, so
+        a rolling reload does not give one label set two values)."""
+        out = {}
+        for n, slot in sorted(self.arbiter.slots.items()):
+            rss = rss_mb(slot.proc.pid) if slot.proc is not None else None
+            if rss is not None:
+                out[n] = int(rss * 1024 * 1024)
+        return out
+
+    # -- health --------------------------------------------------------------------
+
+    def health(self):
+        """(healthy, one line saying why)."""
+        a, now = self.arbiter, time.monotonic()
+        if a.stopping:
+            return False, 'stopping'
+        if not a.active:
+            if a.leader_warned:
+                return False, 'standby; leader lock unreachable: %s' % (
+                    a.leader_warned)
+            return True, 'standby: the leader lock %s is held elsewhere' % (
+                a.leader.describe())
+        wanted, running, notes, healthy = a.wanted(), 0, [], True
+        for n in range(1, wanted + 1):
+            ok, why = self.slot_health(a.slots.get(n), n, now)
+            running += why is None
+            healthy = healthy and ok
+            if why:
+                notes.append(why)
+        parts = ['%d/%d running' % (running, wanted)] + notes
+        if self.rolling():
+            parts.append('reload in progress for %.0f s' % (
+                now - (self.reload_started or a.started)))
+        return healthy and a.ready, '; '.join(parts)
+
+    def slot_health(self, slot, n, now):
+        """(serves, why not running or None) for slot n.  It serves while
+        its new worker boots and the old generation still runs (rolling
+        reload), or while a replacement for a worker that ended normally
+        boots (a recycle) for under HEALTH_BOOT_GRACE seconds."""
+        proc = slot and slot.proc
+        if proc is not None and proc.state == State.RUNNING:
+            return True, None
+        if proc is not None and proc.state == State.BOOTING:
+            if any(p.state == State.RUNNING for p in slot.old):
+                return True, None
+            took = now - proc.spawned
+            return (slot.failures == 0 and took < self.HEALTH_BOOT_GRACE,
+                    'slot %d booting for %.1f s' % (n, took))
+        if proc is not None:
+            return False, 'slot %d %s' % (n, State.NAMES[proc.state])
+        if slot is not None and slot.backoff_until > now:
+            return False, 'slot %d in backoff: %s' % (n, slot.last_error)
+        return False, 'slot %d not started' % n
+
+    def rolling(self):
+        a = self.arbiter
+        return any(s.old or s.proc is not None and
+                   s.proc.generation < a.generation
+                   for s in a.slots.values())
+
+    def answer(self, req):
+        """The `metrics` and `health` control requests."""
+        if req['cmd'] == 'health':
+            healthy, why = self.health()
+            return {'ok': True, 'healthy': healthy, 'reason': why,
+                    'pid': self.arbiter.pid}
+        if req.get('format') == 'json':
+            return {'ok': True, 'metrics': self.snapshot()}
+        return {'ok': True, 'text': self.exposition()}
+
+    # -- Prometheus text exposition (format 0.0.4) --------------------------------
+
+    def exposition(self):
+        snap = self.snapshot()
+        p = 'processhandler_'
+        fams = [
+            (p + 'master_uptime_seconds', 'gauge',
+             'seconds since the master started', [({}, snap['uptime'])]),
+            (p + 'master_generation', 'gauge', 'config generation (+1 per '
+             'reload)', [({}, snap['generation'])]),
+            (p + 'master_active', 'gauge', '1 active, 0 standby (leader '
+             'lock held elsewhere)', [({}, int(snap['active']))]),
+            (p + 'workers_wanted', 'gauge', 'worker slots to keep',
+             [({}, snap['wanted'])]),
+            (p + 'workers_running', 'gauge', 'slots whose worker runs',
+             [({}, snap['running'])]),
+            (p + 'slots_backoff', 'gauge', 'slots waiting to retry a '
+             'failed worker', [({}, snap['backoff'])]),
+            (p + 'requests_total', 'counter', 'requests handled, per slot '
+             '(kept across recycles)', [({'slot': n}, v) for n, v in
+                                        sorted(snap['requests'].items())]),
+            (p + 'worker_exits_total', 'counter', 'worker exits by reason',
+             [({'reason': r}, snap['exits'][r]) for r in self.EXIT_REASONS]),
+            (p + 'worker_spawns_total', 'counter', 'worker processes started',
+             [({}, snap['spawns'])]),
+            (p + 'backoffs_total', 'counter', 'failures that put a slot in '
+             'backoff', [({}, snap['backoffs'])]),
+            (p + 'worker_rss_bytes', 'gauge', "resident memory of each "
+             "slot's worker", [({'slot': n}, v) for n, v in
+                               self.rss_by_slot().items()])]
+        lines = []
+        for name, kind, doc, samples in fams:
+            lines.append('# HELP %s %s' % (name, doc))
+            lines.append('# TYPE %s %s' % (name, kind))
+            for labels, value in samples:
+                tags = ','.join('%s="%s"' % kv for kv in sorted(
+                    labels.items()))
+                lines.append('%s%s %s' % (name, '{%s}' % tags if tags
+                                          else '', value))
+        return '\n'.join(lines) + '\n'
+
+    # -- outlets: open / close -------------------------------------------------------
+
+    def open(self):
+        """Called once from setup: listen on metrics_bind, resolve
+        statsd_host (the only lookups; the loop never resolves)."""
+        cfg = self.arbiter.cfg
+        if cfg.metrics_bind:
+            self.http = create_listener(cfg.metrics_bind)
+            self.arbiter.selector.register(self.http, selectors.EVENT_READ,
+                                           self.accept_http)
+            log.info('metrics at http://%s/metrics', cfg.metrics_bind)
+        if cfg.statsd_host:
+            self.open_statsd(cfg)
+
+    def open_statsd(self, cfg):
+        family, (host, port) = parse_address(cfg.statsd_host)
+        try:
+            info = socket.getaddrinfo(host, port, 0, socket.SOCK_DGRAM)[0]
+            sock = socket.socket(info[0], socket.SOCK_DGRAM)
+        except (OSError, socket.gaierror) as e:
+            log.error('statsd_host %s: %s; no statsd metrics',
+                      cfg.statsd_host, getattr(e, 'strerror', None) or e)
+            return
+        sock.setblocking(False)
+        self.statsd = (sock, info[4])
+        prefix = (cfg.statsd_prefix or '').strip('.')
+        self.prefix = (prefix + '.' if prefix else '') + 'processhandler.'
+        self.next_flush = time.monotonic()
+        log.info('statsd metrics to %s every %gs', cfg.statsd_host,
+                 self.STATSD_INTERVAL)
+
+    def close(self, child=False):
+        """Close every socket; ``child``: in a fresh fork, whose selector
+        is gone already (a worker must not hold a scrape open)."""
+        socks = list(self.conns) + [self.http] + [
+            self.statsd and self.statsd[0]]
+        for sock in socks:
+            if sock is None:
+                continue
+            if not child:
+                try:
+                    self.arbiter.selector.unregister(sock)
+                except (KeyError, ValueError):
+                    pass
+            sock.close()
+        self.conns, self.http, self.statsd = {}, None, None
+
+    # -- outlets: the loop's part ---------------------------------------------------
+
+    def due(self):
+        """The next deadline (a statsd flush, a scrape to drop), or inf."""
+        if not self.conns:
+            return self.next_flush
+        return min([self.next_flush] + [c[0] for c in self.conns.values()])
+
+    def tick(self):
+        if not self.conns and self.statsd is None:
+            return       # every loop turn: nothing to do costs nothing
+        now = time.monotonic()
+        for sock, state in list(self.conns.items()):
+            if now >= state[0]:
+                self.drop(sock)
+        if now >= self.next_flush:
+            self.next_flush = now + self.STATSD_INTERVAL
+            self.flush_statsd()
+
+    # -- outlet: HTTP/1.0 for Prometheus --------------------------------------
+
+    def accept_http(self, sock):
+        try:
+            conn, _ = sock.accept()
+        except OSError:      # EAGAIN (another wake-up took it), EMFILE
+            return
+        if len(self.conns) >= self.HTTP_MAX_CONNS:
+            conn.close()
+            return
+        conn.setblocking(False)
+        self.conns[conn] = [time.monotonic() + self.HTTP_TIMEOUT, b'', b'']
+        self.arbiter.selector.register(conn, selectors.EVENT_READ,
+                                       self.read_http)
+
+    def read_http(self, conn):
+        try:
+            data = conn.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b''
+        if not data:
+            return self.drop(conn)
+        state = self.conns[conn]
+        buf = state[1] + data
+        head = b'\r\n\r\n' in buf or b'\n\n' in buf
+        if not head and len(buf) <= self.HTTP_MAX_REQUEST:
+            state[1] = buf
+            return
+        self.arbiter.selector.modify(conn, selectors.EVENT_WRITE,
+                                     self.write_http)
+        state[2] = self.http_response(buf if head else b'')
+        self.write_http(conn)
+
+    def http_response(self, head):
+        words = head.split(b'\n', 1)[0].split()
+        method, path = (words + [b'', b''])[:2]
+        status, body = '200 OK', b''
+        if not head or len(words) != 3:
+            status = '400 Bad Request'
+        elif method not in (b'GET', b'HEAD'):
+            status = '405 Method Not Allowed'
+        elif path.split(b'?')[0] != b'/metrics':
+            status, body = '404 Not Found', b'try /metrics\n'
+        else:
+            body = self.exposition().encode('utf-8')
+        out = ('HTTP/1.0 %s\r\nContent-Type: text/plain; version=0.0.4; '
+               'charset=utf-8\r\nContent-Length: %d\r\nConnection: close'
+               '\r\n\r\n' % (status, len(body))).encode('ascii')
+        return out + (body if method != b'HEAD' else b'')
+
+    def write_http(self, conn):
+        state = self.conns.get(conn)
+        if state is None:
+            return
+        try:
+            sent = conn.send(state[2])
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return self.drop(conn)
+        state[2] = state[2][sent:]
+        if state[2]:
+            return
+        # Lingering close: FIN first, then read what the client still
+        # sends until it closes; closing with unread bytes would send a
+        # RST that can destroy the response before the client reads it.
+        try:
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            return self.drop(conn)
+        state[0] = min(state[0], time.monotonic() + 1.0)
+        self.arbiter.selector.modify(conn, selectors.EVENT_READ, self.linger)
+
+    def linger(self, conn):
+        try:
+            if conn.recv(65536):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self.drop(conn)
+
+    def drop(self, conn):
+        self.conns.pop(conn, None)
+        try:
+            self.arbiter.selector.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        conn.close()
+
+    # -- outlet: statsd over UDP ------------------------------------------------------
+
+    def flush_statsd(self):
+        """Gauges as they are, counters as the increase since the last
+        flush; gunicorn's names where it has one (workers, requests)."""
+        if self.statsd is None:
+            return
+        snap = self.snapshot()
+        counters = {'requests': sum(snap['requests'].values()),
+                    'spawns': snap['spawns'], 'backoffs': snap['backoffs']}
+        for reason, n in snap['exits'].items():
+            counters['exits.' + reason] = n
+        packets = ['%s:%d|g' % kv for kv in (
+            ('workers', snap['running']), ('workers.wanted', snap['wanted']),
+            ('backoff', snap['backoff']), ('generation', snap['generation']),
+            ('active', int(snap['active'])), ('uptime', snap['uptime']))]
+        for name, total in sorted(counters.items()):
+            delta = total - self.sent.get(name, 0)
+            self.sent[name] = total
+            if delta > 0:
+                packets.append('%s:%d|c' % (name, delta))
+        sock, addr = self.statsd
+        for packet in packets:
+            try:   # UDP, non-blocking: a full buffer or no server drops it
+                sock.sendto((self.prefix + packet).encode('ascii'), addr)
+            except OSError:
+                pass
 
 
 class Arbiter(object):
@@ -3219,6 +3659,7 @@ class Arbiter(object):
         self.dead_spares = set()   # discarded spares not reaped yet
         self.spare_failures = 0    # spares that died on their own, in a row
         self.next_spare = 0.0      # no spare before (backoff after deaths)
+        self.metrics = Metrics(self)   # counters, /metrics, statsd, health
 
     @property
     def control(self):
@@ -3281,6 +3722,7 @@ class Arbiter(object):
         self.selector.register(self.boot_r, selectors.EVENT_READ,
                                self.drain_pipe)
         self.open_control()
+        self.metrics.open()
         self.init_signals()
         self.log_config_notes()
         settle_memory()
@@ -3441,6 +3883,7 @@ class Arbiter(object):
             self.check_ready()
             self.feed_watchdog()
             self.keep_spare()
+            self.metrics.tick()
 
     def next_deadline(self):
         """Seconds until the nearest thing to do, None if only events."""
@@ -3468,6 +3911,7 @@ class Arbiter(object):
             deadlines.append(self.next_watchdog)
         if self.leadership is not None:
             deadlines.extend(self.leadership.deadlines())
+        deadlines.append(self.metrics.due())
         deadlines = [d for d in deadlines if d != float('inf')]
         if not deadlines:
             return None
@@ -3640,6 +4084,7 @@ class Arbiter(object):
             return
         self.apply_config(new)
         self.generation += 1
+        self.metrics.reloaded()
         for slot in self.slots.values():
             # The user changed something: try the new code/config now, not
             # when a backoff earned by the old one ends (up to 30 s).
@@ -4029,6 +4474,7 @@ class Arbiter(object):
                 os.close(spare.dump_fd)
         if getattr(self.leader, 'fd', None) is not None:
             os.close(self.leader.fd)
+        self.metrics.close(child=True)
 
     def pin_cpu(self, number):
         cpus = affinity_for_slot(self.cfg.cpu_affinity, number,
@@ -4049,6 +4495,7 @@ class Arbiter(object):
 
     def slot_failed(self, slot, why):
         """A boot failure or an early death: back off, exponentially."""
+        self.metrics.slot_failed(slot)
         slot.failures += 1
         delay = min(self.BACKOFF_MAX,
                     self.BACKOFF_BASE * 2 ** min(slot.failures - 1, 16))
@@ -4117,6 +4564,7 @@ class Arbiter(object):
         up = time.monotonic() - (board.getf(cell, Scoreboard.BOOTED_AT) or
                                  proc.spawned)
         init_rss = board.getf(cell, Scoreboard.INIT_RSS)
+        self.metrics.worker_exited(proc, status)
         board.release(cell)
         if not proc.timed_out:
             self.close_dump(proc)
@@ -4464,6 +4912,7 @@ class Arbiter(object):
             except OSError:
                 pass
         self.close_control()
+        self.metrics.close()
         for sock in self.sockets:
             name = listener_name(sock)
             sock.close()
@@ -4848,6 +5297,12 @@ def build_parser():
                    'with where it came from')
     p.add_argument('--strict', action='store_true', help='check: unknown '
                    'keys that look like a misspelt setting are errors')
+    p.add_argument('--watch', action='store_true', help='status: redraw '
+                   'every --interval seconds until Ctrl-C')
+    p.add_argument('--interval', type=float, default=1.0, metavar='S',
+                   help='status --watch: seconds between tables (default 1)')
+    p.add_argument('--count', type=int, default=0, metavar='N',
+                   help='status --watch: stop after N tables')
     p.add_argument('--save', action='store_true', help='incr/decr: also '
                    'write number_workers into the config file; start: '
                    'TTIN/TTOU do too')
@@ -5043,6 +5498,8 @@ def cmd_reopen(cfg, args):
 
 
 def cmd_status(cfg, args):
+    if args.watch:
+        return watch_status(cfg, args)
     found = target_instances(cfg, args)
     if not found:
         if args.json:
@@ -5159,6 +5616,115 @@ def format_age(seconds):
     if seconds < 7200:
         return '%dm%02ds' % divmod(int(seconds), 60)
     return '%dh%02dm' % divmod(int(seconds) // 60, 60)
+
+
+def cmd_health(cfg, args):
+    """The probe: no user code, one control request, one line."""
+    found = target_instances(cfg, args)
+    if not found:
+        say('not running')
+        return EXIT_NOT_RUNNING
+    status = EXIT_OK
+    limit = args.timeout if args.timeout is not None else 1.0
+    for n, path, pid in found:
+        try:
+            reply = control_request(path, {'cmd': 'health'}, timeout=limit)
+            healthy, why = reply['healthy'], reply['reason']
+        except (OSError, ValueError, KeyError) as e:
+            healthy, why = False, 'master pid %d does not answer (%s)' % (
+                pid, e)
+        say('%s: %s%s' % ('healthy' if healthy else 'unhealthy', why,
+                          ' (pid %d)' % pid if len(found) > 1 else ''))
+        if not healthy:
+            status = EXIT_FAILURE
+    return status
+
+
+def cmd_metrics(cfg, args):
+    """Prometheus text format, for node_exporter's textfile collector."""
+    found = target_instances(cfg, args)
+    if not found:
+        say('not running')
+        return EXIT_NOT_RUNNING
+    if len(found) > 1:   # one exposition cannot hold two masters' series
+        raise ConfigError('%d instances are running: choose one with -i N'
+                          % len(found))
+    n, path, pid = found[0]
+    try:
+        text = control_request(path, {'cmd': 'metrics'})['text']
+    except (OSError, ValueError, KeyError) as e:
+        complain('master pid %d does not answer: %s' % (pid, e))
+        return EXIT_FAILURE
+    sys.stdout.write(text)
+    return EXIT_OK
+
+
+def watch_status(cfg, args):
+    """`status --watch`: a table per interval (requests/s from the slot
+    totals, which survive recycles) until Ctrl-C or --count tables.  On a
+    terminal each table replaces the last; otherwise they follow each
+    other, each under a separator line."""
+    tty = sys.stdout.isatty()
+    shown, before = 0, {}
+    try:
+        while True:
+            found = target_instances(cfg, args)
+            if not found:
+                say('not running')
+                return EXIT_NOT_RUNNING
+            tables = []
+            for n, path, pid in found:
+                try:
+                    doc = control_request(path, {'cmd': 'status'})
+                    snap = control_request(path, {'cmd': 'metrics',
+                                                  'format': 'json'})
+                    tables.append(format_watch(doc, snap['metrics'], before))
+                except (OSError, ValueError, KeyError) as e:
+                    complain('master pid %d does not answer: %s' % (pid, e))
+                    return EXIT_FAILURE
+            stamp = '-- %s (every %gs, Ctrl-C to quit) --' % (
+                time.strftime('%H:%M:%S'), args.interval)
+            sys.stdout.write(('\x1b[H\x1b[2J' if tty else '') + stamp +
+                             '\n' + '\n'.join(tables) + '\n')
+            sys.stdout.flush()
+            shown += 1
+            if args.count and shown >= args.count:
+                return EXIT_OK
+            time.sleep(max(0.05, args.interval))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:     # `status --watch | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+def format_watch(doc, snap, before):
+    """The status table with a req/s column; ``before`` keeps each
+    master's previous (time, per-slot totals) between calls."""
+    m, now = doc['master'], time.monotonic()
+    totals = dict((int(k), v) for k, v in snap['requests'].items())
+    then, old = before.get(m['pid'], (None, {}))
+    before[m['pid']] = (now, totals)
+    lines = ['%s: master %d %s, up %s, generation %d, %d/%d running, '
+             '%d in backoff, %d requests' % (
+                 m['proc_name'], m['pid'], m['state'],
+                 format_age(m['uptime']), snap['generation'],
+                 snap['running'], snap['wanted'], snap['backoff'],
+                 sum(totals.values())),
+             '%-5s %-8s %-9s %8s %9s %8s %9s' % (
+                 'slot', 'pid', 'state', 'req/s', 'requests', 'rss_mb',
+                 'age')]
+    for w in doc['workers']:
+        rate = '-'
+        if then is not None and w['slot'] in old and w['slot'] in totals:
+            rate = '%.1f' % ((totals[w['slot']] - old[w['slot']]) /
+                             max(now - then, 1e-6))
+        lines.append('%-5s %-8s %-9s %8s %9s %8s %9s' % (
+            w['slot'], w['pid'] or '-', w['state'], rate,
+            totals.get(w['slot'], 0),
+            '-' if w['rss_mb'] is None else '%.1f' % w['rss_mb'],
+            '-' if w['age'] is None else format_age(w['age'])))
+    return '\n'.join(lines)
 
 
 def cmd_incr(cfg, args, sign=1):
@@ -5304,7 +5870,8 @@ def format_config(cfg):
 # The commands, in the order --help lists them: name -> cmd_<name>(cfg, args).
 COMMANDS = {'start': cmd_start, 'stop': cmd_stop, 'restart': cmd_restart,
             'reload': cmd_reload, 'status': cmd_status, 'incr': cmd_incr,
-            'decr': cmd_decr, 'reopen': cmd_reopen, 'check': cmd_check}
+            'decr': cmd_decr, 'reopen': cmd_reopen, 'check': cmd_check,
+            'health': cmd_health, 'metrics': cmd_metrics}
 
 
 def main(argv=None):

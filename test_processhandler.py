@@ -862,6 +862,10 @@ BAD_VALUES = [
     ('accept_lock', 'y3s'),
     ('leader_lock', 'http://example.com/lock'),
     ('leader_ttl', '0'),
+    ('metrics_bind', 'localhost'),
+    ('metrics_bind', 'unix:/tmp/metrics.sock'),
+    ('statsd_host', '127.0.0.1:99999'),
+    ('statsd_prefix', 'a\0b'),
 ]
 
 
@@ -6457,3 +6461,406 @@ def test_log_on_a_full_tmpfs_counts_workers_write_errors(proj):
     finally:
         proj.cleanup()
         subprocess.run(['umount', mnt])
+
+
+# ==== health, metrics, statsd, status --watch (issue 15, items 3 4 10) ====
+
+def scrape(port, request=None, timeout=DEADLINE):
+    """One HTTP/1.0 exchange with the master's metrics_bind: (status line,
+    body).  ``request``: raw bytes to send instead of GET /metrics."""
+    s = socket.create_connection(('127.0.0.1', port), timeout=timeout)
+    try:
+        s.sendall(request or b'GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n')
+        data = b''
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        s.close()
+    head, _, body = data.partition(b'\r\n\r\n')
+    return head.split(b'\r\n')[0].decode(), body.decode('utf-8')
+
+
+def families(text):
+    """{name: {(labels...): value}} parsed by prometheus_client's own
+    parser (the one Prometheus' Python tooling uses)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            key = tuple(sorted(sample.labels.items()))
+            out.setdefault(sample.name, {})[key] = sample.value
+    return out
+
+
+def cli_metrics(proj):
+    res = proj.ph('metrics')
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    return families(res.stdout)
+
+
+def test_metrics_http_and_cli_count_recycles_and_survive_them(proj):
+    """Recycling at max_requests counts max_requests exits, and the
+    per-slot request totals keep growing past max_requests (they survive
+    recycles); both outlets give the same families, parsed by
+    prometheus_client."""
+    port = free_port()
+    proj.write_config(max_requests=3, run_time='0.02',
+                      metrics_bind='127.0.0.1:%d' % port)
+    proj.start_daemon()
+    proj.wait_running(2)
+
+    def recycled():
+        fams = families(scrape(port)[1])
+        exits = fams['processhandler_worker_exits_total']
+        req = fams['processhandler_requests_total']
+        return exits[(('reason', 'max_requests'),)] >= 4 and \
+            min(req.values()) > 3 * 2 and fams
+    fams = wait_for(recycled, what='recycles counted over HTTP')
+    assert set(fams['processhandler_requests_total']) == {
+        (('slot', '1'),), (('slot', '2'),)}
+    assert fams['processhandler_worker_exits_total'][
+        (('reason', 'signal'),)] == 0
+    assert fams['processhandler_worker_spawns_total'][()] >= 6
+    assert fams['processhandler_workers_running'][()] in (1, 2)
+    assert fams['processhandler_workers_wanted'][()] == 2
+    assert fams['processhandler_master_active'][()] == 1
+    assert fams['processhandler_master_generation'][()] == 1
+    assert fams['processhandler_slots_backoff'][()] == 0
+    cli = cli_metrics(proj)
+    assert set(cli) == set(fams)
+    for slot, n in fams['processhandler_requests_total'].items():
+        assert cli['processhandler_requests_total'][slot] >= n
+    assert cli['processhandler_master_uptime_seconds'][()] >= \
+        fams['processhandler_master_uptime_seconds'][()]
+    assert 'metrics at http://127.0.0.1:%d/metrics' % port in proj.log_text()
+
+
+def test_metrics_count_a_killed_worker_and_report_rss(proj):
+    port = free_port()
+    proj.write_config(run_time='0.02', metrics_bind='127.0.0.1:%d' % port)
+    proj.start_daemon()
+    pids = proj.wait_running(2)
+    fams = families(scrape(port)[1])
+    assert fams['processhandler_worker_exits_total'][
+        (('reason', 'signal'),)] == 0
+    rss = fams['processhandler_worker_rss_bytes']
+    assert set(rss) == {(('slot', '1'),), (('slot', '2'),)}
+    assert all(1e6 < v < 1e9 for v in rss.values()), rss
+    before = fams['processhandler_requests_total'][(('slot', '1'),)]
+    os.kill(pids[1], signal.SIGKILL)
+    fams = wait_for(lambda: (lambda f: f['processhandler_worker_exits_total'][
+        (('reason', 'signal'),)] == 1 and f)(families(scrape(port)[1])),
+        what='one exit by signal')
+    assert fams['processhandler_worker_exits_total'][
+        (('reason', 'crash'),)] == 0
+    assert fams['processhandler_requests_total'][(('slot', '1'),)] >= before
+    proj.wait_running(2)
+    fams = cli_metrics(proj)
+    assert fams['processhandler_worker_exits_total'][
+        (('reason', 'signal'),)] == 1
+    assert fams['processhandler_worker_spawns_total'][()] == 3
+
+
+def test_metrics_http_is_non_blocking_and_bounded(proj):
+    """An idle client does not block a scrape (one loop, no thread) and
+    is closed after HTTP_TIMEOUT; bad requests get an HTTP error."""
+    port = free_port()
+    proj.write_config(number_workers=1, metrics_bind='127.0.0.1:%d' % port)
+    proj.start_daemon()
+    proj.wait_running(1)
+    idle = socket.create_connection(('127.0.0.1', port), timeout=DEADLINE)
+    try:
+        idle.sendall(b'GET /metr')        # and then nothing
+        t0 = time.monotonic()
+        status, body = scrape(port)
+        assert status == 'HTTP/1.0 200 OK' and 'processhandler_' in body
+        assert scrape(port, b'GET / HTTP/1.0\r\n\r\n')[0].startswith(
+            'HTTP/1.0 404')
+        assert scrape(port, b'POST /metrics HTTP/1.0\r\n\r\n')[0] \
+            .startswith('HTTP/1.0 405')
+        assert scrape(port, b'GET /metrics HTTP/1.0\r\nX: ' + b'y' * 20000)[
+            0].startswith('HTTP/1.0 400')
+        status, body = scrape(port, b'HEAD /metrics HTTP/1.0\r\n\r\n')
+        assert status == 'HTTP/1.0 200 OK' and body == ''
+        assert idle.recv(100) == b''      # closed by the master
+        waited = time.monotonic() - t0
+        print('idle scrape connection closed after %.1fs' % waited)
+        assert waited >= processhandler.Metrics.HTTP_TIMEOUT - 0.5
+    finally:
+        idle.close()
+    assert proj.ph('health').returncode == 0
+
+
+def test_metrics_bind_in_use_fails_start(proj):
+    busy = socket.socket()
+    busy.bind(('127.0.0.1', 0))
+    busy.listen(1)
+    try:
+        port = busy.getsockname()[1]
+        proj.write_config(metrics_bind='127.0.0.1:%d' % port)
+        res = proj.ph('start', '-d')
+        track_started(proj)
+        assert res.returncode == 1, (res.stdout, res.stderr)
+        assert '127.0.0.1:%d' % port in one_line(res)
+    finally:
+        busy.close()
+    assert proj.ph('status').returncode == 3
+
+
+def statsd_packets(sock, want, timeout=DEADLINE):
+    """Read packets until every regex in ``want`` matched one; return
+    them all."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while not all(any(re.match(w, p) for p in got) for w in want):
+        left = deadline - time.monotonic()
+        assert left > 0, ('statsd packets missing', want, got[-40:])
+        sock.settimeout(left)
+        try:
+            got.append(sock.recv(65536).decode('ascii'))
+        except socket.timeout:
+            pass
+    return got
+
+
+def test_statsd_packets_over_udp(proj):
+    """Gauges and counters reach a real UDP socket, gunicorn-style names
+    under statsd_prefix; with nobody listening any more the master goes
+    on (sends never raise into its loop)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(('127.0.0.1', 0))
+    try:
+        proj.write_config(max_requests=3, run_time='0.02',
+                          statsd_host='127.0.0.1:%d' % sock.getsockname()[1],
+                          statsd_prefix='svc.app')
+        proj.start_daemon()
+        got = statsd_packets(sock, [
+            r'svc\.app\.processhandler\.workers:2\|g$',
+            r'svc\.app\.processhandler\.requests:[1-9]\d*\|c$',
+            r'svc\.app\.processhandler\.exits\.max_requests:[1-9]\d*\|c$',
+            r'svc\.app\.processhandler\.spawns:[1-9]\d*\|c$',
+            r'svc\.app\.processhandler\.backoff:0\|g$'])
+        assert all(p.startswith('svc.app.processhandler.') for p in got), got
+    finally:
+        sock.close()
+    # Nobody listens now: ICMP port unreachable must not disturb it.
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        assert proj.ph('health').returncode == 0
+
+
+HEALTH_WORKER = '''
+    import os, time, processhandler
+
+    with open('imports.log', 'a') as f:     # every import of this module
+        f.write('%d\\n' % os.getpid())
+
+    class Job(processhandler.Worker):
+        def init(self):
+            if os.path.exists('fail.flag') and self.slot == 2:
+                raise RuntimeError('database unreachable')
+
+        def run(self):
+            time.sleep(0.02)
+            return True
+'''
+
+
+def test_health_probe(proj):
+    """0 with every slot running, 1 with the reason when a slot is in
+    backoff, 3 when not running; it never imports the worker module."""
+    proj.write_module('healthjob', HEALTH_WORKER)
+    proj.write_config(worker_class='healthjob:Job')
+    imports = os.path.join(proj.path, 'imports.log')
+    assert proj.ph('health').returncode == 3
+    proj.start_daemon()
+    proj.wait_running(2)
+    with open(imports) as f:
+        imported = f.read()
+    t0 = time.monotonic()
+    res = proj.ph('health')
+    cli = time.monotonic() - t0
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert res.stdout.strip() == 'processhandler: healthy: 2/2 running'
+    t0 = time.monotonic()
+    reply = processhandler.control_request(proj.pidfile, {'cmd': 'health'})
+    print('health: master answers in %.2f ms; the CLI took %.0f ms '
+          '(interpreter start included)' % (
+              (time.monotonic() - t0) * 1000, cli * 1000))
+    assert reply['healthy'] is True
+    with open(imports) as f:
+        assert f.read() == imported     # the probe imported no user code
+    open(os.path.join(proj.path, 'fail.flag'), 'w').close()
+    os.kill(proj.running_workers(2)[2], signal.SIGKILL)
+
+    def degraded():
+        r = proj.ph('health')
+        return r.returncode == 1 and r
+    res = wait_for(degraded, what='health exit 1')
+    line = res.stdout.strip()
+    assert line.startswith('processhandler: unhealthy: 1/2 running; '
+                           'slot 2 in backoff: init() raised '), line
+    assert 'RuntimeError' in line and 'database unreachable' in line, line
+    assert len(res.stdout.splitlines()) == 1 and res.stderr == ''
+    fams = cli_metrics(proj)
+    assert fams['processhandler_slots_backoff'][()] == 1
+    assert fams['processhandler_backoffs_total'][()] >= 1
+    assert fams['processhandler_worker_exits_total'][
+        (('reason', 'boot_failure'),)] >= 1
+    os.unlink(os.path.join(proj.path, 'fail.flag'))
+    wait_for(lambda: proj.ph('health').returncode == 0, what='healthy again')
+    assert proj.ph('stop').returncode == 0
+    res = proj.ph('health')
+    assert res.returncode == 3 and 'not running' in res.stdout
+    assert proj.ph('metrics').returncode == 3
+    assert proj.ph('status', '--watch', '--count', '1').returncode == 3
+
+
+def test_status_watch_prints_tables(proj):
+    """Not a terminal: one table per interval under a separator line;
+    --count bounds it; req/s from the second table on."""
+    proj.write_config(run_time='0.02')
+    proj.start_daemon()
+    proj.wait_running(2)
+    res = proj.ph('status', '--watch', '--count', '2', '--interval', '0.3')
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    lines = res.stdout.splitlines()
+    seps = [i for i, l in enumerate(lines) if l.startswith('-- ')]
+    assert len(seps) == 2 and seps[0] == 0, res.stdout
+    heads = [l for l in lines if l.split()[:4] == ['slot', 'pid', 'state',
+                                                   'req/s']]
+    assert len(heads) == 2, res.stdout
+    second = lines[seps[1]:]
+    rows = [l.split() for l in second if l[:1].isdigit()]
+    assert [r[0] for r in rows] == ['1', '2'], res.stdout
+    assert all(r[2] == 'running' and float(r[3]) > 0 for r in rows), \
+        res.stdout
+    assert '\x1b' not in res.stdout
+
+
+def test_status_watch_on_a_terminal_redraws_until_ctrl_c(proj):
+    """On a terminal (a real pty) each table clears the screen first;
+    Ctrl-C ends it with exit 0 and no traceback."""
+    import pty
+    import select
+    proj.write_config(number_workers=1)
+    proj.start_daemon()
+    proj.wait_running(1)
+    master_fd, slave_fd = pty.openpty()
+    p = subprocess.Popen([PY, PH, '-c', proj.config, 'status', '--watch',
+                          '--interval', '0.2'], stdin=subprocess.DEVNULL,
+                         stdout=slave_fd, stderr=slave_fd, cwd=proj.path)
+    os.close(slave_fd)
+    seen = []
+
+    def read_some():
+        r, _, _ = select.select([master_fd], [], [], 0)
+        if r:
+            try:
+                seen.append(os.read(master_fd, 65536).decode('utf-8',
+                                                              'replace'))
+            except OSError:    # EIO: the other side is closed
+                pass
+        return ''.join(seen)
+    try:
+        wait_for(lambda: read_some().count('\x1b[H\x1b[2J') >= 2,
+                 what='two redraws')
+        p.send_signal(signal.SIGINT)
+        assert p.wait(DEADLINE) == 0
+        read_some()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master_fd)
+    text = ''.join(seen)
+    assert 'slot' in text and 'req/s' in text
+    assert 'Traceback' not in text and 'KeyboardInterrupt' not in text
+
+
+def test_health_and_metrics_of_a_standby(proj):
+    """A standby (leader lock held by the other master) is healthy, says
+    so, and reports master_active 0 with no worker wanted."""
+    lock = os.path.join(proj.path, 'leader.lock')
+    proj.write_config(leader_lock='file:' + lock, number_workers=1)
+    proj.start_daemon()
+    proj.wait_running(1)
+    second_cfg = os.path.join(proj.path, 'second.ini')
+    second_pid = os.path.join(proj.path, 'second.pid')
+    with open(proj.config) as f:
+        text = f.read().replace(proj.pidfile, second_pid)
+    with open(second_cfg, 'w') as f:
+        f.write(text)
+    res = proj.ph('start', '-d', config=second_cfg)
+    assert res.returncode == 0 and 'standby' in res.stdout, res.stdout
+    proj.masters.add(proj.master_pid(second_pid))
+    res = proj.ph('health', config=second_cfg)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert res.stdout.startswith('processhandler: healthy: standby'), \
+        res.stdout
+    res = proj.ph('metrics', config=second_cfg)
+    fams = families(res.stdout)
+    assert fams['processhandler_master_active'][()] == 0
+    assert fams['processhandler_workers_wanted'][()] == 0
+    assert proj.ph('health').returncode == 0
+    assert cli_metrics(proj)['processhandler_master_active'][()] == 1
+
+
+def test_health_during_a_rolling_reload(proj):
+    """While new workers boot and the old ones still serve, health says
+    healthy and that a reload is in progress; then plain healthy again,
+    with generation 2 in the metrics."""
+    proj.write_config(run_time='0.02')
+    master = proj.start_daemon()
+    proj.wait_running(2)
+    proj.write_config(run_time='0.02', init_mode='slow', init_time='2')
+    os.kill(master, signal.SIGHUP)
+
+    def rolling():
+        r = proj.ph('health')
+        return 'reload in progress' in r.stdout and r
+    res = wait_for(rolling, what='reload in progress')
+    assert res.returncode == 0, res.stdout
+    assert re.match(r'processhandler: healthy: 2/2 running; reload in '
+                    r'progress for \d+ s$', res.stdout.strip()), res.stdout
+    wait_for(lambda: proj.ph('health').stdout.strip() ==
+             'processhandler: healthy: 2/2 running', what='reload done')
+    assert cli_metrics(proj)['processhandler_master_generation'][()] == 2
+
+
+EXIT_REASONS_WORKER = '''
+    import os, time, processhandler
+
+    class Job(processhandler.Worker):
+        def run(self):
+            time.sleep(0.05)
+            if self.slot == 1 and self.requests >= 2:
+                time.sleep(60)                 # past `timeout`
+            if self.slot == 2 and self.requests >= 2:
+                os._exit(7)                    # a crash
+            if self.slot == 3 and self.requests >= 2:
+                self.ballast = bytearray(200 * 1024 * 1024)  # over the limit
+                self.ballast[::4096] = b'x' * len(self.ballast[::4096])
+            return True
+'''
+
+
+def test_metrics_count_timeout_crash_and_memory_exits(proj):
+    proj.write_module('reasons', EXIT_REASONS_WORKER)
+    proj.write_config(worker_class='reasons:Job', number_workers=3,
+                      timeout=1, hard_memory_limit=150, check_interval=0.1)
+    proj.start_daemon()
+
+    def counted():
+        fams = cli_metrics(proj)
+        exits = dict((k[0][1], v) for k, v in
+                     fams['processhandler_worker_exits_total'].items())
+        return all(exits[r] >= 1 for r in ('timeout', 'crash', 'memory')) \
+            and exits
+    exits = wait_for(counted, what=lambda: 'timeout, crash and memory '
+                     'exits: %s' % cli_metrics(proj)[
+                         'processhandler_worker_exits_total'])
+    assert exits['signal'] == 0 and exits['max_requests'] == 0, exits
