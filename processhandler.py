@@ -3137,7 +3137,14 @@ class ControlServer(object):
             return {'ok': False, 'error': 'bad request'}
         if fn is None:
             return {'ok': False, 'error': 'unknown command %r' % (cmd,)}
-        return fn(req, conn)
+        try:
+            return fn(req, conn)
+        except Exception as e:
+            # A bug behind one request must not take the master down, nor
+            # leave the command guessing: log it, answer with its name.
+            log.exception('control request %r failed', cmd)
+            return {'ok': False, 'error': 'internal error in %s: %s: %s' % (
+                cmd, type(e).__name__, e)}
 
     def reply(self, conn, doc):
         """Send ``doc`` as one JSON line and close the connection."""
@@ -3307,9 +3314,9 @@ class Metrics(object):
         if a.stopping:
             return False, 'stopping'
         if not a.active:
-            if a.leader_warned:
+            if a.leadership.warned:
                 return False, 'standby; leader lock unreachable: %s' % (
-                    a.leader_warned)
+                    a.leadership.warned)
             return True, 'standby: the leader lock %s is held elsewhere' % (
                 a.leader.describe())
         wanted, running, notes, healthy = a.wanted(), 0, [], True
