@@ -2666,6 +2666,192 @@ def describe_status(status):
     return 'status %d' % status
 
 
+# -- Upgrade (USR2) -------------------------------------------------------------
+
+class UpgradeState(object):
+    """What a USR2 re-exec hands to the new image, as one record.
+
+    It crosses execve() as JSON in the environment (UPGRADE_ENV): the
+    descriptors named here stay open across the exec, everything else is
+    rebuilt by the new image."""
+
+    FIELDS = ('pidfile', 'lock_fd', 'instance', 'fds', 'accept_fd',
+              'started', 'daemonized', 'number_workers', 'workers',
+              'stopping', 'leader')
+
+    def __init__(self, **values):
+        for name in self.FIELDS:
+            setattr(self, name, values.get(name))
+
+    def to_env(self, env):
+        """Put the record into ``env`` (a dict) for execve()."""
+        env[UPGRADE_ENV] = json.dumps(dict(
+            (name, getattr(self, name)) for name in self.FIELDS))
+        return env
+
+    @classmethod
+    def from_env(cls, environ=None):
+        """The record a USR2 re-exec handed over (popped from the
+        environment, so workers do not see it), or None."""
+        environ = os.environ if environ is None else environ
+        raw = environ.pop(UPGRADE_ENV, None)
+        if not raw:
+            return None
+        try:
+            values = json.loads(raw)
+        except ValueError:
+            return None
+        if not isinstance(values, dict):
+            return None
+        return cls(**values)
+
+
+class Upgrade(object):
+    """USR2: re-exec the master in place, and adopt the old image's workers.
+
+    The pid stays, so the pidfile, the lock (its fd is kept open: POSIX
+    locks survive execve), systemd's MAINPID and the workers' parent all
+    stay valid.  The listening sockets stay open in the old workers, who
+    keep accepting, and are handed to the new image by fd: no connection
+    is refused.  The new image adopts the old workers as generation 0
+    and replaces them like a HUP does.  A new config or code that does
+    not pass `check` is refused before anything is touched.
+    """
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+
+    def start(self):
+        """execve() this master with the state the new code needs."""
+        problem = self.preflight()
+        if problem:
+            log.error('USR2 upgrade refused, still running the old code: %s',
+                      problem)
+            return
+        self.reexec()
+
+    def record(self):
+        """The UpgradeState of this master, and the fds it names."""
+        a = self.arbiter
+        keep = [s.fileno() for s in a.sockets] + [a.pidfile.fd]
+        if a.accept_fd is not None:
+            keep.append(a.accept_fd)
+        leader = None
+        if a.leader is not None and a.active:
+            leader = {'token': a.leader.token,
+                      'expires': a.leader.expires
+                      if a.leader.expires != float('inf') else 1e18,
+                      'fd': getattr(a.leader, 'fd', None)}
+            if leader['fd'] is not None:
+                keep.append(leader['fd'])
+        state = UpgradeState(
+            pidfile=a.pidfile.path, lock_fd=a.pidfile.fd,
+            instance=a.instance, fds=[s.fileno() for s in a.sockets],
+            accept_fd=a.accept_fd,
+            started=time.time() - (time.monotonic() - a.started),
+            daemonized=a.daemonized, number_workers=a.num_workers,
+            workers=[[p.pid, p.slot] for p in a.procs.values()
+                     if p.state in (State.BOOTING, State.RUNNING)],
+            stopping=[p.pid for p in a.procs.values()
+                      if p.state == State.STOPPING],
+            leader=leader)
+        return state, keep
+
+    def reexec(self):
+        a = self.arbiter
+        state, keep = self.record()
+        argv = [sys.executable] + _START['argv']
+        # The spare was forked from this image: the new one forks its own.
+        a.discard_spare('upgrade')
+        a.reap_dead_spares()
+        log.info('USR2: re-executing %s with %d worker(s) handed over',
+                 ' '.join(argv), len(state.workers))
+        for fd in keep:
+            os.set_inheritable(fd, True)
+        env = state.to_env(dict(os.environ))
+        signal.set_wakeup_fd(-1)
+        a.close_control()
+        # execve() resets our handlers to the defaults, and the default of
+        # TTIN/TTOU is to stop the process, of HUP/USR1/USR2 to kill it: a
+        # signal arriving before the new image has its handlers would stop
+        # or kill the master.  Blocked signals stay pending across execve;
+        # init_signals() unblocks them once the handlers are in place.
+        signal.pthread_sigmask(signal.SIG_BLOCK, a.signal_numbers())
+        try:
+            os.chdir(_START['cwd'])
+            os.execve(sys.executable, argv, env)
+        except OSError as e:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, a.signal_numbers())
+            log.error('USR2: exec of %s failed: %s; carrying on with the old '
+                      'code', sys.executable, e.strerror)
+            for fd in keep:
+                os.set_inheritable(fd, False)
+            os.chdir(a.cfg.base_path)
+            signal.set_wakeup_fd(a.wake_w)
+            a.open_control()
+
+    def preflight(self):
+        """Why the new code or config cannot start, or None."""
+        cfg = self.arbiter.cfg
+        script = os.path.abspath(os.path.join(_START['cwd'],
+                                              _START['argv'][0]))
+        for path in (script, os.path.abspath(__file__)):
+            try:
+                with open(path, 'rb') as f:
+                    compile(f.read(), path, 'exec')
+            except (OSError, SyntaxError, ValueError) as e:
+                return '%s: %s' % (path, e)
+        if cfg.path is None:
+            return None
+        cmd = [sys.executable, os.path.abspath(__file__), '-c', cfg.path,
+               '-s', cfg.section, 'check']
+        for kv in cfg.overrides:
+            cmd += ['--set', '%s=%s' % kv]
+        import subprocess
+        try:
+            res = subprocess.run(cmd, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, timeout=60,
+                                 cwd=_START['cwd'])
+        except (OSError, subprocess.SubprocessError) as e:
+            return 'cannot run check: %s' % e
+        if res.returncode != 0:
+            return res.stdout.decode('utf-8', 'replace').strip() or \
+                'check exited %d' % res.returncode
+        return None
+
+    def adopt_workers(self, state):
+        """After a USR2 re-exec: take over the old image's workers as
+        generation 0, so manage_workers() replaces them like a reload."""
+        a = self.arbiter
+        a.started = time.monotonic() - (time.time() - state.started)
+        a.num_workers = state.number_workers
+        for pid, number in state.workers:
+            proc = self.adopted(pid, number)
+            slot = a.slots.get(number) or a.slots.setdefault(
+                number, Slot(number))
+            if slot.proc is None:
+                slot.proc = proc
+            else:
+                slot.old.append(proc)
+        for pid in state.stopping:
+            proc = self.adopted(pid, 0)
+            a.stop_worker(proc, 'stopping before the upgrade')
+        a.ready = True
+        log.info('upgraded in place: %d worker(s) of the old code adopted, '
+                 'replacing them', len(a.procs))
+
+    def adopted(self, pid, number):
+        a = self.arbiter
+        cell = a.board.alloc()
+        a.board.set(cell, Scoreboard.PID, pid)
+        a.board.set(cell, Scoreboard.STATE, Scoreboard.BOOTED)
+        proc = WorkerProcess(pid, number, cell, 0, _NO_OPTIONS, a.cfg)
+        proc.state = State.RUNNING
+        a.procs[pid] = proc
+        return proc
+
+
 class Arbiter(object):
     """The master: keeps ``number_workers`` worker processes alive.
 
@@ -2701,7 +2887,8 @@ class Arbiter(object):
         self.title = title
         self.keep_user_logging = keep_user_logging
         self.save_on_signal = save_on_signal
-        self.upgrade = upgrade     # state handed over by a USR2 re-exec
+        self.upgrade = upgrade     # UpgradeState handed over by USR2
+        self.upgrader = Upgrade(self)
         self.halt_reason = None    # why run() failed (HaltServer), if it did
         self.num_workers = len(self.templates) or cfg.number_workers
         self.pid = os.getpid()
@@ -2757,7 +2944,7 @@ class Arbiter(object):
         self.leader = make_leader(cfg)
         if self.leader is not None:
             self.active = False
-            held = (self.upgrade or {}).get('leader')
+            held = self.upgrade.leader if self.upgrade else None
             if held:   # USR2: the lease is ours already, keep it
                 self.leader.token = held['token']
                 self.leader.expires = held['expires']
@@ -2804,10 +2991,10 @@ class Arbiter(object):
         """Take the pidfile lock of the first free instance (or refuse)."""
         if self.upgrade:
             # Same pid, same open lock: POSIX locks survive execve.
-            self.pidfile = PidFile(self.upgrade['pidfile'])
-            self.pidfile.fd = self.upgrade['lock_fd']
+            self.pidfile = PidFile(self.upgrade.pidfile)
+            self.pidfile.fd = self.upgrade.lock_fd
             self.pidfile.write(os.getpid())
-            self.instance = self.upgrade['instance']
+            self.instance = self.upgrade.instance
             return
         for n in range(1, 1000):
             pidfile = PidFile(instance_pidfile(self.cfg, n))
@@ -2826,10 +3013,10 @@ class Arbiter(object):
         cfg = self.cfg
         if self.upgrade:
             self.sockets = [socket.socket(fileno=fd)
-                            for fd in self.upgrade['fds']]
+                            for fd in self.upgrade.fds]
             for sock in self.sockets:
                 sock.setblocking(False)
-            self.accept_fd = self.upgrade.get('accept_fd')
+            self.accept_fd = self.upgrade.accept_fd
             return
         self.sockets = systemd_listeners()
         if self.sockets:
@@ -2883,7 +3070,7 @@ class Arbiter(object):
             # the wakeup fd still wakes select().
             signal.siginterrupt(signum, False)
         signal.set_wakeup_fd(self.wake_w)
-        # After a USR2 re-exec they arrive blocked (see reexec()): the ones
+        # After a USR2 re-exec they arrive blocked (see Upgrade.reexec()): the ones
         # sent meanwhile are delivered now, to the handlers.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signal_numbers())
 
@@ -2900,7 +3087,7 @@ class Arbiter(object):
         try:
             self.setup()
             if self.upgrade:
-                self.adopt_workers()
+                self.upgrader.adopt_workers(self.upgrade)
             self.manage_workers()
             self.loop()
         except HaltServer as h:
@@ -3147,7 +3334,7 @@ class Arbiter(object):
         """Re-exec the master in place (new code), keeping pid, pidfile,
         lock and listening sockets; old workers drain gracefully."""
         if not self.stopping:
-            self.reexec()
+            self.upgrader.start()
 
     def handle_winch(self):
         """Stop all workers, keep the master (daemon only)."""
@@ -3842,137 +4029,6 @@ class Arbiter(object):
         if not slot.procs():
             del self.slots[slot.number]
 
-    # -- USR2: in-place upgrade -------------------------------------------------
-
-    def reexec(self):
-        """execve() this master with the state the new code needs.
-
-        The pid stays, so the pidfile, the lock (its fd is kept open: POSIX
-        locks survive execve), systemd's MAINPID and the workers' parent all
-        stay valid.  The listening sockets stay open in the old workers, who
-        keep accepting, and are handed to the new image by fd: no connection
-        is refused.  The new image adopts the old workers as generation 0
-        and replaces them like a HUP does.  A new config or code that does
-        not pass `check` is refused before anything is touched.
-        """
-        problem = self.preflight()
-        if problem:
-            log.error('USR2 upgrade refused, still running the old code: %s',
-                      problem)
-            return
-        keep = [s.fileno() for s in self.sockets] + [self.pidfile.fd]
-        if self.accept_fd is not None:
-            keep.append(self.accept_fd)
-        leader = None
-        if self.leader is not None and self.active:
-            leader = {'token': self.leader.token,
-                      'expires': self.leader.expires
-                      if self.leader.expires != float('inf') else 1e18,
-                      'fd': getattr(self.leader, 'fd', None)}
-            if leader['fd'] is not None:
-                keep.append(leader['fd'])
-        state = {'pidfile': self.pidfile.path, 'lock_fd': self.pidfile.fd,
-                 'instance': self.instance,
-                 'fds': [s.fileno() for s in self.sockets],
-                 'accept_fd': self.accept_fd, 'started': time.time() -
-                 (time.monotonic() - self.started),
-                 'daemonized': self.daemonized,
-                 'number_workers': self.num_workers,
-                 'workers': [[p.pid, p.slot] for p in self.procs.values()
-                             if p.state in (State.BOOTING, State.RUNNING)],
-                 'stopping': [p.pid for p in self.procs.values()
-                              if p.state == State.STOPPING],
-                 'leader': leader}
-        argv = [sys.executable] + _START['argv']
-        # The spare was forked from this image: the new one forks its own.
-        self.discard_spare('upgrade')
-        self.reap_dead_spares()
-        log.info('USR2: re-executing %s with %d worker(s) handed over',
-                 ' '.join(argv), len(state['workers']))
-        for fd in keep:
-            os.set_inheritable(fd, True)
-        env = dict(os.environ)
-        env[UPGRADE_ENV] = json.dumps(state)
-        signal.set_wakeup_fd(-1)
-        self.close_control()
-        # execve() resets our handlers to the defaults, and the default of
-        # TTIN/TTOU is to stop the process, of HUP/USR1/USR2 to kill it: a
-        # signal arriving before the new image has its handlers would stop
-        # or kill the master.  Blocked signals stay pending across execve;
-        # init_signals() unblocks them once the handlers are in place.
-        signal.pthread_sigmask(signal.SIG_BLOCK, self.signal_numbers())
-        try:
-            os.chdir(_START['cwd'])
-            os.execve(sys.executable, argv, env)
-        except OSError as e:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signal_numbers())
-            log.error('USR2: exec of %s failed: %s; carrying on with the old '
-                      'code', sys.executable, e.strerror)
-            for fd in keep:
-                os.set_inheritable(fd, False)
-            os.chdir(self.cfg.base_path)
-            signal.set_wakeup_fd(self.wake_w)
-            self.open_control()
-
-    def preflight(self):
-        """Why the new code or config cannot start, or None."""
-        script = os.path.abspath(os.path.join(_START['cwd'],
-                                              _START['argv'][0]))
-        for path in (script, os.path.abspath(__file__)):
-            try:
-                with open(path, 'rb') as f:
-                    compile(f.read(), path, 'exec')
-            except (OSError, SyntaxError, ValueError) as e:
-                return '%s: %s' % (path, e)
-        if self.cfg.path is None:
-            return None
-        cmd = [sys.executable, os.path.abspath(__file__), '-c', self.cfg.path,
-               '-s', self.cfg.section, 'check']
-        for kv in self.cfg.overrides:
-            cmd += ['--set', '%s=%s' % kv]
-        import subprocess
-        try:
-            res = subprocess.run(cmd, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, timeout=60,
-                                 cwd=_START['cwd'])
-        except (OSError, subprocess.SubprocessError) as e:
-            return 'cannot run check: %s' % e
-        if res.returncode != 0:
-            return res.stdout.decode('utf-8', 'replace').strip() or \
-                'check exited %d' % res.returncode
-        return None
-
-    def adopt_workers(self):
-        """After a USR2 re-exec: take over the old image's workers as
-        generation 0, so manage_workers() replaces them like a reload."""
-        state = self.upgrade
-        self.started = time.monotonic() - (time.time() - state['started'])
-        self.num_workers = state['number_workers']
-        for pid, number in state['workers']:
-            proc = self.adopted(pid, number)
-            slot = self.slots.get(number) or self.slots.setdefault(
-                number, Slot(number))
-            if slot.proc is None:
-                slot.proc = proc
-            else:
-                slot.old.append(proc)
-        for pid in state['stopping']:
-            proc = self.adopted(pid, 0)
-            self.stop_worker(proc, 'stopping before the upgrade')
-        self.ready = True
-        log.info('upgraded in place: %d worker(s) of the old code adopted, '
-                 'replacing them', len(self.procs))
-
-    def adopted(self, pid, number):
-        cell = self.board.alloc()
-        self.board.set(cell, Scoreboard.PID, pid)
-        self.board.set(cell, Scoreboard.STATE, Scoreboard.BOOTED)
-        proc = WorkerProcess(pid, number, cell, 0, _NO_OPTIONS, self.cfg)
-        proc.state = State.RUNNING
-        self.procs[pid] = proc
-        return proc
-
     # -- leaving ----------------------------------------------------------------
 
     def stop_orphans(self):
@@ -4248,7 +4304,7 @@ class Manager(object):
         if not self.workers:
             logger.info('no workers given: nothing to do')
             return EXIT_OK
-        upgrade = take_upgrade_state()
+        upgrade = UpgradeState.from_env()
         ready_fd = daemonize(self.cfg) if self.cfg.daemonize and \
             not upgrade else None
         logger.info('%s starting', self.title)
@@ -4455,17 +4511,6 @@ def target_instances(cfg, args):
     return [i for i in found if i[2] > 0]
 
 
-def take_upgrade_state():
-    """The state a USR2 re-exec handed over (popped from the environment)."""
-    raw = os.environ.pop(UPGRADE_ENV, None)
-    if not raw:
-        return None
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return None
-
-
 def cmd_start(cfg, args):
     for problem in not_yet_supported(cfg):
         raise ConfigError(problem)
@@ -4474,11 +4519,11 @@ def cmd_start(cfg, args):
         resolve_user_group(cfg.user, cfg.group)
     except ConfigError as e:   # name the file and section, as check does
         raise ConfigError('%s %s' % (cfg.where(), e))
-    upgrade = take_upgrade_state()
+    upgrade = UpgradeState.from_env()
     if upgrade:
         os.umask(cfg.umask)
         os.chdir(cfg.base_path)
-        return Arbiter(cfg, worker_class, daemonized=upgrade['daemonized'],
+        return Arbiter(cfg, worker_class, daemonized=upgrade.daemonized,
                        save_on_signal=args.save, upgrade=upgrade).run()
     if cfg.single_instance:
         running = target_instances(cfg, args)
