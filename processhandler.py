@@ -4569,7 +4569,7 @@ class Manager(object):
             logger.info('no workers given: nothing to do')
             return EXIT_OK
         upgrade = UpgradeState.from_env()
-        if upgrade is not None and os.environ.pop(PREFLIGHT_ENV, None):
+        if upgrade is not None and os.environ.get(PREFLIGHT_ENV):
             return EXIT_OK   # a USR2 preflight: the script got this far
         ready_fd = daemonize(self.cfg) if self.cfg.daemonize and \
             not upgrade else None
@@ -4838,7 +4838,7 @@ def cmd_start(cfg, args):
     for problem in not_yet_supported(cfg):
         raise ConfigError(problem)
     upgrade = UpgradeState.from_env()
-    if upgrade is not None and os.environ.pop(PREFLIGHT_ENV, None):
+    if upgrade is not None and os.environ.get(PREFLIGHT_ENV):
         return upgrade_preflight(cfg, upgrade)
     if upgrade is not None:
         return start_upgraded(cfg, args, upgrade)
