@@ -26,7 +26,8 @@ Map of this file (sections in dependency order)::
                                    GeventWorker / AsyncioWorker
     Arbiter                        the master: signals -> handle_<name>,
                                    reap -> murder -> manage, the spare,
-                                   control socket
+                                   control socket; Upgrade (USR2: preflight
+                                   child, exec, adoption; UpgradeState)
     Manager                        uliweb-style programmatic front end
     Control client                 stop / status / reload / incr / decr
     CLI and main()
@@ -3492,6 +3493,10 @@ class Arbiter(object):
         """Reload config and worker code; replace workers, keep capacity."""
         if not self.stopping:
             self.reload()
+        else:   # `reload` waits for an outcome: give it one
+            self.reloads['count'] += 1
+            self.reloads.update(result='failed', generation=None,
+                                reason='the master is stopping')
 
     def handle_term(self):
         """Graceful stop: workers finish their run; KILL after the grace."""
