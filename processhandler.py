@@ -5086,6 +5086,10 @@ def format_status(doc):
     if m.get('spare'):
         lines.append('spare process %d: pre-forked, replaces the next worker '
                      'that exits' % m['spare'])
+    for key in ('reload', 'upgrade'):
+        last = m.get(key) or {}
+        if last.get('result') == 'failed':
+            lines.append('last %s failed: %s' % (key, last.get('reason')))
     return '\n'.join(lines)
 
 

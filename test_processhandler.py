@@ -5770,6 +5770,8 @@ def test_hup_unopenable_log_file_is_refused(proj, kind):
     assert 'cannot open log_file %s' % bad in proj.log_text()
     r = upgrade_doc(proj, 'reload')
     assert r['result'] == 'failed' and bad in r['reason'], r
+    text = proj.ph('status').stdout
+    assert 'last reload failed: cannot open log_file' in text, text
     same_workers_serving(proj, old)
     assert master_doc(proj)['generation'] == 1
     # still controllable, and a fixed config reloads
@@ -5893,8 +5895,8 @@ def test_usr2_failure_after_exec_keeps_adopted_workers(proj, what):
 
 def test_usr2_slow_preflight_does_not_block_the_loop(proj):
     """Item 4: while a preflight imports for 3 s, the master loop goes on:
-    a SIGKILLed worker is replaced within 1.5 s; then the upgrade
-    completes."""
+    a SIGKILLed worker is replaced (seen by a status call) while the
+    preflight still runs; then the upgrade completes."""
     saboteur_config(proj, 'slow')
     master = proj.start_daemon()
     old = proj.wait_running(2)
@@ -5903,7 +5905,7 @@ def test_usr2_slow_preflight_does_not_block_the_loop(proj):
     t0 = time.monotonic()
     os.kill(old[1], signal.SIGKILL)
     new = wait_for(lambda: (lambda w: w if w and w[1] != old[1] else None)(
-        proj.running_workers(2)), 1.5, 'worker 1 replaced')
+        proj.running_workers(2)), 2.5, 'worker 1 replaced')
     took = time.monotonic() - t0
     assert 'USR2: re-executing' not in proj.log_text(), took
     assert new[2] == old[2]
