@@ -4981,18 +4981,22 @@ def cmd_reload(cfg, args):
         max(60.0, cfg.graceful_timeout + 10)
     status = EXIT_OK
     for n, path, pid in found:
-        count = (before[path] or {}).get('count', 0)
+        if before[path] == {}:
+            say('reloading (pid %d): this master does not report the '
+                'outcome' % pid)
+            continue
         r = None if before[path] is None else \
-            wait_for_reload(path, count, limit)
+            wait_for_reload(path, before[path]['count'], limit)
         status = max(status, report_reload(pid, r, limit))
     return status
 
 
 def last_reload(pidfile):
-    """master.reload of status (None when the master does not answer)."""
+    """master.reload of status: None when the master does not answer,
+    {} when it does not report reloads (an older version)."""
     try:
         return control_request(pidfile, {'cmd': 'status'})['master'].get(
-            'reload', {'count': 0})
+            'reload', {})
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
