@@ -3046,6 +3046,7 @@ class Arbiter(object):
     BACKOFF_MAX = 30.0     # cap: keep retrying, never give up silently
     EARLY_DEATH = 1.0      # a crash this soon after boot counts as failure
     ORPHAN_GRACE = 2.0     # TERM -> KILL for adopted grandchildren at exit
+    IMPORT_TIMEOUT = 30.0  # a HUP's import of the worker code, in a child
 
     def __init__(self, cfg, worker_class=None, templates=None,
                  ready_fd=None, daemonized=False, title=None,
@@ -3610,6 +3611,12 @@ class Arbiter(object):
                           ['%s=%s' % kv for kv in self.cfg.overrides])
         if self.templates:
             return new, None
+        # A child first: an import that calls os._exit() or hangs must
+        # not take the master with it.
+        problem = validate_in_child(new, reload=True,
+                                    timeout=self.IMPORT_TIMEOUT)
+        if problem:
+            raise ConfigError(problem)
         return new, load_worker_class(new, reload=True)
 
     def apply_config(self, new, worker_class):
@@ -4632,11 +4639,13 @@ def load_worker_class(cfg, reload=False):
     return cls
 
 
-def validate_in_child(cfg, timeout=60.0):
+def validate_in_child(cfg, reload=False, timeout=60.0):
     """Import and check ``cfg.worker_class`` in a forked child: return
     None, or the problem in one line.  Whatever the import does (raise,
     SystemExit, hang, os._exit) costs the caller nothing.  The child is
-    the place to drop privileges before any user code runs."""
+    the place to drop privileges before any user code runs.  ``reload``:
+    the caller imported the user's modules already (a HUP in the
+    master): the child imports them afresh."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -4644,7 +4653,7 @@ def validate_in_child(cfg, timeout=60.0):
         try:
             os.close(r)
             try:
-                load_worker_class(cfg)
+                load_worker_class(cfg, reload=reload)
             except ConfigError as e:
                 msg = str(e).encode('utf-8', 'replace')
         finally:

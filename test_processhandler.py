@@ -5784,12 +5784,14 @@ def test_hup_unopenable_log_file_is_refused(proj, kind):
 IMPORT_KILLERS = {
     'SystemExit': 'raise SystemExit(3)\n',
     'HaltServer': 'raise processhandler.HaltServer("no way")\n',
+    'exit status 7': 'os._exit(7)\n',
 }
 
 
 @pytest.mark.parametrize('exc', sorted(IMPORT_KILLERS))
 def test_import_base_exception_refused_by_hup_check_usr2(proj, exc):
-    """Item 2: a worker module raising SystemExit/HaltServer at import:
+    """Item 2: a worker module raising SystemExit/HaltServer (or calling
+    os._exit) at import:
     `check` and `reload` exit 2 with one line, a HUP and a USR2 sent
     directly are refused and logged; the same workers keep serving."""
     proj.write_config(number_workers=2)
