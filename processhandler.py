@@ -3874,8 +3874,10 @@ class Arbiter(object):
     # upgrade; one that dies on its own is re-forked with a backoff.
 
     def spare_wanted(self):
+        # No worker class (its import failed after a USR2): no spare.
         return bool(self.cfg.spare_worker) and not self.stopping and \
-            self.active and self.wanted() > 0
+            self.active and self.wanted() > 0 and \
+            (self.worker_class is not None or bool(self.templates))
 
     def keep_spare(self):
         """End of a loop turn: fork a spare if there is none (or a stale

@@ -5853,6 +5853,9 @@ if os.environ.get('PROCESSHANDLER_PREFLIGHT'):
     elif what == 'slow':
         import time
         time.sleep(3)
+    elif what == 'code':
+        with open(os.path.join(here, 'echo.py'), 'w') as f:
+            f.write('raise SystemExit("code broken after the preflight")\\n')
 '''
 
 
@@ -5863,11 +5866,11 @@ def saboteur_config(proj, what, **keys):
     proj.write_module('echo', SABOTEUR + ECHO_WORKER)
 
 
-@pytest.mark.parametrize('what', ['config', 'log'])
+@pytest.mark.parametrize('what', ['config', 'log', 'code'])
 def test_usr2_failure_after_exec_keeps_adopted_workers(proj, what):
     """Item 3: what breaks between the preflight and the exec (the config
     made invalid; the log file replaced by a folder: a HaltServer in the
-    new image's setup) falls back after the exec: the adopted workers
+    new image's setup; the worker module broken) falls back after the exec: the adopted workers
     keep serving (same pids, no error for clients), the log says why and
     status shows the failed upgrade."""
     saboteur_config(proj, what)
@@ -5881,16 +5884,24 @@ def test_usr2_failure_after_exec_keeps_adopted_workers(proj, what):
     text = open(log_path).read()
     assert 'USR2: re-executing' in text
     line = [l for l in text.splitlines() if 'failed after the exec' in l][0]
-    assert ('number_workers' if what == 'config' else
-            'cannot open log_file') in line, line
+    assert {'config': 'number_workers', 'log': 'cannot open log_file',
+            'code': 'code broken after the preflight'}[what] in line, line
     with open(proj.config, 'w') as f:     # the CLI needs a good config
         f.write(good)
-    up = upgrade_doc(proj, 'upgrade')
+    res = proj.ph('status', '--json')
+    assert res.returncode == 0, (res.returncode, res.stdout, res.stderr)
+    up = json.loads(res.stdout)['master']['upgrade']
     assert up['result'] == 'failed' and up['count'] == 1, up
     pids, errors = hammer(name, 2, 5)
     assert not errors and set(pids) <= set(old.values())
     same_workers_serving(proj, old)
     assert proj.master_pid() == master and alive(master)
+    if what == 'code':    # fixed code: a reload replaces them
+        proj.write_module('echo', ECHO_WORKER)
+        res = proj.ph('reload')
+        assert res.returncode == 0, (res.stderr, proj.log_text())
+        wait_for(lambda: not any(alive(p) for p in old.values()),
+                 what='old workers replaced')
     assert proj.ph('stop').returncode == 0
     assert not any(alive(p) for p in old.values())
 
