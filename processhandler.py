@@ -28,7 +28,9 @@ Map of this file (sections in dependency order)::
                                    GeventWorker / AsyncioWorker
     Arbiter                        the master: signals -> handle_<name>,
                                    reap -> murder -> manage, the spare;
-                                   ControlServer: the control socket
+                                   ControlServer: the control socket;
+                                   Upgrade (USR2: preflight child, exec,
+                                   adoption; UpgradeState)
     Manager                        uliweb-style programmatic front end
     Control client                 stop / status / reload / incr / decr
     CLI and main()
@@ -193,8 +195,21 @@ WORKER_EXIT_ORPHANED = 4     # the master went away
 
 # How a USR2 upgrade hands its state to the re-executed master.
 UPGRADE_ENV = 'PROCESSHANDLER_UPGRADE'
+# Set for the preflight child of a USR2 (see Upgrade, upgrade_preflight).
+PREFLIGHT_ENV = 'PROCESSHANDLER_PREFLIGHT'
 # Where and how this process was started, for the USR2 re-exec.
 _START = {'cwd': os.getcwd(), 'argv': list(sys.argv)}
+
+
+def interpreter_flags():
+    """This interpreter's -X, -O, -W... options, to start the same one.
+    (A private helper of subprocess, stable since 3.3; multiprocessing
+    uses it the same way.)"""
+    try:
+        import subprocess
+        return subprocess._args_from_interpreter_flags()
+    except Exception:
+        return []
 
 
 class ConfigError(Exception):
@@ -462,7 +477,8 @@ def settings_table():
 
 RESTART_ONLY = ('pidfile', 'single_instance', 'daemonize', 'bind',
                 'reuse_port', 'user', 'group', 'leader_lock', 'base_path',
-                'metrics_bind', 'statsd_host', 'statsd_prefix')
+                'metrics_bind', 'statsd_host', 'statsd_prefix',
+                'accept_lock', 'leader_ttl')
 
 
 def not_yet_supported(cfg):
@@ -1533,6 +1549,11 @@ def watchdog_interval():
         return int(os.environ.get('WATCHDOG_USEC', '0')) / 2e6
     except ValueError:
         return 0.0
+
+
+def monotonic_usec():
+    """CLOCK_MONOTONIC in microseconds (systemd's MONOTONIC_USEC=)."""
+    return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6)
 
 
 def sd_notify(message):
@@ -3597,6 +3618,347 @@ class Metrics(object):
                 pass
 
 
+# -- Upgrade (USR2) -------------------------------------------------------------
+
+class UpgradeState(object):
+    """What a USR2 re-exec hands to the new image, as one record.
+
+    It crosses execve() as JSON in the environment (UPGRADE_ENV): the
+    descriptors named here stay open across the exec, everything else is
+    rebuilt by the new image.  ``config`` is the old image's config, the
+    fallback when the file no longer loads after the exec."""
+
+    FIELDS = ('pidfile', 'lock_fd', 'instance', 'fds', 'accept_fd',
+              'started', 'daemonized', 'number_workers', 'workers',
+              'stopping', 'leader', 'config', 'upgrades')
+
+    def __init__(self, **values):
+        for name in self.FIELDS:
+            setattr(self, name, values.get(name))
+
+    def to_env(self, env):
+        """Put the record into ``env`` (a dict) for execve()."""
+        env[UPGRADE_ENV] = json.dumps(dict(
+            (name, getattr(self, name)) for name in self.FIELDS))
+        return env
+
+    @classmethod
+    def from_env(cls, environ=None, keep=False):
+        """The record a USR2 re-exec handed over, or None; popped from the
+        environment (workers must not see it) unless ``keep``."""
+        environ = os.environ if environ is None else environ
+        raw = environ.get(UPGRADE_ENV) if keep else \
+            environ.pop(UPGRADE_ENV, None)
+        if not raw:
+            return None
+        try:
+            values = json.loads(raw)
+        except ValueError:
+            return None
+        if not isinstance(values, dict):
+            return None
+        return cls(**values)
+
+    @staticmethod
+    def config_record(cfg):
+        return {'values': dict((s.name, getattr(cfg, s.name))
+                               for s in SETTINGS),
+                'extras': cfg.extras, 'path': cfg.path,
+                'section': cfg.section, 'overrides': cfg.overrides}
+
+    def previous_config(self):
+        """The old image's Config (paths are absolute already)."""
+        c = self.config
+        return Config(c['values'], c['extras'], path=c['path'],
+                      section=c['section'],
+                      overrides=[tuple(kv) for kv in c['overrides']])
+
+
+# Problems the new image of a USR2 met after the exec and worked around
+# (main() meets the first ones before any Arbiter exists); Upgrade logs
+# and reports them once the log is open.
+_UPGRADE_PROBLEMS = []
+
+
+class Upgrade(object):
+    """USR2: re-exec the master in place, and adopt the old image's workers.
+
+    The pid stays, so the pidfile, the lock (its fd is kept open: POSIX
+    locks survive execve), systemd's MAINPID and the workers' parent all
+    stay valid.  The listening sockets stay open in the old workers, who
+    keep accepting, and are handed to the new image by fd: no connection
+    is refused.  The new image adopts the old workers as generation 0
+    and replaces them like a HUP does.
+
+    Transactional: first a preflight child runs the new image's own
+    start-up (same interpreter and flags, argv, config, log file and
+    listeners: upgrade_preflight()) up to the point of no return, while
+    the loop goes on (its output comes through the selector, its exit
+    through reap_workers).  Only when it succeeded does the master exec.
+    What can still fail after the exec falls back: the previous config,
+    the log on stderr, the adopted workers kept (see README).
+    """
+
+    PREFLIGHT_TIMEOUT = 60.0
+
+    def __init__(self, arbiter, state=None):
+        self.arbiter = arbiter
+        self.child = None          # subprocess.Popen of the preflight
+        self.output = b''
+        self.pipe_r = None
+        self.deadline = None
+        self.count = (state.upgrades or 0) if state else 0
+        self.result = 'upgrading' if state else None
+        self.reason = None
+
+    def report(self):
+        """For status --json: the last upgrade and how it ended."""
+        return {'count': self.count, 'result': self.result,
+                'reason': self.reason}
+
+    def start(self):
+        """USR2: start the preflight; the exec follows when it passes."""
+        if self.child is not None:
+            log.warning('USR2 ignored: the preflight of the previous USR2 '
+                        '(pid %d) is still running', self.child.pid)
+            return
+        self.count += 1
+        self.result, self.reason = 'preflight', None
+        try:
+            self.spawn_preflight()
+        except OSError as e:
+            self.refused('cannot run the preflight: %s' % (e.strerror or e))
+            return
+        log.info('USR2: preflight of the new image running (pid %d)',
+                 self.child.pid)
+
+    def refused(self, why):
+        self.result, self.reason = 'failed', why
+        log.error('USR2 upgrade refused, still running the old code: %s',
+                  why)
+
+    def argv(self):
+        """The command line of the new image: the same interpreter, its
+        -X/-W/-O flags, the original script and arguments."""
+        return [sys.executable] + interpreter_flags() + _START['argv']
+
+    def spawn_preflight(self):
+        import subprocess
+        a = self.arbiter
+        state, keep = self.record()
+        env = state.to_env(dict(os.environ))
+        env[PREFLIGHT_ENV] = '1'
+        r, w = os.pipe()
+        try:
+            self.child = subprocess.Popen(
+                self.argv(), stdin=subprocess.DEVNULL, stdout=w, stderr=w,
+                cwd=_START['cwd'], env=env, close_fds=True,
+                pass_fds=[s.fileno() for s in a.sockets])
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        os.set_blocking(r, False)
+        self.pipe_r, self.output = r, b''
+        self.deadline = time.monotonic() + self.PREFLIGHT_TIMEOUT
+        a.selector.register(r, selectors.EVENT_READ, self.read_output)
+
+    def read_output(self, fd):
+        try:
+            while True:
+                data = os.read(fd, 65536)
+                if not data:
+                    return self.close_pipe()
+                self.output = (self.output + data)[-65536:]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close_pipe()
+
+    def close_pipe(self):
+        if self.pipe_r is None:
+            return
+        try:
+            self.arbiter.selector.unregister(self.pipe_r)
+        except (KeyError, ValueError):
+            pass
+        os.close(self.pipe_r)
+        self.pipe_r = None
+
+    def owns(self, pid):
+        return self.child is not None and self.child.pid == pid
+
+    def check_deadline(self):
+        """Kill a preflight that takes too long (a hung import)."""
+        if self.child is not None and self.deadline is not None and \
+                time.monotonic() >= self.deadline:
+            self.deadline = None
+            self.arbiter.kill(self.child.pid, signal.SIGKILL)
+            self.reason = 'the preflight did not finish within %gs' % \
+                self.PREFLIGHT_TIMEOUT
+
+    def preflight_exited(self, status):
+        """The preflight was reaped: exec when it passed, else refuse."""
+        child, self.child = self.child, None
+        child.returncode = status     # reaped by us, not by Popen
+        if self.pipe_r is not None:
+            self.read_output(self.pipe_r)
+            self.close_pipe()
+        timed_out, self.deadline = self.deadline is None, None
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+            if self.arbiter.stopping:
+                return self.refused('the master is stopping')
+            return self.reexec()
+        lines = [l.strip() for l in self.output.decode(
+            'utf-8', 'replace').splitlines() if l.strip()]
+        why = ' | '.join(lines[-3:]) or 'the preflight %s' % \
+            describe_status(status)
+        self.refused(self.reason if timed_out and self.reason else why)
+
+    def record(self):
+        """The UpgradeState of this master, and the fds it names."""
+        a = self.arbiter
+        keep = [s.fileno() for s in a.sockets] + [a.pidfile.fd]
+        if a.accept_fd is not None:
+            keep.append(a.accept_fd)
+        leader = None
+        if a.leader is not None and a.active:
+            leader = {'token': a.leader.token,
+                      'expires': a.leader.expires
+                      if a.leader.expires != float('inf') else 1e18,
+                      'fd': getattr(a.leader, 'fd', None)}
+            if leader['fd'] is not None:
+                keep.append(leader['fd'])
+        state = UpgradeState(
+            pidfile=a.pidfile.path, lock_fd=a.pidfile.fd,
+            instance=a.instance, fds=[s.fileno() for s in a.sockets],
+            accept_fd=a.accept_fd,
+            started=time.time() - (time.monotonic() - a.started),
+            daemonized=a.daemonized, number_workers=a.num_workers,
+            workers=[[p.pid, p.slot] for p in a.procs.values()
+                     if p.state in (State.BOOTING, State.RUNNING)],
+            stopping=[p.pid for p in a.procs.values()
+                      if p.state == State.STOPPING],
+            leader=leader, config=UpgradeState.config_record(a.cfg),
+            upgrades=self.count)
+        return state, keep
+
+    def reexec(self):
+        a = self.arbiter
+        state, keep = self.record()
+        argv = self.argv()
+        # The spare was forked from this image: the new one forks its own.
+        a.discard_spare('upgrade')
+        a.reap_dead_spares()
+        log.info('USR2: re-executing %s with %d worker(s) handed over '
+                 '(preflight passed)', ' '.join(argv), len(state.workers))
+        for fd in keep:
+            os.set_inheritable(fd, True)
+        env = state.to_env(dict(os.environ))
+        signal.set_wakeup_fd(-1)
+        a.close_control()
+        # execve() resets our handlers to the defaults, and the default of
+        # TTIN/TTOU is to stop the process, of HUP/USR1/USR2 to kill it: a
+        # signal arriving before the new image has its handlers would stop
+        # or kill the master.  Blocked signals stay pending across execve;
+        # init_signals() unblocks them once the handlers are in place.
+        signal.pthread_sigmask(signal.SIG_BLOCK, a.signal_numbers())
+        try:
+            os.chdir(_START['cwd'])
+            os.execve(sys.executable, argv, env)
+        except OSError as e:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, a.signal_numbers())
+            self.refused('exec of %s failed: %s' % (sys.executable,
+                                                    e.strerror))
+            for fd in keep:
+                os.set_inheritable(fd, False)
+            os.chdir(a.cfg.base_path)
+            signal.set_wakeup_fd(a.wake_w)
+            a.open_control()
+
+    def adopt_workers(self, state):
+        """After a USR2 re-exec: take over the old image's workers as
+        generation 0, so manage_workers() replaces them like a reload."""
+        a = self.arbiter
+        a.started = time.monotonic() - (time.time() - state.started)
+        a.num_workers = state.number_workers
+        for pid, number in state.workers:
+            proc = self.adopted(pid, number)
+            slot = a.slots.get(number) or a.slots.setdefault(
+                number, Slot(number))
+            if slot.proc is None:
+                slot.proc = proc
+            else:
+                slot.old.append(proc)
+        for pid in state.stopping:
+            proc = self.adopted(pid, 0)
+            a.stop_worker(proc, 'stopping before the upgrade')
+        a.ready = True
+        log.info('upgraded in place: %d worker(s) of the old code adopted, '
+                 'replacing them', len(a.procs))
+        if _UPGRADE_PROBLEMS:
+            self.fall_back()
+
+    def fall_back(self):
+        """The new image met a problem after the exec: keep the adopted
+        workers (they are the current generation), say why."""
+        a = self.arbiter
+        why = '; '.join(_UPGRADE_PROBLEMS)
+        del _UPGRADE_PROBLEMS[:]
+        self.result, self.reason = 'failed', why
+        a.generation = 0
+        a.upgrade = None
+        log.error('USR2 upgrade failed after the exec, the old workers keep '
+                  'serving: %s', why)
+        sd_notify('MAINPID=%d\nREADY=1\nSTATUS=%d workers (upgrade failed)'
+                  % (a.pid, a.num_workers))
+
+    def completed(self):
+        self.result = 'done'
+
+    def adopted(self, pid, number):
+        a = self.arbiter
+        cell = a.board.alloc()
+        a.board.set(cell, Scoreboard.PID, pid)
+        a.board.set(cell, Scoreboard.STATE, Scoreboard.BOOTED)
+        proc = WorkerProcess(pid, number, cell, 0, _NO_OPTIONS, a.cfg)
+        proc.state = State.RUNNING
+        a.procs[pid] = proc
+        return proc
+
+
+def upgrade_preflight(cfg, state):
+    """In the preflight child of a USR2 (the new image, exec'd with the
+    master's argv and flags): its start-up up to the point of no return,
+    taking nothing over.  Raises ConfigError naming the first problem.
+
+    This is the place where the new worker class is imported and checked
+    for an upgrade: a child, so a failure (or SystemExit) at import
+    costs the master nothing."""
+    resolve_user_group(cfg.user, cfg.group)
+    try:
+        os.chdir(cfg.base_path)
+    except OSError as e:
+        raise ConfigError('%s base_path: cannot enter %s: %s' % (
+            cfg.where(), cfg.base_path, e.strerror))
+    try:
+        LogFile(cfg.log_file).close()
+    except OSError as e:
+        raise ConfigError('cannot open log_file %s: %s'
+                          % (cfg.log_file, e.strerror or e))
+    for fd in state.fds or ():
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                raise OSError(0, 'not a socket')
+        except OSError as e:
+            raise ConfigError('listener fd %d cannot be handed over: %s'
+                              % (fd, e.strerror))
+    load_worker_class(cfg)
+    say('upgrade preflight ok: %s [%s]' % (cfg.path, cfg.section))
+    return EXIT_OK
+
+
 class Arbiter(object):
     """The master: keeps ``number_workers`` worker processes alive.
 
@@ -3616,6 +3978,7 @@ class Arbiter(object):
     BACKOFF_MAX = 30.0     # cap: keep retrying, never give up silently
     EARLY_DEATH = 1.0      # a crash this soon after boot counts as failure
     ORPHAN_GRACE = 2.0     # TERM -> KILL for adopted grandchildren at exit
+    IMPORT_TIMEOUT = 30.0  # a HUP's import of the worker code, in a child
 
     def __init__(self, cfg, worker_class=None, templates=None,
                  ready_fd=None, daemonized=False, title=None,
@@ -3632,7 +3995,8 @@ class Arbiter(object):
         self.title = title
         self.keep_user_logging = keep_user_logging
         self.save_on_signal = save_on_signal
-        self.upgrade = upgrade     # state handed over by a USR2 re-exec
+        self.upgrade = upgrade     # UpgradeState handed over by USR2
+        self.upgrader = Upgrade(self, upgrade)
         self.halt_reason = None    # why run() failed (HaltServer), if it did
         self.num_workers = len(self.templates) or cfg.number_workers
         self.pid = os.getpid()
@@ -3667,6 +4031,9 @@ class Arbiter(object):
         self.spare_failures = 0    # spares that died on their own, in a row
         self.next_spare = 0.0      # no spare before (backoff after deaths)
         self.metrics = Metrics(self)   # counters, /metrics, statsd, health
+        # The last HUP: result None (none yet) / pending / done / failed.
+        self.reloads = {'count': 0, 'result': None, 'reason': None,
+                        'generation': None}
 
     @property
     def control(self):
@@ -3693,12 +4060,7 @@ class Arbiter(object):
 
     def setup(self):
         cfg = self.cfg
-        try:
-            self.logfile = LogFile(cfg.log_file,
-                                   redirect_stdio=self.daemonized)
-        except OSError as e:   # a folder, a missing folder, no permission
-            raise HaltServer('cannot open log_file %s: %s'
-                             % (cfg.log_file, e.strerror or e))
+        self.open_log()
         if not self.keep_user_logging:
             setup_logging(cfg, self.logfile)
         self.uid, self.gid = resolve_user_group(cfg.user, cfg.group)
@@ -3707,7 +4069,7 @@ class Arbiter(object):
         lock = make_leader(cfg)
         if lock is not None:
             self.leadership = Leadership(self, lock)
-            held = (self.upgrade or {}).get('leader')
+            held = self.upgrade.leader if self.upgrade else None
             if held:   # USR2: the lease is ours already, keep it
                 lock.token = held['token']
                 lock.expires = held['expires']
@@ -3728,7 +4090,13 @@ class Arbiter(object):
                                self.drain_pipe)
         self.selector.register(self.boot_r, selectors.EVENT_READ,
                                self.drain_pipe)
-        self.open_control()
+        try:
+            self.open_control()
+        except HaltServer as h:
+            if not self.upgrade:
+                raise
+            # After a USR2 exec: serving beats being controllable.
+            _UPGRADE_PROBLEMS.append(h.reason)
         self.metrics.open()
         self.init_signals()
         self.log_config_notes()
@@ -3738,6 +4106,20 @@ class Arbiter(object):
                  self.num_workers, cfg.worker_type, cfg.path or '-',
                  cfg.section, ' instance %d' % self.instance
                  if self.instance > 1 else '')
+
+    def open_log(self):
+        cfg = self.cfg
+        try:
+            self.logfile = LogFile(cfg.log_file,
+                                   redirect_stdio=self.daemonized)
+        except OSError as e:   # a folder, a missing folder, no permission
+            why = 'cannot open log_file %s: %s' % (cfg.log_file,
+                                                   e.strerror or e)
+            if not self.upgrade:
+                raise HaltServer(why)
+            # After a USR2 exec the old image's log is still our stderr.
+            _UPGRADE_PROBLEMS.append(why + ' (logging to stderr)')
+            self.logfile = LogFile(None)
 
     def log_config_notes(self):
         """Say once what the config asks that will not do what it seems."""
@@ -3757,10 +4139,10 @@ class Arbiter(object):
         """Take the pidfile lock of the first free instance (or refuse)."""
         if self.upgrade:
             # Same pid, same open lock: POSIX locks survive execve.
-            self.pidfile = PidFile(self.upgrade['pidfile'])
-            self.pidfile.fd = self.upgrade['lock_fd']
+            self.pidfile = PidFile(self.upgrade.pidfile)
+            self.pidfile.fd = self.upgrade.lock_fd
             self.pidfile.write(os.getpid())
-            self.instance = self.upgrade['instance']
+            self.instance = self.upgrade.instance
             return
         for n in range(1, 1000):
             pidfile = PidFile(instance_pidfile(self.cfg, n))
@@ -3779,10 +4161,10 @@ class Arbiter(object):
         cfg = self.cfg
         if self.upgrade:
             self.sockets = [socket.socket(fileno=fd)
-                            for fd in self.upgrade['fds']]
+                            for fd in self.upgrade.fds]
             for sock in self.sockets:
                 sock.setblocking(False)
-            self.accept_fd = self.upgrade.get('accept_fd')
+            self.accept_fd = self.upgrade.accept_fd
             return
         self.sockets = systemd_listeners()
         if self.sockets:
@@ -3836,7 +4218,7 @@ class Arbiter(object):
             # the wakeup fd still wakes select().
             signal.siginterrupt(signum, False)
         signal.set_wakeup_fd(self.wake_w)
-        # After a USR2 re-exec they arrive blocked (see reexec()): the ones
+        # After a USR2 re-exec they arrive blocked (see Upgrade.reexec()): the ones
         # sent meanwhile are delivered now, to the handlers.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signal_numbers())
 
@@ -3853,7 +4235,7 @@ class Arbiter(object):
         try:
             self.setup()
             if self.upgrade:
-                self.adopt_workers()
+                self.upgrader.adopt_workers(self.upgrade)
             self.manage_workers()
             self.loop()
         except HaltServer as h:
@@ -3888,9 +4270,11 @@ class Arbiter(object):
             self.manage_workers()
             self.flush_logs()
             self.check_ready()
+            self.reload_progress()
             self.feed_watchdog()
             self.keep_spare()
             self.metrics.tick()
+            self.upgrader.check_deadline()
 
     def next_deadline(self):
         """Seconds until the nearest thing to do, None if only events."""
@@ -3919,6 +4303,8 @@ class Arbiter(object):
         if self.leadership is not None:
             deadlines.extend(self.leadership.deadlines())
         deadlines.append(self.metrics.due())
+        if self.upgrader.deadline is not None:
+            deadlines.append(self.upgrader.deadline)
         deadlines = [d for d in deadlines if d != float('inf')]
         if not deadlines:
             return None
@@ -3949,6 +4335,7 @@ class Arbiter(object):
         if self.upgrade and not self.stopping and not any(
                 p.generation == 0 for p in self.procs.values()):
             self.upgrade = None
+            self.upgrader.completed()
             log.info('upgrade complete: every worker runs the new code')
             sd_notify('MAINPID=%d\nREADY=1\nSTATUS=%d workers'
                       % (self.pid, self.num_workers))
@@ -3988,6 +4375,10 @@ class Arbiter(object):
         """Reload config and worker code; replace workers, keep capacity."""
         if not self.stopping:
             self.reload()
+        else:   # `reload` waits for an outcome: give it one
+            self.reloads['count'] += 1
+            self.reloads.update(result='failed', generation=None,
+                                reason='the master is stopping')
 
     def handle_term(self):
         """Graceful stop: workers finish their run; KILL after the grace."""
@@ -4043,7 +4434,7 @@ class Arbiter(object):
         """Re-exec the master in place (new code), keeping pid, pidfile,
         lock and listening sockets; old workers drain gracefully."""
         if not self.stopping:
-            self.reexec()
+            self.upgrader.start()
 
     def handle_winch(self):
         """Stop all workers, keep the master (daemon only)."""
@@ -4080,50 +4471,114 @@ class Arbiter(object):
                       getattr(e, 'strerror', None) or e, self.num_workers)
 
     def reload(self):
-        """HUP: re-read config, re-import worker code, rolling replace."""
-        sd_notify('RELOADING=1')
+        """HUP: re-read config, re-import worker code, rolling replace.
+
+        A transaction: everything that can fail (config, import, the new
+        log file) is tried before anything changes; a failure leaves the
+        old config, code, log and workers as they were.  The outcome is
+        in status (master.reload): pending until the new generation runs,
+        then done, or failed when one of its workers cannot boot."""
+        self.reloads['count'] += 1
+        sd_notify('RELOADING=1\nMONOTONIC_USEC=%d' % monotonic_usec())
         try:
-            new = self.reload_config()
+            new, worker_class = self.reload_config()
+            self.apply_config(new, worker_class)
         except (ConfigError, HaltServer) as e:
+            why = getattr(e, 'reason', None) or str(e)
             log.error('reload failed, still running the previous config and '
-                      'code: %s', e)
-            sd_notify('READY=1')
-            return
-        self.apply_config(new)
+                      'code: %s', why)
+            self.reloads['generation'] = None
+            return self.reload_done('failed', why)
         self.generation += 1
         self.metrics.reloaded()
+        self.reloads.update(result='pending', reason=None,
+                            generation=self.generation)
         for slot in self.slots.values():
             # The user changed something: try the new code/config now, not
             # when a backoff earned by the old one ends (up to 30 s).
             slot.backoff_until = 0.0
         log.info('reloaded: generation %d, %d worker(s); new workers start '
                  'before old ones stop', self.generation, self.num_workers)
-        sd_notify('READY=1\nSTATUS=%d workers' % self.num_workers)
 
     def reload_config(self):
-        """Return the new Config, with the worker class re-imported."""
+        """Return the new Config and the re-imported worker class (None
+        when there is none to import); change nothing."""
         if self.cfg.path is None:
-            return self.cfg
+            return self.cfg, None
         new = load_config(self.cfg.path, self.cfg.section,
                           ['%s=%s' % kv for kv in self.cfg.overrides])
-        if self.worker_class is not None and not self.templates:
-            self.worker_class = load_worker_class(new, reload=True)
-        return new
+        if self.templates:
+            return new, None
+        # A child first: an import that calls os._exit() or hangs must
+        # not take the master with it.
+        problem = validate_in_child(new, reload=True,
+                                    timeout=self.IMPORT_TIMEOUT)
+        if problem:
+            raise ConfigError(problem.replace('\n', '; '))
+        return new, load_worker_class(new, reload=True)
 
-    def apply_config(self, new):
+    def apply_config(self, new, worker_class):
+        """Commit a reload; only switch_log() may fail, and first."""
         old = self.cfg
         for key in RESTART_ONLY:
             if getattr(new, key) != getattr(old, key):
                 log.warning('%s changed: it takes effect on restart only',
                             key)
                 setattr(new, key, getattr(old, key))
-        self.cfg = new
         if new.log_file != self.logfile.path:
-            self.logfile.path = new.log_file
-            self.logfile.reopen()
+            self.switch_log(new.log_file)
+        if new.umask != old.umask:
+            os.umask(new.umask)   # inherited by the workers forked next
+            log.info('umask changed: %04o for new workers', new.umask)
+        self.cfg = new
+        if worker_class is not None:
+            self.worker_class = worker_class
         setup_logging(new, self.logfile)
         if not self.templates:
             self.num_workers = new.number_workers
+
+    def switch_log(self, path):
+        """Log to ``path`` from now on; HaltServer, with the old log kept,
+        when it cannot be opened (a folder, no folder, no permission)."""
+        old = self.logfile.path
+        self.logfile.path = path
+        try:
+            self.logfile.reopen()
+        except OSError as e:
+            self.logfile.path = old
+            raise HaltServer('cannot open log_file %s: %s'
+                             % (path, e.strerror or e))
+
+    def reload_progress(self):
+        """A pending reload is done once every wanted slot runs a worker
+        of the new generation (a failed one too, when its retry made it).
+        """
+        r = self.reloads
+        if r['generation'] != self.generation or r['result'] == 'done':
+            return
+        if self.stopping:
+            if r['result'] == 'pending':
+                self.reload_done('failed', 'the master is stopping')
+            return
+        for n in range(1, self.wanted() + 1):
+            slot = self.slots.get(n)
+            proc = slot and slot.proc
+            if proc is None or proc.generation != self.generation or \
+                    proc.state != State.RUNNING:
+                return
+        self.reload_done('done', None)
+
+    def reload_done(self, result, why):
+        """Record the outcome; tell systemd once (READY=1 ends RELOADING)."""
+        was = self.reloads['result']
+        self.reloads.update(result=result, reason=why)
+        if result == 'failed' and was == 'pending':
+            log.error('reload failed: %s; the previous workers keep serving',
+                      why)
+        if was != 'failed' or result == 'failed':
+            sd_notify('READY=1\nSTATUS=%d workers%s' % (
+                self.num_workers, '' if result == 'done' else
+                ' (reload failed)'))
 
     def begin_stop(self, graceful):
         if self.stopping and (graceful or not self.graceful):
@@ -4169,6 +4624,8 @@ class Arbiter(object):
         not on the respawn path); per-process set-up belongs in init()."""
         if self.templates:
             return self.templates[(number - 1) % len(self.templates)]
+        if self.worker_class is None:   # its import failed after a USR2
+            self.worker_class = load_worker_class(self.cfg)
         key = (self.worker_class, self.cfg)
         if self._worker_instance is None or \
                 self._worker_instance[0] != key:
@@ -4315,8 +4772,10 @@ class Arbiter(object):
     # upgrade; one that dies on its own is re-forked with a backoff.
 
     def spare_wanted(self):
+        # No worker class (its import failed after a USR2): no spare.
         return bool(self.cfg.spare_worker) and not self.stopping and \
-            self.active and self.wanted() > 0
+            self.active and self.wanted() > 0 and \
+            (self.worker_class is not None or bool(self.templates))
 
     def keep_spare(self):
         """End of a loop turn: fork a spare if there is none (or a stale
@@ -4517,6 +4976,8 @@ class Arbiter(object):
         slot.last_error = why
         log.log(level, 'worker %d failed (%s); attempt %d in %.1fs',
                 slot.number, why, slot.failures + 1, delay)
+        if self.reloads['result'] == 'pending':
+            self.reload_done('failed', 'worker %d: %s' % (slot.number, why))
 
     def stop_worker(self, proc, why, graceful=True):
         """Ask one worker to stop: TERM (graceful) or QUIT (quick)."""
@@ -4548,6 +5009,9 @@ class Arbiter(object):
                                  self.spare is not None and
                                  pid == self.spare.pid):
                 self.spare_exited(pid, status)
+                continue
+            if proc is None and self.upgrader.owns(pid):
+                self.upgrader.preflight_exited(status)
                 continue
             if proc is None:
                 # An orphaned grandchild that came to us (we are a child
@@ -4742,137 +5206,6 @@ class Arbiter(object):
         if not slot.procs():
             del self.slots[slot.number]
 
-    # -- USR2: in-place upgrade -------------------------------------------------
-
-    def reexec(self):
-        """execve() this master with the state the new code needs.
-
-        The pid stays, so the pidfile, the lock (its fd is kept open: POSIX
-        locks survive execve), systemd's MAINPID and the workers' parent all
-        stay valid.  The listening sockets stay open in the old workers, who
-        keep accepting, and are handed to the new image by fd: no connection
-        is refused.  The new image adopts the old workers as generation 0
-        and replaces them like a HUP does.  A new config or code that does
-        not pass `check` is refused before anything is touched.
-        """
-        problem = self.preflight()
-        if problem:
-            log.error('USR2 upgrade refused, still running the old code: %s',
-                      problem)
-            return
-        keep = [s.fileno() for s in self.sockets] + [self.pidfile.fd]
-        if self.accept_fd is not None:
-            keep.append(self.accept_fd)
-        leader = None
-        if self.leader is not None and self.active:
-            leader = {'token': self.leader.token,
-                      'expires': self.leader.expires
-                      if self.leader.expires != float('inf') else 1e18,
-                      'fd': getattr(self.leader, 'fd', None)}
-            if leader['fd'] is not None:
-                keep.append(leader['fd'])
-        state = {'pidfile': self.pidfile.path, 'lock_fd': self.pidfile.fd,
-                 'instance': self.instance,
-                 'fds': [s.fileno() for s in self.sockets],
-                 'accept_fd': self.accept_fd, 'started': time.time() -
-                 (time.monotonic() - self.started),
-                 'daemonized': self.daemonized,
-                 'number_workers': self.num_workers,
-                 'workers': [[p.pid, p.slot] for p in self.procs.values()
-                             if p.state in (State.BOOTING, State.RUNNING)],
-                 'stopping': [p.pid for p in self.procs.values()
-                              if p.state == State.STOPPING],
-                 'leader': leader}
-        argv = [sys.executable] + _START['argv']
-        # The spare was forked from this image: the new one forks its own.
-        self.discard_spare('upgrade')
-        self.reap_dead_spares()
-        log.info('USR2: re-executing %s with %d worker(s) handed over',
-                 ' '.join(argv), len(state['workers']))
-        for fd in keep:
-            os.set_inheritable(fd, True)
-        env = dict(os.environ)
-        env[UPGRADE_ENV] = json.dumps(state)
-        signal.set_wakeup_fd(-1)
-        self.close_control()
-        # execve() resets our handlers to the defaults, and the default of
-        # TTIN/TTOU is to stop the process, of HUP/USR1/USR2 to kill it: a
-        # signal arriving before the new image has its handlers would stop
-        # or kill the master.  Blocked signals stay pending across execve;
-        # init_signals() unblocks them once the handlers are in place.
-        signal.pthread_sigmask(signal.SIG_BLOCK, self.signal_numbers())
-        try:
-            os.chdir(_START['cwd'])
-            os.execve(sys.executable, argv, env)
-        except OSError as e:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signal_numbers())
-            log.error('USR2: exec of %s failed: %s; carrying on with the old '
-                      'code', sys.executable, e.strerror)
-            for fd in keep:
-                os.set_inheritable(fd, False)
-            os.chdir(self.cfg.base_path)
-            signal.set_wakeup_fd(self.wake_w)
-            self.open_control()
-
-    def preflight(self):
-        """Why the new code or config cannot start, or None."""
-        script = os.path.abspath(os.path.join(_START['cwd'],
-                                              _START['argv'][0]))
-        for path in (script, os.path.abspath(__file__)):
-            try:
-                with open(path, 'rb') as f:
-                    compile(f.read(), path, 'exec')
-            except (OSError, SyntaxError, ValueError) as e:
-                return '%s: %s' % (path, e)
-        if self.cfg.path is None:
-            return None
-        cmd = [sys.executable, os.path.abspath(__file__), '-c', self.cfg.path,
-               '-s', self.cfg.section, 'check']
-        for kv in self.cfg.overrides:
-            cmd += ['--set', '%s=%s' % kv]
-        import subprocess
-        try:
-            res = subprocess.run(cmd, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, timeout=60,
-                                 cwd=_START['cwd'])
-        except (OSError, subprocess.SubprocessError) as e:
-            return 'cannot run check: %s' % e
-        if res.returncode != 0:
-            return res.stdout.decode('utf-8', 'replace').strip() or \
-                'check exited %d' % res.returncode
-        return None
-
-    def adopt_workers(self):
-        """After a USR2 re-exec: take over the old image's workers as
-        generation 0, so manage_workers() replaces them like a reload."""
-        state = self.upgrade
-        self.started = time.monotonic() - (time.time() - state['started'])
-        self.num_workers = state['number_workers']
-        for pid, number in state['workers']:
-            proc = self.adopted(pid, number)
-            slot = self.slots.get(number) or self.slots.setdefault(
-                number, Slot(number))
-            if slot.proc is None:
-                slot.proc = proc
-            else:
-                slot.old.append(proc)
-        for pid in state['stopping']:
-            proc = self.adopted(pid, 0)
-            self.stop_worker(proc, 'stopping before the upgrade')
-        self.ready = True
-        log.info('upgraded in place: %d worker(s) of the old code adopted, '
-                 'replacing them', len(self.procs))
-
-    def adopted(self, pid, number):
-        cell = self.board.alloc()
-        self.board.set(cell, Scoreboard.PID, pid)
-        self.board.set(cell, Scoreboard.STATE, Scoreboard.BOOTED)
-        proc = WorkerProcess(pid, number, cell, 0, _NO_OPTIONS, self.cfg)
-        proc.state = State.RUNNING
-        self.procs[pid] = proc
-        return proc
-
     # -- leaving ----------------------------------------------------------------
 
     def stop_orphans(self):
@@ -4955,7 +5288,9 @@ class Arbiter(object):
                   'stopping': self.stopping,
                   'daemonized': self.daemonized,
                   'pidfile': self.pidfile.path,
-                  'listeners': [listener_name(s) for s in self.sockets]}
+                  'listeners': [listener_name(s) for s in self.sockets],
+                  'reload': dict(self.reloads),
+                  'upgrade': self.upgrader.report()}
         if self.logfile is not None:
             master['log'] = dict(self.logfile.write_errors(),
                                  path=self.logfile.path)
@@ -5055,7 +5390,9 @@ class Manager(object):
         if not self.workers:
             logger.info('no workers given: nothing to do')
             return EXIT_OK
-        upgrade = take_upgrade_state()
+        upgrade = UpgradeState.from_env()
+        if upgrade is not None and os.environ.get(PREFLIGHT_ENV):
+            return EXIT_OK   # a USR2 preflight: the script got this far
         ready_fd = daemonize(self.cfg) if self.cfg.daemonize and \
             not upgrade else None
         logger.info('%s starting', self.title)
@@ -5093,11 +5430,15 @@ def load_worker_class(cfg, reload=False):
     try:
         module = importlib.import_module(module_name)
         cls = getattr(module, class_name)
-    except Exception as e:
+    except BaseException as e:   # SystemExit, HaltServer... at import too
+        if isinstance(e, KeyboardInterrupt):
+            raise
         sys.modules.update(saved)
         if isinstance(e, AttributeError):
             why = 'module %s has no %s%s' % (module_name, class_name,
                                              class_hint(module, class_name))
+        elif isinstance(e, SystemExit):
+            why = 'SystemExit(%r) at import' % (e.code,)
         else:
             why = '%s: %s' % (type(e).__name__, e)
         raise ConfigError('%s worker_class: cannot import %s (%s)' % (
@@ -5146,6 +5487,61 @@ def gevent_available():
         return importlib.util.find_spec('gevent') is not None
     except (ImportError, ValueError):
         return False
+
+
+def validate_in_child(cfg, reload=False, timeout=60.0):
+    """Import and check ``cfg.worker_class`` in a forked child: return
+    None, or the problems, one line each.  Whatever the import does (raise,
+    SystemExit, hang, os._exit) costs the caller nothing.  The child is
+    the place to drop privileges before any user code runs.  ``reload``:
+    the caller imported the user's modules already (a HUP in the
+    master): the child imports them afresh."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        msg = b''
+        try:
+            os.close(r)
+            try:
+                cls = load_worker_class(cfg, reload=reload)
+                lines = worker_class_problems(cfg, cls) or gevent_imports(cfg)
+            except ConfigError as e:
+                lines = [str(e)]
+            msg = '\n'.join(lines).encode('utf-8', 'replace')
+        finally:
+            os.write(w, msg[:4000])
+            os._exit(0)
+    os.close(w)
+    try:
+        out, status = read_child(r, pid, timeout)
+    finally:
+        os.close(r)
+    if out:
+        return out.decode('utf-8', 'replace')
+    if status is None:
+        return '%s worker_class: importing %s took longer than %gs' % (
+            cfg.where(), cfg.worker_class, timeout)
+    if status != 0:
+        return '%s worker_class: importing %s ended the process (%s)' % (
+            cfg.where(), cfg.worker_class, describe_status(status))
+    return None
+
+
+def read_child(fd, pid, timeout):
+    """What child ``pid`` writes to ``fd`` until EOF, and its wait status
+    (None, after KILL, when it took longer than ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    out = b''
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return out, None
+        data = os.read(fd, 65536)
+        if not data:
+            return out, os.waitpid(pid, 0)[1]
+        out += data
 
 
 def forget_user_modules(base_path):
@@ -5314,8 +5710,10 @@ def build_parser():
                    'write number_workers into the config file; start: '
                    'TTIN/TTOU do too')
     p.add_argument('--timeout', type=float, default=None,
-                   help='stop: seconds to wait (default: graceful_timeout '
-                   '+ 10)')
+                   help='stop/reload: seconds to wait (default: '
+                   'graceful_timeout + 10; reload: at least 60)')
+    p.add_argument('--no-wait', action='store_true', help='reload: only '
+                   'send HUP, do not wait for the outcome')
     p.add_argument('--version', action='version',
                    version='processhandler ' + __version__)
     return p
@@ -5336,20 +5734,14 @@ def target_instances(cfg, args):
     return [i for i in found if i[2] > 0]
 
 
-def take_upgrade_state():
-    """The state a USR2 re-exec handed over (popped from the environment)."""
-    raw = os.environ.pop(UPGRADE_ENV, None)
-    if not raw:
-        return None
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return None
-
-
 def cmd_start(cfg, args):
     for problem in not_yet_supported(cfg):
         raise ConfigError(problem)
+    upgrade = UpgradeState.from_env()
+    if upgrade is not None and os.environ.get(PREFLIGHT_ENV):
+        return upgrade_preflight(cfg, upgrade)
+    if upgrade is not None:
+        return start_upgraded(cfg, args, upgrade)
     try:
         check_log_target(cfg.log_file)
     except ConfigError as e:
@@ -5361,12 +5753,6 @@ def cmd_start(cfg, args):
         resolve_user_group(cfg.user, cfg.group)
     except ConfigError as e:   # name the file and section, as check does
         raise ConfigError('%s %s' % (cfg.where(), e))
-    upgrade = take_upgrade_state()
-    if upgrade:
-        os.umask(cfg.umask)
-        os.chdir(cfg.base_path)
-        return Arbiter(cfg, worker_class, daemonized=upgrade['daemonized'],
-                       save_on_signal=args.save, upgrade=upgrade).run()
     if cfg.single_instance:
         running = target_instances(cfg, args)
         if running:
@@ -5400,6 +5786,24 @@ def not_permitted(pid, path):
     complain('not permitted to control master pid %d%s: run this command '
              'as the same user or as root' % (pid, owner))
     return EXIT_NO_PERMISSION
+
+
+def start_upgraded(cfg, args, upgrade):
+    """The new image of a USR2, after the exec (no way back): what fails
+    now is logged and worked around, the adopted workers keep serving."""
+    try:
+        worker_class = load_worker_class(cfg)
+    except ConfigError as e:
+        _UPGRADE_PROBLEMS.append(str(e))
+        worker_class = None    # retried at the next spawn or HUP
+    os.umask(cfg.umask)
+    try:
+        os.chdir(cfg.base_path)
+    except OSError as e:
+        _UPGRADE_PROBLEMS.append('cannot enter base_path %s: %s'
+                                 % (cfg.base_path, e.strerror))
+    return Arbiter(cfg, worker_class, daemonized=upgrade.daemonized,
+                   save_on_signal=args.save, upgrade=upgrade).run()
 
 
 def cmd_stop(cfg, args):
@@ -5495,9 +5899,70 @@ def signal_instances(cfg, args, sig, done):
 
 
 def cmd_reload(cfg, args):
-    if cfg.worker_class:
-        load_worker_class(cfg)   # a broken config/class: say so, send nothing
-    return signal_instances(cfg, args, signal.SIGHUP, 'reloading')
+    """Check, HUP, and (unless --no-wait) follow the reload to its end."""
+    if cfg.worker_class:   # a broken config/class: say so, send nothing
+        problem = validate_in_child(cfg)
+        if problem:
+            raise ConfigError(problem.replace('\n', '; '))
+    if args.no_wait:
+        return signal_instances(cfg, args, signal.SIGHUP, 'reloading')
+    found = target_instances(cfg, args)
+    if not found:
+        say('not running')
+        return EXIT_NOT_RUNNING
+    before = dict((path, last_reload(path)) for n, path, pid in found)
+    for n, path, pid in found:
+        os.kill(pid, signal.SIGHUP)
+    limit = args.timeout if args.timeout is not None else \
+        max(60.0, cfg.graceful_timeout + 10)
+    status = EXIT_OK
+    for n, path, pid in found:
+        if before[path] == {}:
+            say('reloading (pid %d): this master does not report the '
+                'outcome' % pid)
+            continue
+        r = None if before[path] is None else \
+            wait_for_reload(path, before[path]['count'], limit)
+        status = max(status, report_reload(pid, r, limit))
+    return status
+
+
+def last_reload(pidfile):
+    """master.reload of status: None when the master does not answer,
+    {} when it does not report reloads (an older version)."""
+    try:
+        return control_request(pidfile, {'cmd': 'status'})['master'].get(
+            'reload', {})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def wait_for_reload(pidfile, count, limit):
+    """The reload after the ``count``-th, once it is done or failed
+    (polled 10 ms doubling to 0.2 s); None after ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    delay = 0.01
+    while True:
+        r = last_reload(pidfile)
+        if r and r['count'] > count and r['result'] in ('done', 'failed'):
+            return r
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def report_reload(pid, r, limit):
+    if r is None:
+        complain('reload (pid %d): no outcome within %gs (see status)'
+                 % (pid, limit))
+        return EXIT_FAILURE
+    if r['result'] == 'failed':
+        complain('reload failed (pid %d), the previous workers keep '
+                 'serving: %s' % (pid, r['reason']))
+        return EXIT_FAILURE
+    say('reloaded (pid %d): generation %d running' % (pid, r['generation']))
+    return EXIT_OK
 
 
 def cmd_reopen(cfg, args):
@@ -5614,6 +6079,10 @@ def format_status(doc):
     if m.get('spare'):
         lines.append('spare process %d: pre-forked, replaces the next worker '
                      'that exits' % m['spare'])
+    for key in ('reload', 'upgrade'):
+        last = m.get(key) or {}
+        if last.get('result') == 'failed':
+            lines.append('last %s failed: %s' % (key, last.get('reason')))
     return '\n'.join(lines)
 
 
@@ -5782,14 +6251,9 @@ def cmd_check(cfg, args):
     problems = list(getattr(args, 'problems', None) or [])
     problems += not_yet_supported(cfg)
     notes = []
-    try:
-        if 'INVALID' in cfg.sources.get('worker_class', ''):
-            raise ConfigError(None)       # already said
-        cls = load_worker_class(cfg)
-    except ConfigError as e:
-        problems += [str(e)] if e.args[0] else []
-    else:
-        problems += worker_class_problems(cfg, cls) or gevent_imports(cfg)
+    if 'INVALID' not in cfg.sources.get('worker_class', ''):  # said already
+        problem = validate_in_child(cfg)
+        problems += problem.split('\n') if problem else []
     for key, hint in cfg.unknown_keys():
         notes.append(key)
         if not hint:
@@ -5881,6 +6345,22 @@ COMMANDS = {'start': cmd_start, 'stop': cmd_stop, 'restart': cmd_restart,
             'health': cmd_health, 'metrics': cmd_metrics}
 
 
+def load_start_config(args):
+    """load_config(); after a USR2 exec, a config that no longer loads
+    falls back to the old image's (the serving workers must not pay)."""
+    try:
+        return load_config(args.config, args.section, args.set,
+                           problems=args.problems, from_env=env_overrides())
+    except ConfigError as e:
+        state = UpgradeState.from_env(keep=True)
+        if state is None or not state.config or \
+                os.environ.get(PREFLIGHT_ENV):
+            raise
+        _UPGRADE_PROBLEMS.append('the config no longer loads (%s): running '
+                                 'with the previous one' % e)
+        return state.previous_config()
+
+
 def main(argv=None):
     """Command-line entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -5890,8 +6370,7 @@ def main(argv=None):
                               % ENV_CONFIG)
         # check reports every bad value at once; the others stop at one.
         args.problems = [] if args.command == 'check' else None
-        cfg = load_config(args.config, args.section, args.set,
-                          problems=args.problems, from_env=env_overrides())
+        cfg = load_start_config(args)
         for key, hint in cfg.unknown_keys():
             if hint and args.command != 'check':
                 complain("%s %s: unknown key, passed to workers as a "
@@ -5936,14 +6415,7 @@ def _main():
     if not IS_PYPY and starts_master(sys.argv[1:]) and \
             not os.environ.get('PROCESSHANDLER_NO_LEAN'):
         try:
-            # Keep -X, -O, -W... (private helper, stable since 3.3;
-            # multiprocessing uses it the same way).
-            import subprocess
-            flags = subprocess._args_from_interpreter_flags()
-        except Exception:
-            flags = []
-        try:
-            os.execv(sys.executable, [sys.executable] + flags +
+            os.execv(sys.executable, [sys.executable] + interpreter_flags() +
                      ['-c', LEAN_START, os.path.abspath(__file__)] +
                      sys.argv[1:])
         except OSError:

@@ -6866,3 +6866,320 @@ def test_metrics_count_timeout_crash_and_memory_exits(proj):
                      'exits: %s' % cli_metrics(proj)[
                          'processhandler_worker_exits_total'])
     assert exits['signal'] == 0 and exits['max_requests'] == 0, exits
+
+
+# ==== transactional reload and upgrade (issue 12: 1-4, 17, 19, 21) ====
+
+def upgrade_doc(proj, key):
+    """master.<key> ('reload' or 'upgrade') of status --json, or None."""
+    doc = proj.status()
+    return doc['master'].get(key) if doc else None
+
+
+def wait_result(proj, key, result, timeout=DEADLINE * 2):
+    return wait_for(lambda: (lambda r: r if r and r['result'] == result
+                             else None)(upgrade_doc(proj, key)), timeout,
+                    lambda: '%s %s; log:\n%s' % (key, result,
+                                                 proj.log_text()))
+
+
+def same_workers_serving(proj, old):
+    """The same worker pids still run, under the same master."""
+    assert proj.running_workers(len(old)) == old
+    assert all(alive(p) for p in old.values())
+
+
+@pytest.mark.parametrize('kind', ['folder', 'missing_folder'])
+def test_hup_unopenable_log_file_is_refused(proj, kind):
+    """Item 1: a HUP whose log_file cannot be opened is refused: `reload`
+    exits 1 naming it, the old log says why, the same workers serve."""
+    proj.write_config(number_workers=2)
+    master = proj.start_daemon()
+    old = proj.wait_running(2)
+    bad = os.path.join(proj.path, 'logs')
+    if kind == 'folder':
+        os.mkdir(bad)
+    else:
+        bad = os.path.join(proj.path, 'nowhere', 'master.log')
+    proj.write_config(number_workers=2, log_file=bad)
+    res = proj.ph('reload')
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert 'reload failed' in res.stderr and bad in res.stderr, res.stderr
+    assert 'Traceback' not in res.stderr
+    assert 'cannot open log_file %s' % bad in proj.log_text()
+    r = upgrade_doc(proj, 'reload')
+    assert r['result'] == 'failed' and bad in r['reason'], r
+    text = proj.ph('status').stdout
+    assert 'last reload failed: cannot open log_file' in text, text
+    same_workers_serving(proj, old)
+    assert master_doc(proj)['generation'] == 1
+    # still controllable, and a fixed config reloads
+    proj.write_config(number_workers=2)
+    res = proj.ph('reload')
+    assert res.returncode == 0 and 'reloaded' in res.stdout, res.stderr
+    assert alive(master)
+
+
+IMPORT_KILLERS = {
+    'SystemExit': 'raise SystemExit(3)\n',
+    'HaltServer': 'raise processhandler.HaltServer("no way")\n',
+    'exit status 7': 'os._exit(7)\n',
+}
+
+
+@pytest.mark.parametrize('exc', sorted(IMPORT_KILLERS))
+def test_import_base_exception_refused_by_hup_check_usr2(proj, exc):
+    """Item 2: a worker module raising SystemExit/HaltServer (or calling
+    os._exit) at import:
+    `check` and `reload` exit 2 with one line, a HUP and a USR2 sent
+    directly are refused and logged; the same workers keep serving."""
+    proj.write_config(number_workers=2)
+    master = proj.start_daemon()
+    old = proj.wait_running(2)
+    proj.write_module('testworker', TEST_WORKER + '\n' + IMPORT_KILLERS[exc])
+    for command in ('check', 'reload'):
+        res = proj.ph(command)
+        assert_one_line_error(res, 'worker_class', exc)
+    send(master, signal.SIGHUP)
+    wait_result(proj, 'reload', 'failed')
+    assert exc in upgrade_doc(proj, 'reload')['reason']
+    send(master, signal.SIGUSR2)
+    up = wait_result(proj, 'upgrade', 'failed')
+    assert exc in up['reason'], up
+    log_text = proj.log_text()
+    assert 'reload failed' in log_text and 'upgrade refused' in log_text
+    assert 'USR2: re-executing' not in log_text
+    same_workers_serving(proj, old)
+    assert alive(master) and proj.master_pid() == master
+
+
+def test_usr2_log_file_folder_refused_by_preflight(proj):
+    """Item 3: USR2 with log_file now a folder (which `check` accepts):
+    the preflight (the new image's own start-up) fails, nothing is
+    exec'd, the same workers serve and status shows why."""
+    echo_config(proj, 'sync')
+    master = proj.start_daemon()
+    old = proj.wait_running(2)
+    [name] = listeners(proj)
+    bad = os.path.join(proj.path, 'logdir')
+    os.mkdir(bad)
+    echo_config(proj, 'sync', log_file=bad)
+    send(master, signal.SIGUSR2)
+    up = wait_result(proj, 'upgrade', 'failed')
+    assert 'cannot open log_file %s' % bad in up['reason'], up
+    assert 'upgrade refused' in proj.log_text()
+    assert 'USR2: re-executing' not in proj.log_text()
+    pids, errors = hammer(name, 2, 5)
+    assert not errors and set(pids) <= set(old.values())
+    same_workers_serving(proj, old)
+
+
+# Imported by the USR2 preflight child (PROCESSHANDLER_PREFLIGHT set), it
+# breaks something right after the preflight checked it: what the new
+# image meets after the exec.
+SABOTEUR = '''
+import os
+if os.environ.get('PROCESSHANDLER_PREFLIGHT'):
+    here = os.path.dirname(os.path.abspath(__file__))
+    what = open(os.path.join(here, 'sabotage')).read().strip()
+    if what == 'config':
+        with open(os.path.join(here, 'config.ini'), 'a') as f:
+            f.write('number_workers = many\\n')
+    elif what == 'log':
+        os.rename(os.path.join(here, 'master.log'),
+                  os.path.join(here, 'master.log.old'))
+        os.mkdir(os.path.join(here, 'master.log'))
+    elif what == 'slow':
+        import time
+        time.sleep(3)
+    elif what == 'code':
+        with open(os.path.join(here, 'echo.py'), 'w') as f:
+            f.write('raise SystemExit("code broken after the preflight")\\n')
+'''
+
+
+def saboteur_config(proj, what, **keys):
+    with open(os.path.join(proj.path, 'sabotage'), 'w') as f:
+        f.write(what)
+    echo_config(proj, 'sync', **keys)
+    proj.write_module('echo', SABOTEUR + ECHO_WORKER)
+
+
+@pytest.mark.parametrize('what', ['config', 'log', 'code'])
+def test_usr2_failure_after_exec_keeps_adopted_workers(proj, what):
+    """Item 3: what breaks between the preflight and the exec (the config
+    made invalid; the log file replaced by a folder: a HaltServer in the
+    new image's setup; the worker module broken) falls back after the exec: the adopted workers
+    keep serving (same pids, no error for clients), the log says why and
+    status shows the failed upgrade."""
+    saboteur_config(proj, what)
+    good = open(proj.config).read()
+    master = proj.start_daemon()
+    old = proj.wait_running(2)
+    [name] = listeners(proj)
+    send(master, signal.SIGUSR2)
+    log_path = proj.log + ('.old' if what == 'log' else '')
+    wait_log_file(log_path, 'upgrade failed after the exec', DEADLINE * 2)
+    text = open(log_path).read()
+    assert 'USR2: re-executing' in text
+    line = [l for l in text.splitlines() if 'failed after the exec' in l][0]
+    assert {'config': 'number_workers', 'log': 'cannot open log_file',
+            'code': 'code broken after the preflight'}[what] in line, line
+    with open(proj.config, 'w') as f:     # the CLI needs a good config
+        f.write(good)
+    res = proj.ph('status', '--json')
+    assert res.returncode == 0, (res.returncode, res.stdout, res.stderr)
+    up = json.loads(res.stdout)['master']['upgrade']
+    assert up['result'] == 'failed' and up['count'] == 1, up
+    pids, errors = hammer(name, 2, 5)
+    assert not errors and set(pids) <= set(old.values())
+    same_workers_serving(proj, old)
+    assert proj.master_pid() == master and alive(master)
+    if what == 'code':    # fixed code: a reload replaces them
+        proj.write_module('echo', ECHO_WORKER)
+        res = proj.ph('reload')
+        assert res.returncode == 0, (res.stderr, proj.log_text())
+        wait_for(lambda: not any(alive(p) for p in old.values()),
+                 what='old workers replaced')
+    assert proj.ph('stop').returncode == 0
+    assert not any(alive(p) for p in old.values())
+
+
+def test_usr2_slow_preflight_does_not_block_the_loop(proj):
+    """Item 4: while a preflight imports for 3 s, the master loop goes on:
+    a SIGKILLed worker is replaced (seen by a status call) while the
+    preflight still runs; then the upgrade completes."""
+    saboteur_config(proj, 'slow')
+    master = proj.start_daemon()
+    old = proj.wait_running(2)
+    send(master, signal.SIGUSR2)
+    wait_log(proj, 'preflight of the new image running')
+    t0 = time.monotonic()
+    os.kill(old[1], signal.SIGKILL)
+    new = wait_for(lambda: (lambda w: w if w and w[1] != old[1] else None)(
+        proj.running_workers(2)), 2.5, 'worker 1 replaced')
+    took = time.monotonic() - t0
+    assert 'USR2: re-executing' not in proj.log_text(), took
+    assert new[2] == old[2]
+    wait_log(proj, 'upgrade complete', DEADLINE * 2)
+    assert upgrade_doc(proj, 'upgrade')['result'] == 'done'
+    assert proj.master_pid() == master
+
+
+def test_hup_applies_umask_and_logs_restart_only_keys(proj):
+    """Item 17: a HUP changing umask applies it to the new workers;
+    accept_lock and leader_ttl are logged as restart-only."""
+    proj.write_config(number_workers=1)
+    proj.start_daemon()
+    proj.wait_running(1)
+    proj.write_config(number_workers=1, umask='0o077', accept_lock='true',
+                      leader_ttl=20)
+    res = proj.ph('reload')
+    assert res.returncode == 0, res.stderr
+    text = proj.log_text()
+    assert 'umask changed: 0077' in text
+    assert 'accept_lock changed: it takes effect on restart only' in text
+    assert 'leader_ttl changed: it takes effect on restart only' in text
+    [pid] = proj.running_workers(1).values()
+    with open('/proc/%d/status' % pid) as f:
+        umask = [l.split()[1] for l in f if l.startswith('Umask:')]
+    assert umask == ['0077'], umask
+
+
+FLAGS_WORKER = '''
+import os, sys, time
+import processhandler
+''' + EVENT_HELPER + '''
+class Job(processhandler.Worker):
+    def init(self):
+        event(self, 'flags', ','.join(sys.warnoptions) or '-')
+    def run(self):
+        self.sleep(60)
+        return False
+'''
+
+
+def test_usr2_keeps_interpreter_flags(proj):
+    """Item 19: `python -W ignore::UserWarning ...`: the workers of the
+    image after a USR2 still run with the -W option."""
+    proj.write_module('flagged', FLAGS_WORKER)
+    proj.write_config(worker_class='flagged:Job', number_workers=1)
+    res = subprocess.run([PY, '-W', 'ignore::UserWarning', PH, '-c',
+                          proj.config, 'start', '-d'],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, universal_newlines=True,
+                         cwd=proj.path, timeout=60)
+    assert res.returncode == 0, res.stderr
+    master = proj.master_pid()
+    proj.masters.add(master)
+    first = proj.wait_running(1)
+    send(master, signal.SIGUSR2)
+    wait_log(proj, 'upgrade complete', DEADLINE * 2)
+    wait_for(lambda: len(proj.events('flags')) == 2, what='two inits')
+    flags = [e[4] for e in proj.events('flags')]
+    assert flags == ['ignore::UserWarning'] * 2, flags
+    assert proj.running_workers(1) != first
+    assert 'ignore::UserWarning' in proj.log_text().split(
+        'USR2: re-executing')[1].splitlines()[0]
+
+
+def test_systemd_ready_after_reload_is_done(proj):
+    """Item 21: RELOADING=1 carries MONOTONIC_USEC (CLOCK_MONOTONIC), and
+    READY=1 follows only once the new generation's workers booted (their
+    slow init() returned)."""
+    proj.write_config(number_workers=2)
+    notify = NotifySocket(os.path.join(proj.path, 'notify.sock'))
+    try:
+        env = dict(os.environ, NOTIFY_SOCKET=notify.path)
+        env.pop('WATCHDOG_USEC', None)
+        p = proj.start_foreground(env=env)
+        notify.wait(lambda m: m.get('READY') == '1', 'READY=1')
+        proj.write_config(number_workers=2, init_mode='slow',
+                          init_time=1.0, version='v2')
+        t_hup = time.clock_gettime(time.CLOCK_MONOTONIC)
+        os.kill(p.pid, signal.SIGHUP)
+        i = notify.wait(lambda m: m.get('RELOADING') == '1', 'RELOADING=1')
+        usec = int(notify.messages[i][1]['MONOTONIC_USEC'])
+        assert t_hup - 1 <= usec / 1e6 <= time.clock_gettime(
+            time.CLOCK_MONOTONIC), (usec, t_hup)
+        j = notify.wait(lambda m: m.get('READY') == '1', 'READY=1 again')
+        inits = [e for e in proj.events('init') if e[4] == 'v2']
+        assert len(inits) == 2, inits
+        assert notify.messages[j][0] >= max(e[3] for e in inits)
+        assert upgrade_doc(proj, 'reload')['result'] == 'done'
+    finally:
+        notify.close()
+
+
+def test_reload_command_waits_and_exit_codes(proj):
+    """`reload` waits for the outcome: 0 'reloaded' once the new
+    generation runs; 1 when its workers cannot boot (old ones keep
+    serving); 2 for a bad config (nothing sent); --no-wait only signals;
+    3 when not running."""
+    proj.write_config(number_workers=2)
+    proj.start_daemon()
+    old = proj.wait_running(2)
+    proj.write_config(number_workers=2, version='v2')
+    res = proj.ph('reload')
+    assert res.returncode == 0 and 'reloaded' in res.stdout, res.stderr
+    assert len([e for e in proj.events('init') if e[4] == 'v2']) == 2
+    now = proj.running_workers(2)
+    assert not set(now.values()) & set(old.values())
+    proj.write_config(number_workers=2, init_mode='fail')
+    res = proj.ph('reload')
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert 'reload failed' in res.stderr
+    assert 'database unreachable' in res.stderr, res.stderr
+    assert proj.running_workers(2) == now
+    proj.write_config(number_workers='many')
+    assert_one_line_error(proj.ph('reload'), 'number_workers')
+    proj.write_config(number_workers=2, version='v3')
+    t0 = time.monotonic()
+    res = proj.ph('reload', '--no-wait')
+    assert res.returncode == 0 and 'reloading' in res.stdout
+    wait_for(lambda: len([e for e in proj.events('init')
+                          if e[4] == 'v3']) == 2, what='v3 workers')
+    assert proj.ph('stop').returncode == 0
+    res = proj.ph('reload')
+    assert res.returncode == 3, res.stdout
+    assert time.monotonic() - t0 < DEADLINE
