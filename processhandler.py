@@ -2606,7 +2606,7 @@ class WorkerProcess(object):
 
 
 class SpareProcess(object):
-    """The master's record of the pre-forked spare (see Arbiter.keep_spare).
+    """The master's record of the pre-forked spare (see Spare).
 
     It was forked from the master of ``generation``, has done every
     slot-independent step of a worker's start (signals, fds, privileges,
@@ -2664,6 +2664,194 @@ def describe_status(status):
     if os.WIFEXITED(status):
         return 'exit status %d' % os.WEXITSTATUS(status)
     return 'status %d' % status
+
+
+# -- the spare ------------------------------------------------------------------
+#
+# A dead or recycled worker's replacement used to wait for a fork of the
+# master (~1 ms per 12 MB on this kind of machine, then ~1.5 ms of the
+# child resetting signals and fds with cold caches).  The spare has done
+# all that ahead of time: replacing a worker is one write to its pipe.  A
+# new spare is forked at the end of a loop turn in which no worker is
+# booting, off the critical path.  Everything a spare inherited must still
+# hold when it is used, so it is discarded on reload (generation), log
+# reopen, stop, standby and upgrade; one that dies on its own is re-forked
+# with a backoff.
+
+class Spare(object):
+    """The Arbiter's pre-forked spare: fork it, hand it a slot, discard it.
+
+    ``proc`` is the waiting SpareProcess (None when there is none),
+    ``dead`` the discarded spares not reaped yet, ``failures`` the spares
+    that died on their own in a row, ``next_at`` the monotonic time before
+    which no new spare is forked (backoff after deaths)."""
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.proc = None
+        self.dead = set()
+        self.failures = 0
+        self.next_at = 0.0
+
+    @property
+    def pid(self):
+        return self.proc.pid if self.proc is not None else None
+
+    def owns(self, pid):
+        """True when ``pid`` is the spare or a discarded one."""
+        return pid in self.dead or self.proc is not None and \
+            pid == self.proc.pid
+
+    def wanted(self):
+        a = self.arbiter
+        return bool(a.cfg.spare_worker) and not a.stopping and \
+            a.active and a.wanted() > 0
+
+    def deadline(self, now):
+        """When a spare is due after a backoff, or None."""
+        if self.proc is None and self.next_at > now and self.wanted():
+            return self.next_at
+        return None
+
+    def keep(self):
+        """End of a loop turn: fork a spare if there is none (or a stale
+        one); drop it when no worker could use it."""
+        a = self.arbiter
+        spare = self.proc
+        if spare is not None and (spare.generation != a.generation or
+                                  not self.wanted()):
+            self.discard('stale' if self.wanted() else 'not needed')
+            spare = None
+        if spare is not None or not self.wanted() or \
+                time.monotonic() < self.next_at:
+            return
+        if any(p.state == State.BOOTING for p in a.procs.values()):
+            # Not now: a fork stalls the children that are starting (they
+            # fault on the pages it write-protects; measured 1-4 ms).  Their
+            # boot notes wake the master again.
+            return
+        r, w = os.pipe()
+        # The slot it will serve is not known yet: a dump file if any
+        # worker here can time out.
+        dump_fd = a.open_dump_file() if self.may_time_out() else None
+        try:
+            pid = os.fork()
+        except OSError as e:
+            for fd in (r, w, dump_fd):
+                if fd is not None:
+                    os.close(fd)
+            log.warning('cannot fork a spare: %s', e.strerror)
+            self.next_at = time.monotonic() + 1.0
+            return
+        if pid == 0:
+            self.child(r, w, dump_fd)
+        os.close(r)
+        os.set_inheritable(w, False)
+        self.proc = SpareProcess(pid, w, dump_fd, a.generation)
+        log.debug('spare forked: pid %d', pid)
+
+    def may_time_out(self):
+        a = self.arbiter
+        if a.templates:
+            return any(t.options.get('timeout', a.cfg.timeout)
+                       for t in a.templates)
+        return bool(a.make_worker(1).options.get('timeout', a.cfg.timeout))
+
+    def hand_to(self, proc):
+        """Give ``proc``'s slot and cell to the spare; its pid, or None
+        (no usable spare: the caller forks)."""
+        spare = self.proc
+        if spare is None or spare.generation != self.arbiter.generation:
+            return None
+        self.proc = None
+        keep_dump = bool(proc.timeout) and spare.dump_fd is not None
+        try:
+            os.write(spare.pipe_w, b'%d %d %d\n' % (proc.slot, proc.cell,
+                                                    keep_dump))
+        except OSError:   # it died and is not reaped yet: fork instead
+            self.dead.add(spare.pid)
+            self.arbiter.kill(spare.pid, signal.SIGKILL)
+            keep_dump = False
+            return None
+        finally:
+            os.close(spare.pipe_w)
+            if not keep_dump and spare.dump_fd is not None:
+                os.close(spare.dump_fd)
+        proc.dump_fd = spare.dump_fd if keep_dump else None
+        self.failures = 0
+        return spare.pid
+
+    def discard(self, why):
+        spare, self.proc = self.proc, None
+        if spare is None:
+            return
+        log.debug('spare %d discarded: %s', spare.pid, why)
+        self.dead.add(spare.pid)
+        self.arbiter.kill(spare.pid, signal.SIGKILL)
+        os.close(spare.pipe_w)
+        if spare.dump_fd is not None:
+            os.close(spare.dump_fd)
+
+    def reap_dead(self):
+        """Wait for the discarded spares (KILLed: they go at once)."""
+        for pid in list(self.dead):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            self.dead.discard(pid)
+
+    def exited(self, pid, status):
+        if pid in self.dead:
+            self.dead.discard(pid)
+            return
+        # It died on its own (OOM killer, someone's kill): fork another,
+        # but never in a loop.
+        self.discard('exited')
+        self.dead.discard(pid)
+        self.failures += 1
+        delay = min(60.0, 0.5 * 2 ** min(self.failures - 1, 7))
+        self.next_at = time.monotonic() + delay
+        log.warning('spare process %d exited (%s); next spare in %gs',
+                    pid, describe_status(status), delay)
+
+    def close_in_child(self):
+        """In a new child: the spare's pipe and dump file are not its own."""
+        spare, self.proc = self.proc, None
+        if spare is not None:
+            os.close(spare.pipe_w)
+            if spare.dump_fd is not None:
+                os.close(spare.dump_fd)
+
+    def child(self, r, w, dump_fd):
+        """Child half of keep(): prepare, wait, become a worker."""
+        a = self.arbiter
+
+        def body():
+            os.close(w)
+            pdeath = a.child_prepare('spare')
+            # Until it is a worker it has nothing to finish: a stop signal
+            # ends it quietly; the others must not stop or kill it (TTIN's
+            # default stops a process).
+            for name in ('HUP', 'TTIN', 'TTOU', 'WINCH', 'USR1', 'USR2'):
+                signal.signal(getattr(signal, 'SIG' + name), signal.SIG_IGN)
+            for name in ('TERM', 'INT', 'QUIT'):
+                signal.signal(getattr(signal, 'SIG' + name),
+                              lambda *args: os._exit(0))
+            data = b''
+            while not data.endswith(b'\n'):
+                chunk = os.read(r, 64)
+                if not chunk:   # discarded, or the master is gone
+                    raise SystemExit(0)
+                data += chunk
+            os.close(r)
+            number, cell, keep_dump = [int(x) for x in data.split()]
+            if not keep_dump and dump_fd is not None:
+                os.close(dump_fd)
+            worker = a.make_worker(number)
+            return a.become_worker(worker, number, cell,
+                                   dump_fd if keep_dump else None, pdeath)
+        a.child_main(body)
 
 
 class Arbiter(object):
@@ -2734,10 +2922,7 @@ class Arbiter(object):
         self.handlers = {}         # signum -> handle_<name>
         self._worker_instance = None   # ((class, cfg), Worker): make_worker
         self.later_logs = []       # worker_exited()'s lines, see flush_logs
-        self.spare = None          # SpareProcess, see keep_spare()
-        self.dead_spares = set()   # discarded spares not reaped yet
-        self.spare_failures = 0    # spares that died on their own, in a row
-        self.next_spare = 0.0      # no spare before (backoff after deaths)
+        self.spare = Spare(self)   # the pre-forked spare, see Spare
 
     # -- setup ----------------------------------------------------------------
 
@@ -2925,7 +3110,7 @@ class Arbiter(object):
             self.wait_for_events(self.next_deadline())
             self.dispatch_signals()
             self.reap_workers()
-            if self.stopping and not self.procs and not self.dead_spares:
+            if self.stopping and not self.procs and not self.spare.dead:
                 self.flush_logs()
                 return
             self.murder_workers()
@@ -2935,7 +3120,7 @@ class Arbiter(object):
             self.flush_logs()
             self.check_ready()
             self.feed_watchdog()
-            self.keep_spare()
+            self.spare.keep()
 
     def next_deadline(self):
         """Seconds until the nearest thing to do, None if only events."""
@@ -2956,9 +3141,8 @@ class Arbiter(object):
                 deadlines.append(slot.backoff_until)
         if self.memory_limited():
             deadlines.append(self.next_memory_check)
-        if self.spare is None and self.next_spare > now and \
-                self.spare_wanted():
-            deadlines.append(self.next_spare)
+        if self.spare.deadline(now) is not None:
+            deadlines.append(self.spare.deadline(now))
         if self.watchdog:
             deadlines.append(self.next_watchdog)
         if self.leader_tended():
@@ -3075,7 +3259,7 @@ class Arbiter(object):
     def step_down(self, why):
         """Stand by: stop every worker before the lease can expire."""
         self.active = False
-        self.discard_spare('standing down')
+        self.spare.discard('standing down')
         expiry = self.leader.expires
         log.error('standing down: %s; stopping %d worker(s) before the '
                   'lease expires', why, len(self.procs))
@@ -3139,7 +3323,7 @@ class Arbiter(object):
             log.error('cannot reopen log file %s: %s', self.logfile.path,
                       e.strerror)
         log.info('log file reopened')
-        self.discard_spare('log file reopened')   # it holds the old file
+        self.spare.discard('log file reopened')   # it holds the old file
         for proc in list(self.procs.values()):
             self.kill(proc.pid, signal.SIGUSR1)
 
@@ -3235,14 +3419,14 @@ class Arbiter(object):
         log.info('%s stop: %d worker(s) to stop', 'graceful' if graceful
                  else 'quick', len(self.procs))
         sd_notify('STOPPING=1')
-        self.discard_spare('master stopping')
+        self.spare.discard('master stopping')
         for proc in list(self.procs.values()):
             self.stop_worker(proc, 'master stopping', graceful=graceful)
 
     def kill_all_now(self):
         """Startup failed or halted: KILL every worker and reap them."""
-        self.discard_spare('halted')
-        self.reap_dead_spares()
+        self.spare.discard('halted')
+        self.spare.reap_dead()
         for proc in list(self.procs.values()):
             self.kill(proc.pid, signal.SIGKILL)
         deadline = time.monotonic() + 5
@@ -3292,7 +3476,7 @@ class Arbiter(object):
             return self.slot_failed(slot, '%s: %s' % (type(e).__name__, e))
         proc = WorkerProcess(0, slot.number, cell, self.generation, worker,
                              self.cfg)
-        pid = self.hand_to_spare(proc)
+        pid = self.spare.hand_to(proc)
         if pid is None:
             if proc.timeout:
                 proc.dump_fd = self.open_dump_file()
@@ -3406,151 +3590,6 @@ class Arbiter(object):
                      self.pid, sockets, self.logfile, pdeath, dump_fd)
         return worker._serve()
 
-    # -- the spare ------------------------------------------------------------
-    #
-    # A dead or recycled worker's replacement used to wait for a fork of the
-    # master (~1 ms per 12 MB on this kind of machine, then ~1.5 ms of the
-    # child resetting signals and fds with cold caches).  The spare has done
-    # all that ahead of time: replacing a worker is one write to its pipe.
-    # A new spare is forked at the end of a loop turn in which no worker is
-    # booting, off the critical path.  Everything a spare inherited must still hold when it is used, so
-    # it is discarded on reload (generation), log reopen, stop, standby and
-    # upgrade; one that dies on its own is re-forked with a backoff.
-
-    def spare_wanted(self):
-        return bool(self.cfg.spare_worker) and not self.stopping and \
-            self.active and self.wanted() > 0
-
-    def keep_spare(self):
-        """End of a loop turn: fork a spare if there is none (or a stale
-        one); drop it when no worker could use it."""
-        spare = self.spare
-        if spare is not None and (spare.generation != self.generation or
-                                  not self.spare_wanted()):
-            self.discard_spare('stale' if self.spare_wanted() else
-                               'not needed')
-            spare = None
-        if spare is not None or not self.spare_wanted() or \
-                time.monotonic() < self.next_spare:
-            return
-        if any(p.state == State.BOOTING for p in self.procs.values()):
-            # Not now: a fork stalls the children that are starting (they
-            # fault on the pages it write-protects; measured 1-4 ms).  Their
-            # boot notes wake the master again.
-            return
-        r, w = os.pipe()
-        # The slot it will serve is not known yet: a dump file if any
-        # worker here can time out.
-        dump_fd = self.open_dump_file() if self.may_time_out() else None
-        try:
-            pid = os.fork()
-        except OSError as e:
-            for fd in (r, w, dump_fd):
-                if fd is not None:
-                    os.close(fd)
-            log.warning('cannot fork a spare: %s', e.strerror)
-            self.next_spare = time.monotonic() + 1.0
-            return
-        if pid == 0:
-            self.spare_process(r, w, dump_fd)
-        os.close(r)
-        os.set_inheritable(w, False)
-        self.spare = SpareProcess(pid, w, dump_fd, self.generation)
-        log.debug('spare forked: pid %d', pid)
-
-    def may_time_out(self):
-        if self.templates:
-            return any(t.options.get('timeout', self.cfg.timeout)
-                       for t in self.templates)
-        return bool(self.make_worker(1).options.get('timeout',
-                                                     self.cfg.timeout))
-
-    def hand_to_spare(self, proc):
-        """Give ``proc``'s slot and cell to the spare; its pid, or None
-        (no usable spare: the caller forks)."""
-        spare = self.spare
-        if spare is None or spare.generation != self.generation:
-            return None
-        self.spare = None
-        keep_dump = bool(proc.timeout) and spare.dump_fd is not None
-        try:
-            os.write(spare.pipe_w, b'%d %d %d\n' % (proc.slot, proc.cell,
-                                                    keep_dump))
-        except OSError:   # it died and is not reaped yet: fork instead
-            self.dead_spares.add(spare.pid)
-            self.kill(spare.pid, signal.SIGKILL)
-            keep_dump = False
-            return None
-        finally:
-            os.close(spare.pipe_w)
-            if not keep_dump and spare.dump_fd is not None:
-                os.close(spare.dump_fd)
-        proc.dump_fd = spare.dump_fd if keep_dump else None
-        self.spare_failures = 0
-        return spare.pid
-
-    def discard_spare(self, why):
-        spare, self.spare = self.spare, None
-        if spare is None:
-            return
-        log.debug('spare %d discarded: %s', spare.pid, why)
-        self.dead_spares.add(spare.pid)
-        self.kill(spare.pid, signal.SIGKILL)
-        os.close(spare.pipe_w)
-        if spare.dump_fd is not None:
-            os.close(spare.dump_fd)
-
-    def reap_dead_spares(self):
-        """Wait for the discarded spares (KILLed: they go at once)."""
-        for pid in list(self.dead_spares):
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-            self.dead_spares.discard(pid)
-
-    def spare_exited(self, pid, status):
-        if pid in self.dead_spares:
-            self.dead_spares.discard(pid)
-            return
-        # It died on its own (OOM killer, someone's kill): fork another,
-        # but never in a loop.
-        self.discard_spare('exited')
-        self.dead_spares.discard(pid)
-        self.spare_failures += 1
-        delay = min(60.0, 0.5 * 2 ** min(self.spare_failures - 1, 7))
-        self.next_spare = time.monotonic() + delay
-        log.warning('spare process %d exited (%s); next spare in %gs',
-                    pid, describe_status(status), delay)
-
-    def spare_process(self, r, w, dump_fd):
-        """Child half of keep_spare(): prepare, wait, become a worker."""
-        def body():
-            os.close(w)
-            pdeath = self.child_prepare('spare')
-            # Until it is a worker it has nothing to finish: a stop signal
-            # ends it quietly; the others must not stop or kill it (TTIN's
-            # default stops a process).
-            for name in ('HUP', 'TTIN', 'TTOU', 'WINCH', 'USR1', 'USR2'):
-                signal.signal(getattr(signal, 'SIG' + name), signal.SIG_IGN)
-            for name in ('TERM', 'INT', 'QUIT'):
-                signal.signal(getattr(signal, 'SIG' + name),
-                              lambda *a: os._exit(0))
-            data = b''
-            while not data.endswith(b'\n'):
-                chunk = os.read(r, 64)
-                if not chunk:   # discarded, or the master is gone
-                    raise SystemExit(0)
-                data += chunk
-            os.close(r)
-            number, cell, keep_dump = [int(x) for x in data.split()]
-            if not keep_dump and dump_fd is not None:
-                os.close(dump_fd)
-            worker = self.make_worker(number)
-            return self.become_worker(worker, number, cell,
-                                      dump_fd if keep_dump else None, pdeath)
-        self.child_main(body)
-
     def gevent_worker(self, worker, number):
         """Monkey-patch first, then import the worker code afresh (it was
         imported unpatched in the master) and build the worker again."""
@@ -3577,11 +3616,7 @@ class Arbiter(object):
         self.pidfile.fd = self.ready_fd = None
         for proc in self.procs.values():   # siblings' dump files
             self.close_dump(proc)
-        spare, self.spare = self.spare, None
-        if spare is not None:
-            os.close(spare.pipe_w)
-            if spare.dump_fd is not None:
-                os.close(spare.dump_fd)
+        self.spare.close_in_child()
         if getattr(self.leader, 'fd', None) is not None:
             os.close(self.leader.fd)
 
@@ -3645,10 +3680,8 @@ class Arbiter(object):
             if not pid:
                 return
             proc = self.procs.pop(pid, None)
-            if proc is None and (pid in self.dead_spares or
-                                 self.spare is not None and
-                                 pid == self.spare.pid):
-                self.spare_exited(pid, status)
+            if proc is None and self.spare.owns(pid):
+                self.spare.exited(pid, status)
                 continue
             if proc is None:
                 # An orphaned grandchild that came to us (we are a child
@@ -3885,8 +3918,8 @@ class Arbiter(object):
                  'leader': leader}
         argv = [sys.executable] + _START['argv']
         # The spare was forked from this image: the new one forks its own.
-        self.discard_spare('upgrade')
-        self.reap_dead_spares()
+        self.spare.discard('upgrade')
+        self.spare.reap_dead()
         log.info('USR2: re-executing %s with %d worker(s) handed over',
                  ' '.join(argv), len(state['workers']))
         for fd in keep:
@@ -4151,7 +4184,7 @@ class Arbiter(object):
                   'worker_type': cfg.worker_type,
                   'generation': self.generation, 'ready': self.ready,
                   'spawns': self.spawns,
-                  'spare': self.spare.pid if self.spare else None,
+                  'spare': self.spare.pid,
                   'stopping': self.stopping,
                   'pidfile': self.pidfile.path,
                   'listeners': [listener_name(s) for s in self.sockets]}
