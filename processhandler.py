@@ -377,6 +377,10 @@ SETTINGS = [Setting(*row) for row in [
      'a run() call longer than this is dumped (stack) and killed (0: none)'),
     ('graceful_timeout', _number(float, 0), 3.0,
      'seconds a worker has to finish after TERM before KILL'),
+    ('boot_timeout', _number(float, 0), None,
+     "seconds a worker's start (import, __init__, init()) may take before "
+     'it is killed as a boot failure (default: 60, or timeout when larger; '
+     '0: none)'),
     ('soft_memory_limit', _number(float, 0), 0.0,
      'RSS MB above which a worker is asked to exit gracefully (0: none)'),
     ('hard_memory_limit', _number(float, 0), 0.0,
@@ -433,6 +437,15 @@ def settings_table():
 
 RESTART_ONLY = ('pidfile', 'single_instance', 'daemonize', 'bind',
                 'reuse_port', 'user', 'group', 'leader_lock', 'base_path')
+
+
+def boot_timeout_of(cfg):
+    """The boot timeout in effect: the setting, else 60 s or ``timeout``
+    when larger (a worker whose runs may take long may boot slowly too).
+    0: none."""
+    if cfg.boot_timeout is not None:
+        return cfg.boot_timeout
+    return max(60.0, cfg.timeout or 0.0)
 
 
 def not_yet_supported(cfg):
@@ -1773,7 +1786,7 @@ class Worker(object):
         except Exception as e:
             self.log.exception('init() failed: worker %d cannot boot',
                                self.slot)
-            self._board.set_text(self._cell, '%s: %s' % (
+            self._board.set_text(self._cell, 'init() raised %s: %s' % (
                 type(e).__name__, e))
             return WORKER_EXIT_BOOT_ERROR
         self._announce_booted()
@@ -2556,6 +2569,20 @@ class GeventWorker(Worker):
     worker_type = 'gevent'
 
 
+def build_worker(cls, cfg, ppid, sockets, file_logger=None):
+    """Build the worker object of this process, in the worker process.
+
+    Called after the fork and after the privilege drop: the master never
+    runs a worker's ``__init__`` (the ProcessHandler seed built its worker
+    after the fork too, so an ``__init__`` may open a socket or a file of
+    its own).  ProcessHandler-style classes take ``(cfg, file_logger, ppid,
+    sockets)``; ours take keywords only.  The one place where a worker
+    object is constructed from its class."""
+    if issubclass(cls, SyncWorker):
+        return cls(cfg, file_logger, ppid, sockets)
+    return cls()
+
+
 class AsyncioWorker(Worker):
     """A Worker with ``async def run(self)`` (``threads`` tasks)."""
     worker_type = 'asyncio'
@@ -2583,7 +2610,7 @@ class State(object):
 class WorkerProcess(object):
     """The master's record of one forked worker process."""
 
-    def __init__(self, pid, slot, cell, generation, worker, cfg):
+    def __init__(self, pid, slot, cell, generation, options, cfg):
         self.pid = pid
         self.slot = slot
         self.cell = cell
@@ -2594,15 +2621,18 @@ class WorkerProcess(object):
         self.stop_reason = None
         self.stop_requested = None    # monotonic time of the TERM/QUIT
         self.timed_out = False
+        self.boot_timeout = boot_timeout_of(cfg)
+        self.boot_timed_out = False   # killed for not booting in time
         self.dump_fd = None           # faulthandler's output (timeout)
-        # Limits the master enforces: per worker instance, else config.
-        self.timeout = worker.options.get('timeout', cfg.timeout)
-        self.graceful_timeout = worker.options.get('graceful_timeout',
-                                                   cfg.graceful_timeout)
-        self.soft_limit = worker.options.get('soft_memory_limit',
-                                             cfg.soft_memory_limit)
-        self.hard_limit = worker.options.get('hard_memory_limit',
-                                             cfg.hard_memory_limit)
+        # Limits the master enforces: per worker instance (Manager mode),
+        # else config.
+        self.timeout = options.get('timeout', cfg.timeout)
+        self.graceful_timeout = options.get('graceful_timeout',
+                                            cfg.graceful_timeout)
+        self.soft_limit = options.get('soft_memory_limit',
+                                      cfg.soft_memory_limit)
+        self.hard_limit = options.get('hard_memory_limit',
+                                      cfg.hard_memory_limit)
 
 
 class SpareProcess(object):
@@ -2622,11 +2652,7 @@ class SpareProcess(object):
         self.forked = time.monotonic()
 
 
-class _NoOptions(object):
-    options = {}
-
-
-_NO_OPTIONS = _NoOptions()   # adopted workers: the config's limits apply
+_NO_OPTIONS = {}   # config mode and adopted workers: the config's limits
 
 
 class Slot(object):
@@ -2637,6 +2663,7 @@ class Slot(object):
         self.proc = None        # the current generation's process
         self.old = []           # older generations still serving (reload)
         self.failures = 0       # consecutive boot failures / early deaths
+        self.early_deaths = 0   # working workers that died early, in a row
         self.backoff_until = 0.0
         self.last_error = None
 
@@ -2755,7 +2782,7 @@ class Spare(object):
         if a.templates:
             return any(t.options.get('timeout', a.cfg.timeout)
                        for t in a.templates)
-        return bool(a.make_worker(1).options.get('timeout', a.cfg.timeout))
+        return bool(a.cfg.timeout)
 
     def hand_to(self, proc):
         """Give ``proc``'s slot and cell to the spare; its pid, or None
@@ -2838,6 +2865,7 @@ class Spare(object):
             for name in ('TERM', 'INT', 'QUIT'):
                 signal.signal(getattr(signal, 'SIG' + name),
                               lambda *args: os._exit(0))
+            a.preload_worker_class()
             data = b''
             while not data.endswith(b'\n'):
                 chunk = os.read(r, 64)
@@ -2848,8 +2876,7 @@ class Spare(object):
             number, cell, keep_dump = [int(x) for x in data.split()]
             if not keep_dump and dump_fd is not None:
                 os.close(dump_fd)
-            worker = a.make_worker(number)
-            return a.become_worker(worker, number, cell,
+            return a.become_worker(number, cell,
                                    dump_fd if keep_dump else None, pdeath)
         a.child_main(body)
 
@@ -2871,16 +2898,19 @@ class Arbiter(object):
                'WINCH', 'CHLD']
     BACKOFF_BASE = 0.5     # first retry delay after a boot failure (s)
     BACKOFF_MAX = 30.0     # cap: keep retrying, never give up silently
-    EARLY_DEATH = 1.0      # a crash this soon after boot counts as failure
+    EARLY_DEATH = 1.0      # a crash this soon after boot may be a failure:
+    EARLY_DEATHS = 3       # when it handled nothing, or this many in a row
     ORPHAN_GRACE = 2.0     # TERM -> KILL for adopted grandchildren at exit
 
     def __init__(self, cfg, worker_class=None, templates=None,
                  ready_fd=None, daemonized=False, title=None,
                  keep_user_logging=False, save_on_signal=False,
                  upgrade=None):
-        """``worker_class``: a Worker subclass instantiated per spawn (config
-        mode); ``templates``: Worker instances, slot i runs templates[i-1]
-        (Manager mode)."""
+        """``worker_class``: the Worker subclass each worker process builds
+        its own object of (config mode; None: the workers import
+        ``cfg.worker_class`` themselves, after dropping privileges);
+        ``templates``: Worker instances, slot i runs templates[i-1]
+        (Manager mode: the user's own process made them)."""
         self.cfg = cfg
         self.worker_class = worker_class
         self.templates = list(templates or [])
@@ -2920,7 +2950,6 @@ class Arbiter(object):
         self.uid = self.gid = None
         self._pipes = []
         self.handlers = {}         # signum -> handle_<name>
-        self._worker_instance = None   # ((class, cfg), Worker): make_worker
         self.later_logs = []       # worker_exited()'s lines, see flush_logs
         self.spare = Spare(self)   # the pre-forked spare, see Spare
 
@@ -2974,6 +3003,8 @@ class Arbiter(object):
     def log_config_notes(self):
         """Say once what the config asks that will not do what it seems."""
         cfg = self.cfg
+        if privilege_notes(cfg)[1]:
+            log.warning('%s', privilege_notes(cfg)[1])
         for key, hint in cfg.unknown_keys():
             log.info('config key %r is not a setting: passed to the workers '
                      'as a string%s', key, "; did you mean '%s'?" % hint
@@ -3131,6 +3162,8 @@ class Arbiter(object):
         for proc in self.procs.values():
             if proc.kill_at is not None:
                 deadlines.append(proc.kill_at)
+            elif proc.boot_timeout and proc.state == State.BOOTING:
+                deadlines.append(proc.spawned + proc.boot_timeout)
             elif proc.timeout and proc.state == State.RUNNING:
                 started = self.board.getf(proc.cell, Scoreboard.RUN_STARTED)
                 # An idle worker may start a run right after we look: the
@@ -3393,8 +3426,8 @@ class Arbiter(object):
             return self.cfg
         new = load_config(self.cfg.path, self.cfg.section,
                           ['%s=%s' % kv for kv in self.cfg.overrides])
-        if self.worker_class is not None and not self.templates:
-            self.worker_class = load_worker_class(new, reload=True)
+        if not self.templates:
+            self.worker_class = master_worker_class(new, reload=True)
         return new
 
     def apply_config(self, new):
@@ -3447,34 +3480,23 @@ class Arbiter(object):
                       State.NAMES[proc.state], State.NAMES[state])
             proc.state = state
 
-    def make_worker(self, number):
-        """The Worker instance for slot ``number``.
-
-        The master never runs a worker: the instance it holds is only the
-        start of every child's own copy.  So one instance per class and
-        config serves every spawn (user ``__init__`` runs once per reload,
-        not on the respawn path); per-process set-up belongs in init()."""
+    def template(self, number):
+        """Manager mode: the Worker instance slot ``number`` runs, or None
+        (config mode: each worker process builds its own, see
+        build_worker)."""
         if self.templates:
             return self.templates[(number - 1) % len(self.templates)]
-        key = (self.worker_class, self.cfg)
-        if self._worker_instance is None or \
-                self._worker_instance[0] != key:
-            if issubclass(self.worker_class, SyncWorker):
-                worker = self.worker_class(self.cfg, None, self.pid,
-                                           self.sockets)
-            else:
-                worker = self.worker_class()
-            self._worker_instance = (key, worker)
-        return self._worker_instance[1]
+        return None
 
     def spawn_worker(self, slot):
         try:
-            worker = self.make_worker(slot.number)
             cell = self.board.alloc()
         except Exception as e:
             log.exception('cannot create worker %d', slot.number)
             return self.slot_failed(slot, '%s: %s' % (type(e).__name__, e))
-        proc = WorkerProcess(0, slot.number, cell, self.generation, worker,
+        template = self.template(slot.number)
+        proc = WorkerProcess(0, slot.number, cell, self.generation,
+                             template.options if template else _NO_OPTIONS,
                              self.cfg)
         pid = self.spare.hand_to(proc)
         if pid is None:
@@ -3487,7 +3509,7 @@ class Arbiter(object):
                 self.close_dump(proc)
                 return self.slot_failed(slot, 'fork failed: %s' % e.strerror)
             if pid == 0:
-                self.worker_process(worker, slot.number, cell, proc.dump_fd)
+                self.worker_process(slot.number, cell, proc.dump_fd)
         proc.pid = pid
         self.procs[pid] = proc
         slot.proc = proc
@@ -3524,11 +3546,11 @@ class Arbiter(object):
         finally:
             self.close_dump(proc)
 
-    def worker_process(self, worker, number, cell, dump_fd=None):
+    def worker_process(self, number, cell, dump_fd=None):
         """Child half of spawn_worker()."""
         def body():
             pdeath = self.child_prepare('worker %d' % number)
-            return self.become_worker(worker, number, cell, dump_fd, pdeath)
+            return self.become_worker(number, cell, dump_fd, pdeath)
         self.child_main(body)
 
     def child_main(self, body):
@@ -3568,7 +3590,7 @@ class Arbiter(object):
             raise SystemExit(WORKER_EXIT_ORPHANED)  # master died before prctl
         return pdeath
 
-    def become_worker(self, worker, number, cell, dump_fd, pdeath):
+    def become_worker(self, number, cell, dump_fd, pdeath):
         """The slot-dependent rest of a worker's start; runs the worker and
         returns its exit status."""
         tag = 'worker %d' % number
@@ -3577,9 +3599,17 @@ class Arbiter(object):
             set_proc_title('%s: %s' % (self.cfg.proc_name, tag))
         if self.cfg.cpu_affinity:
             self.pin_cpu(number)
-        if (worker.worker_type or self.cfg.worker_type) == 'gevent':
-            worker = self.gevent_worker(worker, number)
-        sockets = self.worker_sockets()
+        try:
+            template = self.load_worker_code(number)
+            sockets = self.worker_sockets()
+            worker = template if template is not None else build_worker(
+                self.worker_class, self.cfg, self.pid, sockets)
+        except Exception as e:
+            # Import or __init__ failed: a boot failure, like init().
+            log.exception('worker %d cannot be built', number)
+            self.board.set_text(cell, 'building the worker raised %s: %s'
+                                % (type(e).__name__, e))
+            return WORKER_EXIT_BOOT_ERROR
         worker._accept_lock = None
         if self.accept_fd is not None:
             wtype = worker.worker_type or self.cfg.worker_type
@@ -3590,15 +3620,33 @@ class Arbiter(object):
                      self.pid, sockets, self.logfile, pdeath, dump_fd)
         return worker._serve()
 
-    def gevent_worker(self, worker, number):
-        """Monkey-patch first, then import the worker code afresh (it was
-        imported unpatched in the master) and build the worker again."""
-        GeventLoop.patch()
-        if self.worker_class is not None and not self.templates:
-            forget_user_modules(self.cfg.base_path)
+    def preload_worker_class(self):
+        """In the spare, after the privilege drop: import the worker code
+        while waiting, so becoming a worker only builds the object.  A
+        failure is reported when it is used (worker_object)."""
+        if not self.templates and self.worker_class is None:
+            try:
+                self.worker_class = load_worker_class(self.cfg)
+            except Exception:
+                pass
+
+    def load_worker_code(self, number):
+        """In the worker process: make its worker code ready; return
+        Manager mode's template (None in config mode: the class, imported
+        here when the master did not -- ``user`` set -- is built by
+        build_worker).  gevent: monkey-patch first, then import the worker
+        code afresh (it was imported unpatched)."""
+        template = self.template(number)
+        if template is None and self.worker_class is None:
             self.worker_class = load_worker_class(self.cfg)
-            worker = self.make_worker(number)
-        return worker
+        wtype = (template or self.worker_class).worker_type or \
+            self.cfg.worker_type
+        if wtype == 'gevent':
+            GeventLoop.patch()
+            if template is None:
+                forget_user_modules(self.cfg.base_path)
+                self.worker_class = load_worker_class(self.cfg)
+        return template
 
     def close_master_fds(self):
         try:
@@ -3706,7 +3754,7 @@ class Arbiter(object):
                                  proc.spawned)
         init_rss = board.getf(cell, Scoreboard.INIT_RSS)
         board.release(cell)
-        if not proc.timed_out:
+        if not (proc.timed_out or proc.boot_timed_out):
             self.close_dump(proc)
         was = proc.state
         self.set_state(proc, State.EXITED)
@@ -3728,6 +3776,14 @@ class Arbiter(object):
             later(log.error, '%s killed after timeout (%s); its stack at '
                   'the timeout:\n%s', name, how, dump or '(no stack: it did '
                   'not answer the dump signal)')
+        elif proc.boot_timed_out:
+            dump = self.read_dump(proc)
+            if dump:
+                later(log.error, '%s stack when its boot timed out:\n%s',
+                      name, dump)
+            booted = False
+            text = 'did not boot within %gs (boot_timeout; %s)' % (
+                proc.boot_timeout, how)
         elif was == State.STOPPING and not (memory and replace):
             later(log.info, '%s stopped (%s): %s', name, proc.stop_reason,
                   how)
@@ -3735,8 +3791,7 @@ class Arbiter(object):
         if not replace:
             return   # an older generation, a retired slot, or shutting down
         if not booted:
-            self.slot_failed(slot, 'init() raised %s' % text
-                             if text else 'died while booting (%s)' % how)
+            self.slot_failed(slot, text or 'died while booting (%s)' % how)
         elif memory and (requests == 0 or init_rss > (
                 proc.soft_limit or proc.hard_limit or float('inf'))):
             # Over the limit before doing anything: recycling it after
@@ -3749,17 +3804,31 @@ class Arbiter(object):
             later(log.info, '%s exited after %d requests: %s', name,
                   requests, proc.stop_reason if memory and proc.stop_reason
                   else Scoreboard.R_NAMES.get(reason, 'reason %d' % reason))
-            slot.failures = 0
+            slot.failures = slot.early_deaths = 0
         elif proc.timed_out or up >= self.EARLY_DEATH:
             if not proc.timed_out:
                 later(log.error, '%s died after %.1fs: %s', name, up, how)
-            slot.failures = 0
+            slot.failures = slot.early_deaths = 0
         else:
-            self.slot_failed(slot, 'died %.2fs after boot: %s' % (up, how))
+            self.early_death(slot, name, up, how, requests)
         if slot.proc is None and slot.backoff_until <= time.monotonic():
             # Replace it now rather than at the end of the loop turn: this
             # is the respawn latency users see.
             self.spawn_worker(slot)
+
+    def early_death(self, slot, name, up, how, requests):
+        """A worker died soon after its boot.  One that handled nothing
+        cannot get going (a crash loop): back off.  One that was working
+        was killed or crashed on a job: replace it at once, unless that
+        happens EARLY_DEATHS times in a row."""
+        slot.early_deaths += 1
+        if requests and slot.early_deaths < self.EARLY_DEATHS:
+            self.later(log.error, '%s died %.2fs after boot, after %d '
+                       'request(s): %s', name, up, requests, how)
+            return
+        self.slot_failed(slot, 'died %.2fs after boot%s: %s' % (
+            up, ' (%d early deaths in a row)' % slot.early_deaths
+            if requests else ' without handling a request', how))
 
     def later(self, fn, *args):
         self.later_logs.append((fn, args))
@@ -3780,6 +3849,11 @@ class Arbiter(object):
                                 proc.pid, now - (proc.stop_requested or now))
                     proc.kill_at = None
                     self.kill(proc.pid, signal.SIGKILL)
+            elif proc.state == State.BOOTING and proc.boot_timeout and \
+                    now - proc.spawned > proc.boot_timeout and \
+                    self.board.get(proc.cell, Scoreboard.STATE) != \
+                    Scoreboard.BOOTED:
+                self.boot_timeout_worker(proc, now - proc.spawned)
             elif proc.timeout and proc.state == State.RUNNING:
                 started = self.board.getf(proc.cell, Scoreboard.RUN_STARTED)
                 if started and now - started > proc.timeout:
@@ -3796,6 +3870,20 @@ class Arbiter(object):
         # signal (default action: terminate); KILL is the fallback.
         proc.kill_at = time.monotonic() + 1.0
         self.kill(proc.pid, DUMP_SIGNAL)
+
+    def boot_timeout_worker(self, proc, took):
+        """A worker whose start (import, __init__, init()) hangs: a boot
+        failure.  Its stack is dumped when it has a dump file (timeout
+        set) and faulthandler is armed by then; KILL is the fallback."""
+        log.error('worker %d (pid %d) has not booted after %.2fs '
+                  '(boot_timeout %gs): killing it', proc.slot, proc.pid,
+                  took, proc.boot_timeout)
+        proc.boot_timed_out = True
+        self.set_state(proc, State.STOPPING)
+        proc.stop_reason = 'boot timeout'
+        proc.kill_at = time.monotonic() + 1.0
+        self.kill(proc.pid, DUMP_SIGNAL if proc.dump_fd is not None
+                  else signal.SIGKILL)
 
     def memory_limited(self):
         return any(p.soft_limit or p.hard_limit for p in self.procs.values())
@@ -4208,6 +4296,8 @@ class Arbiter(object):
                 if slot.backoff_until > now:
                     row['next_attempt_in'] = round(slot.backoff_until - now,
                                                    3)
+                    row['waiting'] = 'backoff after %d failure(s) in a ' \
+                        'row' % slot.failures
                 rows.append(row)
         known = set(id(p) for s in self.slots.values() for p in s.procs())
         for proc in self.procs.values():
@@ -4332,6 +4422,122 @@ def load_worker_class(cfg, reload=False):
                           'processhandler.Worker' % (cfg.where(),
                                                      cfg.worker_class))
     return cls
+
+
+def privilege_notes(cfg):
+    """``user``/``group`` that would not do what they say: (error, warning),
+    each one line or None.  ``group`` alone would leave root workers at uid
+    0 with another group: refused.  ``user`` under a master that is not
+    root cannot be applied: said once, the workers run as the master."""
+    if cfg.group and not cfg.user:
+        return ('%s group: set without user: the workers would keep uid %d; '
+                'set user too' % (cfg.where(), os.geteuid())), None
+    if cfg.user and os.geteuid() != 0:
+        uid, _ = resolve_user_group(cfg.user, None)
+        if uid != os.geteuid():
+            return None, ('%s user: %s not applied: the master runs as uid '
+                          '%d, not root, so the workers run as uid %d too'
+                          % (cfg.where(), cfg.user, os.geteuid(),
+                             os.geteuid()))
+    return None, None
+
+
+def drops_privileges(cfg):
+    """True when workers drop from root to ``user``: then no user code may
+    run with root's privileges, in the master or in a command."""
+    return bool(cfg.user) and os.geteuid() == 0
+
+
+def master_worker_class(cfg, reload=False):
+    """The worker class as a master (or a command) may hold it: imported
+    here -- or, when the workers drop to ``user`` from root, only checked
+    in a child that dropped privileges first, and None (each worker
+    imports it itself, after its drop).  Raises ConfigError."""
+    if not drops_privileges(cfg):
+        return load_worker_class(cfg, reload=reload)
+    problem = check_worker_class_in_child(cfg)
+    if problem:
+        raise ConfigError(problem)
+    return None
+
+
+def check_worker_class_in_child(cfg, timeout=None):
+    """Import ``cfg.worker_class`` in a forked child that dropped to
+    ``user``/``group`` first; return the problem in one line, or None.
+
+    Nothing of the user's code runs here (gunicorn loads application code
+    in its workers, after the drop).  An import that does not finish
+    within ``timeout`` (default: the boot timeout) is killed and reported;
+    SystemExit and other BaseExceptions at import are reported, not
+    raised."""
+    try:
+        uid, gid = resolve_user_group(cfg.user, cfg.group)
+    except ConfigError as e:
+        return '%s %s' % (cfg.where(), e)
+    limit = timeout or boot_timeout_of(cfg) or 60.0
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:   # pragma: no cover (child)
+        try:
+            os.close(r)
+            drop_privileges(uid, gid)
+            os.write(w, _import_problem(cfg).encode('utf-8', 'replace'))
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        text, done = _read_until_eof(r, limit)
+    finally:
+        os.close(r)
+    if not done:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    _, status = os.waitpid(pid, 0)
+    if not done:
+        return '%s worker_class: importing %s took longer than %gs' % (
+            cfg.where(), cfg.worker_class, limit)
+    if text:
+        return text
+    if status:
+        return '%s worker_class: the import check ended with %s' % (
+            cfg.where(), describe_status(status))
+    return None
+
+
+def _import_problem(cfg):
+    """In check_worker_class_in_child's child: '' or the problem."""
+    try:
+        load_worker_class(cfg)
+        return ''
+    except ConfigError as e:
+        return '%s (as user %s)' % (e, cfg.user)
+    except BaseException as e:   # SystemExit, KeyboardInterrupt at import
+        return '%s worker_class: importing %s as user %s raised %s%s' % (
+            cfg.where(), cfg.worker_class, cfg.user, type(e).__name__,
+            (': %s' % e) if str(e) else '')
+
+
+def _read_until_eof(fd, limit):
+    """Read ``fd`` to EOF within ``limit`` seconds: (text, reached EOF)."""
+    deadline = time.monotonic() + limit
+    chunks = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return b''.join(chunks).decode('utf-8', 'replace'), False
+        try:
+            ready, _, _ = select.select([fd], [], [], left)
+        except InterruptedError:
+            continue
+        if ready:
+            data = os.read(fd, 65536)
+            if not data:
+                return b''.join(chunks).decode('utf-8', 'replace'), True
+            chunks.append(data)
 
 
 def forget_user_modules(base_path):
@@ -4502,11 +4708,16 @@ def take_upgrade_state():
 def cmd_start(cfg, args):
     for problem in not_yet_supported(cfg):
         raise ConfigError(problem)
-    worker_class = load_worker_class(cfg)
     try:
         resolve_user_group(cfg.user, cfg.group)
     except ConfigError as e:   # name the file and section, as check does
         raise ConfigError('%s %s' % (cfg.where(), e))
+    error, warning = privilege_notes(cfg)
+    if error:
+        raise ConfigError(error)
+    if warning and not os.environ.get(UPGRADE_ENV):
+        complain(warning)
+    worker_class = master_worker_class(cfg)
     upgrade = take_upgrade_state()
     if upgrade:
         os.umask(cfg.umask)
@@ -4607,7 +4818,9 @@ def signal_instances(cfg, args, sig, done):
 
 def cmd_reload(cfg, args):
     if cfg.worker_class:
-        load_worker_class(cfg)   # a broken config/class: say so, send nothing
+        # A broken config/class: say so, send nothing.  Never as root with
+        # `user` set: the check imports in a child that dropped privileges.
+        master_worker_class(cfg)
     return signal_instances(cfg, args, signal.SIGHUP, 'reloading')
 
 
@@ -4663,15 +4876,19 @@ def format_status(doc):
     for w in doc['workers']:
         extra = ''
         if w['state'] == 'backoff':
-            extra = '  next attempt in %.1fs: %s' % (
-                w.get('next_attempt_in', 0), w.get('last_error'))
+            extra = '  %s, next attempt in %.1fs: %s' % (
+                w.get('waiting', 'backoff'), w.get('next_attempt_in', 0),
+                w.get('last_error'))
         lines.append('%-5s %-8s %-9s %9s %8s %9s%s' % (
             w['slot'], w['pid'] or '-', w['state'], w['requests'],
             '-' if w['rss_mb'] is None else '%.1f' % w['rss_mb'],
             '-' if w['age'] is None else format_age(w['age']), extra))
     if m.get('spare'):
+        waiting = any(w['state'] == 'backoff' for w in doc['workers'])
         lines.append('spare process %d: pre-forked, replaces the next worker '
-                     'that exits' % m['spare'])
+                     'that exits%s' % (m['spare'], ' (a slot in backoff '
+                                       'waits for its next attempt)'
+                                       if waiting else ''))
     return '\n'.join(lines)
 
 
@@ -4722,7 +4939,7 @@ def cmd_decr(cfg, args):
 def cmd_check(cfg, args):
     problems, notes = not_yet_supported(cfg), []
     try:
-        load_worker_class(cfg)
+        master_worker_class(cfg)
     except ConfigError as e:
         problems.append(str(e))
     for key, hint in cfg.unknown_keys():
@@ -4733,8 +4950,13 @@ def cmd_check(cfg, args):
             notes.append(key)
     try:
         resolve_user_group(cfg.user, cfg.group)
+        error, warning = privilege_notes(cfg)
+        problems += [error] if error else []
+        if warning:
+            complain('warning: ' + warning)
     except ConfigError as e:
         problems.append('%s %s' % (cfg.where(), e))
+    problems = list(dict.fromkeys(problems))   # one line per problem
     for key in ('log_file', 'pidfile'):
         path = getattr(cfg, key)
         if path and not os.path.isdir(os.path.dirname(path)):
@@ -4779,13 +5001,55 @@ def main(argv=None):
 MASTER_COMMANDS = ('start', 'restart')
 
 # How `python3 processhandler.py start` becomes a lean master (see _main()).
-LEAN_START = '''import os, sys
+# `python -c` puts the current directory first on sys.path, where
+# `python3 /path/processhandler.py` put the script's folder: started as root
+# from /tmp, the master would import an attacker's difflib.py.  So the first
+# statement removes that entry, before anything is imported (os and sys
+# are loaded already at start-up), and the script's folder takes its place,
+# exactly as the original command had it.
+LEAN_START = '''import sys
+if sys.path and sys.path[0] in ('', '.'):
+    del sys.path[0]
+import os
 path = sys.argv[1]
 sys.argv = [path] + sys.argv[2:]
 sys.path.insert(0, os.path.dirname(path))
 import processhandler
 processhandler._START['argv'] = list(sys.argv)
 sys.exit(processhandler.main())'''
+
+
+def interpreter_flags():
+    """This interpreter's -X, -O, -W... flags as arguments (private helper
+    of subprocess, stable since 3.3; multiprocessing uses it the same
+    way)."""
+    try:
+        import subprocess
+        return subprocess._args_from_interpreter_flags()
+    except Exception:
+        return []
+
+
+def master_exec_argv(argv=None):
+    """The argv that re-executes this master (the lean start, and USR2):
+    the same interpreter and flags, and nothing on sys.path ahead of the
+    standard library that the original command did not have (no current
+    directory).  ``argv``: the master's sys.argv (default: as started).
+
+    When argv[0] is this module, on CPython: the lean form (an import of
+    the module, see _main()); otherwise (PyPy, a user's script, a console
+    script) the script itself, which puts only its own folder first, as
+    the original command did."""
+    argv = list(_START['argv'] if argv is None else argv)
+    script = os.path.abspath(os.path.join(_START['cwd'], argv[0]))
+    cmd = [sys.executable] + interpreter_flags()
+    this = os.path.abspath(__file__)
+    if this.endswith(('.pyc', '.pyo')):
+        this = this[:-1]
+    if IS_PYPY or os.environ.get('PROCESSHANDLER_NO_LEAN') or \
+            os.path.realpath(script) != os.path.realpath(this):
+        return cmd + [script] + argv[1:]
+    return cmd + ['-c', LEAN_START, script] + argv[1:]
 
 
 def starts_master(argv):
@@ -4803,16 +5067,8 @@ def _main():
     if not IS_PYPY and starts_master(sys.argv[1:]) and \
             not os.environ.get('PROCESSHANDLER_NO_LEAN'):
         try:
-            # Keep -X, -O, -W... (private helper, stable since 3.3;
-            # multiprocessing uses it the same way).
-            import subprocess
-            flags = subprocess._args_from_interpreter_flags()
-        except Exception:
-            flags = []
-        try:
-            os.execv(sys.executable, [sys.executable] + flags +
-                     ['-c', LEAN_START, os.path.abspath(__file__)] +
-                     sys.argv[1:])
+            os.execv(sys.executable, master_exec_argv(
+                [os.path.abspath(__file__)] + sys.argv[1:]))
         except OSError:
             pass     # run here, as a script: heavier, same behaviour
     # The running script is the module: user code doing `import

@@ -669,7 +669,7 @@ def test_workers_drop_privileges_to_user(proj):
     import pwd
     nobody = pwd.getpwnam('nobody')
     proj.write_config(user='nobody', run_time=0)
-    os.chmod(proj.path, 0o755)
+    open_to_others(proj.path)   # nobody's workers import the module
     proj.write_module('quiet', '''
         import time, processhandler
         class Quiet(processhandler.Worker):
@@ -838,6 +838,7 @@ BAD_VALUES = [
     ('soft_memory_limit', '-1'),
     ('hard_memory_limit', '1e400'),
     ('interval', 'inf'),
+    ('boot_timeout', '-1'),
     ('spare_worker', 'two'),
     ('check_interval', '0'),
     ('daemonize', 'maybe'),
@@ -3926,7 +3927,7 @@ def test_user_drop_happens_after_bind(proj, wtype):
     nobody and serve connections on it.  The socket file is given to
     nobody."""
     nobody = pwd.getpwnam('nobody')
-    os.chmod(proj.path, 0o755)
+    open_to_others(proj.path)   # nobody's workers import the module
     private = os.path.join(proj.path, 'private')
     os.mkdir(private, 0o700)
     path = os.path.join(private, 'echo.sock')
@@ -5727,3 +5728,22 @@ def test_bench_smoke_runs_and_prints_table():
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
     assert '| metric ' in res.stdout and 'respawn latency' in res.stdout, \
         res.stdout[-3000:]
+
+
+# ==== privileges, worker construction, spawn path (issue 12, 14) ====
+
+def open_to_others(path):
+    """Let other users (a worker's ``user``) reach and read ``path``: the
+    folder gets 0755 and each folder above it, up to the temp root, o+x
+    (pytest's basetemp is 0700)."""
+    os.chmod(path, 0o755)
+    top = os.path.realpath(tempfile_root())
+    d = os.path.dirname(os.path.realpath(path))
+    while d.startswith(top + os.sep):
+        os.chmod(d, os.stat(d).st_mode | 0o011)
+        d = os.path.dirname(d)
+
+
+def tempfile_root():
+    import tempfile
+    return tempfile.gettempdir()
