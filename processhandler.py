@@ -653,9 +653,10 @@ class LogFile(object):
     onto the same descriptor numbers (USR1, logrotate).
     """
 
-    def __init__(self, path=None, redirect_stdio=False):
+    def __init__(self, path=None, redirect_stdio=False, owner=None):
         self.path = path
         self.redirect_stdio = redirect_stdio
+        self.owner = owner   # (uid, gid) the workers drop to, or None
         self.fd = 2
         self.failed = False
         if path:
@@ -667,6 +668,20 @@ class LogFile(object):
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
                      getattr(os, 'O_CLOEXEC', 0) |
                      getattr(os, 'O_NOFOLLOW', 0), 0o640)
+        try:
+            st = os.fstat(fd)
+            problem = log_file_problem(st, self.owner)
+            if problem:
+                raise OSError(errno.EPERM, problem)
+            uid, gid = self.owner or (None, None)
+            if uid is not None and os.geteuid() == 0 and \
+                    stat.S_ISREG(st.st_mode) and st.st_uid != uid:
+                # Workers that dropped to `user` reopen it on USR1 (after
+                # logrotate the master creates the new file first).
+                os.fchown(fd, uid, -1 if gid is None else gid)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def _stdio_to(self, fd):
@@ -713,6 +728,24 @@ class LogFile(object):
                 os.close(self.fd)
             except OSError:
                 pass
+
+
+def log_file_problem(st, owner=None):
+    """Why an opened log file must not be written to, or None.
+
+    Like the pidfile: a file owned by another user (an attacker's 0666 file
+    in /tmp) must not receive root's records and the daemon's stdio.  Its
+    owner must be root, this process's user, or the workers' ``user``
+    (``owner``: (uid, gid) or None; the master gives the file to them).
+    The one place for the log file's checks."""
+    allowed = set([0, os.geteuid()])
+    if owner and owner[0] is not None:
+        allowed.add(owner[0])
+    if st.st_uid not in allowed:
+        return ('owned by uid %d, not by root, this process (uid %d) or '
+                'the workers\' user: refusing to write to it'
+                % (st.st_uid, os.geteuid()))
+    return None
 
 
 class LogFileHandler(logging.Handler):
@@ -1303,6 +1336,30 @@ def systemd_listeners():
     return socks
 
 
+def close_inherited_fds():
+    """Close every descriptor above 2 that this process inherited (a
+    launching shell's `exec 7>file`, a parent's pipes): the daemon and its
+    workers must not hold them.  systemd's LISTEN_FDS (3..3+n-1, when
+    LISTEN_PID is this process) are kept.  Called first thing in a fresh
+    `start`, before this process opens anything of its own."""
+    keep = set()
+    if os.environ.get('LISTEN_PID') == str(os.getpid()):
+        try:
+            keep = set(range(3, 3 + int(os.environ.get('LISTEN_FDS', '0'))))
+        except ValueError:
+            pass
+    try:
+        fds = [int(n) for n in os.listdir('/proc/self/fd')]
+    except OSError:
+        return
+    for fd in fds:
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass   # the listing's own descriptor, closed already
+
+
 # -- systemd ---------------------------------------------------------------------
 
 def watchdog_interval():
@@ -1407,6 +1464,21 @@ class RedisLeader(object):
     ``expires`` is the local monotonic time at which the lease may have
     expired, measured from *before* the command was sent (conservative).
     """
+
+    def close_in_child(self):
+        """In a forked child: close the master's Redis connections without
+        a word to Redis (a shutdown() would end the master's too)."""
+        pool = getattr(self.client, 'connection_pool', None)
+        conns = list(getattr(pool, '_available_connections', ())) + \
+            list(getattr(pool, '_in_use_connections', ()))
+        for conn in conns:
+            sock = getattr(conn, '_sock', None)
+            if sock is not None:
+                try:
+                    os.close(sock.detach())
+                except OSError:
+                    pass
+                conn._sock = None
 
     RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
              "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 "
@@ -2569,6 +2641,17 @@ class GeventWorker(Worker):
     worker_type = 'gevent'
 
 
+def line_buffered_stdio():
+    """In a worker: print() goes out at each newline.  Daemonized, stdout
+    is the log file, block-buffered: a worker killed (KILL, timeout, hard
+    memory limit) lost every line still in its buffer."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True)
+        except (AttributeError, ValueError, OSError):
+            pass   # not a TextIOWrapper (replaced by the user): theirs
+
+
 def build_worker(cls, cfg, ppid, sockets, file_logger=None):
     """Build the worker object of this process, in the worker process.
 
@@ -2762,16 +2845,20 @@ class Spare(object):
         # worker here can time out.
         dump_fd = a.open_dump_file() if self.may_time_out() else None
         try:
+            a.own_listeners = a.child_listeners()
             pid = os.fork()
-        except OSError as e:
+        except (OSError, HaltServer) as e:
+            a.close_child_listeners()
             for fd in (r, w, dump_fd):
                 if fd is not None:
                     os.close(fd)
-            log.warning('cannot fork a spare: %s', e.strerror)
+            log.warning('cannot fork a spare: %s',
+                        getattr(e, 'strerror', None) or e)
             self.next_at = time.monotonic() + 1.0
             return
         if pid == 0:
             self.child(r, w, dump_fd)
+        a.close_child_listeners()
         os.close(r)
         os.set_inheritable(w, False)
         self.proc = SpareProcess(pid, w, dump_fd, a.generation)
@@ -2947,6 +3034,7 @@ class Arbiter(object):
         self.control = None
         self.sockets = []          # listeners shared by every worker
         self.accept_fd = None      # accept_lock's file
+        self.own_listeners = None  # reuse_port: the next child's listeners
         self.uid = self.gid = None
         self._pipes = []
         self.handlers = {}         # signum -> handle_<name>
@@ -2957,15 +3045,17 @@ class Arbiter(object):
 
     def setup(self):
         cfg = self.cfg
+        self.uid, self.gid = resolve_user_group(cfg.user, cfg.group)
         try:
             self.logfile = LogFile(cfg.log_file,
-                                   redirect_stdio=self.daemonized)
+                                   redirect_stdio=self.daemonized,
+                                   owner=(self.uid, self.gid)
+                                   if self.uid is not None else None)
         except OSError as e:   # a folder, a missing folder, no permission
             raise HaltServer('cannot open log_file %s: %s'
                              % (cfg.log_file, e.strerror or e))
         if not self.keep_user_logging:
             setup_logging(cfg, self.logfile)
-        self.uid, self.gid = resolve_user_group(cfg.user, cfg.group)
         self.acquire_instance()
         self.open_sockets()
         self.leader = make_leader(cfg)
@@ -3022,6 +3112,8 @@ class Arbiter(object):
             # Same pid, same open lock: POSIX locks survive execve.
             self.pidfile = PidFile(self.upgrade['pidfile'])
             self.pidfile.fd = self.upgrade['lock_fd']
+            # Inheritable only for the execve: not for anything we run.
+            os.set_inheritable(self.pidfile.fd, False)
             self.pidfile.write(os.getpid())
             self.instance = self.upgrade['instance']
             return
@@ -3045,7 +3137,10 @@ class Arbiter(object):
                             for fd in self.upgrade['fds']]
             for sock in self.sockets:
                 sock.setblocking(False)
+                sock.set_inheritable(False)   # see acquire_instance
             self.accept_fd = self.upgrade.get('accept_fd')
+            if self.accept_fd is not None:
+                os.set_inheritable(self.accept_fd, False)
             return
         self.sockets = systemd_listeners()
         if self.sockets:
@@ -3067,15 +3162,34 @@ class Arbiter(object):
             os.unlink(path)
             self.accept_fd = fd
 
+    def child_listeners(self):
+        """reuse_port: the listeners of the child about to be forked (a
+        worker, or the spare), bound here by the master -- before any
+        privilege drop, so ports below 1024 work with ``user`` -- but not
+        listening: an idle spare must not take connections.  None when
+        the listeners are shared.  Raises HaltServer (cannot bind)."""
+        if not (self.cfg.reuse_port and self.cfg.bind and self.sockets):
+            return None
+        return [create_listener(listener_name(s), reuse_port=True,
+                                listen=False) for s in self.sockets]
+
+    def close_child_listeners(self):
+        """In the master, after the fork: they are the child's."""
+        for sock in self.own_listeners or ():
+            sock.close()
+        self.own_listeners = None
+
     def worker_sockets(self):
-        """In a worker: the listeners it accepts on."""
-        if self.cfg.reuse_port and self.cfg.bind and self.sockets:
-            own = [create_listener(listener_name(s), reuse_port=True)
-                   for s in self.sockets]
-            for s in self.sockets:
-                s.close()
-            return own
-        return list(self.sockets)
+        """In a worker: the listeners it accepts on (its own with
+        reuse_port: listen() needs no privilege, bind did)."""
+        own = self.own_listeners
+        if own is None:
+            return list(self.sockets)
+        for sock in own:
+            sock.listen(min(2048, socket.SOMAXCONN))
+        for sock in self.sockets:
+            sock.close()
+        return own
 
     def make_pipe(self):
         r, w = os.pipe()
@@ -3503,13 +3617,17 @@ class Arbiter(object):
             if proc.timeout:
                 proc.dump_fd = self.open_dump_file()
             try:
+                self.own_listeners = self.child_listeners()
                 pid = os.fork()
-            except OSError as e:
+            except (OSError, HaltServer) as e:
+                self.close_child_listeners()
                 self.board.release(cell)
                 self.close_dump(proc)
-                return self.slot_failed(slot, 'fork failed: %s' % e.strerror)
+                return self.slot_failed(slot, 'fork failed: %s' % e.strerror
+                                        if isinstance(e, OSError) else e.reason)
             if pid == 0:
                 self.worker_process(slot.number, cell, proc.dump_fd)
+            self.close_child_listeners()
         proc.pid = pid
         self.procs[pid] = proc
         slot.proc = proc
@@ -3582,6 +3700,7 @@ class Arbiter(object):
         for name in self.SIGNALS:
             signal.signal(getattr(signal, 'SIG' + name), signal.SIG_DFL)
         self.close_master_fds()
+        line_buffered_stdio()
         set_proc_title('%s: %s' % (self.cfg.proc_name, tag))
         drop_privileges(self.uid, self.gid)
         # Die with the master even if it is KILLed (supervisor #199).
@@ -3667,6 +3786,8 @@ class Arbiter(object):
         self.spare.close_in_child()
         if getattr(self.leader, 'fd', None) is not None:
             os.close(self.leader.fd)
+        if hasattr(self.leader, 'close_in_child'):
+            self.leader.close_in_child()   # the master's Redis connection
 
     def pin_cpu(self, number):
         cpus = affinity_for_slot(self.cfg.cpu_affinity, number,
@@ -4706,6 +4827,8 @@ def take_upgrade_state():
 
 
 def cmd_start(cfg, args):
+    if not os.environ.get(UPGRADE_ENV):
+        close_inherited_fds()   # a USR2 image's fds are its own
     for problem in not_yet_supported(cfg):
         raise ConfigError(problem)
     try:
