@@ -1703,9 +1703,12 @@ class Worker(object):
         args, kwargs   what the constructor was given
         name      "<name>-<n>" (uliweb style)
 
-    ``__init__`` runs in the master, before the fork (with worker_class
-    from a config: once per config load, every spawn starts from a copy of
-    that instance).  Its keyword options
+    With worker_class from a config, ``__init__`` runs in each worker
+    process, after the fork and after dropping to ``user`` (build_worker):
+    the master never runs it, so it may open a socket or a file of the
+    worker's own (as ProcessHandler's did).  In Manager mode the instances
+    are the ones the user's script built (in its own process, the
+    master's); each worker process starts from a copy.  Keyword options
     override the config per worker instance (uliweb's Manager style):
     max_requests, max_requests_jitter, timeout, graceful_timeout,
     soft_memory_limit, hard_memory_limit, interval (``check_point`` is the

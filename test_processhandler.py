@@ -662,14 +662,14 @@ def test_file_leader_lock_active_standby(proj, tmp_path):
     wait_for(second_active)
 
 
-def test_workers_drop_privileges_to_user(proj):
+def test_workers_drop_privileges_to_user(open_proj):
     """As root, user/group apply in the workers; the master keeps root."""
+    proj = open_proj
     if os.getuid() != 0:
         pytest.skip('needs root')
     import pwd
     nobody = pwd.getpwnam('nobody')
     proj.write_config(user='nobody', run_time=0)
-    open_to_others(proj.path)   # nobody's workers import the module
     proj.write_module('quiet', '''
         import time, processhandler
         class Quiet(processhandler.Worker):
@@ -3921,13 +3921,13 @@ def test_second_master_on_same_port_fails_with_one_line(proj, tmp_path):
 
 @pytest.mark.skipif(os.getuid() != 0, reason='needs root')
 @pytest.mark.parametrize('wtype', ['sync', 'thread'])
-def test_user_drop_happens_after_bind(proj, wtype):
+def test_user_drop_happens_after_bind(open_proj, wtype):
     """As root with user = nobody and a unix socket in a directory only
     root may write: the master (root) binds it, then the workers run as
     nobody and serve connections on it.  The socket file is given to
     nobody."""
+    proj = open_proj
     nobody = pwd.getpwnam('nobody')
-    open_to_others(proj.path)   # nobody's workers import the module
     private = os.path.join(proj.path, 'private')
     os.mkdir(private, 0o700)
     path = os.path.join(private, 'echo.sock')
@@ -5732,21 +5732,21 @@ def test_bench_smoke_runs_and_prints_table():
 
 # ==== privileges, worker construction, spawn path (issue 12, 14) ====
 
-def open_to_others(path):
-    """Let other users (a worker's ``user``) reach and read ``path``: the
-    folder gets 0755 and each folder above it, up to the temp root, o+x
-    (pytest's basetemp is 0700)."""
-    os.chmod(path, 0o755)
-    top = os.path.realpath(tempfile_root())
-    d = os.path.dirname(os.path.realpath(path))
-    while d.startswith(top + os.sep):
-        os.chmod(d, os.stat(d).st_mode | 0o011)
-        d = os.path.dirname(d)
-
-
-def tempfile_root():
+@pytest.fixture
+def open_proj():
+    """A Project in a folder other users can reach and read (0755 under
+    /tmp): workers running as ``user`` import its modules.  pytest's own
+    basetemp is 0700, and other pytest sessions reset it to 0700."""
     import tempfile
-    return tempfile.gettempdir()
+    d = tempfile.mkdtemp(prefix='ph-open-')
+    os.chmod(d, 0o755)
+    p = Project(d)
+    try:
+        yield p
+    finally:
+        left = p.cleanup()
+        shutil.rmtree(d, ignore_errors=True)
+    assert not left, 'processes left behind: %s' % left
 
 
 NEEDS_ROOT = pytest.mark.skipif(os.getuid() != 0, reason='needs root')
@@ -5834,13 +5834,13 @@ def test_each_worker_process_builds_its_own_worker_object(proj):
 
 
 @NEEDS_ROOT
-def test_user_code_never_runs_as_root_with_user(proj):
+def test_user_code_never_runs_as_root_with_user(open_proj):
     """user = nobody, master as root: the module is imported and the
     worker built only by processes running as nobody -- at start, by the
     spare (which imports while it waits), by `check`, `reload` and HUP;
     never by the master."""
+    proj = open_proj
     nobody = pwd.getpwnam('nobody')
-    open_to_others(proj.path)
     who_project(proj, number_workers=2, user='nobody')
     master = proj.start_daemon()
     workers = proj.wait_running(2)
@@ -5864,10 +5864,10 @@ def test_user_code_never_runs_as_root_with_user(proj):
 
 
 @NEEDS_ROOT
-def test_check_with_user_reports_import_problems_as_that_user(proj):
+def test_check_with_user_reports_import_problems_as_that_user(open_proj):
     """`check` with user set imports in a child that dropped privileges:
     a module only root may read is a problem, said in one line."""
-    open_to_others(proj.path)
+    proj = open_proj
     who_project(proj, user='nobody')
     os.chmod(os.path.join(proj.path, 'who.py'), 0o600)
     res = proj.ph('check')
@@ -5912,8 +5912,12 @@ def test_master_exec_argv_keeps_flags_and_drops_the_cwd(tmp_path):
     argv = processhandler.master_exec_argv([PH, '-c', 'x.ini', 'start'])
     assert argv[0] == sys.executable and argv[-3:] == ['-c', 'x.ini',
                                                        'start']
+    flags = subprocess.run([PY, '-c', 'import subprocess; print(subprocess'
+                            '._args_from_interpreter_flags())'],
+                           stdout=subprocess.PIPE, universal_newlines=True)
+    assert repr(argv[1:1 + len(eval(flags.stdout))]) == flags.stdout.strip()
     if IS_PYPY:
-        assert argv[1:] == [PH, '-c', 'x.ini', 'start']
+        assert argv[-4] == PH
         return
     assert argv[-5] == processhandler.LEAN_START and argv[-4] == PH
     code = processhandler.LEAN_START.split('import os')[0] + \
@@ -5964,10 +5968,10 @@ def python_for_nobody():
 
 
 @NEEDS_ROOT
-def test_user_under_a_non_root_master_is_said(proj):
+def test_user_under_a_non_root_master_is_said(open_proj):
     """user = root in a config run by nobody: the drop cannot happen; check
     says so in one warning line and exits 0."""
-    open_to_others(proj.path)
+    proj = open_proj
     proj.write_config(user='root')
     res = subprocess.run([python_for_nobody(), PH, '-c', proj.config,
                           'check'], preexec_fn=as_nobody, cwd=proj.path,
@@ -6060,28 +6064,30 @@ def test_worker_prints_survive_sigkill(proj):
 
 def test_working_worker_killed_early_is_replaced_without_backoff(proj):
     """A worker that was handling requests and is killed < 1 s after its
-    boot is replaced at once (twice in a row): no backoff, no failure."""
+    boot is replaced at once (twice): no backoff, no failure."""
     proj.write_config(number_workers=1, run_time=0.02)
     proj.start_daemon()
-    pid = proj.wait_running(1)[1]
-    seen, ages = set([pid]), []
-    for attempt in range(2):
+    pid = wait_for(lambda: proj.events('init'), what='a worker')[0][2]
+    seen, early = set([pid]), 0
+    for attempt in range(8):   # a loaded machine may be late for some
         init = wait_for(lambda: [e for e in proj.events('init')
                                  if e[2] == pid], what='its init')[0]
         wait_for(lambda: len([e for e in proj.events('run_end')
                               if e[2] == pid]) >= 2, what='two requests')
         os.kill(pid, signal.SIGKILL)
-        ages.append(time.monotonic() - init[3])
+        early += time.monotonic() - init[3] < 1.0
         pid = wait_for(lambda: [e[2] for e in proj.events('init')
                                 if e[2] not in seen], what='the next')[0]
         seen.add(pid)
-    assert max(ages) < 1.0, ages       # both deaths were early ones
+        if early == 2:
+            break
+    assert early == 2, 'no two kills within 1 s of a boot'
     row = wait_for(lambda: proj.running_workers(1) == {1: pid} and
                    proj.status()['workers'][0], what='the last one')
     assert row.get('failures', 0) == 0, row
     text = proj.log_text()
     assert 'failed (died' not in text, text
-    assert text.count('request(s): killed by SIGKILL') == 2, text
+    assert text.count('request(s): killed by SIGKILL') >= 2, text
     assert proj.ph('stop').returncode == 0
 
 
@@ -6090,14 +6096,23 @@ def test_idle_worker_dying_early_backs_off_and_status_says_why(proj):
     boot failure: backoff, with the reason in status and the log."""
     proj.write_config(number_workers=1, run_time=30, spare_worker='false')
     proj.start_daemon()
-    pid = proj.wait_running(1)[1]
-    wait_for(lambda: [e for e in proj.events('run_start') if e[2] == pid])
-    os.kill(pid, signal.SIGKILL)
+    for attempt in range(5):   # a loaded machine may be late for some
+        first = wait_for(lambda: [e for e in proj.events('run_start')
+                                  if e[2] not in [k[2] for k in
+                                                  proj.events('killed')]],
+                         what='a worker in its first run')[0]
+        os.kill(first[2], signal.SIGKILL)
+        with open(proj.events_path, 'a') as f:
+            f.write('killed 1 %d %.6f\n' % (first[2], time.monotonic()))
+        if time.monotonic() - first[3] < 0.9:
+            break
     wait_log(proj, 'without handling a request')
-    new = wait_for(lambda: (lambda w: w if w and w[1] != pid else None)(
-        proj.running_workers(1)), what='the retry')[1]
-    row = [w for w in proj.status()['workers'] if w['pid'] == new][0]
-    assert row['failures'] == 1, row
+    row = wait_for(lambda: (lambda w: w if w and w['pid'] and
+                            w['state'] == 'running' and
+                            w['failures'] >= 1 else None)(
+        (proj.status() or {'workers': [None]})['workers'][0]),
+        what='the retry')
+    assert row['failures'] >= 1, row
     assert proj.ph('stop').returncode == 0
 
 
@@ -6143,9 +6158,10 @@ def test_hung_init_is_killed_after_boot_timeout(proj):
 
 
 @NEEDS_ROOT
-def test_reuse_port_below_1024_with_user(proj):
+def test_reuse_port_below_1024_with_user(open_proj):
     """user = nobody + reuse_port on a port < 1024: the master binds each
     worker's listener before the drop; both workers (nobody) serve."""
+    proj = open_proj
     nobody = pwd.getpwnam('nobody')
     port = None
     for p in range(990, 900, -1):
@@ -6159,7 +6175,6 @@ def test_reuse_port_below_1024_with_user(proj):
         finally:
             s.close()
     assert port, 'no free port below 1024'
-    open_to_others(proj.path)
     echo_config(proj, 'sync', bind='127.0.0.1:%d' % port, reuse_port='true',
                 user='nobody')
     proj.start_daemon()
@@ -6188,11 +6203,11 @@ class Ticker(processhandler.Worker):
 
 
 @NEEDS_ROOT
-def test_usr1_workers_as_user_reopen_the_new_log(proj):
+def test_usr1_workers_as_user_reopen_the_new_log(open_proj):
     """user = nobody: after logrotate's rename and USR1 the workers (as
     nobody) write to the new file, which the master gave to them."""
+    proj = open_proj
     nobody = pwd.getpwnam('nobody')
-    open_to_others(proj.path)
     proj.write_module('ticker', LOGGING_WORKER)
     proj.write_config(worker_class='ticker:Ticker', user='nobody')
     master = proj.start_daemon()
@@ -6225,3 +6240,35 @@ def test_log_file_owned_by_another_user_is_refused(proj, tmp_path):
         assert len(out) == 1 and 'owned by uid %d' % nobody.pw_uid in out[0]
     assert os.path.getsize(planted) == 0
     assert not os.path.exists(proj.pidfile)
+
+
+def tcp_inodes_to(port):
+    """Inodes of the TCP sockets connected to ``port`` (/proc/net/tcp)."""
+    out = set()
+    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if int(cols[2].rsplit(':', 1)[1], 16) == port:
+                out.add(int(cols[9]))
+    return out
+
+
+def test_workers_do_not_hold_the_masters_redis_connection(redis_server,
+                                                          proj):
+    """leader_lock = redis://...: the master's connection to Redis is
+    closed in its workers and spare (only the master talks to it)."""
+    pytest.importorskip('redis')
+    proj.write_config(leader_lock='%s?key=fdtest' % redis_server.url)
+    master = proj.start_daemon()
+    workers = proj.wait_running(2)
+    spare = new_spare(proj)
+    to_redis = tcp_inodes_to(redis_server.port)
+    assert socket_inodes(master) & to_redis
+    for pid in list(workers.values()) + [spare]:
+        assert not socket_inodes(pid) & to_redis, pid
+    assert proj.ph('stop').returncode == 0
