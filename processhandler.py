@@ -1190,7 +1190,7 @@ def daemonize(cfg):
     pid = os.fork()
     if pid:
         os.close(w)
-        sys.exit(_daemon_launcher(r, pid))
+        sys.exit(_daemon_launcher(r, pid, launch_limit(cfg)))
     os.close(r)
     os.setsid()
     if os.fork():
@@ -1206,20 +1206,38 @@ def daemonize(cfg):
     return w
 
 
-def _daemon_launcher(r, pid):
-    """Parent half of daemonize(): report what the daemon says."""
+def launch_limit(cfg):
+    """How long `start -d` waits for the daemon's word: its workers' boot
+    (bounded by boot_timeout) plus a margin for the master's own start."""
+    return (boot_timeout_of(cfg) or 60.0) + 30.0
+
+
+def _daemon_launcher(r, pid, limit):
+    """Parent half of daemonize(): report what the daemon says, waiting
+    at most ``limit`` seconds."""
     os.waitpid(pid, 0)
     chunks = []
-    while True:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
         try:
-            data = os.read(r, 4096)
+            ready, _, _ = select.select([r], [], [],
+                                        deadline - time.monotonic())
+            data = os.read(r, 4096) if ready else None
         except InterruptedError:
+            continue
+        if data is None:
             continue
         if not data:
             break
         chunks.append(data)
         if b'\n' in data:
             break
+    else:
+        os.close(r)
+        print('processhandler: failed to start: no word from the daemon '
+              'within %gs (it may still be starting; see the log)' % limit,
+              file=sys.stderr)
+        return EXIT_FAILURE
     os.close(r)
     msg = b''.join(chunks).decode('utf-8', 'replace').strip()
     if msg.startswith('ready'):
@@ -3749,7 +3767,7 @@ class Arbiter(object):
         if not self.templates and self.worker_class is None:
             try:
                 self.worker_class = load_worker_class(self.cfg)
-            except Exception:
+            except BaseException:   # SystemExit at import too: said later
                 pass
 
     def load_worker_code(self, number):
@@ -4606,6 +4624,10 @@ def check_worker_class_in_child(cfg, timeout=None):
     if pid == 0:   # pragma: no cover (child)
         try:
             os.close(r)
+            try:   # in a master: its signals are not ours to wake it for
+                signal.set_wakeup_fd(-1)
+            except ValueError:
+                pass
             drop_privileges(uid, gid)
             os.write(w, _import_problem(cfg).encode('utf-8', 'replace'))
         finally:
@@ -5062,6 +5084,18 @@ def cmd_decr(cfg, args):
     return cmd_incr(cfg, args, sign=-1)
 
 
+def log_file_check(cfg):
+    """`check`: an existing log_file that start would refuse (owner)."""
+    try:
+        st = os.stat(cfg.log_file, follow_symlinks=False)
+        uid, gid = resolve_user_group(cfg.user, cfg.group)
+    except (OSError, TypeError, ValueError, ConfigError):
+        return []
+    problem = log_file_problem(st, (uid, gid) if uid is not None else None)
+    return ['%s log_file: %s %s' % (cfg.where(), cfg.log_file, problem)] \
+        if problem else []
+
+
 def cmd_check(cfg, args):
     problems, notes = not_yet_supported(cfg), []
     try:
@@ -5088,6 +5122,7 @@ def cmd_check(cfg, args):
         if path and not os.path.isdir(os.path.dirname(path)):
             problems.append('%s %s: folder %s does not exist' % (
                 cfg.where(), key, os.path.dirname(path)))
+    problems += log_file_check(cfg)
     if not os.path.isdir(cfg.base_path):
         problems.append('%s base_path: %s is not a folder'
                         % (cfg.where(), cfg.base_path))

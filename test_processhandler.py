@@ -5982,7 +5982,7 @@ def test_user_under_a_non_root_master_is_said(open_proj):
     assert len(lines) == 1 and 'user: root not applied' in lines[0], lines
 
 
-def fd_targets(pid):
+def fd_links(pid):
     out = {}
     for fd in os.listdir('/proc/%d/fd' % pid):
         try:
@@ -6019,12 +6019,12 @@ def test_descriptors_of_the_launcher_do_not_leak(proj):
     workers = proj.wait_running(2)
     pids = [master, new_spare(proj)] + list(workers.values())
     for pid in pids:
-        assert secret not in fd_targets(pid).values(), pid
+        assert secret not in fd_links(pid).values(), pid
     os.kill(master, signal.SIGUSR2)
     wait_log(proj, 'upgrade complete')
-    left = [fd for fd in fd_targets(master) if fd > 2 and
+    left = [fd for fd in fd_links(master) if fd > 2 and
             not cloexec(master, fd)]
-    assert not left, [(fd, fd_targets(master).get(fd)) for fd in left]
+    assert not left, [(fd, fd_links(master).get(fd)) for fd in left]
     assert proj.ph('stop').returncode == 0
 
 
@@ -6232,6 +6232,8 @@ def test_log_file_owned_by_another_user_is_refused(proj, tmp_path):
     os.chmod(planted, 0o666)
     os.chown(planted, nobody.pw_uid, nobody.pw_gid)
     proj.write_config(log_file=planted)
+    assert_one_line_error(proj.ph('check'), 'log_file', 'owned by uid %d'
+                          % nobody.pw_uid)
     for args in (['start', '-d'], ['start', '-f']):
         res = proj.ph(*args, timeout=DEADLINE * 2)
         track_started(proj)
