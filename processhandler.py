@@ -3968,9 +3968,9 @@ class Arbiter(object):
             self.later(log.error, '%s died %.2fs after boot, after %d '
                        'request(s): %s', name, up, requests, how)
             return
-        self.slot_failed(slot, 'died %.2fs after boot%s: %s' % (
-            up, ' (%d early deaths in a row)' % slot.early_deaths
-            if requests else ' without handling a request', how))
+        self.slot_failed(slot, 'died %.2fs after boot: %s%s' % (
+            up, how, '; %d early deaths in a row' % slot.early_deaths
+            if requests else ''))
 
     def later(self, fn, *args):
         self.later_logs.append((fn, args))

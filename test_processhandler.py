@@ -6106,7 +6106,7 @@ def test_idle_worker_dying_early_backs_off_and_status_says_why(proj):
             f.write('killed 1 %d %.6f\n' % (first[2], time.monotonic()))
         if time.monotonic() - first[3] < 0.9:
             break
-    wait_log(proj, 'without handling a request')
+    wait_log(proj, 'failed (died')
     row = wait_for(lambda: (lambda w: w if w and w['pid'] and
                             w['state'] == 'running' and
                             w['failures'] >= 1 else None)(
