@@ -411,6 +411,10 @@ SETTINGS = [Setting(*row) for row in [
      'a run() call longer than this is dumped (stack) and killed (0: none)'),
     ('graceful_timeout', _number(float, 0), 3.0,
      'seconds a worker has to finish after TERM before KILL'),
+    ('boot_timeout', _number(float, 0), None,
+     "seconds a worker's start (import, __init__, init()) may take before "
+     'it is killed as a boot failure (default: 60, or timeout when larger; '
+     '0: none)'),
     ('soft_memory_limit', _number(float, 0), 0.0,
      'RSS MB above which a worker is asked to exit gracefully (0: none)'),
     ('hard_memory_limit', _number(float, 0), 0.0,
@@ -479,6 +483,15 @@ RESTART_ONLY = ('pidfile', 'single_instance', 'daemonize', 'bind',
                 'reuse_port', 'user', 'group', 'leader_lock', 'base_path',
                 'metrics_bind', 'statsd_host', 'statsd_prefix',
                 'accept_lock', 'leader_ttl')
+
+
+def boot_timeout_of(cfg):
+    """The boot timeout in effect: the setting, else 60 s or ``timeout``
+    when larger (a worker whose runs may take long may boot slowly too).
+    0: none."""
+    if cfg.boot_timeout is not None:
+        return cfg.boot_timeout
+    return max(60.0, cfg.timeout or 0.0)
 
 
 def not_yet_supported(cfg):
@@ -861,9 +874,10 @@ class LogFile(object):
     onto the same descriptor numbers (USR1, logrotate).
     """
 
-    def __init__(self, path=None, redirect_stdio=False):
+    def __init__(self, path=None, redirect_stdio=False, owner=None):
         self.path = path
         self.redirect_stdio = redirect_stdio
+        self.owner = owner   # (uid, gid) the workers drop to, or None
         self.fd = 2
         self.failed = False
         # Write failures (a full disk), for `status`: the log itself is the
@@ -882,6 +896,20 @@ class LogFile(object):
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
                      getattr(os, 'O_CLOEXEC', 0) |
                      getattr(os, 'O_NOFOLLOW', 0), 0o640)
+        try:
+            st = os.fstat(fd)
+            problem = log_file_problem(st, self.owner)
+            if problem:
+                raise OSError(errno.EPERM, problem)
+            uid, gid = self.owner or (None, None)
+            if uid is not None and os.geteuid() == 0 and \
+                    stat.S_ISREG(st.st_mode) and st.st_uid != uid:
+                # Workers that dropped to `user` reopen it on USR1 (after
+                # logrotate the master creates the new file first).
+                os.fchown(fd, uid, -1 if gid is None else gid)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def _stdio_to(self, fd):
@@ -938,6 +966,24 @@ class LogFile(object):
                 os.close(self.fd)
             except OSError:
                 pass
+
+
+def log_file_problem(st, owner=None):
+    """Why an opened log file must not be written to, or None.
+
+    Like the pidfile: a file owned by another user (an attacker's 0666 file
+    in /tmp) must not receive root's records and the daemon's stdio.  Its
+    owner must be root, this process's user, or the workers' ``user``
+    (``owner``: (uid, gid) or None; the master gives the file to them).
+    The one place for the log file's checks."""
+    allowed = set([0, os.geteuid()])
+    if owner and owner[0] is not None:
+        allowed.add(owner[0])
+    if st.st_uid not in allowed:
+        return ('owned by uid %d, not by root, this process (uid %d) or '
+                'the workers\' user: refusing to write to it'
+                % (st.st_uid, os.geteuid()))
+    return None
 
 
 class LogFileHandler(logging.Handler):
@@ -1392,7 +1438,7 @@ def daemonize(cfg):
     pid = os.fork()
     if pid:
         os.close(w)
-        sys.exit(_daemon_launcher(r, pid))
+        sys.exit(_daemon_launcher(r, pid, launch_limit(cfg)))
     os.close(r)
     os.setsid()
     if os.fork():
@@ -1408,20 +1454,38 @@ def daemonize(cfg):
     return w
 
 
-def _daemon_launcher(r, pid):
-    """Parent half of daemonize(): report what the daemon says."""
+def launch_limit(cfg):
+    """How long `start -d` waits for the daemon's word: its workers' boot
+    (bounded by boot_timeout) plus a margin for the master's own start."""
+    return (boot_timeout_of(cfg) or 60.0) + 30.0
+
+
+def _daemon_launcher(r, pid, limit):
+    """Parent half of daemonize(): report what the daemon says, waiting
+    at most ``limit`` seconds."""
     os.waitpid(pid, 0)
     chunks = []
-    while True:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
         try:
-            data = os.read(r, 4096)
+            ready, _, _ = select.select([r], [], [],
+                                        deadline - time.monotonic())
+            data = os.read(r, 4096) if ready else None
         except InterruptedError:
+            continue
+        if data is None:
             continue
         if not data:
             break
         chunks.append(data)
         if b'\n' in data:
             break
+    else:
+        os.close(r)
+        print('processhandler: failed to start: no word from the daemon '
+              'within %gs (it may still be starting; see the log)' % limit,
+              file=sys.stderr)
+        return EXIT_FAILURE
     os.close(r)
     msg = b''.join(chunks).decode('utf-8', 'replace').strip()
     if msg.startswith('ready'):
@@ -1536,6 +1600,30 @@ def systemd_listeners():
     for key in ('LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES'):
         os.environ.pop(key, None)   # not for our children
     return socks
+
+
+def close_inherited_fds():
+    """Close every descriptor above 2 that this process inherited (a
+    launching shell's `exec 7>file`, a parent's pipes): the daemon and its
+    workers must not hold them.  systemd's LISTEN_FDS (3..3+n-1, when
+    LISTEN_PID is this process) are kept.  Called first thing in a fresh
+    `start`, before this process opens anything of its own."""
+    keep = set()
+    if os.environ.get('LISTEN_PID') == str(os.getpid()):
+        try:
+            keep = set(range(3, 3 + int(os.environ.get('LISTEN_FDS', '0'))))
+        except ValueError:
+            pass
+    try:
+        fds = [int(n) for n in os.listdir('/proc/self/fd')]
+    except OSError:
+        return
+    for fd in fds:
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass   # the listing's own descriptor, closed already
 
 
 # -- systemd ---------------------------------------------------------------------
@@ -1672,6 +1760,21 @@ class RedisLeader(object):
     ``expires`` is the local monotonic time at which the lease may have
     expired, measured from *before* the command was sent (conservative).
     """
+
+    def close_in_child(self):
+        """In a forked child: close the master's Redis connections without
+        a word to Redis (a shutdown() would end the master's too)."""
+        pool = getattr(self.client, 'connection_pool', None)
+        conns = list(getattr(pool, '_available_connections', ())) + \
+            list(getattr(pool, '_in_use_connections', ()))
+        for conn in conns:
+            sock = getattr(conn, '_sock', None)
+            if sock is not None:
+                try:
+                    os.close(sock.detach())
+                except OSError:
+                    pass
+                conn._sock = None
 
     RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
              "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 "
@@ -1841,7 +1944,7 @@ class Leadership(object):
         """Stand by: stop every worker before the lease can expire."""
         a = self.arbiter
         self.active = False
-        a.discard_spare('standing down')
+        a.spare.discard('standing down')
         expiry = self.lock.expires
         log.error('standing down: %s; stopping %d worker(s) before the '
                   'lease expires', why, len(a.procs))
@@ -1994,9 +2097,12 @@ class Worker(object):
         args, kwargs   what the constructor was given
         name      "<name>-<n>" (uliweb style)
 
-    ``__init__`` runs in the master, before the fork (with worker_class
-    from a config: once per config load, every spawn starts from a copy of
-    that instance).  Its keyword options
+    With worker_class from a config, ``__init__`` runs in each worker
+    process, after the fork and after dropping to ``user`` (build_worker):
+    the master never runs it, so it may open a socket or a file of the
+    worker's own (as ProcessHandler's did).  In Manager mode the instances
+    are the ones the user's script built (in its own process, the
+    master's); each worker process starts from a copy.  Keyword options
     override the config per worker instance (uliweb's Manager style):
     max_requests, max_requests_jitter, timeout, graceful_timeout,
     soft_memory_limit, hard_memory_limit, interval (``check_point`` is the
@@ -2151,7 +2257,7 @@ class Worker(object):
         except Exception as e:
             self.log.exception('init() failed: worker %d cannot boot',
                                self.slot)
-            self._board.set_text(self._cell, '%s: %s' % (
+            self._board.set_text(self._cell, 'init() raised %s: %s' % (
                 type(e).__name__, e))
             return WORKER_EXIT_BOOT_ERROR
         self._announce_booted()
@@ -2934,6 +3040,31 @@ class GeventWorker(Worker):
     worker_type = 'gevent'
 
 
+def line_buffered_stdio():
+    """In a worker: print() goes out at each newline.  Daemonized, stdout
+    is the log file, block-buffered: a worker killed (KILL, timeout, hard
+    memory limit) lost every line still in its buffer."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(line_buffering=True)
+        except (AttributeError, ValueError, OSError):
+            pass   # not a TextIOWrapper (replaced by the user): theirs
+
+
+def build_worker(cls, cfg, ppid, sockets, file_logger=None):
+    """Build the worker object of this process, in the worker process.
+
+    Called after the fork and after the privilege drop: the master never
+    runs a worker's ``__init__`` (the ProcessHandler seed built its worker
+    after the fork too, so an ``__init__`` may open a socket or a file of
+    its own).  ProcessHandler-style classes take ``(cfg, file_logger, ppid,
+    sockets)``; ours take keywords only.  The one place where a worker
+    object is constructed from its class."""
+    if issubclass(cls, SyncWorker):
+        return cls(cfg, file_logger, ppid, sockets)
+    return cls()
+
+
 class AsyncioWorker(Worker):
     """A Worker with ``async def run(self)`` (``threads`` tasks)."""
     worker_type = 'asyncio'
@@ -2961,7 +3092,7 @@ class State(object):
 class WorkerProcess(object):
     """The master's record of one forked worker process."""
 
-    def __init__(self, pid, slot, cell, generation, worker, cfg):
+    def __init__(self, pid, slot, cell, generation, options, cfg):
         self.pid = pid
         self.slot = slot
         self.cell = cell
@@ -2972,19 +3103,22 @@ class WorkerProcess(object):
         self.stop_reason = None
         self.stop_requested = None    # monotonic time of the TERM/QUIT
         self.timed_out = False
+        self.boot_timeout = boot_timeout_of(cfg)
+        self.boot_timed_out = False   # killed for not booting in time
         self.dump_fd = None           # faulthandler's output (timeout)
-        # Limits the master enforces: per worker instance, else config.
-        self.timeout = worker.options.get('timeout', cfg.timeout)
-        self.graceful_timeout = worker.options.get('graceful_timeout',
-                                                   cfg.graceful_timeout)
-        self.soft_limit = worker.options.get('soft_memory_limit',
-                                             cfg.soft_memory_limit)
-        self.hard_limit = worker.options.get('hard_memory_limit',
-                                             cfg.hard_memory_limit)
+        # Limits the master enforces: per worker instance (Manager mode),
+        # else config.
+        self.timeout = options.get('timeout', cfg.timeout)
+        self.graceful_timeout = options.get('graceful_timeout',
+                                            cfg.graceful_timeout)
+        self.soft_limit = options.get('soft_memory_limit',
+                                      cfg.soft_memory_limit)
+        self.hard_limit = options.get('hard_memory_limit',
+                                      cfg.hard_memory_limit)
 
 
 class SpareProcess(object):
-    """The master's record of the pre-forked spare (see Arbiter.keep_spare).
+    """The master's record of the pre-forked spare (see Spare).
 
     It was forked from the master of ``generation``, has done every
     slot-independent step of a worker's start (signals, fds, privileges,
@@ -3000,11 +3134,7 @@ class SpareProcess(object):
         self.forked = time.monotonic()
 
 
-class _NoOptions(object):
-    options = {}
-
-
-_NO_OPTIONS = _NoOptions()   # adopted workers: the config's limits apply
+_NO_OPTIONS = {}   # config mode and adopted workers: the config's limits
 
 
 class Slot(object):
@@ -3015,6 +3145,7 @@ class Slot(object):
         self.proc = None        # the current generation's process
         self.old = []           # older generations still serving (reload)
         self.failures = 0       # consecutive boot failures / early deaths
+        self.early_deaths = 0   # working workers that died early, in a row
         self.backoff_until = 0.0
         self.last_error = None
 
@@ -3739,8 +3870,9 @@ class Upgrade(object):
 
     def argv(self):
         """The command line of the new image: the same interpreter, its
-        -X/-W/-O flags, the original script and arguments."""
-        return [sys.executable] + interpreter_flags() + _START['argv']
+        -X/-W/-O flags, the original script and arguments, nothing ahead
+        of the standard library on sys.path (see master_exec_argv)."""
+        return master_exec_argv()
 
     def spawn_preflight(self):
         import subprocess
@@ -3849,8 +3981,8 @@ class Upgrade(object):
         state, keep = self.record()
         argv = self.argv()
         # The spare was forked from this image: the new one forks its own.
-        a.discard_spare('upgrade')
-        a.reap_dead_spares()
+        a.spare.discard('upgrade')
+        a.spare.reap_dead()
         log.info('USR2: re-executing %s with %d worker(s) handed over '
                  '(preflight passed)', ' '.join(argv), len(state.workers))
         for fd in keep:
@@ -3943,7 +4075,7 @@ def upgrade_preflight(cfg, state):
         raise ConfigError('%s base_path: cannot enter %s: %s' % (
             cfg.where(), cfg.base_path, e.strerror))
     try:
-        LogFile(cfg.log_file).close()
+        LogFile(cfg.log_file, owner=log_owner(cfg)).close()
     except OSError as e:
         raise ConfigError('cannot open log_file %s: %s'
                           % (cfg.log_file, e.strerror or e))
@@ -3954,9 +4086,201 @@ def upgrade_preflight(cfg, state):
         except OSError as e:
             raise ConfigError('listener fd %d cannot be handed over: %s'
                               % (fd, e.strerror))
-    load_worker_class(cfg)
+    master_worker_class(cfg)   # with `user`: in a child, privileges dropped
     say('upgrade preflight ok: %s [%s]' % (cfg.path, cfg.section))
     return EXIT_OK
+
+
+# -- the spare ------------------------------------------------------------------
+#
+# A dead or recycled worker's replacement used to wait for a fork of the
+# master (~1 ms per 12 MB on this kind of machine, then ~1.5 ms of the
+# child resetting signals and fds with cold caches).  The spare has done
+# all that ahead of time: replacing a worker is one write to its pipe.  A
+# new spare is forked at the end of a loop turn in which no worker is
+# booting, off the critical path.  Everything a spare inherited must still
+# hold when it is used, so it is discarded on reload (generation), log
+# reopen, stop, standby and upgrade; one that dies on its own is re-forked
+# with a backoff.
+
+class Spare(object):
+    """The Arbiter's pre-forked spare: fork it, hand it a slot, discard it.
+
+    ``proc`` is the waiting SpareProcess (None when there is none),
+    ``dead`` the discarded spares not reaped yet, ``failures`` the spares
+    that died on their own in a row, ``next_at`` the monotonic time before
+    which no new spare is forked (backoff after deaths)."""
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.proc = None
+        self.dead = set()
+        self.failures = 0
+        self.next_at = 0.0
+
+    @property
+    def pid(self):
+        return self.proc.pid if self.proc is not None else None
+
+    def owns(self, pid):
+        """True when ``pid`` is the spare or a discarded one."""
+        return pid in self.dead or self.proc is not None and \
+            pid == self.proc.pid
+
+    def wanted(self):
+        a = self.arbiter
+        return bool(a.cfg.spare_worker) and not a.stopping and \
+            a.active and a.wanted() > 0
+
+    def deadline(self, now):
+        """When a spare is due after a backoff, or None."""
+        if self.proc is None and self.next_at > now and self.wanted():
+            return self.next_at
+        return None
+
+    def keep(self):
+        """End of a loop turn: fork a spare if there is none (or a stale
+        one); drop it when no worker could use it."""
+        a = self.arbiter
+        spare = self.proc
+        if spare is not None and (spare.generation != a.generation or
+                                  not self.wanted()):
+            self.discard('stale' if self.wanted() else 'not needed')
+            spare = None
+        if spare is not None or not self.wanted() or \
+                time.monotonic() < self.next_at:
+            return
+        if any(p.state == State.BOOTING for p in a.procs.values()):
+            # Not now: a fork stalls the children that are starting (they
+            # fault on the pages it write-protects; measured 1-4 ms).  Their
+            # boot notes wake the master again.
+            return
+        r, w = os.pipe()
+        # The slot it will serve is not known yet: a dump file if any
+        # worker here can time out.
+        dump_fd = a.open_dump_file() if self.may_time_out() else None
+        try:
+            a.own_listeners = a.child_listeners()
+            pid = os.fork()
+        except (OSError, HaltServer) as e:
+            a.close_child_listeners()
+            for fd in (r, w, dump_fd):
+                if fd is not None:
+                    os.close(fd)
+            log.warning('cannot fork a spare: %s',
+                        getattr(e, 'strerror', None) or e)
+            self.next_at = time.monotonic() + 1.0
+            return
+        if pid == 0:
+            self.child(r, w, dump_fd)
+        a.close_child_listeners()
+        os.close(r)
+        os.set_inheritable(w, False)
+        self.proc = SpareProcess(pid, w, dump_fd, a.generation)
+        log.debug('spare forked: pid %d', pid)
+
+    def may_time_out(self):
+        a = self.arbiter
+        if a.templates:
+            return any(t.options.get('timeout', a.cfg.timeout)
+                       for t in a.templates)
+        return bool(a.cfg.timeout)
+
+    def hand_to(self, proc):
+        """Give ``proc``'s slot and cell to the spare; its pid, or None
+        (no usable spare: the caller forks)."""
+        spare = self.proc
+        if spare is None or spare.generation != self.arbiter.generation:
+            return None
+        self.proc = None
+        keep_dump = bool(proc.timeout) and spare.dump_fd is not None
+        try:
+            os.write(spare.pipe_w, b'%d %d %d\n' % (proc.slot, proc.cell,
+                                                    keep_dump))
+        except OSError:   # it died and is not reaped yet: fork instead
+            self.dead.add(spare.pid)
+            self.arbiter.kill(spare.pid, signal.SIGKILL)
+            keep_dump = False
+            return None
+        finally:
+            os.close(spare.pipe_w)
+            if not keep_dump and spare.dump_fd is not None:
+                os.close(spare.dump_fd)
+        proc.dump_fd = spare.dump_fd if keep_dump else None
+        self.failures = 0
+        return spare.pid
+
+    def discard(self, why):
+        spare, self.proc = self.proc, None
+        if spare is None:
+            return
+        log.debug('spare %d discarded: %s', spare.pid, why)
+        self.dead.add(spare.pid)
+        self.arbiter.kill(spare.pid, signal.SIGKILL)
+        os.close(spare.pipe_w)
+        if spare.dump_fd is not None:
+            os.close(spare.dump_fd)
+
+    def reap_dead(self):
+        """Wait for the discarded spares (KILLed: they go at once)."""
+        for pid in list(self.dead):
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            self.dead.discard(pid)
+
+    def exited(self, pid, status):
+        if pid in self.dead:
+            self.dead.discard(pid)
+            return
+        # It died on its own (OOM killer, someone's kill): fork another,
+        # but never in a loop.
+        self.discard('exited')
+        self.dead.discard(pid)
+        self.failures += 1
+        delay = min(60.0, 0.5 * 2 ** min(self.failures - 1, 7))
+        self.next_at = time.monotonic() + delay
+        log.warning('spare process %d exited (%s); next spare in %gs',
+                    pid, describe_status(status), delay)
+
+    def close_in_child(self):
+        """In a new child: the spare's pipe and dump file are not its own."""
+        spare, self.proc = self.proc, None
+        if spare is not None:
+            os.close(spare.pipe_w)
+            if spare.dump_fd is not None:
+                os.close(spare.dump_fd)
+
+    def child(self, r, w, dump_fd):
+        """Child half of keep(): prepare, wait, become a worker."""
+        a = self.arbiter
+
+        def body():
+            os.close(w)
+            pdeath = a.child_prepare('spare')
+            # Until it is a worker it has nothing to finish: a stop signal
+            # ends it quietly; the others must not stop or kill it (TTIN's
+            # default stops a process).
+            for name in ('HUP', 'TTIN', 'TTOU', 'WINCH', 'USR1', 'USR2'):
+                signal.signal(getattr(signal, 'SIG' + name), signal.SIG_IGN)
+            for name in ('TERM', 'INT', 'QUIT'):
+                signal.signal(getattr(signal, 'SIG' + name),
+                              lambda *args: os._exit(0))
+            a.preload_worker_class()
+            data = b''
+            while not data.endswith(b'\n'):
+                chunk = os.read(r, 64)
+                if not chunk:   # discarded, or the master is gone
+                    raise SystemExit(0)
+                data += chunk
+            os.close(r)
+            number, cell, keep_dump = [int(x) for x in data.split()]
+            if not keep_dump and dump_fd is not None:
+                os.close(dump_fd)
+            return a.become_worker(number, cell,
+                                   dump_fd if keep_dump else None, pdeath)
+        a.child_main(body)
 
 
 class Arbiter(object):
@@ -3976,7 +4300,8 @@ class Arbiter(object):
                'WINCH', 'CHLD']
     BACKOFF_BASE = 0.5     # first retry delay after a boot failure (s)
     BACKOFF_MAX = 30.0     # cap: keep retrying, never give up silently
-    EARLY_DEATH = 1.0      # a crash this soon after boot counts as failure
+    EARLY_DEATH = 1.0      # a crash this soon after boot may be a failure:
+    EARLY_DEATHS = 3       # when it handled nothing, or this many in a row
     ORPHAN_GRACE = 2.0     # TERM -> KILL for adopted grandchildren at exit
     IMPORT_TIMEOUT = 30.0  # a HUP's import of the worker code, in a child
 
@@ -3984,9 +4309,11 @@ class Arbiter(object):
                  ready_fd=None, daemonized=False, title=None,
                  keep_user_logging=False, save_on_signal=False,
                  upgrade=None):
-        """``worker_class``: a Worker subclass instantiated per spawn (config
-        mode); ``templates``: Worker instances, slot i runs templates[i-1]
-        (Manager mode)."""
+        """``worker_class``: the Worker subclass each worker process builds
+        its own object of (config mode; None: the workers import
+        ``cfg.worker_class`` themselves, after dropping privileges);
+        ``templates``: Worker instances, slot i runs templates[i-1]
+        (Manager mode: the user's own process made them)."""
         self.cfg = cfg
         self.worker_class = worker_class
         self.templates = list(templates or [])
@@ -4021,15 +4348,12 @@ class Arbiter(object):
         self.control_server = ControlServer(self)
         self.sockets = []          # listeners shared by every worker
         self.accept_fd = None      # accept_lock's file
+        self.own_listeners = None  # reuse_port: the next child's listeners
         self.uid = self.gid = None
         self._pipes = []
         self.handlers = {}         # signum -> handle_<name>
-        self._worker_instance = None   # ((class, cfg), Worker): make_worker
         self.later_logs = []       # worker_exited()'s lines, see flush_logs
-        self.spare = None          # SpareProcess, see keep_spare()
-        self.dead_spares = set()   # discarded spares not reaped yet
-        self.spare_failures = 0    # spares that died on their own, in a row
-        self.next_spare = 0.0      # no spare before (backoff after deaths)
+        self.spare = Spare(self)   # the pre-forked spare, see Spare
         self.metrics = Metrics(self)   # counters, /metrics, statsd, health
         # The last HUP: result None (none yet) / pending / done / failed.
         self.reloads = {'count': 0, 'result': None, 'reason': None,
@@ -4060,10 +4384,10 @@ class Arbiter(object):
 
     def setup(self):
         cfg = self.cfg
+        self.uid, self.gid = resolve_user_group(cfg.user, cfg.group)
         self.open_log()
         if not self.keep_user_logging:
             setup_logging(cfg, self.logfile)
-        self.uid, self.gid = resolve_user_group(cfg.user, cfg.group)
         self.acquire_instance()
         self.open_sockets()
         lock = make_leader(cfg)
@@ -4111,7 +4435,9 @@ class Arbiter(object):
         cfg = self.cfg
         try:
             self.logfile = LogFile(cfg.log_file,
-                                   redirect_stdio=self.daemonized)
+                                   redirect_stdio=self.daemonized,
+                                   owner=(self.uid, self.gid)
+                                   if self.uid is not None else None)
         except OSError as e:   # a folder, a missing folder, no permission
             why = 'cannot open log_file %s: %s' % (cfg.log_file,
                                                    e.strerror or e)
@@ -4124,6 +4450,8 @@ class Arbiter(object):
     def log_config_notes(self):
         """Say once what the config asks that will not do what it seems."""
         cfg = self.cfg
+        if privilege_notes(cfg)[1]:
+            log.warning('%s', privilege_notes(cfg)[1])
         for key, hint in cfg.unknown_keys():
             log.info('config key %r is not a setting: passed to the workers '
                      'as a string%s', key, "; did you mean '%s'?" % hint
@@ -4141,6 +4469,8 @@ class Arbiter(object):
             # Same pid, same open lock: POSIX locks survive execve.
             self.pidfile = PidFile(self.upgrade.pidfile)
             self.pidfile.fd = self.upgrade.lock_fd
+            # Inheritable only for the execve: not for anything we run.
+            os.set_inheritable(self.pidfile.fd, False)
             self.pidfile.write(os.getpid())
             self.instance = self.upgrade.instance
             return
@@ -4164,7 +4494,10 @@ class Arbiter(object):
                             for fd in self.upgrade.fds]
             for sock in self.sockets:
                 sock.setblocking(False)
+                sock.set_inheritable(False)   # see acquire_instance
             self.accept_fd = self.upgrade.accept_fd
+            if self.accept_fd is not None:
+                os.set_inheritable(self.accept_fd, False)
             return
         self.sockets = systemd_listeners()
         if self.sockets:
@@ -4186,15 +4519,34 @@ class Arbiter(object):
             os.unlink(path)
             self.accept_fd = fd
 
+    def child_listeners(self):
+        """reuse_port: the listeners of the child about to be forked (a
+        worker, or the spare), bound here by the master -- before any
+        privilege drop, so ports below 1024 work with ``user`` -- but not
+        listening: an idle spare must not take connections.  None when
+        the listeners are shared.  Raises HaltServer (cannot bind)."""
+        if not (self.cfg.reuse_port and self.cfg.bind and self.sockets):
+            return None
+        return [create_listener(listener_name(s), reuse_port=True,
+                                listen=False) for s in self.sockets]
+
+    def close_child_listeners(self):
+        """In the master, after the fork: they are the child's."""
+        for sock in self.own_listeners or ():
+            sock.close()
+        self.own_listeners = None
+
     def worker_sockets(self):
-        """In a worker: the listeners it accepts on."""
-        if self.cfg.reuse_port and self.cfg.bind and self.sockets:
-            own = [create_listener(listener_name(s), reuse_port=True)
-                   for s in self.sockets]
-            for s in self.sockets:
-                s.close()
-            return own
-        return list(self.sockets)
+        """In a worker: the listeners it accepts on (its own with
+        reuse_port: listen() needs no privilege, bind did)."""
+        own = self.own_listeners
+        if own is None:
+            return list(self.sockets)
+        for sock in own:
+            sock.listen(min(2048, socket.SOMAXCONN))
+        for sock in self.sockets:
+            sock.close()
+        return own
 
     def make_pipe(self):
         r, w = os.pipe()
@@ -4260,7 +4612,7 @@ class Arbiter(object):
             self.wait_for_events(self.next_deadline())
             self.dispatch_signals()
             self.reap_workers()
-            if self.stopping and not self.procs and not self.dead_spares:
+            if self.stopping and not self.procs and not self.spare.dead:
                 self.flush_logs()
                 return
             self.murder_workers()
@@ -4272,7 +4624,7 @@ class Arbiter(object):
             self.check_ready()
             self.reload_progress()
             self.feed_watchdog()
-            self.keep_spare()
+            self.spare.keep()
             self.metrics.tick()
             self.upgrader.check_deadline()
 
@@ -4285,6 +4637,8 @@ class Arbiter(object):
         for proc in self.procs.values():
             if proc.kill_at is not None:
                 deadlines.append(proc.kill_at)
+            elif proc.boot_timeout and proc.state == State.BOOTING:
+                deadlines.append(proc.spawned + proc.boot_timeout)
             elif proc.timeout and proc.state == State.RUNNING:
                 started = self.board.getf(proc.cell, Scoreboard.RUN_STARTED)
                 # An idle worker may start a run right after we look: the
@@ -4295,9 +4649,8 @@ class Arbiter(object):
                 deadlines.append(slot.backoff_until)
         if self.memory_limited():
             deadlines.append(self.next_memory_check)
-        if self.spare is None and self.next_spare > now and \
-                self.spare_wanted():
-            deadlines.append(self.next_spare)
+        if self.spare.deadline(now) is not None:
+            deadlines.append(self.spare.deadline(now))
         if self.watchdog:
             deadlines.append(self.next_watchdog)
         if self.leadership is not None:
@@ -4426,7 +4779,7 @@ class Arbiter(object):
             log.error('cannot reopen log file %s: %s', self.logfile.path,
                       e.strerror)
         log.info('log file reopened')
-        self.discard_spare('log file reopened')   # it holds the old file
+        self.spare.discard('log file reopened')   # it holds the old file
         for proc in list(self.procs.values()):
             self.kill(proc.pid, signal.SIGUSR1)
 
@@ -4509,13 +4862,10 @@ class Arbiter(object):
                           ['%s=%s' % kv for kv in self.cfg.overrides])
         if self.templates:
             return new, None
-        # A child first: an import that calls os._exit() or hangs must
-        # not take the master with it.
-        problem = validate_in_child(new, reload=True,
-                                    timeout=self.IMPORT_TIMEOUT)
-        if problem:
-            raise ConfigError(problem.replace('\n', '; '))
-        return new, load_worker_class(new, reload=True)
+        # A child first (with `user`, the only import): an import that
+        # calls os._exit() or hangs must not take the master with it.
+        return new, master_worker_class(new, reload=True, isolate=True,
+                                        timeout=self.IMPORT_TIMEOUT)
 
     def apply_config(self, new, worker_class):
         """Commit a reload; only switch_log() may fail, and first."""
@@ -4587,14 +4937,14 @@ class Arbiter(object):
         log.info('%s stop: %d worker(s) to stop', 'graceful' if graceful
                  else 'quick', len(self.procs))
         sd_notify('STOPPING=1')
-        self.discard_spare('master stopping')
+        self.spare.discard('master stopping')
         for proc in list(self.procs.values()):
             self.stop_worker(proc, 'master stopping', graceful=graceful)
 
     def kill_all_now(self):
         """Startup failed or halted: KILL every worker and reap them."""
-        self.discard_spare('halted')
-        self.reap_dead_spares()
+        self.spare.discard('halted')
+        self.spare.reap_dead()
         for proc in list(self.procs.values()):
             self.kill(proc.pid, signal.SIGKILL)
         deadline = time.monotonic() + 5
@@ -4615,49 +4965,40 @@ class Arbiter(object):
                       State.NAMES[proc.state], State.NAMES[state])
             proc.state = state
 
-    def make_worker(self, number):
-        """The Worker instance for slot ``number``.
-
-        The master never runs a worker: the instance it holds is only the
-        start of every child's own copy.  So one instance per class and
-        config serves every spawn (user ``__init__`` runs once per reload,
-        not on the respawn path); per-process set-up belongs in init()."""
+    def template(self, number):
+        """Manager mode: the Worker instance slot ``number`` runs, or None
+        (config mode: each worker process builds its own, see
+        build_worker)."""
         if self.templates:
             return self.templates[(number - 1) % len(self.templates)]
-        if self.worker_class is None:   # its import failed after a USR2
-            self.worker_class = load_worker_class(self.cfg)
-        key = (self.worker_class, self.cfg)
-        if self._worker_instance is None or \
-                self._worker_instance[0] != key:
-            if issubclass(self.worker_class, SyncWorker):
-                worker = self.worker_class(self.cfg, None, self.pid,
-                                           self.sockets)
-            else:
-                worker = self.worker_class()
-            self._worker_instance = (key, worker)
-        return self._worker_instance[1]
+        return None
 
     def spawn_worker(self, slot):
         try:
-            worker = self.make_worker(slot.number)
             cell = self.board.alloc()
         except Exception as e:
             log.exception('cannot create worker %d', slot.number)
             return self.slot_failed(slot, '%s: %s' % (type(e).__name__, e))
-        proc = WorkerProcess(0, slot.number, cell, self.generation, worker,
+        template = self.template(slot.number)
+        proc = WorkerProcess(0, slot.number, cell, self.generation,
+                             template.options if template else _NO_OPTIONS,
                              self.cfg)
-        pid = self.hand_to_spare(proc)
+        pid = self.spare.hand_to(proc)
         if pid is None:
             if proc.timeout:
                 proc.dump_fd = self.open_dump_file()
             try:
+                self.own_listeners = self.child_listeners()
                 pid = os.fork()
-            except OSError as e:
+            except (OSError, HaltServer) as e:
+                self.close_child_listeners()
                 self.board.release(cell)
                 self.close_dump(proc)
-                return self.slot_failed(slot, 'fork failed: %s' % e.strerror)
+                return self.slot_failed(slot, 'fork failed: %s' % e.strerror
+                                        if isinstance(e, OSError) else e.reason)
             if pid == 0:
-                self.worker_process(worker, slot.number, cell, proc.dump_fd)
+                self.worker_process(slot.number, cell, proc.dump_fd)
+            self.close_child_listeners()
         proc.pid = pid
         self.procs[pid] = proc
         slot.proc = proc
@@ -4694,11 +5035,11 @@ class Arbiter(object):
         finally:
             self.close_dump(proc)
 
-    def worker_process(self, worker, number, cell, dump_fd=None):
+    def worker_process(self, number, cell, dump_fd=None):
         """Child half of spawn_worker()."""
         def body():
             pdeath = self.child_prepare('worker %d' % number)
-            return self.become_worker(worker, number, cell, dump_fd, pdeath)
+            return self.become_worker(number, cell, dump_fd, pdeath)
         self.child_main(body)
 
     def child_main(self, body):
@@ -4730,6 +5071,7 @@ class Arbiter(object):
         for name in self.SIGNALS:
             signal.signal(getattr(signal, 'SIG' + name), signal.SIG_DFL)
         self.close_master_fds()
+        line_buffered_stdio()
         set_proc_title('%s: %s' % (self.cfg.proc_name, tag))
         drop_privileges(self.uid, self.gid)
         # Die with the master even if it is KILLed (supervisor #199).
@@ -4738,7 +5080,7 @@ class Arbiter(object):
             raise SystemExit(WORKER_EXIT_ORPHANED)  # master died before prctl
         return pdeath
 
-    def become_worker(self, worker, number, cell, dump_fd, pdeath):
+    def become_worker(self, number, cell, dump_fd, pdeath):
         """The slot-dependent rest of a worker's start; runs the worker and
         returns its exit status."""
         tag = 'worker %d' % number
@@ -4747,9 +5089,17 @@ class Arbiter(object):
             set_proc_title('%s: %s' % (self.cfg.proc_name, tag))
         if self.cfg.cpu_affinity:
             self.pin_cpu(number)
-        if (worker.worker_type or self.cfg.worker_type) == 'gevent':
-            worker = self.gevent_worker(worker, number)
-        sockets = self.worker_sockets()
+        try:
+            template = self.load_worker_code(number)
+            sockets = self.worker_sockets()
+            worker = template if template is not None else build_worker(
+                self.worker_class, self.cfg, self.pid, sockets)
+        except Exception as e:
+            # Import or __init__ failed: a boot failure, like init().
+            log.exception('worker %d cannot be built', number)
+            self.board.set_text(cell, 'building the worker raised %s: %s'
+                                % (type(e).__name__, e))
+            return WORKER_EXIT_BOOT_ERROR
         worker._accept_lock = None
         if self.accept_fd is not None:
             wtype = worker.worker_type or self.cfg.worker_type
@@ -4760,162 +5110,33 @@ class Arbiter(object):
                      self.pid, sockets, self.logfile, pdeath, dump_fd)
         return worker._serve()
 
-    # -- the spare ------------------------------------------------------------
-    #
-    # A dead or recycled worker's replacement used to wait for a fork of the
-    # master (~1 ms per 12 MB on this kind of machine, then ~1.5 ms of the
-    # child resetting signals and fds with cold caches).  The spare has done
-    # all that ahead of time: replacing a worker is one write to its pipe.
-    # A new spare is forked at the end of a loop turn in which no worker is
-    # booting, off the critical path.  Everything a spare inherited must still hold when it is used, so
-    # it is discarded on reload (generation), log reopen, stop, standby and
-    # upgrade; one that dies on its own is re-forked with a backoff.
-
-    def spare_wanted(self):
-        # No worker class (its import failed after a USR2): no spare.
-        return bool(self.cfg.spare_worker) and not self.stopping and \
-            self.active and self.wanted() > 0 and \
-            (self.worker_class is not None or bool(self.templates))
-
-    def keep_spare(self):
-        """End of a loop turn: fork a spare if there is none (or a stale
-        one); drop it when no worker could use it."""
-        spare = self.spare
-        if spare is not None and (spare.generation != self.generation or
-                                  not self.spare_wanted()):
-            self.discard_spare('stale' if self.spare_wanted() else
-                               'not needed')
-            spare = None
-        if spare is not None or not self.spare_wanted() or \
-                time.monotonic() < self.next_spare:
-            return
-        if any(p.state == State.BOOTING for p in self.procs.values()):
-            # Not now: a fork stalls the children that are starting (they
-            # fault on the pages it write-protects; measured 1-4 ms).  Their
-            # boot notes wake the master again.
-            return
-        r, w = os.pipe()
-        # The slot it will serve is not known yet: a dump file if any
-        # worker here can time out.
-        dump_fd = self.open_dump_file() if self.may_time_out() else None
-        try:
-            pid = os.fork()
-        except OSError as e:
-            for fd in (r, w, dump_fd):
-                if fd is not None:
-                    os.close(fd)
-            log.warning('cannot fork a spare: %s', e.strerror)
-            self.next_spare = time.monotonic() + 1.0
-            return
-        if pid == 0:
-            self.spare_process(r, w, dump_fd)
-        os.close(r)
-        os.set_inheritable(w, False)
-        self.spare = SpareProcess(pid, w, dump_fd, self.generation)
-        log.debug('spare forked: pid %d', pid)
-
-    def may_time_out(self):
-        if self.templates:
-            return any(t.options.get('timeout', self.cfg.timeout)
-                       for t in self.templates)
-        return bool(self.make_worker(1).options.get('timeout',
-                                                     self.cfg.timeout))
-
-    def hand_to_spare(self, proc):
-        """Give ``proc``'s slot and cell to the spare; its pid, or None
-        (no usable spare: the caller forks)."""
-        spare = self.spare
-        if spare is None or spare.generation != self.generation:
-            return None
-        self.spare = None
-        keep_dump = bool(proc.timeout) and spare.dump_fd is not None
-        try:
-            os.write(spare.pipe_w, b'%d %d %d\n' % (proc.slot, proc.cell,
-                                                    keep_dump))
-        except OSError:   # it died and is not reaped yet: fork instead
-            self.dead_spares.add(spare.pid)
-            self.kill(spare.pid, signal.SIGKILL)
-            keep_dump = False
-            return None
-        finally:
-            os.close(spare.pipe_w)
-            if not keep_dump and spare.dump_fd is not None:
-                os.close(spare.dump_fd)
-        proc.dump_fd = spare.dump_fd if keep_dump else None
-        self.spare_failures = 0
-        return spare.pid
-
-    def discard_spare(self, why):
-        spare, self.spare = self.spare, None
-        if spare is None:
-            return
-        log.debug('spare %d discarded: %s', spare.pid, why)
-        self.dead_spares.add(spare.pid)
-        self.kill(spare.pid, signal.SIGKILL)
-        os.close(spare.pipe_w)
-        if spare.dump_fd is not None:
-            os.close(spare.dump_fd)
-
-    def reap_dead_spares(self):
-        """Wait for the discarded spares (KILLed: they go at once)."""
-        for pid in list(self.dead_spares):
+    def preload_worker_class(self):
+        """In the spare, after the privilege drop: import the worker code
+        while waiting, so becoming a worker only builds the object.  A
+        failure is reported when it is used (worker_object)."""
+        if not self.templates and self.worker_class is None:
             try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
+                self.worker_class = load_worker_class(self.cfg)
+            except BaseException:   # SystemExit at import too: said later
                 pass
-            self.dead_spares.discard(pid)
 
-    def spare_exited(self, pid, status):
-        if pid in self.dead_spares:
-            self.dead_spares.discard(pid)
-            return
-        # It died on its own (OOM killer, someone's kill): fork another,
-        # but never in a loop.
-        self.discard_spare('exited')
-        self.dead_spares.discard(pid)
-        self.spare_failures += 1
-        delay = min(60.0, 0.5 * 2 ** min(self.spare_failures - 1, 7))
-        self.next_spare = time.monotonic() + delay
-        log.warning('spare process %d exited (%s); next spare in %gs',
-                    pid, describe_status(status), delay)
-
-    def spare_process(self, r, w, dump_fd):
-        """Child half of keep_spare(): prepare, wait, become a worker."""
-        def body():
-            os.close(w)
-            pdeath = self.child_prepare('spare')
-            # Until it is a worker it has nothing to finish: a stop signal
-            # ends it quietly; the others must not stop or kill it (TTIN's
-            # default stops a process).
-            for name in ('HUP', 'TTIN', 'TTOU', 'WINCH', 'USR1', 'USR2'):
-                signal.signal(getattr(signal, 'SIG' + name), signal.SIG_IGN)
-            for name in ('TERM', 'INT', 'QUIT'):
-                signal.signal(getattr(signal, 'SIG' + name),
-                              lambda *a: os._exit(0))
-            data = b''
-            while not data.endswith(b'\n'):
-                chunk = os.read(r, 64)
-                if not chunk:   # discarded, or the master is gone
-                    raise SystemExit(0)
-                data += chunk
-            os.close(r)
-            number, cell, keep_dump = [int(x) for x in data.split()]
-            if not keep_dump and dump_fd is not None:
-                os.close(dump_fd)
-            worker = self.make_worker(number)
-            return self.become_worker(worker, number, cell,
-                                      dump_fd if keep_dump else None, pdeath)
-        self.child_main(body)
-
-    def gevent_worker(self, worker, number):
-        """Monkey-patch first, then import the worker code afresh (it was
-        imported unpatched in the master) and build the worker again."""
-        GeventLoop.patch()
-        if self.worker_class is not None and not self.templates:
-            forget_user_modules(self.cfg.base_path)
+    def load_worker_code(self, number):
+        """In the worker process: make its worker code ready; return
+        Manager mode's template (None in config mode: the class, imported
+        here when the master did not -- ``user`` set -- is built by
+        build_worker).  gevent: monkey-patch first, then import the worker
+        code afresh (it was imported unpatched)."""
+        template = self.template(number)
+        if template is None and self.worker_class is None:
             self.worker_class = load_worker_class(self.cfg)
-            worker = self.make_worker(number)
-        return worker
+        wtype = (template or self.worker_class).worker_type or \
+            self.cfg.worker_type
+        if wtype == 'gevent':
+            GeventLoop.patch()
+            if template is None:
+                forget_user_modules(self.cfg.base_path)
+                self.worker_class = load_worker_class(self.cfg)
+        return template
 
     def close_master_fds(self):
         try:
@@ -4933,14 +5154,12 @@ class Arbiter(object):
         self.pidfile.fd = self.ready_fd = None
         for proc in self.procs.values():   # siblings' dump files
             self.close_dump(proc)
-        spare, self.spare = self.spare, None
-        if spare is not None:
-            os.close(spare.pipe_w)
-            if spare.dump_fd is not None:
-                os.close(spare.dump_fd)
+        self.spare.close_in_child()
         if getattr(self.leader, 'fd', None) is not None:
             os.close(self.leader.fd)
         self.metrics.close(child=True)
+        if hasattr(self.leader, 'close_in_child'):
+            self.leader.close_in_child()   # the master's Redis connection
 
     def pin_cpu(self, number):
         cpus = affinity_for_slot(self.cfg.cpu_affinity, number,
@@ -5005,10 +5224,8 @@ class Arbiter(object):
             if not pid:
                 return
             proc = self.procs.pop(pid, None)
-            if proc is None and (pid in self.dead_spares or
-                                 self.spare is not None and
-                                 pid == self.spare.pid):
-                self.spare_exited(pid, status)
+            if proc is None and self.spare.owns(pid):
+                self.spare.exited(pid, status)
                 continue
             if proc is None and self.upgrader.owns(pid):
                 self.upgrader.preflight_exited(status)
@@ -5037,7 +5254,7 @@ class Arbiter(object):
         init_rss = board.getf(cell, Scoreboard.INIT_RSS)
         self.metrics.worker_exited(proc, status)
         board.release(cell)
-        if not proc.timed_out:
+        if not (proc.timed_out or proc.boot_timed_out):
             self.close_dump(proc)
         was = proc.state
         self.set_state(proc, State.EXITED)
@@ -5059,6 +5276,14 @@ class Arbiter(object):
             later(log.error, '%s killed after timeout (%s); its stack at '
                   'the timeout:\n%s', name, how, dump or '(no stack: it did '
                   'not answer the dump signal)')
+        elif proc.boot_timed_out:
+            dump = self.read_dump(proc)
+            if dump:
+                later(log.error, '%s stack when its boot timed out:\n%s',
+                      name, dump)
+            booted = False
+            text = 'did not boot within %gs (boot_timeout; %s)' % (
+                proc.boot_timeout, how)
         elif was == State.STOPPING and not (memory and replace):
             later(log.info, '%s stopped (%s): %s', name, proc.stop_reason,
                   how)
@@ -5066,8 +5291,7 @@ class Arbiter(object):
         if not replace:
             return   # an older generation, a retired slot, or shutting down
         if not booted:
-            self.slot_failed(slot, 'init() raised %s' % text
-                             if text else 'died while booting (%s)' % how)
+            self.slot_failed(slot, text or 'died while booting (%s)' % how)
         elif memory and (requests == 0 or init_rss > (
                 proc.soft_limit or proc.hard_limit or float('inf'))):
             # Over the limit before doing anything: recycling it after
@@ -5080,17 +5304,31 @@ class Arbiter(object):
             later(log.info, '%s exited after %d requests: %s', name,
                   requests, proc.stop_reason if memory and proc.stop_reason
                   else Scoreboard.R_NAMES.get(reason, 'reason %d' % reason))
-            slot.failures = 0
+            slot.failures = slot.early_deaths = 0
         elif proc.timed_out or up >= self.EARLY_DEATH:
             if not proc.timed_out:
                 later(log.error, '%s died after %.1fs: %s', name, up, how)
-            slot.failures = 0
+            slot.failures = slot.early_deaths = 0
         else:
-            self.slot_failed(slot, 'died %.2fs after boot: %s' % (up, how))
+            self.early_death(slot, name, up, how, requests)
         if slot.proc is None and slot.backoff_until <= time.monotonic():
             # Replace it now rather than at the end of the loop turn: this
             # is the respawn latency users see.
             self.spawn_worker(slot)
+
+    def early_death(self, slot, name, up, how, requests):
+        """A worker died soon after its boot.  One that handled nothing
+        cannot get going (a crash loop): back off.  One that was working
+        was killed or crashed on a job: replace it at once, unless that
+        happens EARLY_DEATHS times in a row."""
+        slot.early_deaths += 1
+        if requests and slot.early_deaths < self.EARLY_DEATHS:
+            self.later(log.error, '%s died %.2fs after boot, after %d '
+                       'request(s): %s', name, up, requests, how)
+            return
+        self.slot_failed(slot, 'died %.2fs after boot: %s%s' % (
+            up, how, '; %d early deaths in a row' % slot.early_deaths
+            if requests else ''))
 
     def later(self, fn, *args):
         self.later_logs.append((fn, args))
@@ -5111,6 +5349,11 @@ class Arbiter(object):
                                 proc.pid, now - (proc.stop_requested or now))
                     proc.kill_at = None
                     self.kill(proc.pid, signal.SIGKILL)
+            elif proc.state == State.BOOTING and proc.boot_timeout and \
+                    now - proc.spawned > proc.boot_timeout and \
+                    self.board.get(proc.cell, Scoreboard.STATE) != \
+                    Scoreboard.BOOTED:
+                self.boot_timeout_worker(proc, now - proc.spawned)
             elif proc.timeout and proc.state == State.RUNNING:
                 started = self.board.getf(proc.cell, Scoreboard.RUN_STARTED)
                 if started and now - started > proc.timeout:
@@ -5127,6 +5370,20 @@ class Arbiter(object):
         # signal (default action: terminate); KILL is the fallback.
         proc.kill_at = time.monotonic() + 1.0
         self.kill(proc.pid, DUMP_SIGNAL)
+
+    def boot_timeout_worker(self, proc, took):
+        """A worker whose start (import, __init__, init()) hangs: a boot
+        failure.  Its stack is dumped when it has a dump file (timeout
+        set) and faulthandler is armed by then; KILL is the fallback."""
+        log.error('worker %d (pid %d) has not booted after %.2fs '
+                  '(boot_timeout %gs): killing it', proc.slot, proc.pid,
+                  took, proc.boot_timeout)
+        proc.boot_timed_out = True
+        self.set_state(proc, State.STOPPING)
+        proc.stop_reason = 'boot timeout'
+        proc.kill_at = time.monotonic() + 1.0
+        self.kill(proc.pid, DUMP_SIGNAL if proc.dump_fd is not None
+                  else signal.SIGKILL)
 
     def memory_limited(self):
         return any(p.soft_limit or p.hard_limit for p in self.procs.values())
@@ -5284,7 +5541,7 @@ class Arbiter(object):
                   'worker_type': cfg.worker_type,
                   'generation': self.generation, 'ready': self.ready,
                   'spawns': self.spawns,
-                  'spare': self.spare.pid if self.spare else None,
+                  'spare': self.spare.pid,
                   'stopping': self.stopping,
                   'daemonized': self.daemonized,
                   'pidfile': self.pidfile.path,
@@ -5317,6 +5574,8 @@ class Arbiter(object):
                 if slot.backoff_until > now:
                     row['next_attempt_in'] = round(slot.backoff_until - now,
                                                    3)
+                    row['waiting'] = 'backoff after %d failure(s) in a ' \
+                        'row' % slot.failures
                 rows.append(row)
         known = set(id(p) for s in self.slots.values() for p in s.procs())
         for proc in self.procs.values():
@@ -5489,42 +5748,71 @@ def gevent_available():
         return False
 
 
-def validate_in_child(cfg, reload=False, timeout=60.0):
+def validate_in_child(cfg, reload=False, timeout=None):
     """Import and check ``cfg.worker_class`` in a forked child: return
-    None, or the problems, one line each.  Whatever the import does (raise,
-    SystemExit, hang, os._exit) costs the caller nothing.  The child is
-    the place to drop privileges before any user code runs.  ``reload``:
-    the caller imported the user's modules already (a HUP in the
-    master): the child imports them afresh."""
+    None, or the problems, one line each.
+
+    Whatever the import does (raise, SystemExit, hang -- killed after
+    ``timeout``, default the boot timeout --, os._exit) costs the caller
+    nothing.  With ``user`` set under root the child drops privileges
+    first: no user code ever runs as root (gunicorn loads application
+    code in its workers, after the drop).  ``reload``: the caller (a HUP
+    in the master) imported the user's modules already: the child
+    imports them afresh."""
+    limit = timeout or boot_timeout_of(cfg) or 60.0
+    drop = drops_privileges(cfg)
+    try:
+        uid, gid = resolve_user_group(cfg.user, cfg.group) if drop \
+            else (None, None)
+    except ConfigError as e:
+        return '%s %s' % (cfg.where(), e)
     r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
     pid = os.fork()
-    if pid == 0:
-        msg = b''
+    if pid == 0:   # pragma: no cover (child)
         try:
             os.close(r)
-            try:
-                cls = load_worker_class(cfg, reload=reload)
-                lines = worker_class_problems(cfg, cls) or gevent_imports(cfg)
-            except ConfigError as e:
-                lines = [str(e)]
-            msg = '\n'.join(lines).encode('utf-8', 'replace')
+            os.write(w, _import_problems(cfg, reload, drop and (uid, gid))
+                     .encode('utf-8', 'replace')[:8000])
         finally:
-            os.write(w, msg[:4000])
             os._exit(0)
     os.close(w)
     try:
-        out, status = read_child(r, pid, timeout)
+        out, status = read_child(r, pid, limit)
     finally:
         os.close(r)
     if out:
         return out.decode('utf-8', 'replace')
     if status is None:
         return '%s worker_class: importing %s took longer than %gs' % (
-            cfg.where(), cfg.worker_class, timeout)
+            cfg.where(), cfg.worker_class, limit)
     if status != 0:
         return '%s worker_class: importing %s ended the process (%s)' % (
             cfg.where(), cfg.worker_class, describe_status(status))
     return None
+
+
+def _import_problems(cfg, reload, drop_to):
+    """In validate_in_child's child: '' or the problems, one a line."""
+    try:   # in a master: its signals are not ours to wake it for
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+    as_user = ''
+    if drop_to:
+        drop_privileges(*drop_to)
+        as_user = ' (as user %s)' % cfg.user
+    try:
+        cls = load_worker_class(cfg, reload=reload)
+        lines = worker_class_problems(cfg, cls) or gevent_imports(cfg)
+    except ConfigError as e:
+        lines = [str(e) + as_user]
+    except BaseException as e:   # KeyboardInterrupt at import
+        lines = ['%s worker_class: importing %s%s raised %s%s' % (
+            cfg.where(), cfg.worker_class, as_user, type(e).__name__,
+            (': %s' % e) if str(e) else '')]
+    return '\n'.join(lines)
 
 
 def read_child(fd, pid, timeout):
@@ -5542,6 +5830,51 @@ def read_child(fd, pid, timeout):
         if not data:
             return out, os.waitpid(pid, 0)[1]
         out += data
+
+
+def privilege_notes(cfg):
+    """``user``/``group`` that would not do what they say: (error, warning),
+    each one line or None.  ``group`` alone would leave root workers at uid
+    0 with another group: refused.  ``user`` under a master that is not
+    root cannot be applied: said once, the workers run as the master."""
+    if cfg.group and not cfg.user:
+        return ('%s group: set without user: the workers would keep uid %d; '
+                'set user too' % (cfg.where(), os.geteuid())), None
+    if cfg.user and os.geteuid() != 0:
+        uid, _ = resolve_user_group(cfg.user, None)
+        if uid != os.geteuid():
+            return None, ('%s user: %s not applied: the master runs as uid '
+                          '%d, not root, so the workers run as uid %d too'
+                          % (cfg.where(), cfg.user, os.geteuid(),
+                             os.geteuid()))
+    return None, None
+
+
+def drops_privileges(cfg):
+    """True when workers drop from root to ``user``: then no user code may
+    run with root's privileges, in the master or in a command."""
+    return bool(cfg.user) and os.geteuid() == 0
+
+
+def master_worker_class(cfg, reload=False, isolate=False, timeout=None):
+    """The worker class as a master (or a command) may hold it; raises
+    ConfigError naming every problem.
+
+    When the workers drop to ``user`` from root it is only checked in a
+    child that dropped privileges first, and None is returned (each worker
+    imports it itself, after its drop).  Otherwise it is imported here --
+    after a check in a child first when ``isolate`` (a HUP: an import that
+    exits or hangs must not take the master with it)."""
+    if isolate or drops_privileges(cfg):
+        problem = validate_in_child(cfg, reload=reload, timeout=timeout)
+        if problem:
+            raise ConfigError(problem.replace('\n', '; '))
+    if drops_privileges(cfg):
+        return None
+    cls = load_worker_class(cfg, reload=reload)
+    for problem in worker_class_problems(cfg, cls):
+        raise ConfigError(problem)
+    return cls
 
 
 def forget_user_modules(base_path):
@@ -5735,6 +6068,8 @@ def target_instances(cfg, args):
 
 
 def cmd_start(cfg, args):
+    if not os.environ.get(UPGRADE_ENV):
+        close_inherited_fds()   # a USR2 image's fds are its own
     for problem in not_yet_supported(cfg):
         raise ConfigError(problem)
     upgrade = UpgradeState.from_env()
@@ -5746,13 +6081,16 @@ def cmd_start(cfg, args):
         check_log_target(cfg.log_file)
     except ConfigError as e:
         raise ConfigError('%s %s' % (cfg.where(), e))
-    worker_class = load_worker_class(cfg)
-    for problem in worker_class_problems(cfg, worker_class):
-        raise ConfigError(problem)
     try:
         resolve_user_group(cfg.user, cfg.group)
     except ConfigError as e:   # name the file and section, as check does
         raise ConfigError('%s %s' % (cfg.where(), e))
+    error, warning = privilege_notes(cfg)
+    if error:
+        raise ConfigError(error)
+    if warning:
+        complain(warning)
+    worker_class = master_worker_class(cfg)
     if cfg.single_instance:
         running = target_instances(cfg, args)
         if running:
@@ -5792,7 +6130,7 @@ def start_upgraded(cfg, args, upgrade):
     """The new image of a USR2, after the exec (no way back): what fails
     now is logged and worked around, the adopted workers keep serving."""
     try:
-        worker_class = load_worker_class(cfg)
+        worker_class = master_worker_class(cfg)
     except ConfigError as e:
         _UPGRADE_PROBLEMS.append(str(e))
         worker_class = None    # retried at the next spawn or HUP
@@ -6070,15 +6408,19 @@ def format_status(doc):
     for w in doc['workers']:
         extra = ''
         if w['state'] == 'backoff':
-            extra = '  next attempt in %.1fs: %s' % (
-                w.get('next_attempt_in', 0), w.get('last_error'))
+            extra = '  %s, next attempt in %.1fs: %s' % (
+                w.get('waiting', 'backoff'), w.get('next_attempt_in', 0),
+                w.get('last_error'))
         lines.append('%-5s %-8s %-9s %9s %8s %9s%s' % (
             w['slot'], w['pid'] or '-', w['state'], w['requests'],
             '-' if w['rss_mb'] is None else '%.1f' % w['rss_mb'],
             '-' if w['age'] is None else format_age(w['age']), extra))
     if m.get('spare'):
+        waiting = any(w['state'] == 'backoff' for w in doc['workers'])
         lines.append('spare process %d: pre-forked, replaces the next worker '
-                     'that exits' % m['spare'])
+                     'that exits%s' % (m['spare'], ' (a slot in backoff '
+                                       'waits for its next attempt)'
+                                       if waiting else ''))
     for key in ('reload', 'upgrade'):
         last = m.get(key) or {}
         if last.get('result') == 'failed':
@@ -6247,6 +6589,25 @@ def cmd_decr(cfg, args):
     return cmd_incr(cfg, args, sign=-1)
 
 
+def log_owner(cfg):
+    """(uid, gid) the workers drop to, who must be able to reopen the log
+    (see LogFile), or None."""
+    uid, gid = resolve_user_group(cfg.user, cfg.group)
+    return (uid, gid) if uid is not None else None
+
+
+def log_file_check(cfg):
+    """`check`: an existing log_file that start would refuse (owner)."""
+    try:
+        st = os.stat(cfg.log_file, follow_symlinks=False)
+        owner = log_owner(cfg)
+    except (OSError, TypeError, ValueError, ConfigError):
+        return []
+    problem = log_file_problem(st, owner)
+    return ['%s log_file: %s %s' % (cfg.where(), cfg.log_file, problem)] \
+        if problem else []
+
+
 def cmd_check(cfg, args):
     problems = list(getattr(args, 'problems', None) or [])
     problems += not_yet_supported(cfg)
@@ -6272,9 +6633,14 @@ def cmd_check(cfg, args):
         problems.append('%s %s' % (cfg.where(), e))
     try:
         resolve_user_group(cfg.user, cfg.group)
+        error, warning = privilege_notes(cfg)
+        problems += [error] if error else []
+        if warning:
+            complain('warning: ' + warning)
     except ConfigError as e:
         problems.append('%s %s' % (cfg.where(), e))
-    problems += path_problems(cfg)
+    problems += path_problems(cfg) + log_file_check(cfg)
+    problems = list(dict.fromkeys(problems))   # one line per problem
     if args.print_config:
         print(format_config(cfg))
     for p in problems:
@@ -6391,13 +6757,44 @@ def main(argv=None):
 MASTER_COMMANDS = ('start', 'restart')
 
 # How `python3 processhandler.py start` becomes a lean master (see _main()).
-LEAN_START = '''import os, sys
+# `python -c` puts the current directory first on sys.path, where
+# `python3 /path/processhandler.py` put the script's folder: started as root
+# from /tmp, the master would import an attacker's difflib.py.  So the first
+# statement removes that entry, before anything is imported (os and sys
+# are loaded already at start-up), and the script's folder takes its place,
+# exactly as the original command had it.
+LEAN_START = '''import sys
+if sys.path and sys.path[0] in ('', '.'):
+    del sys.path[0]
+import os
 path = sys.argv[1]
 sys.argv = [path] + sys.argv[2:]
 sys.path.insert(0, os.path.dirname(path))
 import processhandler
 processhandler._START['argv'] = list(sys.argv)
 sys.exit(processhandler.main())'''
+
+
+def master_exec_argv(argv=None):
+    """The argv that re-executes this master (the lean start, and USR2):
+    the same interpreter and flags, and nothing on sys.path ahead of the
+    standard library that the original command did not have (no current
+    directory).  ``argv``: the master's sys.argv (default: as started).
+
+    When argv[0] is this module, on CPython: the lean form (an import of
+    the module, see _main()); otherwise (PyPy, a user's script, a console
+    script) the script itself, which puts only its own folder first, as
+    the original command did."""
+    argv = list(_START['argv'] if argv is None else argv)
+    script = os.path.abspath(os.path.join(_START['cwd'], argv[0]))
+    cmd = [sys.executable] + interpreter_flags()
+    this = os.path.abspath(__file__)
+    if this.endswith(('.pyc', '.pyo')):
+        this = this[:-1]
+    if IS_PYPY or os.environ.get('PROCESSHANDLER_NO_LEAN') or \
+            os.path.realpath(script) != os.path.realpath(this):
+        return cmd + [script] + argv[1:]
+    return cmd + ['-c', LEAN_START, script] + argv[1:]
 
 
 def starts_master(argv):
@@ -6415,9 +6812,8 @@ def _main():
     if not IS_PYPY and starts_master(sys.argv[1:]) and \
             not os.environ.get('PROCESSHANDLER_NO_LEAN'):
         try:
-            os.execv(sys.executable, [sys.executable] + interpreter_flags() +
-                     ['-c', LEAN_START, os.path.abspath(__file__)] +
-                     sys.argv[1:])
+            os.execv(sys.executable, master_exec_argv(
+                [os.path.abspath(__file__)] + sys.argv[1:]))
         except OSError:
             pass     # run here, as a script: heavier, same behaviour
     # The running script is the module: user code doing `import

@@ -662,14 +662,14 @@ def test_file_leader_lock_active_standby(proj, tmp_path):
     wait_for(second_active)
 
 
-def test_workers_drop_privileges_to_user(proj):
+def test_workers_drop_privileges_to_user(open_proj):
     """As root, user/group apply in the workers; the master keeps root."""
+    proj = open_proj
     if os.getuid() != 0:
         pytest.skip('needs root')
     import pwd
     nobody = pwd.getpwnam('nobody')
     proj.write_config(user='nobody', run_time=0)
-    os.chmod(proj.path, 0o755)
     proj.write_module('quiet', '''
         import time, processhandler
         class Quiet(processhandler.Worker):
@@ -838,6 +838,7 @@ BAD_VALUES = [
     ('soft_memory_limit', '-1'),
     ('hard_memory_limit', '1e400'),
     ('interval', 'inf'),
+    ('boot_timeout', '-1'),
     ('spare_worker', 'two'),
     ('check_interval', '0'),
     ('daemonize', 'maybe'),
@@ -3933,13 +3934,13 @@ def test_second_master_on_same_port_fails_with_one_line(proj, tmp_path):
 
 @pytest.mark.skipif(os.getuid() != 0, reason='needs root')
 @pytest.mark.parametrize('wtype', ['sync', 'thread'])
-def test_user_drop_happens_after_bind(proj, wtype):
+def test_user_drop_happens_after_bind(open_proj, wtype):
     """As root with user = nobody and a unix socket in a directory only
     root may write: the master (root) binds it, then the workers run as
     nobody and serve connections on it.  The socket file is given to
     nobody."""
+    proj = open_proj
     nobody = pwd.getpwnam('nobody')
-    os.chmod(proj.path, 0o755)
     private = os.path.join(proj.path, 'private')
     os.mkdir(private, 0o700)
     path = os.path.join(private, 'echo.sock')
@@ -7183,3 +7184,532 @@ def test_reload_command_waits_and_exit_codes(proj):
     res = proj.ph('reload')
     assert res.returncode == 3, res.stdout
     assert time.monotonic() - t0 < DEADLINE
+
+
+# ==== privileges, worker construction, spawn path (issue 12, 14) ====
+
+NEEDS_ROOT = pytest.mark.skipif(os.getuid() != 0, reason='needs root')
+
+
+def shared_dir(proj):
+    """proj/shared, writable by every user (workers running as nobody)."""
+    d = os.path.join(proj.path, 'shared')
+    if not os.path.isdir(d):
+        os.mkdir(d)
+    os.chmod(d, 0o777)
+    return d
+
+
+# Records who ran its code: at import and in __init__, "<what> <pid>
+# <euid>" lines in shared/notes.log (beside the module).  Its __init__
+# opens a file of its own, as a ProcessHandler worker may.
+WHO_WORKER = '''
+import os
+import processhandler
+
+NOTES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'shared',
+                     'notes.log')
+
+
+def note(what):
+    fd = os.open(NOTES, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    os.write(fd, ('%s %d %d\\n' % (what, os.getpid(), os.geteuid())).encode())
+    os.close(fd)
+
+
+note('import')
+
+
+class Who(processhandler.Worker):
+    def __init__(self, *args, **kw):
+        processhandler.Worker.__init__(self, *args, **kw)
+        note('ctor')
+        self.own = open(os.devnull)
+
+    def init(self):
+        note('init')
+
+    def run(self):
+        self.sleep(0.05)
+        return True
+'''
+
+
+def who_project(proj, **keys):
+    shared_dir(proj)
+    proj.write_module('who', WHO_WORKER)
+    return proj.write_config(worker_class='who:Who', **keys)
+
+
+def notes(proj, what=None):
+    """[(what, pid, euid)] from shared/notes.log."""
+    try:
+        with open(os.path.join(proj.path, 'shared', 'notes.log')) as f:
+            rows = [l.split() for l in f.read().splitlines()]
+    except OSError:
+        return []
+    return [(w, int(p), int(u)) for w, p, u in rows
+            if what is None or w == what]
+
+
+def test_each_worker_process_builds_its_own_worker_object(proj):
+    """The master never runs a worker's __init__: each worker process
+    (spare-born ones too) constructs its own object, in its own pid."""
+    who_project(proj, number_workers=2)
+    master = proj.start_daemon()
+    workers = proj.wait_running(2)
+    built = wait_for(lambda: (lambda c: c if len(c) >= 2 else None)(
+        set(p for _, p, _ in notes(proj, 'ctor'))), what='two __init__')
+    assert built == set(workers.values()), (built, workers)
+    assert master not in built
+    spare = new_spare(proj)
+    assert spare not in set(p for _, p, _ in notes(proj, 'ctor'))
+    os.kill(workers[1], signal.SIGKILL)
+    wait_for(lambda: proj.running_workers(2) == {1: spare, 2: workers[2]},
+             what='the spare running slot 1')
+    wait_for(lambda: spare in [p for _, p, _ in notes(proj, 'ctor')],
+             what='the spare built its own worker object')
+    assert proj.ph('stop').returncode == 0
+
+
+@NEEDS_ROOT
+def test_user_code_never_runs_as_root_with_user(open_proj):
+    """user = nobody, master as root: the module is imported and the
+    worker built only by processes running as nobody -- at start, by the
+    spare (which imports while it waits), by `check`, `reload` and HUP;
+    never by the master."""
+    proj = open_proj
+    nobody = pwd.getpwnam('nobody')
+    who_project(proj, number_workers=2, user='nobody')
+    master = proj.start_daemon()
+    workers = proj.wait_running(2)
+    spare = new_spare(proj)
+    wait_for(lambda: spare in [p for _, p, _ in notes(proj, 'import')],
+             what='the spare imported the worker code')
+    for cmd in ('check', 'reload'):
+        res = proj.ph(cmd)
+        assert res.returncode == 0, (cmd, res.stdout, res.stderr)
+    os.kill(master, signal.SIGHUP)
+    wait_for(lambda: len(set(p for _, p, _ in notes(proj, 'ctor'))) >= 4,
+             what='the reloaded workers built theirs')
+    rows = notes(proj)
+    assert rows and all(u == nobody.pw_uid for _, _, u in rows), rows
+    assert master not in [p for _, p, _ in rows]
+    ctors = [p for _, p, _ in notes(proj, 'ctor')]
+    assert set(workers.values()) <= set(ctors)
+    assert len(ctors) == len(set(ctors))      # one object per process
+    assert uid_of(master) == 0
+    assert proj.ph('stop').returncode == 0
+
+
+@NEEDS_ROOT
+def test_check_with_user_reports_import_problems_as_that_user(open_proj):
+    """`check` with user set imports in a child that dropped privileges:
+    a module only root may read is a problem, said in one line."""
+    proj = open_proj
+    who_project(proj, user='nobody')
+    os.chmod(os.path.join(proj.path, 'who.py'), 0o600)
+    res = proj.ph('check')
+    assert_one_line_error(res, 'worker_class', 'as user nobody')
+    assert not notes(proj)
+
+
+EVIL_MODULE = '''
+import os
+with open(%r, 'a') as f:
+    f.write('%%s imported by uid %%d\\n' %% (__name__, os.geteuid()))
+'''
+
+
+def test_start_from_a_folder_with_planted_modules_imports_none(proj,
+                                                                tmp_path):
+    """`start` run from a folder holding difflib.py, json.py, selectors.py
+    (as root from /tmp): the lean re-exec must not put the current
+    directory on sys.path, so none of them is imported."""
+    evil = str(tmp_path / 'evil')
+    os.mkdir(evil)
+    mark = os.path.join(str(tmp_path), 'imported.txt')
+    for name in ('difflib', 'json', 'selectors', 'processhandler'):
+        with open(os.path.join(evil, name + '.py'), 'w') as f:
+            f.write(EVIL_MODULE % mark)
+    proj.write_config(number_workers=1)
+    res = subprocess.run([PY, PH, '-c', proj.config, 'start', '-d'],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, universal_newlines=True,
+                         cwd=evil, timeout=DEADLINE * 2)
+    if os.path.exists(proj.pidfile):
+        proj.masters.add(proj.master_pid())
+    assert res.returncode == 0, (res.stdout, res.stderr, proj.log_text())
+    proj.wait_running(1)
+    assert not os.path.exists(mark), open(mark).read()
+    assert proj.ph('stop').returncode == 0
+
+
+def test_master_exec_argv_keeps_flags_and_drops_the_cwd(tmp_path):
+    """The one argv used to re-execute a master: same interpreter, its
+    flags, and (lean form) a bootstrap that removes '' from sys.path."""
+    argv = processhandler.master_exec_argv([PH, '-c', 'x.ini', 'start'])
+    assert argv[0] == sys.executable and argv[-3:] == ['-c', 'x.ini',
+                                                       'start']
+    flags = subprocess.run([PY, '-c', 'import subprocess; print(subprocess'
+                            '._args_from_interpreter_flags())'],
+                           stdout=subprocess.PIPE, universal_newlines=True)
+    assert repr(argv[1:1 + len(eval(flags.stdout))]) == flags.stdout.strip()
+    if IS_PYPY:
+        assert argv[-4] == PH
+        return
+    assert argv[-5] == processhandler.LEAN_START and argv[-4] == PH
+    code = processhandler.LEAN_START.split('import os')[0] + \
+        'print(sys.path[0])'
+    out = subprocess.run([PY, '-c', code], cwd=str(tmp_path),
+                         stdout=subprocess.PIPE, universal_newlines=True)
+    assert out.stdout.strip() not in ('', '.', str(tmp_path))
+
+
+def test_group_without_user_is_refused(proj):
+    """group = X without user: the workers would stay uid 0: one line,
+    exit 2, for check and start."""
+    proj.write_config(group='nogroup' if _group_exists('nogroup')
+                      else 'nobody')
+    for cmd in (['check'], ['start', '-d']):
+        res = proj.ph(*cmd)
+        track_started(proj)
+        assert_one_line_error(res, 'group: set without user')
+    assert not os.path.exists(proj.pidfile)
+
+
+def _group_exists(name):
+    import grp
+    try:
+        grp.getgrnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def become_nobody():
+    nobody = pwd.getpwnam('nobody')
+    os.setgroups([])
+    os.setgid(nobody.pw_gid)
+    os.setuid(nobody.pw_uid)
+
+
+def python_for_nobody():
+    """An interpreter nobody may run (the CPython venv lives under /root)."""
+    for py in (PY, '/usr/bin/python3'):
+        try:
+            if subprocess.run([py, '-c', 'pass'], preexec_fn=become_nobody,
+                              stderr=subprocess.DEVNULL).returncode == 0:
+                return py
+        except OSError:
+            pass
+    pytest.skip('no interpreter that nobody may run')
+
+
+@NEEDS_ROOT
+def test_user_under_a_non_root_master_is_said(open_proj):
+    """user = root in a config run by nobody: the drop cannot happen; check
+    says so in one warning line and exits 0."""
+    proj = open_proj
+    proj.write_config(user='root')
+    res = subprocess.run([python_for_nobody(), PH, '-c', proj.config,
+                          'check'], preexec_fn=become_nobody, cwd=proj.path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, timeout=DEADLINE)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'user: root not applied' in lines[0], lines
+
+
+def fd_links(pid):
+    out = {}
+    for fd in os.listdir('/proc/%d/fd' % pid):
+        try:
+            out[int(fd)] = os.readlink('/proc/%d/fd/%s' % (pid, fd))
+        except OSError:
+            pass
+    return out
+
+
+def cloexec(pid, fd):
+    with open('/proc/%d/fdinfo/%d' % (pid, fd)) as f:
+        flags = [l for l in f if l.startswith('flags:')][0].split()[1]
+    return bool(int(flags, 8) & 0o2000000)
+
+
+def test_descriptors_of_the_launcher_do_not_leak(proj):
+    """A descriptor the launching shell left open (`exec 7>file`) is in
+    neither the daemon nor its workers or spare; after a USR2 every
+    descriptor of the master above 2 is close-on-exec again."""
+    echo_config(proj, 'sync')
+    secret = os.path.join(proj.path, 'secret.txt')
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        res = subprocess.run([PY, PH, '-c', proj.config, 'start', '-d'],
+                             pass_fds=(fd,), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             universal_newlines=True, cwd=proj.path,
+                             timeout=DEADLINE * 2)
+    finally:
+        os.close(fd)
+    assert res.returncode == 0, (res.stdout, res.stderr, proj.log_text())
+    master = proj.master_pid()
+    proj.masters.add(master)
+    workers = proj.wait_running(2)
+    pids = [master, new_spare(proj)] + list(workers.values())
+    for pid in pids:
+        assert secret not in fd_links(pid).values(), pid
+    os.kill(master, signal.SIGUSR2)
+    wait_log(proj, 'upgrade complete')
+    left = [fd for fd in fd_links(master) if fd > 2 and
+            not cloexec(master, fd)]
+    assert not left, [(fd, fd_links(master).get(fd)) for fd in left]
+    assert proj.ph('stop').returncode == 0
+
+
+PRINT_WORKER = '''
+import os, time
+import processhandler
+''' + EVENT_HELPER + '''
+class Printer(processhandler.Worker):
+    def run(self):
+        for i in range(10):
+            print('print line %d of pid %d' % (i, os.getpid()))
+        event(self, 'printed')
+        self.sleep(60)
+        return True
+'''
+
+
+def test_worker_prints_survive_sigkill(proj):
+    """Daemonized, a worker's print() goes to the log line by line: ten
+    prints, then SIGKILL, and all ten are in the log."""
+    proj.write_module('printer', PRINT_WORKER)
+    proj.write_config(worker_class='printer:Printer', number_workers=1)
+    env = dict(os.environ)
+    env.pop('PYTHONUNBUFFERED', None)
+    res = proj.ph('start', '-d', env=env)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    proj.masters.add(proj.master_pid())
+    pid = wait_for(lambda: proj.events('printed'), what='prints')[0][2]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: proc_state(pid) is None, what='reaped')
+    text = proj.log_text()
+    got = [i for i in range(10) if 'print line %d of pid %d' % (i, pid)
+           in text]
+    assert got == list(range(10)), text
+    assert proj.ph('stop').returncode == 0
+
+
+def test_working_worker_killed_early_is_replaced_without_backoff(proj):
+    """A worker that was handling requests and is killed < 1 s after its
+    boot is replaced at once (twice): no backoff, no failure."""
+    proj.write_config(number_workers=1, run_time=0.02)
+    proj.start_daemon()
+    pid = wait_for(lambda: proj.events('init'), what='a worker')[0][2]
+    seen, early = set([pid]), 0
+    for attempt in range(8):   # a loaded machine may be late for some
+        init = wait_for(lambda: [e for e in proj.events('init')
+                                 if e[2] == pid], what='its init')[0]
+        wait_for(lambda: len([e for e in proj.events('run_end')
+                              if e[2] == pid]) >= 2, what='two requests')
+        os.kill(pid, signal.SIGKILL)
+        early += time.monotonic() - init[3] < 1.0
+        pid = wait_for(lambda: [e[2] for e in proj.events('init')
+                                if e[2] not in seen], what='the next')[0]
+        seen.add(pid)
+        if early == 2:
+            break
+    assert early == 2, 'no two kills within 1 s of a boot'
+    row = wait_for(lambda: proj.running_workers(1) == {1: pid} and
+                   proj.status()['workers'][0], what='the last one')
+    assert row.get('failures', 0) == 0, row
+    text = proj.log_text()
+    assert 'failed (died' not in text, text
+    assert text.count('request(s): killed by SIGKILL') >= 2, text
+    assert proj.ph('stop').returncode == 0
+
+
+def test_idle_worker_dying_early_backs_off_and_status_says_why(proj):
+    """A worker that dies soon after boot without handling anything is a
+    boot failure: backoff, with the reason in status and the log."""
+    proj.write_config(number_workers=1, run_time=30, spare_worker='false')
+    proj.start_daemon()
+    for attempt in range(5):   # a loaded machine may be late for some
+        first = wait_for(lambda: [e for e in proj.events('run_start')
+                                  if e[2] not in [k[2] for k in
+                                                  proj.events('killed')]],
+                         what='a worker in its first run')[0]
+        os.kill(first[2], signal.SIGKILL)
+        with open(proj.events_path, 'a') as f:
+            f.write('killed 1 %d %.6f\n' % (first[2], time.monotonic()))
+        if time.monotonic() - first[3] < 0.9:
+            break
+    wait_log(proj, 'failed (died')
+    row = wait_for(lambda: (lambda w: w if w and w['pid'] and
+                            w['state'] == 'running' and
+                            w['failures'] >= 1 else None)(
+        (proj.status() or {'workers': [None]})['workers'][0]),
+        what='the retry')
+    assert row['failures'] >= 1, row
+    assert proj.ph('stop').returncode == 0
+
+
+def test_status_says_why_a_slot_waits():
+    doc = {'master': {'proc_name': 'x', 'pid': 1, 'state': 'active',
+                      'uptime': 1, 'number_workers': 1, 'config': 'c',
+                      'section': 's', 'instance': 1, 'spare': 7},
+           'workers': [{'slot': 1, 'pid': None, 'state': 'backoff',
+                        'requests': 0, 'rss_mb': None, 'age': None,
+                        'failures': 2, 'next_attempt_in': 1.5,
+                        'waiting': 'backoff after 2 failure(s) in a row',
+                        'last_error': 'init() raised X: y'}]}
+    text = processhandler.format_status(doc)
+    assert 'backoff after 2 failure(s) in a row, next attempt in 1.5s: ' \
+        'init() raised X: y' in text
+    assert 'a slot in backoff waits' in text
+
+
+def test_hung_init_is_killed_after_boot_timeout(proj):
+    """init() that never returns: killed after boot_timeout.  At start,
+    `start -d` returns 1 with the reason; after a HUP, the old worker keeps
+    serving while the new one is retried."""
+    proj.write_config(number_workers=1, init_mode='slow', init_time=600,
+                      boot_timeout=1)
+    t0 = time.monotonic()
+    res = proj.ph('start', '-d', timeout=DEADLINE * 2)
+    track_started(proj)
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert 'boot_timeout' in res.stdout + res.stderr, (res.stdout,
+                                                        res.stderr)
+    assert time.monotonic() - t0 < DEADLINE
+    assert not os.path.exists(proj.pidfile)
+    proj.write_config(number_workers=1, boot_timeout=1)
+    master = proj.start_daemon()
+    old = proj.wait_running(1)[1]
+    proj.write_config(number_workers=1, init_mode='slow', init_time=600,
+                      boot_timeout=1)
+    os.kill(master, signal.SIGHUP)
+    wait_log(proj, '(boot_timeout 1s): killing it')
+    wait_log(proj, 'did not boot within 1s')
+    assert proj.running_workers(1) == {1: old}
+    assert proj.ph('stop').returncode == 0
+
+
+@NEEDS_ROOT
+def test_reuse_port_below_1024_with_user(open_proj):
+    """user = nobody + reuse_port on a port < 1024: the master binds each
+    worker's listener before the drop; both workers (nobody) serve."""
+    proj = open_proj
+    nobody = pwd.getpwnam('nobody')
+    port = None
+    for p in range(990, 900, -1):
+        s = socket.socket()
+        try:
+            s.bind(('127.0.0.1', p))
+            port = p
+            break
+        except OSError:
+            pass
+        finally:
+            s.close()
+    assert port, 'no free port below 1024'
+    echo_config(proj, 'sync', bind='127.0.0.1:%d' % port, reuse_port='true',
+                user='nobody')
+    proj.start_daemon()
+    workers = proj.wait_running(2)
+    assert all(uid_of(p) == nobody.pw_uid for p in workers.values())
+    name = '127.0.0.1:%d' % port
+    seen = set()
+
+    def both_served():
+        seen.update(hammer(name, 4, 5)[0])
+        return seen == set(workers.values())
+    wait_for(both_served, what='both workers serving')
+    assert proj.ph('stop').returncode == 0
+
+
+LOGGING_WORKER = '''
+import os
+import processhandler
+
+class Ticker(processhandler.Worker):
+    def run(self):
+        self.log.info('tick from %d', os.getpid())
+        self.sleep(0.05)
+        return True
+'''
+
+
+@NEEDS_ROOT
+def test_usr1_workers_as_user_reopen_the_new_log(open_proj):
+    """user = nobody: after logrotate's rename and USR1 the workers (as
+    nobody) write to the new file, which the master gave to them."""
+    proj = open_proj
+    nobody = pwd.getpwnam('nobody')
+    proj.write_module('ticker', LOGGING_WORKER)
+    proj.write_config(worker_class='ticker:Ticker', user='nobody')
+    master = proj.start_daemon()
+    workers = proj.wait_running(2)
+    os.rename(proj.log, proj.log + '.1')
+    os.kill(master, signal.SIGUSR1)
+    for pid in workers.values():
+        wait_log(proj, 'tick from %d' % pid)
+    assert os.stat(proj.log).st_uid == nobody.pw_uid
+    assert 'cannot reopen' not in open(proj.log + '.1').read()
+    assert proj.ph('stop').returncode == 0
+
+
+@NEEDS_ROOT
+def test_log_file_owned_by_another_user_is_refused(proj, tmp_path):
+    """An attacker's 0666 log file planted where root's log goes: start
+    refuses it in one line and writes nothing into it."""
+    nobody = pwd.getpwnam('nobody')
+    planted = os.path.join(str(tmp_path), 'planted.log')
+    with open(planted, 'w'):
+        pass
+    os.chmod(planted, 0o666)
+    os.chown(planted, nobody.pw_uid, nobody.pw_gid)
+    proj.write_config(log_file=planted)
+    assert_one_line_error(proj.ph('check'), 'log_file', 'owned by uid %d'
+                          % nobody.pw_uid)
+    for args in (['start', '-d'], ['start', '-f']):
+        res = proj.ph(*args, timeout=DEADLINE * 2)
+        track_started(proj)
+        assert res.returncode == 1, (args, res.stdout, res.stderr)
+        out = (res.stdout + res.stderr).strip().splitlines()
+        assert len(out) == 1 and 'owned by uid %d' % nobody.pw_uid in out[0]
+    assert os.path.getsize(planted) == 0
+    assert not os.path.exists(proj.pidfile)
+
+
+def tcp_inodes_to(port):
+    """Inodes of the TCP sockets connected to ``port`` (/proc/net/tcp)."""
+    out = set()
+    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if int(cols[2].rsplit(':', 1)[1], 16) == port:
+                out.add(int(cols[9]))
+    return out
+
+
+def test_workers_do_not_hold_the_masters_redis_connection(redis_server,
+                                                          proj):
+    """leader_lock = redis://...: the master's connection to Redis is
+    closed in its workers and spare (only the master talks to it)."""
+    pytest.importorskip('redis')
+    proj.write_config(leader_lock='%s?key=fdtest' % redis_server.url)
+    master = proj.start_daemon()
+    workers = proj.wait_running(2)
+    spare = new_spare(proj)
+    to_redis = tcp_inodes_to(redis_server.port)
+    assert socket_inodes(master) & to_redis
+    for pid in list(workers.values()) + [spare]:
+        assert not socket_inodes(pid) & to_redis, pid
+    assert proj.ph('stop').returncode == 0
