@@ -739,8 +739,11 @@ def load_config(path, section=None, overrides=(), problems=None,
         if key not in sources:
             sources[key] = value_source(plain, section, key)
         if key in SETTINGS_BY_NAME:
+            setting = SETTINGS_BY_NAME[key]
+            if setting.default is None and not raw.strip():
+                continue   # `pidfile =`: unset, as `check --print` shows it
             try:
-                values[key] = SETTINGS_BY_NAME[key].parse(raw)
+                values[key] = setting.parse(raw)
             except ValueError as e:
                 if sources[key] is None and problems:
                     continue   # a default made of a bad value (log_path)
@@ -5719,14 +5722,20 @@ def class_hint(module, name):
     return "; did you mean '%s'?" % close[0] if close else ''
 
 
+def is_coroutine_function(fn):
+    """inspect.iscoroutinefunction without importing inspect, which a
+    child that dropped privileges may no longer be able to read."""
+    code = getattr(getattr(fn, '__func__', fn), '__code__', None)
+    return bool(code is not None and code.co_flags & 0x80)  # CO_COROUTINE
+
+
 def worker_class_problems(cfg, cls):
     """What makes ``cls`` unable to run under ``cfg``, one line each
     (refused by start and reported by check)."""
     problems = []
     if cfg.worker_type == 'sync':
-        import inspect
         for name in ('run', 'handle'):
-            if inspect.iscoroutinefunction(getattr(cls, name, None)):
+            if is_coroutine_function(getattr(cls, name, None)):
                 problems.append(
                     "%s worker_type: %s.%s is 'async def' but worker_type "
                     "is sync (it would never be awaited): set worker_type "
