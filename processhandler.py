@@ -6518,9 +6518,9 @@ def watch_status(cfg, args):
             if args.count and shown >= args.count:
                 return EXIT_OK
             time.sleep(max(0.05, args.interval))
-    except KeyboardInterrupt:
-        return EXIT_OK
-    except BrokenPipeError:     # `status --watch | head`
+    except (KeyboardInterrupt, BrokenPipeError):
+        # Ctrl-C, or `status --watch | head`: what is still buffered must
+        # not block the exit (a terminal that stopped reading, Ctrl-S).
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
 
