@@ -2798,6 +2798,7 @@ class Arbiter(object):
         self.save_on_signal = save_on_signal
         self.upgrade = upgrade     # state handed over by a USR2 re-exec
         self.run_once = False      # uliweb Manager(daemon=False): no restarts
+        self.strict_boot = True    # a boot failure before ready halts
         self.halt_reason = None    # why run() failed (HaltServer), if it did
         self.num_workers = len(self.templates) or cfg.number_workers
         self.pid = os.getpid()
@@ -3703,7 +3704,7 @@ class Arbiter(object):
         delay = min(self.BACKOFF_MAX,
                     self.BACKOFF_BASE * 2 ** min(slot.failures - 1, 16))
         slot.backoff_until = time.monotonic() + delay
-        if not self.ready and not self.stopping:
+        if not self.ready and not self.stopping and self.strict_boot:
             raise HaltServer('worker %d failed to boot: %s'
                              % (slot.number, why))
         # Loud the first time (or when the reason changes), then quieter:
@@ -4381,6 +4382,8 @@ class Manager(object):
                           title=self.title, keep_user_logging=keep,
                           upgrade=upgrade)
         arbiter.run_once = run_once
+        # uliweb's manager never gave up on a worker: it backs off instead.
+        arbiter.strict_boot = not isinstance(self, UliwebManager)
         status = arbiter.run()
         if status:
             print('processhandler: %s' % arbiter.halt_reason,
