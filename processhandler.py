@@ -28,6 +28,9 @@ Map of this file (sections in dependency order)::
                                    reap -> murder -> manage, the spare,
                                    control socket
     Manager                        uliweb-style programmatic front end
+    Compatibility with the seeds   ProcessHandler's imports and Arbiter,
+                                   uliweb's Worker/Manager semantics
+                                   (processhandler.uliweb)
     Control client                 stop / status / reload / incr / decr
     CLI and main()
 
@@ -35,6 +38,7 @@ Class diagram::
 
         Worker  (init / run / after_run; the sync loop)
           |-- SyncWorker      handle_request() style (ProcessHandler seed)
+          |-- UliwebWorker    uliweb's Worker (count, is_exit, Timeout)
           |-- ThreadWorker    `threads` run loops in threads
           |-- GeventWorker    `threads` run loops in greenlets
           '-- AsyncioWorker   `threads` tasks of ``async def run``
@@ -42,6 +46,7 @@ Class diagram::
                               --forks--> one spare, which becomes the
                                          next slot's worker when needed
         Manager(workers) --builds--> Arbiter
+          '-- UliwebManager   daemon=False: master forked, join() waits
 
 Design notes live in README.md ("Design").
 """
@@ -3857,9 +3862,13 @@ class Arbiter(object):
         for proc in list(self.procs.values()):
             if proc.kill_at is not None:
                 if now >= proc.kill_at:
+                    why = proc.stop_reason if proc.timed_out else \
+                        '%s; graceful_timeout %gs' % (proc.stop_reason,
+                                                      proc.graceful_timeout)
                     log.warning('worker %d (pid %d) still alive %.1fs '
-                                'after being asked to stop: KILL', proc.slot,
-                                proc.pid, now - (proc.stop_requested or now))
+                                'after being asked to stop (%s): KILL',
+                                proc.slot, proc.pid,
+                                now - (proc.stop_requested or now), why)
                     proc.kill_at = None
                     self.kill(proc.pid, signal.SIGKILL)
             elif proc.timeout and proc.state == State.RUNNING:
@@ -4331,7 +4340,10 @@ class Manager(object):
     Slot i runs ``workers[i-1]``; each instance's options (max_requests,
     timeout, memory limits...) apply to its slot.  ``check_point`` is how
     often memory is checked, ``wait_time`` the grace after TERM, ``title``
-    the process title; any config key may be given as a keyword.
+    the process title; any config key may be given as a keyword
+    (``daemonize=True`` detaches).  ``daemon`` is uliweb's flag: True means
+    supervise in the foreground, which this Manager always does (see
+    UliwebManager for uliweb's daemon=False).
     """
 
     def __init__(self, workers, log=None, check_point=10,
@@ -4347,7 +4359,6 @@ class Manager(object):
                     key, "; did you mean '%s'?" % hint if hint else ''))
         values = dict(check_interval=float(check_point or 10),
                       graceful_timeout=float(wait_time),
-                      daemonize=bool(daemon),
                       proc_name=settings.pop('proc_name', title),
                       number_workers=max(1, len(self.workers)))
         values.update(settings)

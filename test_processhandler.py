@@ -6321,10 +6321,11 @@ def test_uliweb_daemon_true_restarts_and_limits(proj):
              3 and len(pids('Growing', 'init')) >= 2 and
              pids('Growing', 'asked'),
              DEADLINE * 2, lambda: 'restarts\n' + proj.fg_output())
+    # Dead first, then their runs (one may end between two reads).
+    finished = [p for p in pids('Counting') if not alive(int(p))]
     counting = collections.defaultdict(list)
     for r in by_name(uliweb_events(proj, 'run'), 'Counting'):
         counting[r[0]].append(r[3])
-    finished = [p for p in counting if not alive(int(p))]
     assert finished and all(counting[p] == ['1', '2', '3']
                             for p in finished), counting
     assert len(pids('Quitting')) == 1
@@ -6361,3 +6362,66 @@ def test_uliweb_make_log_and_names(proj):
     with pytest.raises(uw.TimeoutException):
         with uw.Timeout(0.2):
             time.sleep(5)
+
+
+def test_manager_daemon_true_supervises_in_the_foreground(proj):
+    """processhandler.Manager(daemon=True) (uliweb's flag) does not detach:
+    the process started is the master, its worker runs, TERM: exit 0."""
+    script = os.path.join(proj.path, 'fg_manager.py')
+    with open(script, 'w') as f:
+        f.write(textwrap.dedent('''
+            import sys
+            import time
+            import processhandler
+
+            class Job(processhandler.Worker):
+                def run(self):
+                    time.sleep(0.05)
+                    return True
+
+            sys.exit(processhandler.Manager([Job()], daemon=True,
+                                            check_point=0.2).start())
+            '''))
+    proc = run_script(proj, script, env=uliweb_env())
+    kids = wait_for(lambda: [k for k in descendants(proc.pid)
+                             if ': worker ' in cmdline(k)],
+                    what='a worker under the started process')
+    assert ppid_of(kids[0]) == proc.pid and proc.poll() is None
+    stop_script(proj, proc)
+
+
+STUCK_JOB = '''
+    import signal
+    import time
+    from ProcessHandler.lib.workers.sync import SyncWorker
+
+
+    class JobExecute(SyncWorker):
+        def handle_request(self):
+            # Where no exception can reach: the interrupt's signal is
+            # blocked (as in C code that never returns to Python).
+            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])
+            while 1:
+                time.sleep(1.5)
+'''
+
+
+def test_processhandler_original_stuck_request_is_killed_and_logged(proj):
+    """A handle_request() that even the TERM interrupt cannot reach is
+    KILLed at graceful_timeout, and the log says which worker, why it was
+    being stopped and after how long."""
+    folder = ph_original(proj, job=STUCK_JOB)
+    master = run_original(proj, folder)
+    log_path = os.path.join(folder, 'conf', 'master.log')
+    doc = wait_for(lambda: (lambda d: d and len([
+        w for w in d['workers'] if w['state'] == 'running']) == 2 and d)(
+            original_status(proj, folder)), what='2 running workers')
+    pids = [w['pid'] for w in doc['workers']]
+    os.kill(master, signal.SIGTERM)
+    wait_for(lambda: not alive(master) and not any(alive(p) for p in pids),
+             what='master and workers gone')
+    text = read(log_path)
+    for pid in pids:
+        assert re.search(r'worker \d \(pid %d\) still alive [\d.]+s after '
+                         r'being asked to stop \(master stopping; '
+                         r'graceful_timeout 1s\): KILL' % pid, text), text
