@@ -2699,7 +2699,11 @@ class WorkerProcess(object):
 
     def over_limit(self, kind, rss):
         if self.reached is not None:
-            return self.reached(kind, rss)
+            try:
+                return self.reached(kind, rss)
+            except Exception:   # user code: never the master's end
+                log.exception('reached_%s_memory_limit() raised; using '
+                              'the number', kind)
         limit = self.hard_limit if kind == 'hard' else self.soft_limit
         return bool(limit) and rss > limit
 

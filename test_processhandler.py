@@ -6425,3 +6425,94 @@ def test_processhandler_original_stuck_request_is_killed_and_logged(proj):
         assert re.search(r'worker \d \(pid %d\) still alive [\d.]+s after '
                          r'being asked to stop \(master stopping; '
                          r'graceful_timeout 1s\): KILL' % pid, text), text
+
+
+# uliweb3's documentation (docs/workers.md, BSD), its first two examples
+# verbatim but for the import line.
+ULIWEB_DOC_BASIC = '''
+from processhandler.uliweb import Worker, Manager
+import time
+
+class MyWork(Worker):
+    def run(self):
+        self.log.info('running')
+        time.sleep(1)
+        return True
+
+workers = [MyWork()]
+manager = Manager(workers)
+manager.start()
+'''
+
+ULIWEB_DOC_COMPLEX = '''
+import time
+import logging
+from processhandler.uliweb import *
+
+logging.basicConfig(level=logging.INFO)
+
+class NewWorker(Worker):
+    def init(self):
+        self.log = make_log(self.log, 'new_worker.log')
+        super(NewWorker, self).init()
+
+    def run(self):
+        s = []
+        for i in range(50000):
+            s.append(str(i))
+        self.log.info ('result= %d ' % len(s))
+        time.sleep(1)
+        return True
+
+workers = [Worker(max_requests=2),
+           NewWorker(max_requests=2, timeout=5, name='NewWorker',
+                     soft_memory_limit=5, hard_memory_limit=10)]
+manager = Manager(workers, check_point=1)
+manager.start()
+'''
+
+
+def test_uliweb_documented_examples(proj):
+    """uliweb's documented examples with only the import line changed.
+    Basic: MyWork logs 'running' every second (the script's end waits for
+    its worker, which never ends) until the script is killed, which stops
+    everything.  Complex: NewWorker logs into new_worker.log in uliweb's
+    format, and at 5 MB soft / 10 MB hard (less than any interpreter
+    weighs) the first memory check KILLs it, for good (daemon=False),
+    while the plain Worker (which never counts) runs on."""
+    for name, text in (('basic', ULIWEB_DOC_BASIC),
+                       ('complex', ULIWEB_DOC_COMPLEX)):
+        script = os.path.join(proj.path, name + '.py')
+        with open(script, 'w') as f:
+            f.write(text)
+    proc = run_script(proj, os.path.join(proj.path, 'basic.py'),
+                      env=uliweb_env())
+    wait_for(lambda: proj.fg_output().count('running') >= 3,
+             what=lambda: 'running lines\n' + proj.fg_output())
+    tree = set(descendants(proc.pid))
+    assert proc.poll() is None
+    assert [p for p in tree if cmdline(p).strip() == 'Workers Daemon: master']
+    assert [p for p in tree if cmdline(p).strip() ==
+            'Workers Daemon: worker 1']
+    proc.kill()                      # the caller dies: its manager stops
+    wait_for(lambda: not any(alive(p) for p in tree), what='all gone')
+
+    os.unlink(os.path.join(proj.path, 'fg.out'))
+    proc = run_script(proj, os.path.join(proj.path, 'complex.py'),
+                      env=uliweb_env())
+    new_log = os.path.join(proj.path, 'new_worker.log')
+    wait_for(lambda: 'over hard_memory_limit 10 MB: KILL' in
+             proj.fg_output() and 'NewWorker-2' in proj.fg_output() and
+             'finished (killed by SIGKILL): not restarted' in
+             proj.fg_output(),
+             what=lambda: 'the soft limit\n' + proj.fg_output())
+    # uliweb's format; uliweb's numbering (per class, from the base's).
+    assert re.search(r'^\[INFO - [\d-]+ [\d:,]+ - complex\.py:\d+\] - '
+                     r'result= 50000 $', read(new_log), re.M), read(new_log)
+    assert re.search(r'NewWorker-2 \d+ created', read(new_log))
+    out = proj.fg_output()
+    assert re.search(r'Process-\d+ \d+ running', out), out
+    assert proc.poll() is None        # waits for the plain Worker
+    stop_list = set(descendants(proc.pid))
+    proc.kill()
+    wait_for(lambda: not any(alive(p) for p in stop_list), what='all gone')
