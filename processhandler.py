@@ -4579,7 +4579,7 @@ def install_processhandler_aliases(package=None):
         _alias_module(name, attrs)
 
 
-COMPAT_SHIM = '''"""ProcessHandler -> processhandler (written by processhandler compat-shim).
+COMPAT_SHIM = '''"""ProcessHandler -> processhandler (written by compat-shim).
 
 Code written for the original ProcessHandler imports unchanged:
 ``from ProcessHandler.lib.workers.sync import SyncWorker`` and the like are
@@ -4883,6 +4883,7 @@ class UliwebManager(Manager):
     def _fork_master(self):
         sys.stdout.flush()
         sys.stderr.flush()
+        parent = os.getpid()
         pid = os.fork()
         if pid:
             self.master_pid = pid
@@ -4893,7 +4894,8 @@ class UliwebManager(Manager):
         try:
             # The caller gone (killed, or returned without join()): stop.
             prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-            status = self._run_master(run_once=True)
+            if os.getppid() == parent:      # else it died before prctl
+                status = self._run_master(run_once=True)
         except BaseException:
             log.exception('manager failed')
         finally:

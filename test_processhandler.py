@@ -5906,8 +5906,8 @@ def test_processhandler_original_socket_worker_answers_a_client(proj):
     addr) is called per accepted connection: a real client over 127.0.0.1
     gets its answer from a worker; `check` passes for it and fails, with
     one line, for the seed's no-argument handle_request."""
-    folder = ph_original(proj, config_edit=lambda t: t + 'bind = 127.0.0.1:0\n',
-                         job=COUNTING_JOB)
+    folder = ph_original(proj, job=COUNTING_JOB,
+                         config_edit=lambda t: t + 'bind = 127.0.0.1:0\n')
     config = os.path.join(folder, 'conf', 'config.ini')
     # (jobexecute.py sits beside run.py, not in base_path = conf/)
     check = ['-c', config, '--set', 'worker_class=jobexecute:JobExecute',
