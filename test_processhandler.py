@@ -6516,3 +6516,40 @@ def test_uliweb_documented_examples(proj):
     stop_list = set(descendants(proc.pid))
     proc.kill()
     wait_for(lambda: not any(alive(p) for p in stop_list), what='all gone')
+
+
+def test_uliweb_timeout_unreachable_run_is_dumped_and_killed(proj):
+    """A uliweb worker's run() stuck where TimeoutException cannot reach
+    (SIGALRM blocked, as in C code) is killed by the hard timeout,
+    ``timeout + wait_time``, with its stack in the log; daemon=False: it is
+    not restarted and join() returns."""
+    script = os.path.join(proj.path, 'stuck.py')
+    with open(script, 'w') as f:
+        f.write(textwrap.dedent('''
+            import logging
+            import signal
+            import sys
+            import time
+            from processhandler.uliweb import Worker, Manager
+
+            logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+
+            def stuck_where_no_exception_reaches():
+                signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])
+                time.sleep(60)
+
+            class Stuck(Worker):
+                def run(self):
+                    stuck_where_no_exception_reaches()
+
+            m = Manager([Stuck(timeout=0.3, name='Stuck')], wait_time=0.5)
+            m.start()
+            print('join returned %r' % (m.join(),), flush=True)
+            '''))
+    proc = run_script(proj, script, env=uliweb_env())
+    assert proc.wait(DEADLINE) == 0, proj.fg_output()
+    out = proj.fg_output()
+    assert re.search(r'timed out: run\(\) has taken [\d.]+s \(timeout '
+                     r'0\.8s\)', out), out
+    assert 'stuck_where_no_exception_reaches' in out
+    assert 'join returned 0' in out
