@@ -2271,7 +2271,10 @@ class SyncWorker(Worker):
 
     def _signal_term(self, signum, frame):
         Worker._signal_term(self, signum, frame)
-        if self._in_request and hasattr(signal, 'setitimer'):
+        # Only the sync loop runs requests in the main thread, where the
+        # SIGALRM handler's exception lands.
+        if self._in_request and not self._runner.concurrent and \
+                hasattr(signal, 'setitimer'):
             # Leave the end of graceful_timeout to after_run() and the exit.
             grace = self.setting('graceful_timeout')
             self._term_at = time.monotonic()
