@@ -32,6 +32,9 @@ Map of this file (sections in dependency order)::
                                    Upgrade (USR2: preflight child, exec,
                                    adoption; UpgradeState)
     Manager                        uliweb-style programmatic front end
+    Compatibility with the seeds   ProcessHandler's imports and Arbiter,
+                                   uliweb's Worker/Manager semantics
+                                   (processhandler.uliweb)
     Control client                 stop / status / reload / incr / decr
     CLI and main()
 
@@ -39,6 +42,7 @@ Class diagram::
 
         Worker  (init / run / after_run; the sync loop)
           |-- SyncWorker      handle_request() style (ProcessHandler seed)
+          |-- UliwebWorker    uliweb's Worker (count, is_exit, Timeout)
           |-- ThreadWorker    `threads` run loops in threads
           |-- GeventWorker    `threads` run loops in greenlets
           '-- AsyncioWorker   `threads` tasks of ``async def run``
@@ -46,6 +50,7 @@ Class diagram::
                               --forks--> one spare, which becomes the
                                          next slot's worker when needed
         Manager(workers) --builds--> Arbiter
+          '-- UliwebManager   daemon=False: master forked, join() waits
 
 Design notes live in README.md ("Design").
 """
@@ -91,7 +96,10 @@ __license__ = 'MIT'
 __all__ = ['Worker', 'SyncWorker', 'ThreadWorker', 'GeventWorker',
            'AsyncioWorker', 'Arbiter', 'Manager', 'Config', 'ConfigError',
            'HaltServer', 'load_config', 'make_log', 'main', 'WORKER_TYPES',
-           'SETTINGS', '__version__']
+           'SETTINGS', '__version__', 'UliwebWorker', 'UliwebManager',
+           'Timeout', 'TimeoutException', 'get_memory', 'setup_file_logging',
+           'install_processhandler_aliases', 'write_compat_shim',
+           'RequestInterrupted']
 
 
 ###############################################################################
@@ -191,6 +199,7 @@ EXIT_NO_PERMISSION = 4    # LSB: user had insufficient privilege
 WORKER_EXIT_OK = 0
 WORKER_EXIT_BOOT_ERROR = 3   # init() raised: a boot failure, back off
 WORKER_EXIT_ORPHANED = 4     # the master went away
+WORKER_EXIT_FINISHED = 5     # uliweb's is_exit = 'quit': done, no restart
 
 
 # How a USR2 upgrade hands its state to the re-executed master.
@@ -2189,6 +2198,13 @@ class Worker(object):
         In asyncio workers: ``async def handle(self, reader, writer)``."""
         raise NotImplementedError
 
+    @classmethod
+    def from_config(cls, cfg, file_logger=None, ppid=None, sockets=None):
+        """Build the instance for a config's ``worker_class`` (the one
+        place that knows each style's constructor: a plain Worker takes
+        no argument, a SyncWorker ProcessHandler's four)."""
+        return cls()
+
     # -- settings as seen by this worker ---------------------------------------
 
     def setting(self, key):
@@ -2249,6 +2265,8 @@ class Worker(object):
 
     def _signal_usr1(self, signum, frame):
         try:
+            for extra in _EXTRA_LOGS:     # make_log / setup_file_logging
+                extra.reopen()
             self._logfile.reopen()
         except OSError as e:
             self.log.error('cannot reopen log file: %s', e)
@@ -2487,9 +2505,14 @@ class Worker(object):
             return False
         try:
             conn.setblocking(True)
-            self.handle(conn, addr)
+            handled = self._handle_accepted(sock, conn, addr)
         finally:
             conn.close()
+        return handled is not False
+
+    def _handle_accepted(self, sock, conn, addr):
+        """Serve one connection accepted on listener ``sock``."""
+        self.handle(conn, addr)
         return True
 
 
@@ -2638,14 +2661,31 @@ class RunWatch(object):
                                 0.0)
 
 
+class RequestInterrupted(BaseException):
+    """Raised in a SyncWorker's handle_request() that is still running
+    near the end of graceful_timeout after TERM (BaseException: user code's
+    ``except Exception`` must not swallow it)."""
+
+
 class SyncWorker(Worker):
     """ProcessHandler-style worker: implement ``handle_request()``.
 
-    Each handle_request() call counts as one request.  The constructor keeps
-    ProcessHandler's signature ``(cfg, file_logger, ppid, sockets)``;
-    ``setup()``, ``init_process()`` and ``stop()`` may be overridden (call
-    super).
+    Without listeners each ``handle_request()`` call is one request; with
+    ``bind`` the loop accepts and calls ``handle_request(sock, client,
+    addr)`` per connection (the client is closed after it returns).  The
+    constructor keeps ProcessHandler's signature ``(cfg, file_logger, ppid,
+    sockets)`` and its attributes (max_requests, nr, alive, booted, ppid,
+    file_logger, LISTENERS, rd_fds, worker_name); ``setup()``,
+    ``init_process()`` and ``stop()`` may be overridden (call super).
+
+    ProcessHandler's TERM ended a worker at once (``os._exit``): its jobs
+    may loop for ever inside handle_request().  Here TERM asks the loop to
+    stop after the current request; a request still running shortly
+    before graceful_timeout is interrupted (RequestInterrupted) so the
+    worker still exits gracefully instead of being KILLed.
     """
+
+    MAXSIZE = (1 << 31) - 1      # ProcessHandler's "no max_requests"
 
     def __init__(self, cfg=None, file_logger=None, ppid=None, sockets=None,
                  **kwargs):
@@ -2655,6 +2695,29 @@ class SyncWorker(Worker):
         self.file_logger = file_logger or logging.getLogger()
         self.ppid = ppid
         self.LISTENERS = sockets or []
+        self.booted = False
+        self.rd_fds = None
+        self.worker_name = 'worker: %s' % (self.cfg.proc_name or '')
+        self._in_request = False
+
+    @classmethod
+    def from_config(cls, cfg, file_logger=None, ppid=None, sockets=None):
+        """ProcessHandler built its worker as ``cls(cfg, file_logger, ppid,
+        sockets)`` (in the worker process, after the fork)."""
+        return cls(cfg, file_logger, ppid, sockets)
+
+    @property
+    def max_requests(self):
+        """ProcessHandler's name; a huge number when there is no limit."""
+        return self.setting('max_requests') or self.MAXSIZE
+
+    @max_requests.setter
+    def max_requests(self, value):
+        self.options['max_requests'] = 0 if value == self.MAXSIZE else value
+
+    @Worker.nr.setter
+    def nr(self, value):
+        self.requests = value
 
     def setup(self):
         """ProcessHandler hook, called from init_process()."""
@@ -2662,29 +2725,59 @@ class SyncWorker(Worker):
     def init_process(self):
         """ProcessHandler hook, called once in the worker process."""
         self.setup()
+        self.rd_fds = list(self.LISTENERS) if self.LISTENERS else None
+        self.booted = True
 
     def init(self):
         self.LISTENERS = self.sockets
+        self.worker_name = 'worker: %s' % self.cfg.proc_name
         self.init_process()
 
     def run(self):
-        self.handle_request()
-        return True
+        return self._request(self.handle_request)
 
-    def handle_request(self):
+    def _handle_accepted(self, sock, conn, addr):
+        return self._request(self.handle_request, sock, conn, addr)
+
+    def handle_request(self, sock=None, client=None, addr=None):
         raise NotImplementedError('implement handle_request()')
 
+    def _request(self, fn, *args):
+        """Call handle_request; False if TERM had to interrupt it."""
+        try:
+            self._in_request = True
+            fn(*args)
+        except RequestInterrupted:
+            return False
+        finally:
+            self._in_request = False
+        return True
 
-def make_log(log, log_filename, format=None, datefmt=None, **ignored):
-    """uliweb helper: also send ``log``'s records to ``log_filename``.
+    def serves_sockets(self):
+        return bool(self.sockets)
 
-    Rotation by size is left to logrotate + USR1: a RotatingFileHandler
-    shared by several processes loses records.
-    """
-    handler = LogFileHandler(LogFile(os.path.abspath(log_filename)),
-                             LineFormatter(_process_tag[0]))
-    log.addHandler(handler)
-    return log
+    def _signal_term(self, signum, frame):
+        Worker._signal_term(self, signum, frame)
+        # Only the sync loop runs requests in the main thread, where the
+        # SIGALRM handler's exception lands.
+        if self._in_request and not self._runner.concurrent and \
+                hasattr(signal, 'setitimer'):
+            # Leave the end of graceful_timeout to after_run() and the exit.
+            grace = self.setting('graceful_timeout')
+            self._term_at = time.monotonic()
+            signal.signal(signal.SIGALRM, self._interrupt_request)
+            signal.setitimer(signal.ITIMER_REAL,
+                             max(0.01, grace - min(0.5, grace / 4.0)))
+
+    def _interrupt_request(self, signum, frame):
+        if not self._in_request:
+            return      # it returned meanwhile: the loop is ending anyway
+        self.log.warning(
+            'handle_request() still running %.2fs after TERM: interrupting '
+            'it so that worker %d stops within graceful_timeout (%gs)',
+            time.monotonic() - self._term_at, self.slot,
+            self.setting('graceful_timeout'))
+        raise RequestInterrupted()
 
 
 class AcceptLock(object):
@@ -3063,9 +3156,7 @@ def build_worker(cls, cfg, ppid, sockets, file_logger=None):
     its own).  ProcessHandler-style classes take ``(cfg, file_logger, ppid,
     sockets)``; ours take keywords only.  The one place where a worker
     object is constructed from its class."""
-    if issubclass(cls, SyncWorker):
-        return cls(cfg, file_logger, ppid, sockets)
-    return cls()
+    return cls.from_config(cfg, file_logger, ppid, sockets)
 
 
 class AsyncioWorker(Worker):
@@ -3118,6 +3209,20 @@ class WorkerProcess(object):
                                       cfg.soft_memory_limit)
         self.hard_limit = options.get('hard_memory_limit',
                                       cfg.hard_memory_limit)
+        # uliweb workers (Manager mode) decide with their
+        # reached_*_memory_limit(mem), called here in the master as uliweb's
+        # Manager did (set by spawn_worker from the template).
+        self.reached = None
+
+    def over_limit(self, kind, rss):
+        if self.reached is not None:
+            try:
+                return self.reached(kind, rss)
+            except Exception:   # user code: never the master's end
+                log.exception('reached_%s_memory_limit() raised; using '
+                              'the number', kind)
+        limit = self.hard_limit if kind == 'hard' else self.soft_limit
+        return bool(limit) and rss > limit
 
 
 class SpareProcess(object):
@@ -3151,6 +3256,7 @@ class Slot(object):
         self.early_deaths = 0   # working workers that died early, in a row
         self.backoff_until = 0.0
         self.last_error = None
+        self.finished = False   # done for good (see Arbiter.slot_finished)
 
     def procs(self):
         return ([self.proc] if self.proc else []) + self.old
@@ -4327,6 +4433,8 @@ class Arbiter(object):
         self.save_on_signal = save_on_signal
         self.upgrade = upgrade     # UpgradeState handed over by USR2
         self.upgrader = Upgrade(self, upgrade)
+        self.run_once = False      # uliweb Manager(daemon=False): no restarts
+        self.strict_boot = True    # a boot failure before ready halts
         self.halt_reason = None    # why run() failed (HaltServer), if it did
         self.num_workers = len(self.templates) or cfg.number_workers
         self.pid = os.getpid()
@@ -4699,6 +4807,8 @@ class Arbiter(object):
             return
         for n in range(1, self.wanted() + 1):
             slot = self.slots.get(n)
+            if slot is not None and slot.finished:
+                continue
             if slot is None or slot.proc is None or \
                     slot.proc.state != State.RUNNING:
                 return
@@ -4986,6 +5096,7 @@ class Arbiter(object):
         proc = WorkerProcess(0, slot.number, cell, self.generation,
                              template.options if template else _NO_OPTIONS,
                              self.cfg)
+        proc.reached = getattr(template, 'reached_memory_limit', None)
         pid = self.spare.hand_to(proc)
         if pid is None:
             if proc.timeout:
@@ -5188,7 +5299,7 @@ class Arbiter(object):
         delay = min(self.BACKOFF_MAX,
                     self.BACKOFF_BASE * 2 ** min(slot.failures - 1, 16))
         slot.backoff_until = time.monotonic() + delay
-        if not self.ready and not self.stopping:
+        if not self.ready and not self.stopping and self.strict_boot:
             raise HaltServer('worker %d failed to boot: %s'
                              % (slot.number, why))
         # Loud the first time (or when the reason changes), then quieter:
@@ -5293,6 +5404,8 @@ class Arbiter(object):
             return
         if not replace:
             return   # an older generation, a retired slot, or shutting down
+        if self.slot_finished(slot, status, name, how):
+            return
         if not booted:
             self.slot_failed(slot, text or 'died while booting (%s)' % how)
         elif memory and (requests == 0 or init_rss > (
@@ -5333,6 +5446,23 @@ class Arbiter(object):
             up, how, '; %d early deaths in a row' % slot.early_deaths
             if requests else ''))
 
+    def slot_finished(self, slot, status, name, how):
+        """True when the slot's worker is done for good: uliweb's
+        ``is_exit = 'quit'`` (exit status WORKER_EXIT_FINISHED), or any
+        exit under Manager(daemon=False), which starts each worker once.
+        When every slot is done, the master stops."""
+        quit = os.WIFEXITED(status) and \
+            os.WEXITSTATUS(status) == WORKER_EXIT_FINISHED
+        if not (quit or self.run_once):
+            return False
+        slot.finished = True
+        self.later(log.info, '%s finished (%s): not restarted', name,
+                   "is_exit = 'quit'" if quit else how)
+        if all(s.finished for s in self.slots.values()):
+            self.later(log.info, 'every worker has finished')
+            self.begin_stop(True)
+        return True
+
     def later(self, fn, *args):
         self.later_logs.append((fn, args))
 
@@ -5347,9 +5477,13 @@ class Arbiter(object):
         for proc in list(self.procs.values()):
             if proc.kill_at is not None:
                 if now >= proc.kill_at:
+                    why = proc.stop_reason if proc.timed_out else \
+                        '%s; graceful_timeout %gs' % (proc.stop_reason,
+                                                      proc.graceful_timeout)
                     log.warning('worker %d (pid %d) still alive %.1fs '
-                                'after being asked to stop: KILL', proc.slot,
-                                proc.pid, now - (proc.stop_requested or now))
+                                'after being asked to stop (%s): KILL',
+                                proc.slot, proc.pid,
+                                now - (proc.stop_requested or now), why)
                     proc.kill_at = None
                     self.kill(proc.pid, signal.SIGKILL)
             elif proc.state == State.BOOTING and proc.boot_timeout and \
@@ -5403,7 +5537,7 @@ class Arbiter(object):
             rss = rss_mb(proc.pid)
             if rss is None:
                 continue
-            if proc.hard_limit and rss > proc.hard_limit:
+            if proc.over_limit('hard', rss):
                 log.error('worker %d (pid %d) RSS %.1f MB is over '
                           'hard_memory_limit %g MB: KILL', proc.slot,
                           proc.pid, rss, proc.hard_limit)
@@ -5411,7 +5545,7 @@ class Arbiter(object):
                 proc.stop_reason = 'hard memory limit'
                 proc.kill_at = None
                 self.kill(proc.pid, signal.SIGKILL)
-            elif proc.soft_limit and rss > proc.soft_limit and \
+            elif proc.over_limit('soft', rss) and \
                     proc.state == State.RUNNING:
                 log.warning('worker %d (pid %d) RSS %.1f MB is over '
                             'soft_memory_limit %g MB: asking it to exit',
@@ -5429,6 +5563,8 @@ class Arbiter(object):
             slot = self.slots.get(n)
             if slot is None:
                 slot = self.slots[n] = Slot(n)
+            if slot.finished:
+                continue
             proc = slot.proc
             if proc is not None and proc.generation < self.generation and \
                     proc.state != State.STOPPING:
@@ -5618,7 +5754,10 @@ class Manager(object):
     Slot i runs ``workers[i-1]``; each instance's options (max_requests,
     timeout, memory limits...) apply to its slot.  ``check_point`` is how
     often memory is checked, ``wait_time`` the grace after TERM, ``title``
-    the process title; any config key may be given as a keyword.
+    the process title; any config key may be given as a keyword
+    (``daemonize=True`` detaches).  ``daemon`` is uliweb's flag: True means
+    supervise in the foreground, which this Manager always does (see
+    UliwebManager for uliweb's daemon=False).
     """
 
     def __init__(self, workers, log=None, check_point=10,
@@ -5634,7 +5773,6 @@ class Manager(object):
                     key, "; did you mean '%s'?" % hint if hint else ''))
         values = dict(check_interval=float(check_point or 10),
                       graceful_timeout=float(wait_time),
-                      daemonize=bool(daemon),
                       proc_name=settings.pop('proc_name', title),
                       number_workers=max(1, len(self.workers)))
         values.update(settings)
@@ -5652,6 +5790,11 @@ class Manager(object):
         if not self.workers:
             logger.info('no workers given: nothing to do')
             return EXIT_OK
+        return self._run_master()
+
+    def _run_master(self, run_once=False):
+        """Run the Arbiter on these workers here; its exit status."""
+        logger = self.log or log
         upgrade = UpgradeState.from_env()
         if upgrade is not None and os.environ.get(PREFLIGHT_ENV):
             return EXIT_OK   # a USR2 preflight: the script got this far
@@ -5665,11 +5808,558 @@ class Manager(object):
                           ready_fd=ready_fd, daemonized=self.cfg.daemonize,
                           title=self.title, keep_user_logging=keep,
                           upgrade=upgrade)
+        arbiter.run_once = run_once
+        # uliweb's manager never gave up on a worker: it backs off instead.
+        arbiter.strict_boot = not isinstance(self, UliwebManager)
         status = arbiter.run()
         if status:
             print('processhandler: %s' % arbiter.halt_reason,
                   file=sys.stderr)
         return status
+
+
+###############################################################################
+# Compatibility with the seeds ################################################
+###############################################################################
+#
+# Code written for the two projects processhandler replaces runs here:
+#
+# - the original ProcessHandler (gunicorn-derived; Python 2): its imports
+#   ``from ProcessHandler.lib.workers.sync import SyncWorker`` and friends
+#   are aliases in sys.modules that point at this module's objects.  They
+#   are installed by a two-line ``ProcessHandler/__init__.py`` that
+#   ``processhandler compat-shim DIR`` writes (a package folder, not a
+#   ``ProcessHandler.py`` file: on a case-insensitive file system that
+#   would be ``processhandler.py`` itself), and by load_worker_class()
+#   for the ``processhandler -c`` path.
+# - uliweb's ``uliweb/utils/workers.py``: ``processhandler.uliweb`` is a
+#   module alias with its names (Worker, Manager, Timeout, ...) bound to
+#   UliwebWorker / UliwebManager, which keep uliweb's semantics (user-kept
+#   ``count``, ``is_exit``, SIGALRM timeouts, daemon=True/False).  The
+#   plain Worker / Manager keep this file's own semantics.
+
+_EXTRA_LOGS = []          # LogFiles of make_log / setup_file_logging (USR1)
+
+# uliweb's default record format for make_log().
+FORMAT = ('[%(levelname)s - %(asctime)s - %(filename)s:%(lineno)s] - '
+          '%(message)s')
+# ProcessHandler's format for setup_file_logging().
+PROCESSHANDLER_FORMAT = '[%(asctime)s] %(levelname)s jobexecute "%(message)s"'
+
+
+def _file_handler(log, path, formatter):
+    """Add a one-write-per-record handler for ``path`` to ``log`` once
+    (a worker built again, or init() run again, must not double lines)."""
+    path = os.path.abspath(path) if path else None
+    for h in log.handlers:
+        if isinstance(h, LogFileHandler) and h.logfile.path == path:
+            h.setFormatter(formatter)
+            return log
+    logfile = LogFile(path)
+    _EXTRA_LOGS.append(logfile)
+    log.addHandler(LogFileHandler(logfile, formatter))
+    return log
+
+
+def make_log(log, log_filename, format=FORMAT, datafmt=None,
+             max_bytes=1024 * 1024 * 50, backup_count=5):
+    """uliweb's helper: also send ``log``'s records (a Logger or a logger
+    name) to ``log_filename``, formatted with ``format``/``datafmt``
+    (``format=None``: this file's own line format, tagged once).
+
+    max_bytes and backup_count are accepted and ignored: a size-rotating
+    handler shared by several processes loses records; rotate with
+    logrotate and USR1 (every worker reopens these files too).
+    """
+    if isinstance(log, str):
+        log = logging.getLogger(log)
+    if format is None:
+        names = [h.formatter.proc_name for h in logging.getLogger().handlers
+                 if isinstance(h.formatter, LineFormatter)]
+        formatter = LineFormatter(names[0] if names else 'processhandler')
+    else:
+        formatter = logging.Formatter(format, datafmt)
+    return _file_handler(log, log_filename, formatter)
+
+
+def setup_file_logging(logger_name, file_name, level=logging.INFO,
+                       log_format=PROCESSHANDLER_FORMAT, propagate=0):
+    """ProcessHandler's helper (``ProcessHandler.lib.log``): the logger
+    ``logger_name`` writes to ``file_name`` in ``log_format``.  (The
+    original ignored both names and always wrote ./master.log.)"""
+    logger = logging.getLogger(None if logger_name == 'root'
+                               else logger_name)
+    logger.propagate = propagate
+    logger.setLevel(level)
+    return _file_handler(logger, file_name, logging.Formatter(log_format))
+
+
+def parse_args(argv=None):
+    """ProcessHandler's ``lib.utils.parse_args``: -c/--config,
+    -s/--section."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument('-c', '--config', action='store',
+                        help='Config file path')
+    parser.add_argument('-s', '--section', action='store',
+                        help='Config file section')
+    return parser.parse_args(argv)
+
+
+def close_on_exec(fd):
+    """ProcessHandler's ``lib.utils.close_on_exec``."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+    fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+
+
+def set_non_blocking(fd):
+    """ProcessHandler's ``lib.utils.set_non_blocking``."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+
+
+class CompatArbiter(object):
+    """ProcessHandler's entry point::
+
+        Arbiter("jobexecute:JobExecute", config_file, section).run()
+
+    ``worker_uri`` becomes the config's worker_class (ProcessHandler's
+    config file has none); then it is ``processhandler -c config_file -s
+    section start``: foreground or daemon as the file says.  run() never
+    returns (like the original's): it exits with the start's status.
+    """
+
+    def __init__(self, worker_uri, config_file=None, section=None):
+        self.worker_uri = worker_uri
+        # The original's default: conf/config.ini beside the application.
+        self.config_file = config_file or os.path.join(os.getcwd(), 'conf',
+                                                       'config.ini')
+        self.section = section
+
+    def argv(self):
+        argv = ['-c', self.config_file]
+        if self.section:
+            argv += ['-s', self.section]
+        return argv + ['--set', 'worker_class=' + self.worker_uri, 'start']
+
+    def run(self):
+        sys.exit(main(self.argv()))
+
+
+def _processhandler_aliases():
+    """ProcessHandler's module names -> the objects they stand for."""
+    lib = 'ProcessHandler.lib'
+    return {
+        lib: {},
+        lib + '.workers': {},
+        lib + '.workers.sync': {'SyncWorker': SyncWorker},
+        lib + '.workers.base': {'Worker': SyncWorker,
+                                'MAXSIZE': SyncWorker.MAXSIZE},
+        lib + '.arbiter': {'Arbiter': CompatArbiter},
+        lib + '.log': {'setup_file_logging': setup_file_logging,
+                       'DEFAULT_FORMAT': PROCESSHANDLER_FORMAT},
+        lib + '.utils': {'parse_args': parse_args,
+                         'close_on_exec': close_on_exec,
+                         'set_non_blocking': set_non_blocking,
+                         '_setproctitle': set_proc_title},
+    }
+
+
+def _alias_module(name, attrs):
+    """sys.modules[name]: an existing module, or a new one; with ``attrs``
+    and bound as an attribute of its parent (``import a.b.c`` then
+    ``a.b.c.X`` works)."""
+    mod = sys.modules.get(name)
+    if mod is None:
+        mod = sys.modules[name] = type(sys)(name)
+        mod.__path__ = []          # a package: its children are aliases
+    for key, value in attrs.items():
+        setattr(mod, key, value)
+    parent, _, child = name.rpartition('.')
+    if parent in sys.modules:
+        setattr(sys.modules[parent], child, mod)
+    return mod
+
+
+def install_processhandler_aliases(package=None):
+    """Make ``import ProcessHandler.lib.<...>`` give this module's
+    classes and functions (idempotent).  ``package``: the shim package
+    module that calls this, if any."""
+    if package is not None:
+        sys.modules['ProcessHandler'] = package
+    _alias_module('ProcessHandler', {})
+    for name, attrs in sorted(_processhandler_aliases().items()):
+        _alias_module(name, attrs)
+
+
+COMPAT_SHIM = '''"""ProcessHandler -> processhandler (written by compat-shim).
+
+Code written for the original ProcessHandler imports unchanged:
+``from ProcessHandler.lib.workers.sync import SyncWorker`` and the like are
+aliases of processhandler's objects.
+"""
+import sys
+
+try:
+    import processhandler
+except ImportError:       # not installed: where compat-shim found it
+    sys.path.append(%r)
+    import processhandler
+
+processhandler.install_processhandler_aliases(sys.modules[__name__])
+'''
+
+
+def write_compat_shim(folder):
+    """Write ``folder/ProcessHandler/__init__.py``; return its path."""
+    package = os.path.join(folder, 'ProcessHandler')
+    os.makedirs(package, exist_ok=True)
+    path = os.path.join(package, '__init__.py')
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(path, 'w', encoding='utf-8') as f:
+        f.write(COMPAT_SHIM % here)
+    return path
+
+
+def cmd_compat_shim(args):
+    """``processhandler compat-shim DIR``: one line, exit 0 / 2 / 1."""
+    if len(args) != 1 or args[0].startswith('-'):
+        complain('usage: processhandler compat-shim DIR  (writes '
+                 'DIR/ProcessHandler/__init__.py)')
+        return EXIT_USAGE
+    if not os.path.isdir(args[0]):
+        complain('compat-shim: %s is not a folder' % args[0])
+        return EXIT_USAGE
+    try:
+        path = write_compat_shim(args[0])
+    except OSError as e:
+        complain('compat-shim: cannot write into %s: %s'
+                 % (args[0], e.strerror or e))
+        return EXIT_FAILURE
+    say('wrote %s: `import ProcessHandler.lib...` now uses processhandler'
+        % path)
+    return EXIT_OK
+
+
+def compat_problems(cls, cfg):
+    """What `check` reports about a seed-style class and its config."""
+    if not (cfg.bind and isinstance(cls, type) and
+            issubclass(cls, SyncWorker)):
+        return []
+    # (No inspect: this runs in a child that dropped privileges and may
+    # not read the standard library any more.)
+    fn = getattr(cls.handle_request, '__func__', cls.handle_request)
+    code = getattr(fn, '__code__', None)
+    if code is not None and not code.co_flags & 0x04 and not (
+            code.co_argcount - len(fn.__defaults__ or ()) <= 4 <=
+            code.co_argcount):   # (self, sock, client, addr), or *args
+        return ['%s worker_class: %s.handle_request() must take (sock, '
+                'client, addr) when bind is set (ProcessHandler calls it '
+                'once per accepted connection)' % (cfg.where(),
+                                                   cls.__name__)]
+    return []
+
+
+# -- uliweb -------------------------------------------------------------------
+
+class TimeoutException(Exception):
+    """Raised inside a uliweb worker's run() when it takes too long."""
+
+
+class Timeout(object):
+    """uliweb's ``with Timeout(seconds):`` -- SIGALRM raises
+    TimeoutException in the main thread (seconds may be a float here)."""
+
+    def __init__(self, sec):
+        self.sec = sec
+
+    def __enter__(self):
+        signal.signal(signal.SIGALRM, self.raise_timeout)
+        signal.setitimer(signal.ITIMER_REAL, self.sec)
+
+    def __exit__(self, *args):
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def raise_timeout(self, *args):
+        raise TimeoutException('Timeout {}s'.format(self.sec))
+
+
+def get_memory(pid):
+    """uliweb's helper: RSS of ``pid`` in MB, 0 if there is no such
+    process (psutil when importable, else /proc)."""
+    return rss_mb(pid) or 0
+
+
+def _flush_multiprocessing():
+    """A worker ends in os._exit(), which skips atexit: what this process
+    put into a multiprocessing.Queue may still sit in the queue's feeder
+    thread.  Run multiprocessing's finalizers (they flush and join it),
+    as the normal exit of uliweb's workers did."""
+    util = sys.modules.get('multiprocessing.util')
+    if util is not None:
+        try:
+            util._run_finalizers()
+        except Exception:
+            log.exception('flushing multiprocessing queues failed')
+
+
+class UliwebWorker(Worker):
+    """uliweb's ``Worker`` (``from processhandler.uliweb import Worker``).
+
+    Semantics kept from uliweb: ``count`` is kept by user code (``self.count
+    += 1``) and the worker ends once it exceeds ``max_requests``; ``timeout``
+    raises TimeoutException inside run() (SIGALRM) and the loop goes on; any
+    other exception from run() is logged and ends the worker (``is_exit =
+    True``; the Manager restarts it when daemon=True); ``is_exit = 'quit'``
+    ends it for good; ``check_point`` sleeps after each run; soft/hard
+    memory limits default to 200/300 MB and are decided by
+    reached_soft/hard_memory_limit(mem) in the master.
+
+    Differences (README "seeds' styles"): TERM/INT call signal_handler(),
+    which stops the worker after the current run instead of os._exit(0);
+    the soft limit sends TERM, the hard limit KILL (uliweb's documentation;
+    its code sent USR2/USR1); a run() still stuck ``wait_time`` seconds
+    after its timeout (C code the exception cannot reach) gets its stack
+    logged and is killed.
+    """
+
+    worker_type = 'sync'
+    _id = 1
+
+    def __init__(self, log=None, max_requests=None, soft_memory_limit=200,
+                 hard_memory_limit=300, timeout=None, check_point=None,
+                 name=None, args=None, kwargs=None, **extra):
+        Worker.__init__(self, log=log, args=args, kwargs=kwargs, **extra)
+        self.max_requests = max_requests or sys.maxsize
+        self.soft_memory_limit = soft_memory_limit
+        self.hard_memory_limit = hard_memory_limit
+        self.timeout = timeout
+        self.check_point = check_point
+        self.is_exit = None
+        self.count = 0
+        self.name = '%s-%d' % (name or 'Process', self._id)
+        self.__class__._id += 1
+
+    def apply_limits(self, wait_time):
+        """Master side, before the fork: the limits the master enforces,
+        from the attributes as they are now (user __init__ may set them).
+        The hard timeout is ``timeout + wait_time``: TimeoutException
+        comes first."""
+        self.options.update(
+            soft_memory_limit=self.soft_memory_limit or 0,
+            hard_memory_limit=self.hard_memory_limit or 0,
+            timeout=self.timeout + wait_time if self.timeout else 0,
+            max_requests=0, interval=0)
+
+    def reached_memory_limit(self, kind, mem):
+        if kind == 'hard':
+            return bool(self.reached_hard_memory_limit(mem))
+        return bool(self.reached_soft_memory_limit(mem))
+
+    # -- uliweb's hooks -------------------------------------------------------
+
+    def init(self):
+        self.log.info('%s %d created' % (self.name, self.pid))
+
+    def _run(self):
+        if self.timeout:
+            with Timeout(self.timeout):
+                return self.run()
+        return self.run()
+
+    def after_run(self):
+        if self.is_exit == 'signal':
+            why = 'cancelled by signal.'
+        elif self.is_exit == 'timeout':
+            why = 'cancelled by reaching timeout %ds' % self.timeout
+        elif self.is_exit == 'quit':
+            why = 'quit!'
+        elif self.max_requests and self.count > self.max_requests:
+            why = 'cancelled by reaching max requests count [%d]' % (
+                self.max_requests)
+        else:
+            why = 'cancelled by exception occorred'
+        self.log.info('%s %d %s' % (self.name, self.pid, why))
+
+    def signal_handler(self, signum, frame):
+        """TERM/INT: stop after the current run (graceful)."""
+        self.is_exit = 'signal'
+        self.log.info('%s %d received a signal %d' % (self.name, self.pid,
+                                                       signum))
+        self.stop()
+
+    def signal_handler_usr1(self, signum, frame):
+        """uliweb's hard-limit signal; here the hard limit is a KILL."""
+        self.signal_handler(signum, frame)
+
+    def signal_handler_usr2(self, signum, frame):
+        """uliweb's soft-limit signal; here the soft limit sends TERM."""
+        self.signal_handler(signum, frame)
+
+    def reached_soft_memory_limit(self, mem):
+        return bool(self.soft_memory_limit and mem >= self.soft_memory_limit)
+
+    def reached_hard_memory_limit(self, mem):
+        return bool(self.hard_memory_limit and mem >= self.hard_memory_limit)
+
+    # -- the process ----------------------------------------------------------
+
+    def _init_signals(self):
+        Worker._init_signals(self)
+        signal.signal(signal.SIGTERM, self.signal_handler)
+        signal.signal(signal.SIGINT, self.signal_handler)
+
+    def _serve(self):
+        status = Worker._serve(self)
+        _flush_multiprocessing()
+        if status == WORKER_EXIT_OK and self.is_exit == 'quit':
+            return WORKER_EXIT_FINISHED
+        return status
+
+    def _running(self):
+        limit = self.max_requests
+        return self.alive and not self.is_exit and \
+            (not limit or self.count <= limit)
+
+    def _loop(self):
+        """uliweb's loop, with the run stamps the master's hard timeout
+        and ``status`` read."""
+        board, cell = self._board, self._cell
+        while self._running():
+            board.setf(cell, Scoreboard.RUN_STARTED, time.monotonic())
+            try:
+                self._run()
+            except TimeoutException:
+                self.log.info('Time out')
+            except Exception as e:
+                self.log.exception(e)
+                self.is_exit = True
+            finally:
+                board.setf(cell, Scoreboard.RUN_STARTED, 0.0)
+                self.requests = self.count
+                board.set(cell, Scoreboard.REQUESTS, self.count)
+            if not self._slow_path():
+                return
+            if self.check_point and self._running():
+                self._pause(self.check_point)
+        if self.max_requests and self.count > self.max_requests:
+            self._exit_reason = Scoreboard.R_MAX_REQUESTS
+
+
+class UliwebManager(Manager):
+    """uliweb's ``Manager`` (``from processhandler.uliweb import
+    Manager``): ``daemon=True`` supervises in the foreground (restarting
+    workers that end, except after ``is_exit = 'quit'``) until TERM/INT or
+    every worker quit; ``daemon=False`` (the default) starts each worker
+    once and returns at once; ``join()`` waits until all have finished
+    (and so does the interpreter's exit, as multiprocessing does for its
+    children).  Under daemon=False the master is a child of the calling
+    process: it stops its workers if the caller dies.
+    """
+
+    def __init__(self, workers, log=None, check_point=10,
+                 title='Workers Daemon', wait_time=3, daemon=False,
+                 **settings):
+        log = log or logging.getLogger('processhandler.uliweb')
+        Manager.__init__(self, workers, log=log, check_point=check_point,
+                         title=title, wait_time=wait_time, daemon=False,
+                         **settings)
+        self.check_point = check_point
+        self.wait_time = wait_time
+        self.daemon = daemon
+        self.is_exit = False
+        self.master_pid = None
+        self.exit_status = None
+
+    def init(self):
+        rule = '=' * len(self.title)
+        for line in (rule, self.title, rule, 'Daemon process %d' % self.pid,
+                     'Check point %ss' % self.check_point):
+            self.log.info(line)
+
+    def after_run(self):
+        pass
+
+    def start(self):
+        self.pid = os.getpid()
+        for w in self.workers:
+            if isinstance(w, UliwebWorker):
+                w.apply_limits(self.wait_time)
+        self.init()
+        if not self.workers:
+            self.log.info('No workers need to run.')
+            return EXIT_OK
+        if self.daemon:
+            status = self._run_master()
+        else:
+            status = self._fork_master()
+        self.after_run()
+        return status
+
+    def _fork_master(self):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid:
+            self.master_pid = pid
+            import atexit
+            atexit.register(self._join_at_exit)
+            return None
+        status = EXIT_FAILURE
+        try:
+            # The caller gone (killed, or returned without join()): stop.
+            prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+            if os.getppid() == parent:      # else it died before prctl
+                status = self._run_master(run_once=True)
+        except BaseException:
+            log.exception('manager failed')
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(status)
+
+    def join(self):
+        """Wait until every worker has finished (daemon=False); return the
+        master's exit status."""
+        pid, self.master_pid = self.master_pid, None
+        while pid:
+            try:
+                _, status = os.waitpid(pid, 0)
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                break
+            self.exit_status = os.WEXITSTATUS(status) if \
+                os.WIFEXITED(status) else 1
+            break
+        return self.exit_status
+
+    def _join_at_exit(self):
+        if self.master_pid is None:
+            return
+        try:
+            self.join()
+        except KeyboardInterrupt:
+            pid, self.master_pid = self.master_pid, None
+            if pid:
+                os.kill(pid, signal.SIGTERM)
+                os.waitpid(pid, 0)
+
+
+ULIWEB_NAMES = {'Worker': UliwebWorker, 'Manager': UliwebManager,
+                'Timeout': Timeout, 'TimeoutException': TimeoutException,
+                'make_log': make_log, 'get_memory': get_memory,
+                'FORMAT': FORMAT,
+                '__all__': ['Worker', 'Manager', 'make_log', 'Timeout',
+                            'TimeoutException', 'get_memory']}
+
+# `from processhandler.uliweb import *` replaces `from uliweb.utils.workers
+# import *`: processhandler is one file, so the submodule is an alias that
+# exists as soon as processhandler is imported (the import system finds it
+# in sys.modules right after importing the parent).
+_alias_module('processhandler.uliweb', ULIWEB_NAMES)
 
 
 ###############################################################################
@@ -5684,6 +6374,7 @@ def load_worker_class(cfg, reload=False):
         raise ConfigError('%s worker_class: required (module:Class)'
                           % cfg.where())
     module_name, _, class_name = cfg.worker_class.partition(':')
+    install_processhandler_aliases()   # ProcessHandler-era imports
     if cfg.base_path not in sys.path:
         sys.path.insert(0, cfg.base_path)
     saved = {}
@@ -5744,7 +6435,7 @@ def worker_class_problems(cfg, cls):
         problems.append('%s worker_type: gevent is not installed for %s '
                         '(pip install gevent)' % (cfg.where(),
                                                   sys.executable))
-    return problems
+    return problems + compat_problems(cls, cfg)
 
 
 def gevent_available():
@@ -6738,6 +7429,9 @@ def load_start_config(args):
 
 def main(argv=None):
     """Command-line entry point; returns the exit status."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words[:1] == ['compat-shim']:     # needs no config: see its section
+        return cmd_compat_shim(words[1:])
     args = build_parser().parse_args(argv)
     try:
         if not args.config:

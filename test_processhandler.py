@@ -7714,3 +7714,827 @@ def test_workers_do_not_hold_the_masters_redis_connection(redis_server,
     for pid in list(workers.values()) + [spare]:
         assert not socket_inodes(pid) & to_redis, pid
     assert proj.ph('stop').returncode == 0
+
+
+# ==== compatibility with the seeds' real code (issue 14) ====
+# The original ProcessHandler's jobexecute.py / run.py / conf/config.ini
+# (examples/processhandler_original, vendored, imports unchanged) and
+# uliweb3 0.3.2's workers.py users (the installed package's own
+# load_table_file.py, its documented examples) with only the import line
+# changed.
+
+PH_ORIGINAL = os.path.join(HERE, 'examples', 'processhandler_original')
+
+
+def ph_original(proj, config_edit=None, job=None):
+    """A copy of the vendored ProcessHandler application with the shim
+    written by ``processhandler compat-shim``; returns its folder."""
+    folder = os.path.join(proj.path, 'app')
+    shutil.copytree(PH_ORIGINAL, folder)
+    res = run_ph(['compat-shim', folder], cwd=proj.path)
+    assert res.returncode == 0, res.stderr
+    assert os.path.exists(os.path.join(folder, 'ProcessHandler',
+                                       '__init__.py'))
+    config = os.path.join(folder, 'conf', 'config.ini')
+    if config_edit:
+        with open(config) as f:
+            text = f.read()
+        with open(config, 'w') as f:
+            f.write(config_edit(text))
+    if job:
+        with open(os.path.join(folder, 'jobexecute.py'), 'w') as f:
+            f.write(textwrap.dedent(job))
+    return folder
+
+
+def run_original(proj, folder):
+    """``python run.py -c conf/config.ini`` as its README says (the seed's
+    config daemonizes): returns the master pid."""
+    env = dict(os.environ)
+    env.pop('PYTHONPATH', None)      # the shim finds processhandler itself
+    res = subprocess.run([PY, 'run.py', '-c', 'conf/config.ini'], cwd=folder,
+                         env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, timeout=60)
+    pidfile = os.path.join(folder, 'conf', 'master.pid')
+    track_started(proj, pidfile)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert 'Traceback' not in res.stderr, res.stderr
+    return proj.master_pid(pidfile)
+
+
+def original_status(proj, folder):
+    return proj.status(config=os.path.join(folder, 'conf', 'config.ini'))
+
+
+def test_processhandler_original_runs_unchanged_and_term_is_graceful(proj):
+    """The seed's run.py + jobexecute.py + conf/config.ini, imports
+    unchanged: a daemon with 2 workers whose handle_request() never returns
+    (``while 1: ... time.sleep(1.5)``), logging through the seed's
+    setup_file_logging format; TERM stops both gracefully within
+    graceful_timeout (1 s): they exit 0, not KILLed, and the log says the
+    request was interrupted and why."""
+    folder = ph_original(proj)
+    master = run_original(proj, folder)
+    log_path = os.path.join(folder, 'conf', 'master.log')
+    doc = wait_for(lambda: (lambda d: d and len([
+        w for w in d['workers'] if w['state'] == 'running']) == 2 and d)(
+            original_status(proj, folder)), what='2 running workers')
+    assert doc['master']['proc_name'] == 'jobexecute'
+    pids = [w['pid'] for w in doc['workers']]
+    # The seed's own format, from both workers (each in its endless loop).
+    wait_for(lambda: len(re.findall(r'^\[[\d-]+ [\d:,]+\] INFO jobexecute '
+                                    r'"go\.\.\."$', read(log_path), re.M))
+             >= 4, what='go... lines')
+    assert 'Traceback' not in read(log_path)
+    t0 = time.monotonic()
+    os.kill(master, signal.SIGTERM)
+    wait_for(lambda: not alive(master) and not any(alive(p) for p in pids),
+             what='master and workers gone')
+    took = time.monotonic() - t0
+    text = read(log_path)
+    for n, pid in enumerate(sorted(pids)):
+        assert re.search(r'worker \d \(pid %d\) stopped \(master stopping\): '
+                         r'exit status 0' % pid, text), text
+    assert text.count('handle_request() still running') == 2, text
+    assert 'KILL' not in text, text
+    assert took < 1.0 + 2.0, took     # graceful_timeout 1 s (+ load slack)
+    assert not os.path.exists(os.path.join(folder, 'conf', 'master.pid'))
+
+
+COUNTING_JOB = '''
+    # coding=utf-8
+    # ProcessHandler style, imports unchanged: one request per call.
+    import os
+    import time
+    import logging
+
+    from ProcessHandler.lib.log import setup_file_logging
+    from ProcessHandler.lib.workers.sync import SyncWorker
+
+
+    class JobExecute(SyncWorker):
+
+        LOGGER_NAME = "jobexecute"
+
+        def __init__(self, cfg, file_logger=None, ppid=None, sockets=None):
+            SyncWorker.__init__(self, cfg, file_logger, ppid, sockets)
+            setup_file_logging(self.LOGGER_NAME, self.cfg.log_file)
+            self.logger = logging.getLogger(self.LOGGER_NAME)
+
+        def init_process(self):
+            super(JobExecute, self).init_process()
+            self.note('boot', self.booted, self.max_requests, self.ppid,
+                      self.worker_name, self.rd_fds, self.LISTENERS,
+                      type(self.file_logger).__name__)
+
+        def note(self, *words):
+            line = ' '.join(str(w).replace(' ', '_') for w in
+                            (os.getpid(),) + words) + '\\n'
+            fd = os.open(os.path.join(os.path.dirname(
+                os.path.abspath(__file__)), 'events.txt'),
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.write(fd, line.encode())
+            os.close(fd)
+
+        def handle_request(self, sock=None, client=None, addr=None):
+            if client is not None:
+                data = client.recv(100)
+                client.sendall(b'echo ' + data + b' from %d' % os.getpid())
+            self.note('request', self.nr, self.alive)
+            self.logger.info('job %d', self.nr)
+            time.sleep(0.05)
+'''
+
+
+def original_events(folder, kind):
+    try:
+        with open(os.path.join(folder, 'events.txt')) as f:
+            rows = [line.split() for line in f.read().splitlines()]
+    except OSError:
+        return []
+    return [r for r in rows if r[1] == kind]
+
+
+def test_processhandler_original_counts_and_recycles_at_max_requests(proj):
+    """A ProcessHandler-style job (imports unchanged) run by the seed's
+    run.py with its config (max_requests 3): the worker contract's
+    attributes hold (booted, max_requests, ppid = the master, worker_name,
+    file_logger), nr counts 0, 1, 2 and each worker process handles
+    exactly 3 requests before it is recycled."""
+    folder = ph_original(proj, config_edit=lambda t: t.replace(
+        'max_requests            = 10000', 'max_requests = 3'),
+        job=COUNTING_JOB)
+    master = run_original(proj, folder)
+    wait_for(lambda: len(set(r[0] for r in original_events(
+        folder, 'request'))) >= 4, what='4 worker processes')
+    boots = original_events(folder, 'boot')
+    for pid, _, booted, maxr, ppid, name, rd, listeners, flog in boots:
+        assert (booted, maxr, ppid, name) == (
+            'True', '3', str(master), 'worker:_jobexecute'), boots
+        assert (rd, listeners, flog) == ('None', '[]', 'RootLogger')
+    per_pid = collections.defaultdict(list)
+    for pid, _, nr, alive_ in original_events(folder, 'request'):
+        per_pid[pid].append(int(nr))
+        assert alive_ == 'True'
+    done = [p for p in per_pid if not alive(int(p))]
+    assert len(done) >= 2, per_pid
+    for p in done:
+        assert per_pid[p] == [0, 1, 2], per_pid
+    log_text = read(os.path.join(folder, 'conf', 'master.log'))
+    assert 'max_requests reached' in log_text
+    assert re.search(r'INFO jobexecute "job 2"', log_text)
+    os.kill(master, signal.SIGTERM)
+    wait_for(lambda: not alive(master), what='master gone')
+
+
+def test_processhandler_original_socket_worker_answers_a_client(proj):
+    """With ``bind`` in the seed's config, handle_request(sock, client,
+    addr) is called per accepted connection: a real client over 127.0.0.1
+    gets its answer from a worker; `check` passes for it and fails, with
+    one line, for the seed's no-argument handle_request."""
+    folder = ph_original(proj, job=COUNTING_JOB,
+                         config_edit=lambda t: t + 'bind = 127.0.0.1:0\n')
+    config = os.path.join(folder, 'conf', 'config.ini')
+    # (jobexecute.py sits beside run.py, not in base_path = conf/)
+    check = ['-c', config, '--set', 'worker_class=jobexecute:JobExecute',
+             '--set', 'base_path=' + folder, 'check']
+    res = run_ph(check, cwd=folder)
+    assert res.returncode == 0, res.stderr
+    master = run_original(proj, folder)
+    doc = wait_for(lambda: (lambda d: d and d['master']['listeners'] and d)(
+        original_status(proj, folder)), what='listeners')
+    host, port = doc['master']['listeners'][0].rsplit(':', 1)
+    for i in range(3):
+        c = socket.create_connection(('127.0.0.1', int(port)), timeout=10)
+        c.sendall(b'hi %d' % i)
+        answer = c.recv(200)
+        c.close()
+        assert re.match(br'echo hi %d from \d+$' % i, answer), answer
+    boots = original_events(folder, 'boot')
+    assert boots and all(b[6] != 'None' and b[7] != '[]' for b in boots)
+    os.kill(master, signal.SIGTERM)
+    wait_for(lambda: not alive(master), what='master gone')
+    # The seed's handle_request() takes no argument: check says so.
+    with open(os.path.join(folder, 'jobexecute.py'), 'w') as f:
+        f.write(open(os.path.join(PH_ORIGINAL, 'jobexecute.py')).read())
+    res = run_ph(check, cwd=folder)
+    assert res.returncode == 2
+    assert 'handle_request() must take (sock, client, addr)' in one_line(res)
+
+
+PER_WORKER_JOB = '''
+    import os
+    import socket
+    from ProcessHandler.lib.workers.sync import SyncWorker
+
+
+    class JobExecute(SyncWorker):
+        def __init__(self, cfg, file_logger=None, ppid=None, sockets=None):
+            SyncWorker.__init__(self, cfg, file_logger, ppid, sockets)
+            self.own = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.own.bind(('127.0.0.1', 0))
+            self.built_in = os.getpid()
+
+        def init_process(self):
+            super(JobExecute, self).init_process()
+            line = '%d boot %d %d\\n' % (os.getpid(), self.built_in,
+                                         os.fstat(self.own.fileno()).st_ino)
+            with open(os.path.join(os.path.dirname(os.path.abspath(
+                    __file__)), 'events.txt'), 'a') as f:
+                f.write(line)
+
+        def handle_request(self):
+            self.sleep(0.2)
+'''
+
+
+def test_processhandler_original_worker_built_in_each_worker(proj):
+    """ProcessHandler built the worker object in each worker process after
+    the fork: a socket its __init__ opens is that worker's own."""
+    folder = ph_original(proj, job=PER_WORKER_JOB)
+    master = run_original(proj, folder)
+    boots = wait_for(lambda: len(original_events(folder, 'boot')) >= 2 and
+                     original_events(folder, 'boot'), what='2 boots')
+    os.kill(master, signal.SIGTERM)
+    wait_for(lambda: not alive(master), what='master gone')
+    for pid, _, built_in, inode in boots:
+        assert built_in == pid, boots
+    assert boots[0][3] != boots[1][3], boots
+
+
+def test_processhandler_aliases_and_shim_errors(proj):
+    """The alias modules carry the seed's names; compat-shim's usage
+    errors are one line, exit 2."""
+    code = ('import processhandler as p; p.install_processhandler_aliases()\n'
+            'from ProcessHandler.lib.workers.sync import SyncWorker\n'
+            'from ProcessHandler.lib.workers.base import Worker\n'
+            'from ProcessHandler.lib.log import setup_file_logging\n'
+            'from ProcessHandler.lib.arbiter import Arbiter\n'
+            'from ProcessHandler.lib.utils import parse_args, close_on_exec\n'
+            'import ProcessHandler.lib.workers.sync as m\n'
+            'assert SyncWorker is p.SyncWorker is m.SyncWorker\n'
+            'assert Arbiter is p.CompatArbiter\n'
+            'assert parse_args(["-c", "x.ini"]).config == "x.ini"\n'
+            'print("ok")\n')
+    res = subprocess.run([PY, '-c', code], cwd=HERE, universal_newlines=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert res.stdout.strip() == 'ok', res.stderr
+    for args in (['compat-shim'], ['compat-shim', '/no/such/dir']):
+        res = run_ph(args, cwd=proj.path)
+        assert res.returncode == 2
+        assert 'compat-shim' in one_line(res)
+
+
+# -- uliweb ------------------------------------------------------------------
+
+def uliweb_file(relpath):
+    """A file of the installed uliweb3 package (read as source: importing
+    uliweb needs its web framework's dependencies)."""
+    try:
+        from importlib import metadata
+        dist = metadata.distribution('Uliweb3')
+    except Exception:
+        pytest.skip('uliweb3 is not installed in %s (.ci/test installs it)'
+                    % sys.executable)
+    path = str(dist.locate_file(relpath))
+    assert os.path.exists(path), path
+    return path
+
+
+# Just enough of uliweb's ORM for load_table_file(): rows land in a file.
+FAKE_ULIWEB = {
+    'uliweb/__init__.py': '''
+        import os
+        functions = settings = None
+        ''',
+    'uliweb/orm.py': '''
+        import os
+        OUT = os.path.join(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))), 'rows.txt')
+
+        class _Dialect(object):
+            driver = 'fake'
+
+        class _Engine(object):
+            dialect = _Dialect()
+
+        def get_connection():
+            return _Engine()
+
+        def get_session(create=False):
+            return None
+
+        def Reset():
+            pass
+
+        def _event(word):
+            with open(OUT + '.events', 'a') as f:
+                f.write('%s %d\\n' % (word, os.getpid()))
+
+        def Begin():
+            _event('begin')
+
+        def Commit():
+            _event('commit')
+
+        def Rollback():
+            _event('rollback')
+
+        def reflect_table(t):
+            return t
+
+        def do_(sql, args=None):
+            fd = os.open(OUT, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.write(fd, ''.join('%s %d\\n' % (a['id'], os.getpid())
+                                 for a in args).encode())
+            os.close(fd)
+        ''',
+}
+
+LOAD_TABLE_SCRIPT = '''
+import logging
+import os
+import sys
+import time
+logging.basicConfig(level=logging.INFO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import load_table_file as ltf
+
+
+class Insert(object):
+    def values(self, para):
+        return 'INSERT %s' % sorted(para)
+
+
+class Table(object):
+    def drop(self, engine, checkfirst=False):
+        pass
+
+    def create(self, engine):
+        pass
+
+    def insert(self):
+        return Insert()
+
+
+with open('data.txt', 'w') as f:
+    f.write('id name\\n')
+    for i in range(200):
+        f.write(repr({'id': i, 'name': 'row %d' % i}) + '\\n')
+ltf.load_table_file(Table(), 'data.txt', max_workers=4, bulk=BULK)
+print('load_table_file returned')
+'''
+
+
+def write_uliweb_app(proj):
+    for rel, text in FAKE_ULIWEB.items():
+        path = os.path.join(proj.path, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, 'w') as f:
+            f.write(textwrap.dedent(text))
+    src = read(uliweb_file('uliweb/contrib/orm/load_table_file.py'))
+    line = 'from uliweb.utils.workers import Worker, Manager'
+    assert src.count(line) == 1
+    with open(os.path.join(proj.path, 'load_table_file.py'), 'w') as f:
+        f.write(src.replace(line, 'from processhandler.uliweb import '
+                                  'Worker, Manager'))
+
+
+def uliweb_env():
+    env = dict(os.environ)
+    env['PYTHONPATH'] = HERE
+    return env
+
+
+@pytest.mark.parametrize('bulk', [0, 30])
+def test_uliweb_load_table_file_runs_once_and_joins(proj, bulk):
+    """uliweb3's own load_table_file() (its source, only the import line
+    changed; a fake ORM writes rows to a file): Manager(workers) with the
+    default daemon=False starts the producer and 4 inserters once,
+    is_exit = 'quit' ends each for good, join() returns, and exactly the
+    200 rows are inserted once each, with the result queue's totals."""
+    write_uliweb_app(proj)
+    script = os.path.join(proj.path, 'load.py')
+    with open(script, 'w') as f:
+        f.write(LOAD_TABLE_SCRIPT.replace('BULK', str(bulk)))
+    proc = run_script(proj, script, env=uliweb_env())
+    assert proc.wait(DEADLINE * 2) == 0, proj.fg_output()
+    out = proj.fg_output()
+    assert 'load_table_file returned' in out, out
+    assert 'Finished! Total 200 records' in out, out
+    rows = read(os.path.join(proj.path, 'rows.txt')).split('\n')[:-1]
+    ids = sorted(int(r.split()[0]) for r in rows)
+    assert ids == list(range(200)), len(ids)
+    assert len(re.findall(r'PutWorker-1 \d+ created', out)) == 1, out
+    assert out.count('quit!') == 5, out
+    commits = read(os.path.join(proj.path, 'rows.txt.events'))
+    assert commits.count('commit') == 4 and 'rollback' not in commits
+    wait_for(lambda: not any(alive(p) for p in descendants(proc.pid)),
+             what='nothing left')
+
+
+ULIWEB_SCRIPT = '''
+import logging
+import os
+import sys
+import time
+from processhandler.uliweb import *
+
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+BASE = os.path.dirname(os.path.abspath(__file__))
+
+
+def note(*words):
+    fd = os.open(os.path.join(BASE, 'events.txt'),
+                 os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, (' '.join(str(w) for w in (os.getpid(),) + words)
+                  + '\\n').encode())
+    os.close(fd)
+
+
+class Counting(Worker):
+    def init(self):
+        super(Counting, self).init()
+        self.check_point = 0.05          # set in init(): honoured
+        note('init', self.name)
+
+    def run(self):
+        self.count += 1
+        note('run', self.name, self.count)
+        return True
+
+    def after_run(self):
+        super(Counting, self).after_run()
+        note('after_run', self.name, self.count)
+
+
+class Slow(Worker):
+    def run(self):
+        self.count += 1
+        note('run', self.name, self.count)
+        try:
+            if self.count == 1:
+                time.sleep(30)
+        except TimeoutException as e:
+            note('timeout', self.name, self.count, str(e).replace(' ', '_'))
+            raise
+        time.sleep(0.1)
+
+
+class Crashing(Worker):
+    def run(self):
+        note('run', self.name)
+        raise ValueError('boom')
+
+    def on_finished(self):
+        note('finished', self.name)
+
+
+class Quitting(Worker):
+    def run(self):
+        note('run', self.name)
+        self.is_exit = 'quit'
+
+
+class Growing(Worker):
+    def init(self):
+        super(Growing, self).init()
+        self.keep = []
+        note('init', self.name)
+
+    def run(self):
+        if not self.keep:
+            self.keep.append(b'x' * (int(%(grow)d) << 20))
+        time.sleep(0.05)
+
+    def reached_hard_memory_limit(self, mem):
+        note('asked', self.name, int(mem))
+        return False                     # an override: never hard-killed
+
+
+if __name__ == '__main__':
+    daemon = sys.argv[1] == 'daemon'
+    base = get_memory(os.getpid())
+    workers = [Counting(max_requests=2, name='Counting'),
+               Slow(timeout=0.5, name='Slow', max_requests=2),
+               Crashing(name='Crashing', check_point=0.2),
+               Quitting(name='Quitting')]
+    if daemon:
+        workers.append(Growing(name='Growing',
+                               soft_memory_limit=base + %(grow)d / 2,
+                               hard_memory_limit=base + 1))
+    assert (workers[0].soft_memory_limit, workers[0].hard_memory_limit) == \\
+        (200, 300)
+    manager = Manager(workers, check_point=0.2, wait_time=2, daemon=daemon)
+    manager.start()
+    print('start returned', flush=True)
+    print('join returned %%r' %% (manager.join(),), flush=True)
+'''
+
+
+def uliweb_events(proj, kind=None):
+    try:
+        rows = [line.split() for line in read(os.path.join(
+            proj.path, 'events.txt')).splitlines()]
+    except OSError:
+        return []
+    return [r for r in rows if kind is None or r[1] == kind]
+
+
+def by_name(rows, name):
+    return [r for r in rows if r[2].startswith(name)]
+
+
+def test_uliweb_daemon_false_runs_each_worker_once_and_join_returns(proj):
+    """daemon=False: start() returns at once, each worker runs once to its
+    end (count past max_requests, a TimeoutException inside run() that
+    the same process survives, an exception that ends the worker,
+    is_exit = 'quit'), nothing is restarted and join() returns 0."""
+    script = os.path.join(proj.path, 'workers.py')
+    with open(script, 'w') as f:
+        f.write(ULIWEB_SCRIPT % {'grow': 60})
+    proc = subprocess.Popen([PY, script, 'once'], cwd=proj.path,
+                            env=uliweb_env(), stdout=open(os.path.join(
+                                proj.path, 'fg.out'), 'ab'),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    proj.popens.append(proc)
+    proj.masters.add(proc.pid)
+    assert proc.wait(DEADLINE * 2) == 0, proj.fg_output()
+    out = proj.fg_output()
+    # start() returned while the workers ran; join() waited for them.
+    assert out.index('start returned') < out.index('every worker has '
+                                                   'finished'), out
+    assert 'join returned 0' in out, out
+    runs = uliweb_events(proj, 'run')
+    counting = by_name(runs, 'Counting')
+    assert [r[3] for r in counting] == ['1', '2', '3'], counting
+    assert len(set(r[0] for r in runs)) == 4       # one process per worker
+    assert 'cancelled by reaching max requests count [2]' in out
+    slow = by_name(runs, 'Slow')
+    assert [r[3] for r in slow] == ['1', '2', '3'], slow
+    [timeout] = uliweb_events(proj, 'timeout')
+    assert timeout[0] == slow[0][0] and timeout[4] == 'Timeout_0.5s'
+    assert 'Time out' in out
+    assert len(by_name(runs, 'Crashing')) == 1
+    assert 'ValueError: boom' in out
+    assert by_name(uliweb_events(proj, 'finished'), 'Crashing')
+    assert len(by_name(runs, 'Quitting')) == 1
+    assert 'every worker has finished' in out
+    assert not re.search(r'killed after timeout', out)
+
+
+def test_uliweb_daemon_true_restarts_and_limits(proj):
+    """daemon=True supervises in the foreground: a worker that ends
+    (count past max_requests, an exception from run()) is restarted, one
+    that set is_exit = 'quit' is not; a worker over its soft memory limit
+    is stopped and restarted while its reached_hard_memory_limit override
+    is what decides the hard limit.  TERM: exit 0, nothing left."""
+    script = os.path.join(proj.path, 'workers.py')
+    with open(script, 'w') as f:
+        f.write(ULIWEB_SCRIPT % {'grow': 60})
+    out_path = os.path.join(proj.path, 'fg.out')
+    proc = subprocess.Popen([PY, script, 'daemon'], cwd=proj.path,
+                            env=uliweb_env(), stdout=open(out_path, 'ab'),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    proj.popens.append(proc)
+    proj.masters.add(proc.pid)
+
+    def pids(name, kind='run'):
+        return set(r[0] for r in by_name(uliweb_events(proj, kind), name))
+    wait_for(lambda: len(pids('Counting')) >= 3 and len(pids('Crashing')) >=
+             3 and len(pids('Growing', 'init')) >= 2 and
+             pids('Growing', 'asked'),
+             DEADLINE * 2, lambda: 'restarts\n' + proj.fg_output())
+    # Dead first, then their runs (one may end between two reads).
+    finished = [p for p in pids('Counting') if not alive(int(p))]
+    counting = collections.defaultdict(list)
+    for r in by_name(uliweb_events(proj, 'run'), 'Counting'):
+        counting[r[0]].append(r[3])
+    assert finished and all(counting[p] == ['1', '2', '3']
+                            for p in finished), counting
+    assert len(pids('Quitting')) == 1
+    out = proj.fg_output()
+    assert re.search(r'over soft_memory_limit [\d.]+ MB', out), out
+    assert 'over hard_memory_limit' not in out
+    assert "finished (is_exit = 'quit'): not restarted" in out
+    assert alive(proc.pid)
+    stop_script(proj, proc)
+
+
+def test_uliweb_make_log_and_names(proj):
+    """make_log() takes a logger name, honours format, tags nothing twice;
+    the module-level names uliweb users import are there."""
+    import processhandler.uliweb as uw
+    for name in ('Worker', 'Manager', 'Timeout', 'TimeoutException',
+                 'make_log', 'get_memory'):
+        assert getattr(uw, name) is getattr(processhandler, {
+            'Worker': 'UliwebWorker', 'Manager': 'UliwebManager'}.get(
+                name, name))
+    assert uw.get_memory(os.getpid()) > 1
+    assert uw.get_memory(dead_pid()) == 0
+    path = os.path.join(proj.path, 'w.log')
+    name = unique_name()
+    logger = uw.make_log(name, path, format='%(name)s|%(message)s')
+    uw.make_log(name, path, format='%(name)s|%(message)s')   # not twice
+    logger.propagate = False
+    logger.warning('hello %d', 1)
+    assert read(path) == '%s|hello 1\n' % name
+    tagged = uw.make_log(unique_name(), path + '2', format=None)
+    tagged.propagate = False
+    tagged.warning('x')
+    assert read(path + '2').count('master') == 1, read(path + '2')
+    with pytest.raises(uw.TimeoutException):
+        with uw.Timeout(0.2):
+            time.sleep(5)
+
+
+def test_manager_daemon_true_supervises_in_the_foreground(proj):
+    """processhandler.Manager(daemon=True) (uliweb's flag) does not detach:
+    the process started is the master, its worker runs, TERM: exit 0."""
+    script = os.path.join(proj.path, 'fg_manager.py')
+    with open(script, 'w') as f:
+        f.write(textwrap.dedent('''
+            import sys
+            import time
+            import processhandler
+
+            class Job(processhandler.Worker):
+                def run(self):
+                    time.sleep(0.05)
+                    return True
+
+            sys.exit(processhandler.Manager([Job()], daemon=True,
+                                            check_point=0.2).start())
+            '''))
+    proc = run_script(proj, script, env=uliweb_env())
+    kids = wait_for(lambda: [k for k in descendants(proc.pid)
+                             if ': worker ' in cmdline(k)],
+                    what='a worker under the started process')
+    assert ppid_of(kids[0]) == proc.pid and proc.poll() is None
+    stop_script(proj, proc)
+
+
+STUCK_JOB = '''
+    import signal
+    import time
+    from ProcessHandler.lib.workers.sync import SyncWorker
+
+
+    class JobExecute(SyncWorker):
+        def handle_request(self):
+            # Where no exception can reach: the interrupt's signal is
+            # blocked (as in C code that never returns to Python).
+            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])
+            while 1:
+                time.sleep(1.5)
+'''
+
+
+def test_processhandler_original_stuck_request_is_killed_and_logged(proj):
+    """A handle_request() that even the TERM interrupt cannot reach is
+    KILLed at graceful_timeout, and the log says which worker, why it was
+    being stopped and after how long."""
+    folder = ph_original(proj, job=STUCK_JOB)
+    master = run_original(proj, folder)
+    log_path = os.path.join(folder, 'conf', 'master.log')
+    doc = wait_for(lambda: (lambda d: d and len([
+        w for w in d['workers'] if w['state'] == 'running']) == 2 and d)(
+            original_status(proj, folder)), what='2 running workers')
+    pids = [w['pid'] for w in doc['workers']]
+    os.kill(master, signal.SIGTERM)
+    wait_for(lambda: not alive(master) and not any(alive(p) for p in pids),
+             what='master and workers gone')
+    text = read(log_path)
+    for pid in pids:
+        assert re.search(r'worker \d \(pid %d\) still alive [\d.]+s after '
+                         r'being asked to stop \(master stopping; '
+                         r'graceful_timeout 1s\): KILL' % pid, text), text
+
+
+# uliweb3's documentation (docs/workers.md, BSD), its first two examples
+# verbatim but for the import line.
+ULIWEB_DOC_BASIC = '''
+from processhandler.uliweb import Worker, Manager
+import time
+
+class MyWork(Worker):
+    def run(self):
+        self.log.info('running')
+        time.sleep(1)
+        return True
+
+workers = [MyWork()]
+manager = Manager(workers)
+manager.start()
+'''
+
+ULIWEB_DOC_COMPLEX = '''
+import time
+import logging
+from processhandler.uliweb import *
+
+logging.basicConfig(level=logging.INFO)
+
+class NewWorker(Worker):
+    def init(self):
+        self.log = make_log(self.log, 'new_worker.log')
+        super(NewWorker, self).init()
+
+    def run(self):
+        s = []
+        for i in range(50000):
+            s.append(str(i))
+        self.log.info ('result= %d ' % len(s))
+        time.sleep(1)
+        return True
+
+workers = [Worker(max_requests=2),
+           NewWorker(max_requests=2, timeout=5, name='NewWorker',
+                     soft_memory_limit=5, hard_memory_limit=10)]
+manager = Manager(workers, check_point=1)
+manager.start()
+'''
+
+
+def test_uliweb_documented_examples(proj):
+    """uliweb's documented examples with only the import line changed.
+    Basic: MyWork logs 'running' every second (the script's end waits for
+    its worker, which never ends) until the script is killed, which stops
+    everything.  Complex: NewWorker logs into new_worker.log in uliweb's
+    format, and at 5 MB soft / 10 MB hard (less than any interpreter
+    weighs) the first memory check KILLs it, for good (daemon=False),
+    while the plain Worker (which never counts) runs on."""
+    for name, text in (('basic', ULIWEB_DOC_BASIC),
+                       ('complex', ULIWEB_DOC_COMPLEX)):
+        script = os.path.join(proj.path, name + '.py')
+        with open(script, 'w') as f:
+            f.write(text)
+    proc = run_script(proj, os.path.join(proj.path, 'basic.py'),
+                      env=uliweb_env())
+    wait_for(lambda: proj.fg_output().count('running') >= 3,
+             what=lambda: 'running lines\n' + proj.fg_output())
+    tree = set(descendants(proc.pid))
+    assert proc.poll() is None
+    assert [p for p in tree if cmdline(p).strip() == 'Workers Daemon: master']
+    assert [p for p in tree if cmdline(p).strip() ==
+            'Workers Daemon: worker 1']
+    proc.kill()                      # the caller dies: its manager stops
+    wait_for(lambda: not any(alive(p) for p in tree), what='all gone')
+
+    os.unlink(os.path.join(proj.path, 'fg.out'))
+    proc = run_script(proj, os.path.join(proj.path, 'complex.py'),
+                      env=uliweb_env())
+    new_log = os.path.join(proj.path, 'new_worker.log')
+    wait_for(lambda: 'over hard_memory_limit 10 MB: KILL' in
+             proj.fg_output() and 'NewWorker-2' in proj.fg_output() and
+             'finished (killed by SIGKILL): not restarted' in
+             proj.fg_output(),
+             what=lambda: 'the soft limit\n' + proj.fg_output())
+    # uliweb's format; uliweb's numbering (per class, from the base's).
+    assert re.search(r'^\[INFO - [\d-]+ [\d:,]+ - complex\.py:\d+\] - '
+                     r'result= 50000 $', read(new_log), re.M), read(new_log)
+    assert re.search(r'NewWorker-2 \d+ created', read(new_log))
+    out = proj.fg_output()
+    assert re.search(r'Process-\d+ \d+ running', out), out
+    assert proc.poll() is None        # waits for the plain Worker
+    stop_list = set(descendants(proc.pid))
+    proc.kill()
+    wait_for(lambda: not any(alive(p) for p in stop_list), what='all gone')
+
+
+def test_uliweb_timeout_unreachable_run_is_dumped_and_killed(proj):
+    """A uliweb worker's run() stuck where TimeoutException cannot reach
+    (SIGALRM blocked, as in C code) is killed by the hard timeout,
+    ``timeout + wait_time``, with its stack in the log; daemon=False: it is
+    not restarted and join() returns."""
+    script = os.path.join(proj.path, 'stuck.py')
+    with open(script, 'w') as f:
+        f.write(textwrap.dedent('''
+            import logging
+            import signal
+            import sys
+            import time
+            from processhandler.uliweb import Worker, Manager
+
+            logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+
+            def stuck_where_no_exception_reaches():
+                signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])
+                time.sleep(60)
+
+            class Stuck(Worker):
+                def run(self):
+                    stuck_where_no_exception_reaches()
+
+            m = Manager([Stuck(timeout=0.3, name='Stuck')], wait_time=0.5)
+            m.start()
+            print('join returned %r' % (m.join(),), flush=True)
+            '''))
+    proc = run_script(proj, script, env=uliweb_env())
+    assert proc.wait(DEADLINE) == 0, proj.fg_output()
+    out = proj.fg_output()
+    assert re.search(r'timed out: run\(\) has taken [\d.]+s \(timeout '
+                     r'0\.8s\)', out), out
+    assert 'stuck_where_no_exception_reaches' in out
+    assert 'join returned 0' in out
