@@ -113,7 +113,7 @@ def wait_workers_number(p, n, *args):
     booting or stopping); {slot: pid}.  ``args``: for ``status``, e.g.
     ('-s', 'job')."""
     def check():
-        doc = p.status(*args)
+        doc = p.status(*args) if args else p.query()
         if doc is None or doc['master']['number_workers'] != n:
             return None
         live = [w for w in doc['workers'] if w['pid']]
@@ -839,9 +839,29 @@ class Project(object):
                 self.workers.add(w['pid'])
         return doc
 
+    def query(self, pidfile=None, config=None):
+        """The status document, for polling: straight from the master's
+        control socket, the reply ``status --json`` prints, without starting
+        an interpreter per look (~1 ms instead of 0.1-0.5 s, more on PyPy
+        and under load).  Without a socket there (not started yet, or
+        another pidfile) it is the CLI's answer.  Tests of ``status``
+        itself call ``status()``."""
+        pidfile = pidfile or self.pidfile
+        if not os.path.exists(processhandler.control_path(pidfile)):
+            return self.status(**({'config': config} if config else {}))
+        try:
+            doc = processhandler.control_request(
+                pidfile, {'cmd': 'status'}, timeout=DEADLINE)
+        except (OSError, ValueError):
+            return None
+        for w in doc.get('workers', []):
+            if w.get('pid'):
+                self.workers.add(w['pid'])
+        return doc
+
     def running_workers(self, n=None):
         """Pids of running workers by slot, when there are ``n`` of them."""
-        doc = self.status()
+        doc = self.query()
         if doc is None:
             return None
         rows = [w for w in doc['workers'] if w['state'] == 'running']
@@ -969,7 +989,7 @@ def rows(p, state=None):
 
 
 def slot_row(p, slot):
-    doc = p.status()
+    doc = p.query()
     if doc is None:
         return None
     rows = [w for w in doc['workers'] if w['slot'] == slot]
@@ -994,7 +1014,7 @@ def backoff_gaps(proj, kind, n, what):
 
 def spare_of(proj):
     """The spare's pid from status, or None."""
-    doc = proj.status()
+    doc = proj.query()
     return doc['master']['spare'] if doc else None
 
 
@@ -1082,7 +1102,7 @@ def echo_once(name, msg, timeout=DEADLINE):
 
 
 def listeners(proj):
-    doc = wait_for(proj.status, what='status')
+    doc = wait_for(proj.query, what='status')
     return doc['master']['listeners']
 
 
@@ -1318,7 +1338,7 @@ class Master(object):
         return res
 
     def status(self):
-        return self.proj.status(config=self.config)
+        return self.proj.query(self.pidfile, self.config)
 
     def workers(self):
         """Live (not zombie) workers of this master, from /proc (its
@@ -2570,7 +2590,7 @@ def test_winch_daemon_stops_workers_master_stays(proj):
     send(master, signal.SIGWINCH)
 
     def all_stopped():
-        doc = proj.status()
+        doc = proj.query()
         return doc is not None and doc['master']['number_workers'] == 0 \
             and not [w for w in doc['workers'] if w['pid']]
     wait_for(all_stopped, what='no worker after WINCH')
@@ -2646,7 +2666,7 @@ def test_hup_rolling_reload_new_booted_before_old_stop(proj):
     samples = []
 
     def replaced():
-        doc = proj.status()
+        doc = proj.query()
         if doc is None:
             return None
         running = [w for w in doc['workers'] if w['state'] == 'running']
@@ -2689,7 +2709,7 @@ def test_hup_resets_worker_count_to_config(proj):
     def only_generation(g, n):
         """Exactly ``n`` workers wanted and live, all running, all of
         generation ``g``."""
-        doc = proj.status()
+        doc = proj.query()
         if doc is None or doc['master']['generation'] != g:
             return None
         live = [w for w in doc['workers'] if w['pid']]
@@ -3024,8 +3044,10 @@ def test_timeout_kills_hung_run_in_concurrent_types(proj, wtype):
     """timeout = 1 with a run() that hangs (60 s) in a thread/asyncio/gevent
     worker: the master logs the timeout with the stack dump record, kills
     the worker and a replacement in slot 1 starts running."""
+    # graceful_timeout: the stop at teardown KILLs the replacement's 60 s
+    # runs after it, not after the 5 s of Project's configs.
     typed_config(proj, wtype, number_workers=1, threads=2, run_time=60,
-                 timeout=1)
+                 timeout=1, graceful_timeout=1)
     proj.start_daemon()
     # The first worker's pid from its own event: under load a status call
     # may come only after it has already been timed out and replaced.
@@ -4027,7 +4049,7 @@ def test_failed_reload_backs_off_keeps_old_worker_then_recovers(proj):
     send(master, signal.SIGHUP)
 
     def four_failures():
-        doc = proj.status()
+        doc = proj.query()
         assert doc is not None
         running = [w['pid'] for w in doc['workers']
                    if w['state'] == 'running']
@@ -4061,7 +4083,7 @@ def test_failed_reload_backs_off_keeps_old_worker_then_recovers(proj):
         r = proj.running_workers(1)
         if not r or r[1] == old:
             return None
-        doc = proj.status()
+        doc = proj.query()
         if any(w['state'] == 'backoff' for w in doc['workers']):
             return None
         return r[1]
@@ -4748,8 +4770,11 @@ def test_signal_storm_master_survives_and_converges(proj):
            signal.SIGCHLD]
     rng = random.Random(7)
     sent, peak, target_max = 0, 0, 3
-    t_end = time.monotonic() + 3.0
-    while time.monotonic() < t_end:
+    # At least 600 signals over at least 3 s: a loaded machine sends them
+    # slower (the sleeps overshoot), it does not make the storm smaller.
+    t0 = time.monotonic()
+    while time.monotonic() < t0 + 3.0 or sent < 600:
+        assert time.monotonic() < t0 + DEADLINE, 'only %d signals sent' % sent
         sig = rng.choice(mix)
         if sig == signal.SIGTTIN:
             target_max += 1
@@ -4759,15 +4784,15 @@ def test_signal_storm_master_survives_and_converges(proj):
             peak = max(peak, len(live_workers(master)))
         time.sleep(0.002)
     assert alive(master)
-    print('storm: %d signals in 3 s, peak %d live workers' % (sent, peak))
-    assert sent >= 600
+    print('storm: %d signals in %.1f s, peak %d live workers' % (
+        sent, time.monotonic() - t0, peak))
     # Running + booting + the stopping ones of the previous generation:
     # at most twice the largest target the TTINs could have made, plus
     # the ones still on their way out.
     assert peak <= 2 * target_max + 3
 
     def converged():
-        doc = proj.status()
+        doc = proj.query()
         if doc is None:
             return None
         n = doc['master']['number_workers']
@@ -4817,7 +4842,7 @@ def test_no_fd_or_memory_leak_over_many_recycles(proj):
     proj.wait_running(2)
 
     def spawns():
-        doc = proj.status()
+        doc = proj.query()
         return doc['master']['spawns'] if doc else 0
     def fds():
         # The spare's pipe and dump file come and go with the spare (it is
@@ -5116,9 +5141,10 @@ def test_fuzz_cli_exits_2_with_one_line(tmp_path, sections, data, command):
 
 # ==== Benchmarks =============================================================
 # Benchmarks are never pass/fail: this only checks that bench/run.py runs
-# and prints its table.
+# and prints its table (marked ``slow`` like the soaks).
 
 
+@pytest.mark.slow      # ~30-40 s: every metric of the harness, once
 def test_bench_smoke_runs_and_prints_table():
     res = subprocess.run(
         [PY, BENCH, '--smoke', '--systems', 'processhandler',
