@@ -113,7 +113,7 @@ def wait_workers_number(p, n, *args):
     booting or stopping); {slot: pid}.  ``args``: for ``status``, e.g.
     ('-s', 'job')."""
     def check():
-        doc = p.status(*args) if args else p.query()
+        doc = p.query(args=args)
         if doc is None or doc['master']['number_workers'] != n:
             return None
         live = [w for w in doc['workers'] if w['pid']]
@@ -839,16 +839,17 @@ class Project(object):
                 self.workers.add(w['pid'])
         return doc
 
-    def query(self, pidfile=None, config=None):
+    def query(self, pidfile=None, config=None, args=()):
         """The status document, for polling: straight from the master's
         control socket, the reply ``status --json`` prints, without starting
         an interpreter per look (~1 ms instead of 0.1-0.5 s, more on PyPy
         and under load).  Without a socket there (not started yet, or
-        another pidfile) it is the CLI's answer.  Tests of ``status``
-        itself call ``status()``."""
+        another pidfile) it is the CLI's answer (``args``: its options,
+        e.g. ('-s', 'job')).  Tests of ``status`` itself call ``status()``."""
         pidfile = pidfile or self.pidfile
         if not os.path.exists(processhandler.control_path(pidfile)):
-            return self.status(**({'config': config} if config else {}))
+            return self.status(*args, **({'config': config} if config
+                                         else {}))
         try:
             doc = processhandler.control_request(
                 pidfile, {'cmd': 'status'}, timeout=DEADLINE)
@@ -1758,7 +1759,8 @@ def test_example_uliweb_complex(proj):
         ok = all(re.search(r'worker %d \(pid \d+\) exited after 2 requests: '
                            r'max_requests reached' % n, out) for n in (1, 2))
         return ok and out
-    out = wait_for(recycled, DEADLINE + 10, 'both workers recycled')
+    out = wait_for(recycled, DEADLINE + 10, lambda: 'both workers recycled; '
+                   'output:\n' + proj.fg_output()[-3000:])
     assert 'Traceback' not in out, out
     new_log = os.path.join(proj.path, 'new_worker.log')
     wait_for(lambda: os.path.exists(new_log) and
