@@ -8,7 +8,8 @@ Two different workers, each with its own limits:
   killed (its stack is logged first), and memory limits in MB of RSS:
   above soft_memory_limit it exits gracefully, above hard_memory_limit it is
   killed.  uliweb's figures (5 and 10 MB) were for Python 2; an idle
-  Python 3 process is already ~10-20 MB, so the limits here sit above that.
+  CPython 3 worker is already ~10-20 MB and a PyPy one ~120 MB (its JIT and
+  GC arenas), so the limits here are uliweb's own defaults (200/300 MB).
   Set NEWWORKER_GROW=1 to make run() keep its list and grow past them.
 
 check_point=1: the Manager checks memory every second.
@@ -45,6 +46,6 @@ class NewWorker(Worker):  # noqa: F405
 if __name__ == '__main__':
     workers = [Worker(max_requests=2),  # noqa: F405
                NewWorker(max_requests=2, timeout=5, name='NewWorker',
-                         soft_memory_limit=60, hard_memory_limit=120)]
+                         soft_memory_limit=200, hard_memory_limit=300)]
     manager = Manager(workers, check_point=1)  # noqa: F405
     sys.exit(manager.start())
