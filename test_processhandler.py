@@ -1828,6 +1828,830 @@ def test_pip_install_gives_a_console_script(tmp_path):
     assert res.returncode == 3
 
 
+# -- the seeds' real code: ProcessHandler and uliweb (issue 14) ---------------
+# The original ProcessHandler's jobexecute.py / run.py / conf/config.ini
+# (examples/processhandler_original, vendored, imports unchanged) and
+# uliweb3 0.3.2's workers.py users (the installed package's own
+# load_table_file.py, its documented examples) with only the import line
+# changed.
+
+PH_ORIGINAL = os.path.join(HERE, 'examples', 'processhandler_original')
+
+
+def ph_original(proj, config_edit=None, job=None):
+    """A copy of the vendored ProcessHandler application with the shim
+    written by ``processhandler compat-shim``; returns its folder."""
+    folder = os.path.join(proj.path, 'app')
+    shutil.copytree(PH_ORIGINAL, folder)
+    res = run_ph(['compat-shim', folder], cwd=proj.path)
+    assert res.returncode == 0, res.stderr
+    assert os.path.exists(os.path.join(folder, 'ProcessHandler',
+                                       '__init__.py'))
+    config = os.path.join(folder, 'conf', 'config.ini')
+    if config_edit:
+        with open(config) as f:
+            text = f.read()
+        with open(config, 'w') as f:
+            f.write(config_edit(text))
+    if job:
+        with open(os.path.join(folder, 'jobexecute.py'), 'w') as f:
+            f.write(textwrap.dedent(job))
+    return folder
+
+
+def run_original(proj, folder):
+    """``python run.py -c conf/config.ini`` as its README says (the seed's
+    config daemonizes): returns the master pid."""
+    env = dict(os.environ)
+    env.pop('PYTHONPATH', None)      # the shim finds processhandler itself
+    res = subprocess.run([PY, 'run.py', '-c', 'conf/config.ini'], cwd=folder,
+                         env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, timeout=60)
+    pidfile = os.path.join(folder, 'conf', 'master.pid')
+    track_started(proj, pidfile)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert 'Traceback' not in res.stderr, res.stderr
+    return proj.master_pid(pidfile)
+
+
+def original_status(proj, folder):
+    return proj.status(config=os.path.join(folder, 'conf', 'config.ini'))
+
+
+def test_processhandler_original_runs_unchanged_and_term_is_graceful(proj):
+    """The seed's run.py + jobexecute.py + conf/config.ini, imports
+    unchanged: a daemon with 2 workers whose handle_request() never returns
+    (``while 1: ... time.sleep(1.5)``), logging through the seed's
+    setup_file_logging format; TERM stops both gracefully within
+    graceful_timeout (1 s): they exit 0, not KILLed, and the log says the
+    request was interrupted and why."""
+    folder = ph_original(proj)
+    master = run_original(proj, folder)
+    log_path = os.path.join(folder, 'conf', 'master.log')
+    doc = wait_for(lambda: (lambda d: d and len([
+        w for w in d['workers'] if w['state'] == 'running']) == 2 and d)(
+            original_status(proj, folder)), what='2 running workers')
+    assert doc['master']['proc_name'] == 'jobexecute'
+    pids = [w['pid'] for w in doc['workers']]
+    # The seed's own format, from both workers (each in its endless loop).
+    wait_for(lambda: len(re.findall(r'^\[[\d-]+ [\d:,]+\] INFO jobexecute '
+                                    r'"go\.\.\."$', read(log_path), re.M))
+             >= 4, what='go... lines')
+    assert 'Traceback' not in read(log_path)
+    t0 = time.monotonic()
+    os.kill(master, signal.SIGTERM)
+    wait_for(lambda: not alive(master) and not any(alive(p) for p in pids),
+             what='master and workers gone')
+    took = time.monotonic() - t0
+    text = read(log_path)
+    for n, pid in enumerate(sorted(pids)):
+        assert re.search(r'worker \d \(pid %d\) stopped \(master stopping\): '
+                         r'exit status 0' % pid, text), text
+    assert text.count('handle_request() still running') == 2, text
+    assert 'KILL' not in text, text
+    assert took < 1.0 + 2.0, took     # graceful_timeout 1 s (+ load slack)
+    assert not os.path.exists(os.path.join(folder, 'conf', 'master.pid'))
+
+
+COUNTING_JOB = '''
+    # coding=utf-8
+    # ProcessHandler style, imports unchanged: one request per call.
+    import os
+    import time
+    import logging
+
+    from ProcessHandler.lib.log import setup_file_logging
+    from ProcessHandler.lib.workers.sync import SyncWorker
+
+
+    class JobExecute(SyncWorker):
+
+        LOGGER_NAME = "jobexecute"
+
+        def __init__(self, cfg, file_logger=None, ppid=None, sockets=None):
+            SyncWorker.__init__(self, cfg, file_logger, ppid, sockets)
+            setup_file_logging(self.LOGGER_NAME, self.cfg.log_file)
+            self.logger = logging.getLogger(self.LOGGER_NAME)
+
+        def init_process(self):
+            super(JobExecute, self).init_process()
+            self.note('boot', self.booted, self.max_requests, self.ppid,
+                      self.worker_name, self.rd_fds, self.LISTENERS,
+                      type(self.file_logger).__name__)
+
+        def note(self, *words):
+            line = ' '.join(str(w).replace(' ', '_') for w in
+                            (os.getpid(),) + words) + '\\n'
+            fd = os.open(os.path.join(os.path.dirname(
+                os.path.abspath(__file__)), 'events.txt'),
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.write(fd, line.encode())
+            os.close(fd)
+
+        def handle_request(self, sock=None, client=None, addr=None):
+            if client is not None:
+                data = client.recv(100)
+                client.sendall(b'echo ' + data + b' from %d' % os.getpid())
+            self.note('request', self.nr, self.alive)
+            self.logger.info('job %d', self.nr)
+            time.sleep(0.05)
+'''
+
+
+def original_events(folder, kind):
+    try:
+        with open(os.path.join(folder, 'events.txt')) as f:
+            rows = [line.split() for line in f.read().splitlines()]
+    except OSError:
+        return []
+    return [r for r in rows if r[1] == kind]
+
+
+def test_processhandler_original_counts_and_recycles_at_max_requests(proj):
+    """A ProcessHandler-style job (imports unchanged) run by the seed's
+    run.py with its config (max_requests 3): the worker contract's
+    attributes hold (booted, max_requests, ppid = the master, worker_name,
+    file_logger), nr counts 0, 1, 2 and each worker process handles
+    exactly 3 requests before it is recycled."""
+    folder = ph_original(proj, config_edit=lambda t: t.replace(
+        'max_requests            = 10000', 'max_requests = 3'),
+        job=COUNTING_JOB)
+    master = run_original(proj, folder)
+    wait_for(lambda: len(set(r[0] for r in original_events(
+        folder, 'request'))) >= 4, what='4 worker processes')
+    boots = original_events(folder, 'boot')
+    for pid, _, booted, maxr, ppid, name, rd, listeners, flog in boots:
+        assert (booted, maxr, ppid, name) == (
+            'True', '3', str(master), 'worker:_jobexecute'), boots
+        assert (rd, listeners, flog) == ('None', '[]', 'RootLogger')
+    per_pid = collections.defaultdict(list)
+    for pid, _, nr, alive_ in original_events(folder, 'request'):
+        per_pid[pid].append(int(nr))
+        assert alive_ == 'True'
+    done = [p for p in per_pid if not alive(int(p))]
+    assert len(done) >= 2, per_pid
+    for p in done:
+        assert per_pid[p] == [0, 1, 2], per_pid
+    log_text = read(os.path.join(folder, 'conf', 'master.log'))
+    assert 'max_requests reached' in log_text
+    assert re.search(r'INFO jobexecute "job 2"', log_text)
+    os.kill(master, signal.SIGTERM)
+    wait_for(lambda: not alive(master), what='master gone')
+
+
+def test_processhandler_original_socket_worker_answers_a_client(proj):
+    """With ``bind`` in the seed's config, handle_request(sock, client,
+    addr) is called per accepted connection: a real client over 127.0.0.1
+    gets its answer from a worker; `check` passes for it and fails, with
+    one line, for the seed's no-argument handle_request."""
+    folder = ph_original(proj, job=COUNTING_JOB,
+                         config_edit=lambda t: t + 'bind = 127.0.0.1:0\n')
+    config = os.path.join(folder, 'conf', 'config.ini')
+    # (jobexecute.py sits beside run.py, not in base_path = conf/)
+    check = ['-c', config, '--set', 'worker_class=jobexecute:JobExecute',
+             '--set', 'base_path=' + folder, 'check']
+    res = run_ph(check, cwd=folder)
+    assert res.returncode == 0, res.stderr
+    master = run_original(proj, folder)
+    doc = wait_for(lambda: (lambda d: d and d['master']['listeners'] and d)(
+        original_status(proj, folder)), what='listeners')
+    host, port = doc['master']['listeners'][0].rsplit(':', 1)
+    for i in range(3):
+        c = socket.create_connection(('127.0.0.1', int(port)), timeout=10)
+        c.sendall(b'hi %d' % i)
+        answer = c.recv(200)
+        c.close()
+        assert re.match(br'echo hi %d from \d+$' % i, answer), answer
+    boots = original_events(folder, 'boot')
+    assert boots and all(b[6] != 'None' and b[7] != '[]' for b in boots)
+    os.kill(master, signal.SIGTERM)
+    wait_for(lambda: not alive(master), what='master gone')
+    # The seed's handle_request() takes no argument: check says so.
+    with open(os.path.join(folder, 'jobexecute.py'), 'w') as f:
+        f.write(open(os.path.join(PH_ORIGINAL, 'jobexecute.py')).read())
+    res = run_ph(check, cwd=folder)
+    assert res.returncode == 2
+    assert 'handle_request() must take (sock, client, addr)' in one_line(res)
+
+
+PER_WORKER_JOB = '''
+    import os
+    import socket
+    from ProcessHandler.lib.workers.sync import SyncWorker
+
+
+    class JobExecute(SyncWorker):
+        def __init__(self, cfg, file_logger=None, ppid=None, sockets=None):
+            SyncWorker.__init__(self, cfg, file_logger, ppid, sockets)
+            self.own = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.own.bind(('127.0.0.1', 0))
+            self.built_in = os.getpid()
+
+        def init_process(self):
+            super(JobExecute, self).init_process()
+            line = '%d boot %d %d\\n' % (os.getpid(), self.built_in,
+                                         os.fstat(self.own.fileno()).st_ino)
+            with open(os.path.join(os.path.dirname(os.path.abspath(
+                    __file__)), 'events.txt'), 'a') as f:
+                f.write(line)
+
+        def handle_request(self):
+            self.sleep(0.2)
+'''
+
+
+def test_processhandler_original_worker_built_in_each_worker(proj):
+    """ProcessHandler built the worker object in each worker process after
+    the fork: a socket its __init__ opens is that worker's own."""
+    folder = ph_original(proj, job=PER_WORKER_JOB)
+    master = run_original(proj, folder)
+    boots = wait_for(lambda: len(original_events(folder, 'boot')) >= 2 and
+                     original_events(folder, 'boot'), what='2 boots')
+    os.kill(master, signal.SIGTERM)
+    wait_for(lambda: not alive(master), what='master gone')
+    for pid, _, built_in, inode in boots:
+        assert built_in == pid, boots
+    assert boots[0][3] != boots[1][3], boots
+
+
+def test_processhandler_aliases_and_shim_errors(proj):
+    """The alias modules carry the seed's names; compat-shim's usage
+    errors are one line, exit 2."""
+    code = ('import processhandler as p; p.install_processhandler_aliases()\n'
+            'from ProcessHandler.lib.workers.sync import SyncWorker\n'
+            'from ProcessHandler.lib.workers.base import Worker\n'
+            'from ProcessHandler.lib.log import setup_file_logging\n'
+            'from ProcessHandler.lib.arbiter import Arbiter\n'
+            'from ProcessHandler.lib.utils import parse_args, close_on_exec\n'
+            'import ProcessHandler.lib.workers.sync as m\n'
+            'assert SyncWorker is p.SyncWorker is m.SyncWorker\n'
+            'assert Arbiter is p.CompatArbiter\n'
+            'assert parse_args(["-c", "x.ini"]).config == "x.ini"\n'
+            'print("ok")\n')
+    res = subprocess.run([PY, '-c', code], cwd=HERE, universal_newlines=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert res.stdout.strip() == 'ok', res.stderr
+    for args in (['compat-shim'], ['compat-shim', '/no/such/dir']):
+        res = run_ph(args, cwd=proj.path)
+        assert res.returncode == 2
+        assert 'compat-shim' in one_line(res)
+
+
+# -- uliweb ------------------------------------------------------------------
+
+def uliweb_file(relpath):
+    """A file of the installed uliweb3 package (read as source: importing
+    uliweb needs its web framework's dependencies)."""
+    try:
+        from importlib import metadata
+        dist = metadata.distribution('Uliweb3')
+    except Exception:
+        pytest.skip('uliweb3 is not installed in %s (.ci/test installs it)'
+                    % sys.executable)
+    path = str(dist.locate_file(relpath))
+    assert os.path.exists(path), path
+    return path
+
+
+# Just enough of uliweb's ORM for load_table_file(): rows land in a file.
+FAKE_ULIWEB = {
+    'uliweb/__init__.py': '''
+        import os
+        functions = settings = None
+        ''',
+    'uliweb/orm.py': '''
+        import os
+        OUT = os.path.join(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))), 'rows.txt')
+
+        class _Dialect(object):
+            driver = 'fake'
+
+        class _Engine(object):
+            dialect = _Dialect()
+
+        def get_connection():
+            return _Engine()
+
+        def get_session(create=False):
+            return None
+
+        def Reset():
+            pass
+
+        def _event(word):
+            with open(OUT + '.events', 'a') as f:
+                f.write('%s %d\\n' % (word, os.getpid()))
+
+        def Begin():
+            _event('begin')
+
+        def Commit():
+            _event('commit')
+
+        def Rollback():
+            _event('rollback')
+
+        def reflect_table(t):
+            return t
+
+        def do_(sql, args=None):
+            fd = os.open(OUT, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.write(fd, ''.join('%s %d\\n' % (a['id'], os.getpid())
+                                 for a in args).encode())
+            os.close(fd)
+        ''',
+}
+
+LOAD_TABLE_SCRIPT = '''
+import logging
+import os
+import sys
+import time
+logging.basicConfig(level=logging.INFO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import load_table_file as ltf
+
+
+class Insert(object):
+    def values(self, para):
+        return 'INSERT %s' % sorted(para)
+
+
+class Table(object):
+    def drop(self, engine, checkfirst=False):
+        pass
+
+    def create(self, engine):
+        pass
+
+    def insert(self):
+        return Insert()
+
+
+with open('data.txt', 'w') as f:
+    f.write('id name\\n')
+    for i in range(200):
+        f.write(repr({'id': i, 'name': 'row %d' % i}) + '\\n')
+ltf.load_table_file(Table(), 'data.txt', max_workers=4, bulk=BULK)
+print('load_table_file returned')
+'''
+
+
+def write_uliweb_app(proj):
+    for rel, text in FAKE_ULIWEB.items():
+        path = os.path.join(proj.path, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, 'w') as f:
+            f.write(textwrap.dedent(text))
+    src = read(uliweb_file('uliweb/contrib/orm/load_table_file.py'))
+    line = 'from uliweb.utils.workers import Worker, Manager'
+    assert src.count(line) == 1
+    with open(os.path.join(proj.path, 'load_table_file.py'), 'w') as f:
+        f.write(src.replace(line, 'from processhandler.uliweb import '
+                                  'Worker, Manager'))
+
+
+def uliweb_env():
+    env = dict(os.environ)
+    env['PYTHONPATH'] = HERE
+    return env
+
+
+@pytest.mark.parametrize('bulk', [0, 30])
+def test_uliweb_load_table_file_runs_once_and_joins(proj, bulk):
+    """uliweb3's own load_table_file() (its source, only the import line
+    changed; a fake ORM writes rows to a file): Manager(workers) with the
+    default daemon=False starts the producer and 4 inserters once,
+    is_exit = 'quit' ends each for good, join() returns, and exactly the
+    200 rows are inserted once each, with the result queue's totals."""
+    write_uliweb_app(proj)
+    script = os.path.join(proj.path, 'load.py')
+    with open(script, 'w') as f:
+        f.write(LOAD_TABLE_SCRIPT.replace('BULK', str(bulk)))
+    proc = run_script(proj, script, env=uliweb_env())
+    assert proc.wait(DEADLINE * 2) == 0, proj.fg_output()
+    out = proj.fg_output()
+    assert 'load_table_file returned' in out, out
+    assert 'Finished! Total 200 records' in out, out
+    rows = read(os.path.join(proj.path, 'rows.txt')).split('\n')[:-1]
+    ids = sorted(int(r.split()[0]) for r in rows)
+    assert ids == list(range(200)), len(ids)
+    assert len(re.findall(r'PutWorker-1 \d+ created', out)) == 1, out
+    assert out.count('quit!') == 5, out
+    commits = read(os.path.join(proj.path, 'rows.txt.events'))
+    assert commits.count('commit') == 4 and 'rollback' not in commits
+    wait_for(lambda: not any(alive(p) for p in descendants(proc.pid)),
+             what='nothing left')
+
+
+ULIWEB_SCRIPT = '''
+import logging
+import os
+import sys
+import time
+from processhandler.uliweb import *
+
+logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+BASE = os.path.dirname(os.path.abspath(__file__))
+
+
+def note(*words):
+    fd = os.open(os.path.join(BASE, 'events.txt'),
+                 os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, (' '.join(str(w) for w in (os.getpid(),) + words)
+                  + '\\n').encode())
+    os.close(fd)
+
+
+class Counting(Worker):
+    def init(self):
+        super(Counting, self).init()
+        self.check_point = 0.05          # set in init(): honoured
+        note('init', self.name)
+
+    def run(self):
+        self.count += 1
+        note('run', self.name, self.count)
+        return True
+
+    def after_run(self):
+        super(Counting, self).after_run()
+        note('after_run', self.name, self.count)
+
+
+class Slow(Worker):
+    def run(self):
+        self.count += 1
+        note('run', self.name, self.count)
+        try:
+            if self.count == 1:
+                time.sleep(30)
+        except TimeoutException as e:
+            note('timeout', self.name, self.count, str(e).replace(' ', '_'))
+            raise
+        time.sleep(0.1)
+
+
+class Crashing(Worker):
+    def run(self):
+        note('run', self.name)
+        raise ValueError('boom')
+
+    def on_finished(self):
+        note('finished', self.name)
+
+
+class Quitting(Worker):
+    def run(self):
+        note('run', self.name)
+        self.is_exit = 'quit'
+
+
+class Growing(Worker):
+    def init(self):
+        super(Growing, self).init()
+        self.keep = []
+        note('init', self.name)
+
+    def run(self):
+        if not self.keep:
+            self.keep.append(b'x' * (int(%(grow)d) << 20))
+        time.sleep(0.05)
+
+    def reached_hard_memory_limit(self, mem):
+        note('asked', self.name, int(mem))
+        return False                     # an override: never hard-killed
+
+
+if __name__ == '__main__':
+    daemon = sys.argv[1] == 'daemon'
+    base = get_memory(os.getpid())
+    workers = [Counting(max_requests=2, name='Counting'),
+               Slow(timeout=0.5, name='Slow', max_requests=2),
+               Crashing(name='Crashing', check_point=0.2),
+               Quitting(name='Quitting')]
+    if daemon:
+        workers.append(Growing(name='Growing',
+                               soft_memory_limit=base + %(grow)d / 2,
+                               hard_memory_limit=base + 1))
+    assert (workers[0].soft_memory_limit, workers[0].hard_memory_limit) == \\
+        (200, 300)
+    manager = Manager(workers, check_point=0.2, wait_time=2, daemon=daemon)
+    manager.start()
+    print('start returned', flush=True)
+    print('join returned %%r' %% (manager.join(),), flush=True)
+'''
+
+
+def uliweb_events(proj, kind=None):
+    try:
+        rows = [line.split() for line in read(os.path.join(
+            proj.path, 'events.txt')).splitlines()]
+    except OSError:
+        return []
+    return [r for r in rows if kind is None or r[1] == kind]
+
+
+def by_name(rows, name):
+    return [r for r in rows if r[2].startswith(name)]
+
+
+def test_uliweb_daemon_false_runs_each_worker_once_and_join_returns(proj):
+    """daemon=False: start() returns at once, each worker runs once to its
+    end (count past max_requests, a TimeoutException inside run() that
+    the same process survives, an exception that ends the worker,
+    is_exit = 'quit'), nothing is restarted and join() returns 0."""
+    script = os.path.join(proj.path, 'workers.py')
+    with open(script, 'w') as f:
+        f.write(ULIWEB_SCRIPT % {'grow': 60})
+    proc = subprocess.Popen([PY, script, 'once'], cwd=proj.path,
+                            env=uliweb_env(), stdout=open(os.path.join(
+                                proj.path, 'fg.out'), 'ab'),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    proj.popens.append(proc)
+    proj.masters.add(proc.pid)
+    assert proc.wait(DEADLINE * 2) == 0, proj.fg_output()
+    out = proj.fg_output()
+    # start() returned while the workers ran; join() waited for them.
+    assert out.index('start returned') < out.index('every worker has '
+                                                   'finished'), out
+    assert 'join returned 0' in out, out
+    runs = uliweb_events(proj, 'run')
+    counting = by_name(runs, 'Counting')
+    assert [r[3] for r in counting] == ['1', '2', '3'], counting
+    assert len(set(r[0] for r in runs)) == 4       # one process per worker
+    assert 'cancelled by reaching max requests count [2]' in out
+    slow = by_name(runs, 'Slow')
+    assert [r[3] for r in slow] == ['1', '2', '3'], slow
+    [timeout] = uliweb_events(proj, 'timeout')
+    assert timeout[0] == slow[0][0] and timeout[4] == 'Timeout_0.5s'
+    assert 'Time out' in out
+    assert len(by_name(runs, 'Crashing')) == 1
+    assert 'ValueError: boom' in out
+    assert by_name(uliweb_events(proj, 'finished'), 'Crashing')
+    assert len(by_name(runs, 'Quitting')) == 1
+    assert 'every worker has finished' in out
+    assert not re.search(r'killed after timeout', out)
+
+
+def test_uliweb_daemon_true_restarts_and_limits(proj):
+    """daemon=True supervises in the foreground: a worker that ends
+    (count past max_requests, an exception from run()) is restarted, one
+    that set is_exit = 'quit' is not; a worker over its soft memory limit
+    is stopped and restarted while its reached_hard_memory_limit override
+    is what decides the hard limit.  TERM: exit 0, nothing left."""
+    script = os.path.join(proj.path, 'workers.py')
+    with open(script, 'w') as f:
+        f.write(ULIWEB_SCRIPT % {'grow': 60})
+    out_path = os.path.join(proj.path, 'fg.out')
+    proc = subprocess.Popen([PY, script, 'daemon'], cwd=proj.path,
+                            env=uliweb_env(), stdout=open(out_path, 'ab'),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    proj.popens.append(proc)
+    proj.masters.add(proc.pid)
+
+    def pids(name, kind='run'):
+        return set(r[0] for r in by_name(uliweb_events(proj, kind), name))
+    wait_for(lambda: len(pids('Counting')) >= 3 and len(pids('Crashing')) >=
+             3 and len(pids('Growing', 'init')) >= 2 and
+             pids('Growing', 'asked'),
+             DEADLINE * 2, lambda: 'restarts\n' + proj.fg_output())
+    # Dead first, then their runs (one may end between two reads).
+    finished = [p for p in pids('Counting') if not alive(int(p))]
+    counting = collections.defaultdict(list)
+    for r in by_name(uliweb_events(proj, 'run'), 'Counting'):
+        counting[r[0]].append(r[3])
+    assert finished and all(counting[p] == ['1', '2', '3']
+                            for p in finished), counting
+    assert len(pids('Quitting')) == 1
+    out = proj.fg_output()
+    assert re.search(r'over soft_memory_limit [\d.]+ MB', out), out
+    assert 'over hard_memory_limit' not in out
+    assert "finished (is_exit = 'quit'): not restarted" in out
+    assert alive(proc.pid)
+    stop_script(proj, proc)
+
+
+def test_uliweb_make_log_and_names(proj):
+    """make_log() takes a logger name, honours format, tags nothing twice;
+    the module-level names uliweb users import are there."""
+    import processhandler.uliweb as uw
+    for name in ('Worker', 'Manager', 'Timeout', 'TimeoutException',
+                 'make_log', 'get_memory'):
+        assert getattr(uw, name) is getattr(processhandler, {
+            'Worker': 'UliwebWorker', 'Manager': 'UliwebManager'}.get(
+                name, name))
+    assert uw.get_memory(os.getpid()) > 1
+    assert uw.get_memory(dead_pid()) == 0
+    path = os.path.join(proj.path, 'w.log')
+    name = unique_name()
+    logger = uw.make_log(name, path, format='%(name)s|%(message)s')
+    uw.make_log(name, path, format='%(name)s|%(message)s')   # not twice
+    logger.propagate = False
+    logger.warning('hello %d', 1)
+    assert read(path) == '%s|hello 1\n' % name
+    tagged = uw.make_log(unique_name(), path + '2', format=None)
+    tagged.propagate = False
+    tagged.warning('x')
+    assert read(path + '2').count('master') == 1, read(path + '2')
+    with pytest.raises(uw.TimeoutException):
+        with uw.Timeout(0.2):
+            time.sleep(5)
+
+
+def test_manager_daemon_true_supervises_in_the_foreground(proj):
+    """processhandler.Manager(daemon=True) (uliweb's flag) does not detach:
+    the process started is the master, its worker runs, TERM: exit 0."""
+    script = os.path.join(proj.path, 'fg_manager.py')
+    with open(script, 'w') as f:
+        f.write(textwrap.dedent('''
+            import sys
+            import time
+            import processhandler
+
+            class Job(processhandler.Worker):
+                def run(self):
+                    time.sleep(0.05)
+                    return True
+
+            sys.exit(processhandler.Manager([Job()], daemon=True,
+                                            check_point=0.2).start())
+            '''))
+    proc = run_script(proj, script, env=uliweb_env())
+    kids = wait_for(lambda: [k for k in descendants(proc.pid)
+                             if ': worker ' in cmdline(k)],
+                    what='a worker under the started process')
+    assert ppid_of(kids[0]) == proc.pid and proc.poll() is None
+    stop_script(proj, proc)
+
+
+STUCK_JOB = '''
+    import signal
+    import time
+    from ProcessHandler.lib.workers.sync import SyncWorker
+
+
+    class JobExecute(SyncWorker):
+        def handle_request(self):
+            # Where no exception can reach: the interrupt's signal is
+            # blocked (as in C code that never returns to Python).
+            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])
+            while 1:
+                time.sleep(1.5)
+'''
+
+
+def test_processhandler_original_stuck_request_is_killed_and_logged(proj):
+    """A handle_request() that even the TERM interrupt cannot reach is
+    KILLed at graceful_timeout, and the log says which worker, why it was
+    being stopped and after how long."""
+    folder = ph_original(proj, job=STUCK_JOB)
+    master = run_original(proj, folder)
+    log_path = os.path.join(folder, 'conf', 'master.log')
+    doc = wait_for(lambda: (lambda d: d and len([
+        w for w in d['workers'] if w['state'] == 'running']) == 2 and d)(
+            original_status(proj, folder)), what='2 running workers')
+    pids = [w['pid'] for w in doc['workers']]
+    os.kill(master, signal.SIGTERM)
+    wait_for(lambda: not alive(master) and not any(alive(p) for p in pids),
+             what='master and workers gone')
+    text = read(log_path)
+    for pid in pids:
+        assert re.search(r'worker \d \(pid %d\) still alive [\d.]+s after '
+                         r'being asked to stop \(master stopping; '
+                         r'graceful_timeout 1s\): KILL' % pid, text), text
+
+
+# uliweb3's documentation (docs/workers.md, BSD), its first two examples
+# verbatim but for the import line.
+ULIWEB_DOC_BASIC = '''
+from processhandler.uliweb import Worker, Manager
+import time
+
+class MyWork(Worker):
+    def run(self):
+        self.log.info('running')
+        time.sleep(1)
+        return True
+
+workers = [MyWork()]
+manager = Manager(workers)
+manager.start()
+'''
+
+ULIWEB_DOC_COMPLEX = '''
+import time
+import logging
+from processhandler.uliweb import *
+
+logging.basicConfig(level=logging.INFO)
+
+class NewWorker(Worker):
+    def init(self):
+        self.log = make_log(self.log, 'new_worker.log')
+        super(NewWorker, self).init()
+
+    def run(self):
+        s = []
+        for i in range(50000):
+            s.append(str(i))
+        self.log.info ('result= %d ' % len(s))
+        time.sleep(1)
+        return True
+
+workers = [Worker(max_requests=2),
+           NewWorker(max_requests=2, timeout=5, name='NewWorker',
+                     soft_memory_limit=5, hard_memory_limit=10)]
+manager = Manager(workers, check_point=1)
+manager.start()
+'''
+
+
+def test_uliweb_documented_examples(proj):
+    """uliweb's documented examples with only the import line changed.
+    Basic: MyWork logs 'running' every second (the script's end waits for
+    its worker, which never ends) until the script is killed, which stops
+    everything.  Complex: NewWorker logs into new_worker.log in uliweb's
+    format, and at 5 MB soft / 10 MB hard (less than any interpreter
+    weighs) the first memory check KILLs it, for good (daemon=False),
+    while the plain Worker (which never counts) runs on."""
+    for name, text in (('basic', ULIWEB_DOC_BASIC),
+                       ('complex', ULIWEB_DOC_COMPLEX)):
+        script = os.path.join(proj.path, name + '.py')
+        with open(script, 'w') as f:
+            f.write(text)
+    proc = run_script(proj, os.path.join(proj.path, 'basic.py'),
+                      env=uliweb_env())
+    wait_for(lambda: proj.fg_output().count('running') >= 3,
+             what=lambda: 'running lines\n' + proj.fg_output())
+    tree = set(descendants(proc.pid))
+    assert proc.poll() is None
+    assert [p for p in tree if cmdline(p).strip() == 'Workers Daemon: master']
+    assert [p for p in tree if cmdline(p).strip() ==
+            'Workers Daemon: worker 1']
+    proc.kill()                      # the caller dies: its manager stops
+    wait_for(lambda: not any(alive(p) for p in tree), what='all gone')
+
+    os.unlink(os.path.join(proj.path, 'fg.out'))
+    proc = run_script(proj, os.path.join(proj.path, 'complex.py'),
+                      env=uliweb_env())
+    new_log = os.path.join(proj.path, 'new_worker.log')
+    wait_for(lambda: 'over hard_memory_limit 10 MB: KILL' in
+             proj.fg_output() and 'NewWorker-2' in proj.fg_output() and
+             'finished (killed by SIGKILL): not restarted' in
+             proj.fg_output(),
+             what=lambda: 'the soft limit\n' + proj.fg_output())
+    # uliweb's format; uliweb's numbering (per class, from the base's).
+    assert re.search(r'^\[INFO - [\d-]+ [\d:,]+ - complex\.py:\d+\] - '
+                     r'result= 50000 $', read(new_log), re.M), read(new_log)
+    assert re.search(r'NewWorker-2 \d+ created', read(new_log))
+    out = proj.fg_output()
+    assert re.search(r'Process-\d+ \d+ running', out), out
+    assert proc.poll() is None        # waits for the plain Worker
+    stop_list = set(descendants(proc.pid))
+    proc.kill()
+    wait_for(lambda: not any(alive(p) for p in stop_list), what='all gone')
+
+
+def test_uliweb_timeout_unreachable_run_is_dumped_and_killed(proj):
+    """A uliweb worker's run() stuck where TimeoutException cannot reach
+    (SIGALRM blocked, as in C code) is killed by the hard timeout,
+    ``timeout + wait_time``, with its stack in the log; daemon=False: it is
+    not restarted and join() returns."""
+    script = os.path.join(proj.path, 'stuck.py')
+    with open(script, 'w') as f:
+        f.write(textwrap.dedent('''
+            import logging
+            import signal
+            import sys
+            import time
+            from processhandler.uliweb import Worker, Manager
+
+            logging.basicConfig(level=logging.INFO, stream=sys.stdout)
+
+            def stuck_where_no_exception_reaches():
+                signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])
+                time.sleep(60)
+
+            class Stuck(Worker):
+                def run(self):
+                    stuck_where_no_exception_reaches()
+
+            m = Manager([Stuck(timeout=0.3, name='Stuck')], wait_time=0.5)
+            m.start()
+            print('join returned %r' % (m.join(),), flush=True)
+            '''))
+    proc = run_script(proj, script, env=uliweb_env())
+    assert proc.wait(DEADLINE) == 0, proj.fg_output()
+    out = proj.fg_output()
+    assert re.search(r'timed out: run\(\) has taken [\d.]+s \(timeout '
+                     r'0\.8s\)', out), out
+    assert 'stuck_where_no_exception_reaches' in out
+    assert 'join returned 0' in out
+
+
 # ==== Command line ===========================================================
 # Commands and their exit codes, start-up failures, incr/decr --save.
 
@@ -2327,6 +3151,301 @@ def test_save_to_read_only_config(proj, what):
     assert proj.status()['master']['number_workers'] == 2
 
 
+# -- control server, leadership, CLI error paths, log targets (issue 12) ------
+
+def needs_root():
+    if os.geteuid() != 0:
+        pytest.skip('needs root')
+
+
+def as_nobody(*args, **kw):
+    """Run the CLI as user nobody (setpriv); return CompletedProcess."""
+    nobody = pwd.getpwnam('nobody')
+    cmd = ['setpriv', '--reuid=%d' % nobody.pw_uid,
+           '--regid=%d' % nobody.pw_gid, '--clear-groups', PY, PH] + list(
+               args)
+    return subprocess.run(cmd, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=60, cwd='/',
+                          env=dict(os.environ, HOME='/'), **kw)
+
+
+@pytest.fixture
+def open_proj():
+    """A Project in a folder every user may traverse (not under the
+    private pytest tmp folder), for commands run as another user."""
+    import tempfile
+    d = tempfile.mkdtemp(prefix='ph-open-', dir='/tmp')
+    os.chmod(d, 0o755)
+    p = Project(d)
+    try:
+        yield p
+    finally:
+        left = p.cleanup()
+        shutil.rmtree(d, ignore_errors=True)
+    assert not left, 'processes left behind: %s' % left
+
+
+def test_log_file_fifo_or_socket_refused_quickly(proj):
+    """A FIFO or a unix socket as log_file: check and start exit 2 with
+    one line at once (opening a FIFO would block for ever); /dev/null is
+    a fine log."""
+    fifo = os.path.join(proj.path, 'log.fifo')
+    os.mkfifo(fifo)
+    sockpath = os.path.join(proj.path, 'log.sock')
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(sockpath)
+    try:
+        for path, kind in ((fifo, 'FIFO'), (sockpath, 'socket')):
+            proj.write_config(log_file=path)
+            for args in (['check'], ['start', '-d'], ['start', '-f']):
+                t0 = time.monotonic()
+                res = proj.ph(*args, timeout=30)
+                track_started(proj)
+                assert_one_line_error(res, 'log_file', path, kind)
+                assert time.monotonic() - t0 < 15
+                assert not os.path.exists(proj.pidfile)
+    finally:
+        sock.close()
+    proj.write_config(log_file='/dev/null')
+    res = proj.ph('check')
+    assert res.returncode == 0, res.stderr
+    proj.start_daemon()
+    proj.wait_running(2)
+    assert proj.ph('stop').returncode == 0
+
+
+def test_leader_lock_file_foreign_or_not_regular_refused(proj):
+    """A pre-created leader lock file owned by another user, or a FIFO:
+    the master refuses to start with one line (it would stand by for
+    ever behind a lock somebody else holds)."""
+    needs_root()
+    lock = os.path.join(proj.path, 'leader.lock')
+    with open(lock, 'w'):
+        pass
+    os.chown(lock, pwd.getpwnam('nobody').pw_uid, -1)
+    proj.write_config(leader_lock='file:' + lock)
+    res = proj.ph('start', '-d', timeout=60)
+    track_started(proj)
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    line = one_line(res)
+    assert lock in line and 'owned by uid' in line, line
+    os.unlink(lock)
+    os.mkfifo(lock)
+    res = proj.ph('start', '-f', timeout=60)
+    track_started(proj)
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    line = one_line(res)
+    assert lock in line and 'FIFO' in line, line
+    assert not os.path.exists(proj.pidfile)
+    os.unlink(lock)          # a fresh file: taken, the master is active
+    proj.start_daemon()
+    proj.wait_running(2)
+    assert proj.status()['master']['state'] == 'active'
+
+
+def test_non_root_commands_against_root_master_exit_4(open_proj):
+    """status/stop/reload/reopen/incr run as nobody against a root
+    master: one line, exit 4, and the master and workers unaffected."""
+    needs_root()
+    p = open_proj
+    p.write_config()
+    master = p.start_daemon()
+    workers = p.wait_running(2)
+    for args in (['status'], ['status', '--json'], ['stop'], ['reload'],
+                 ['reopen'], ['incr'], ['decr'], ['restart']):
+        res = as_nobody('-c', p.config, *args)
+        assert res.returncode == 4, (args, res.stdout, res.stderr)
+        line = one_line(res)
+        assert 'not permitted' in line and str(master) in line, line
+    assert alive(master)
+    assert p.running_workers(2) == workers
+    assert p.status()['master']['number_workers'] == 2
+
+
+def test_save_edits_a_symlinked_configs_target_and_respects_0444(proj):
+    """--save through a symlink edits the target (the link stays a link);
+    a config without write permission bits is refused, as root too."""
+    confdir = os.path.join(proj.path, 'conf')
+    os.mkdir(confdir)
+    target = os.path.join(confdir, 'real.ini')
+    text = ('[job]\nworker_class = testworker:Job\nnumber_workers = 1\n'
+            'pidfile = %s\nlog_file = %s\nbase_path = %s\n'
+            % (proj.pidfile, proj.log, proj.path))
+    with open(target, 'w') as f:
+        f.write(text)
+    os.symlink(target, proj.config)
+    proj.start_daemon()
+    proj.wait_running(1)
+    res = proj.ph('incr', '--save')
+    assert res.returncode == 0, res.stderr
+    assert os.path.islink(proj.config)
+    assert os.readlink(proj.config) == target
+    with open(target) as f:
+        assert f.read() == text.replace('number_workers = 1',
+                                        'number_workers = 2')
+    assert sorted(os.listdir(confdir)) == ['real.ini']
+    os.chmod(target, 0o444)
+    with open(target) as f:
+        before = f.read()
+    res = proj.ph('incr', '--save')
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    line = one_line(res)
+    assert 'read-only' in line and 'number_workers' in line, line
+    with open(target) as f:
+        assert f.read() == before
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o444
+    assert os.path.islink(proj.config)
+    proj.wait_running(3)        # the running count changed all the same
+
+
+def test_incr_beyond_the_scoreboard_is_refused(proj):
+    """incr 5000 (more than the scoreboard can hold) and an incr that
+    would pass the maximum: refused with one line, exit 2; the master
+    and its workers go on as before."""
+    proj.write_config()
+    master = proj.start_daemon()
+    workers = proj.wait_running(2)
+    res = proj.ph('incr', '5000')
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert 'at most %d' % processhandler.MAX_WORKERS in one_line(res)
+    res = proj.ph('incr', str(processhandler.MAX_WORKERS - 1))
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    line = one_line(res)
+    assert 'exceed the maximum' in line and str(master) in line, line
+    assert alive(master)
+    doc = proj.status()
+    assert doc['master']['number_workers'] == 2
+    assert proj.running_workers(2) == workers
+    assert proj.ph('incr').returncode == 0     # still obeys a sane incr
+    proj.wait_running(3)
+
+
+def test_log_write_errors_show_in_status(proj):
+    """A log on a full device (/dev/full) in daemon mode: the master keeps
+    running and `status` / `status --json` count the write errors."""
+    proj.write_config(log_file='/dev/full')
+    master = proj.start_daemon()
+    proj.wait_running(2)
+
+    def errors():
+        doc = proj.status()
+        lg = doc and doc['master'].get('log')
+        return lg and lg['write_errors'] > 0 and lg
+    lg = wait_for(errors)
+    assert lg['path'] == '/dev/full'
+    assert 'No space left' in lg['last_error']
+    assert abs(lg['last_error_at'] - time.time()) < 600
+    res = proj.ph('status')
+    assert res.returncode == 0, res.stderr
+    assert 'write error' in res.stdout and 'No space left' in res.stdout
+    assert alive(master)
+
+
+def test_status_from_outside_a_pid_namespace(proj):
+    """A master running in its own pid namespace (unshare, as a
+    container would): `status` shows the pids as seen by the caller, and
+    the namespace's pids apart."""
+    needs_root()
+    probe = subprocess.run(['unshare', '--pid', '--fork', '--mount-proc',
+                            'true'], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    if probe.returncode != 0:
+        pytest.skip('unshare --pid does not work here')
+    proj.write_config()
+    out = open(os.path.join(proj.path, 'fg.out'), 'ab')
+    p = subprocess.Popen(['unshare', '--pid', '--fork', '--mount-proc', PY,
+                          PH, '-c', proj.config, '-f'],
+                         stdin=subprocess.DEVNULL, stdout=out,
+                         stderr=subprocess.STDOUT, cwd=proj.path,
+                         start_new_session=True)
+    out.close()
+    proj.popens.append(p)
+    proj.masters.add(p.pid)
+    master = wait_for(lambda: processhandler.child_pids(p.pid))
+    master = list(master)[0]
+    proj.masters.add(master)
+    proj.wait_running(2)
+    doc = proj.status()
+    m = doc['master']
+    assert m['pid'] == master and m['ns_pid'] == 1, m
+    assert m['pid_namespace'].startswith('pid:'), m
+    for w in doc['workers']:
+        assert w['pid'] in processhandler.child_pids(master), w
+        assert processhandler.nspid(w['pid'])[-1] == w['ns_pid'], w
+        assert w['pid'] != w['ns_pid']
+    res = proj.ph('status')
+    assert 'pid namespace' in res.stdout and str(master) in res.stdout
+    os.kill(master, signal.SIGTERM)
+    assert p.wait(30) == 0
+
+
+def test_check_warns_on_setting_lookalike_keys_strict_fails(proj):
+    """job_timeout, pid_file, users are legitimate worker keys: check
+    warns with the suggestion and exits 0; --strict makes them errors."""
+    proj.write_config(job_timeout=30, pid_file='x', users='ann')
+    res = proj.ph('check')
+    assert res.returncode == 0, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 3 and 'Traceback' not in res.stderr, res.stderr
+    for key, hint in (('job_timeout', 'timeout'), ('pid_file', 'pidfile'),
+                      ('users', 'user')):
+        hint = hint if key != 'job_timeout' else ''   # timeout, boot_timeout
+        assert any(key in l and "did you mean '%s" % hint in l and
+                   'warning' in l for l in lines), (key, lines)
+    res = proj.ph('check', '--strict')
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 3 and not any('warning' in l for l in lines), lines
+    assert not os.path.exists(proj.pidfile)
+
+
+def test_log_on_a_full_tmpfs_counts_workers_write_errors(proj):
+    """The log on a small tmpfs that fills up while workers log (the
+    master idle): the workers' failed writes are counted in `status`, and
+    everything keeps running."""
+    needs_root()
+    mnt = os.path.join(proj.path, 'small')
+    os.mkdir(mnt)
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=256k', 'tmpfs',
+                       mnt], stderr=subprocess.DEVNULL).returncode != 0:
+        pytest.skip('cannot mount a tmpfs here')
+    try:
+        proj.write_module('chatty', '''
+            import time, processhandler
+            class Chatty(processhandler.Worker):
+                def run(self):
+                    self.log.info('one job done')
+                    time.sleep(0.02)
+                    return True
+        ''')
+        proj.write_config(worker_class='chatty:Chatty',
+                          log_file=os.path.join(mnt, 'master.log'))
+        master = proj.start_daemon()
+        proj.wait_running(2)
+        assert proj.status()['master']['log']['write_errors'] == 0
+        fd = os.open(os.path.join(mnt, 'filler'), os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, b'x' * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+        def errors():
+            doc = proj.status()
+            lg = doc and doc['master']['log']
+            return lg and lg['write_errors'] > 0 and lg
+        lg = wait_for(errors)
+        assert 'No space left' in lg['last_error']
+        assert alive(master) and proj.running_workers(2)
+        assert proj.ph('stop').returncode == 0
+    finally:
+        proj.cleanup()
+        subprocess.run(['umount', mnt])
+
+
 # ==== Config =================================================================
 # Every bad value is one line and exit 2; did-you-mean; sections;
 # interpolation; unreadable files; relative paths.  (Fuzzing: Reliability.)
@@ -2516,6 +3635,430 @@ def test_empty_proc_name_is_the_section(proj):
     proj.write_config(proc_name='', number_workers=1)
     proj.start_daemon()
     assert proj.status()['master']['proc_name'] == 'job'
+
+
+# -- configs, check, Ctrl-C, restart, JSON logs, the environment (issue 15) ---
+
+README = os.path.join(HERE, 'README.md')
+
+# The README's example worker (myjob:JobExecute), which also writes the
+# config it was given, as JSON, to cfg-<slot>.json.
+README_WORKER = '''
+import json, os, time
+import processhandler
+
+class JobExecute(processhandler.Worker):
+    def init(self):
+        doc = dict((k, v if isinstance(v, (int, float, str, type(None)))
+                    else str(v)) for k, v in self.cfg.items())
+        path = os.path.join(self.cfg.base_path, 'cfg-%d.json' % self.slot)
+        with open(path + '.tmp', 'w') as f:
+            json.dump(doc, f)
+        os.rename(path + '.tmp', path)
+    def run(self):
+        time.sleep(0.05)
+        return False
+'''
+
+
+def readme_ini_blocks():
+    with open(README, encoding='utf-8') as f:
+        text = f.read()
+    return [textwrap.dedent(b.split('```', 1)[0].rstrip(' '))
+            for b in text.split('```ini\n')[1:]]
+
+
+def plain_ini_value(line):
+    """What a reader of the README expects the value to be: the text after
+    '=' up to an inline comment (';' or '#' after a blank)."""
+    value = line.partition('=')[2]
+    for i in range(1, len(value)):
+        if value[i] in ';#' and value[i - 1] in ' \t':
+            value = value[:i]
+            break
+    return value.strip()
+
+
+def test_readme_ini_blocks_exist():
+    blocks = readme_ini_blocks()
+    assert len(blocks) >= 3
+    assert any('; unknown keys reach the worker' in b for b in blocks)
+
+
+@pytest.mark.parametrize('n', range(len(readme_ini_blocks())))
+def test_readme_ini_block_gives_the_worker_what_it_says(proj, n,
+                                                       monkeypatch):
+    """Each ```ini block of README.md, as written: `check` is happy and a
+    daemon started from it hands the worker exactly the values the lines
+    say (inline comments are comments; %(ENV_X)s gets $X)."""
+    block = readme_ini_blocks()[n]
+    proj.write_module('myjob', README_WORKER)
+    proj.write_config(text=block)
+    for name in re.findall(r'%\(ENV_(\w+)\)s', block):
+        monkeypatch.setenv(name, 'from-env-' + name)
+        block = block.replace('%%(ENV_%s)s' % name, 'from-env-' + name)
+    env = dict(os.environ)
+    res = proj.ph('check', env=env)
+    assert res.returncode == 0, (block, res.stderr)
+    res = proj.ph('start', '-d', '--set', 'log_file=ph.log', env=env)
+    pidfile = processhandler.base_pidfile(processhandler.load_config(
+        proj.config))
+    track_started(proj, pidfile)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    dumps = wait_for(lambda: glob.glob(os.path.join(proj.path,
+                                                    'cfg-1.json')))
+    with open(dumps[0]) as f:
+        got = json.load(f)
+    for line in block.splitlines():
+        if '=' not in line or line.lstrip().startswith((';', '#')):
+            continue
+        key = line.partition('=')[0].strip()
+        want = plain_ini_value(line)
+        if '%(' in want or key in ('log_file', 'pidfile'):
+            continue
+        setting = processhandler.SETTINGS_BY_NAME.get(key)
+        if setting:
+            want = setting.parse(want)
+            if isinstance(want, list):
+                want = str(want)
+        assert got[key] == want, (key, got[key], want)
+    res = proj.ph('stop', env=env)
+    assert res.returncode == 0, res.stderr
+
+
+def test_save_keeps_the_inline_comment(proj):
+    proj.write_config(text='[job]\nworker_class = testworker:Job\n'
+                      'number_workers = 1   ; one to start with\n'
+                      'pidfile = %s\nlog_file = %s\n'
+                      % (proj.pidfile, proj.log))
+    proj.start_daemon()
+    res = proj.ph('incr', '--save')
+    assert res.returncode == 0, res.stderr
+    with open(proj.config) as f:
+        lines = f.read().splitlines()
+    assert lines[2] == 'number_workers = 2   ; one to start with', lines
+    assert processhandler.load_config(proj.config).number_workers == 2
+
+
+def test_check_reports_every_problem_at_once(proj):
+    proj.write_config(max_requests='lots', timeout=-1, numbr_workers=3,
+                      number_workers=None)
+    res = proj.ph('check')
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 3, res.stderr
+    # Two errors and, as a warning (a worker key by contract), the
+    # misspelt one; --strict makes all three errors.
+    errors = [ln for ln in lines if 'warning:' not in ln]
+    assert 'max_requests' in errors[0] and 'lots' in errors[0], lines
+    assert 'timeout' in errors[1] and 'at least 0' in errors[1], lines
+    warned = [ln for ln in lines if 'warning:' in ln]
+    assert len(warned) == 1 and "did you mean 'number_workers'" in warned[0]
+    assert 'Traceback' not in res.stderr
+    strict = proj.ph('check', '--strict')
+    assert strict.returncode == 2
+    lines = strict.stderr.strip().splitlines()
+    assert len(lines) == 3 and 'warning:' not in strict.stderr, lines
+    # start still stops at the first, with one line
+    assert_one_line_error(proj.ph('start', '-f'), 'max_requests')
+    assert not os.path.exists(proj.pidfile)
+
+
+def test_missing_class_did_you_mean(proj):
+    proj.write_config(worker_class='testworker:job')
+    assert_one_line_error(proj.ph('check'), "testworker has no job",
+                          "did you mean 'Job'?")
+    proj.write_config(worker_class='testworker:Jbo')
+    assert_one_line_error(proj.ph('start', '-d'), "did you mean 'Job'?")
+
+
+ASYNC_WORKER = '''
+import processhandler
+
+class Job(processhandler.Worker):
+    async def run(self):
+        return True
+'''
+
+
+def test_async_run_under_sync_is_refused(proj):
+    proj.write_module('asyncjob', ASYNC_WORKER)
+    proj.write_config(worker_class='asyncjob:Job')
+    for cmd in (('check',), ('start', '-f'), ('start', '-d')):
+        res = proj.ph(*cmd, timeout=30)
+        assert_one_line_error(res, "Job.run is 'async def'",
+                              'worker_type = asyncio')
+    assert not os.path.exists(proj.pidfile)
+    proj.write_config(worker_class='asyncjob:Job', worker_type='asyncio')
+    assert proj.ph('check').returncode == 0
+
+
+def test_gevent_not_importable_check_says_so(proj):
+    """A gevent that does not import (a shadow package raising ImportError,
+    first on the path: base_path): check names it, on both interpreters."""
+    os.mkdir(os.path.join(proj.path, 'gevent'))
+    with open(os.path.join(proj.path, 'gevent', '__init__.py'), 'w') as f:
+        f.write("raise ImportError('No module named gevent._gevent_c')\n")
+    proj.write_config(worker_type='gevent')
+    assert_one_line_error(proj.ph('check'), 'worker_type',
+                          'gevent does not import', 'ImportError')
+
+
+@pytest.mark.skipif(importlib.util.find_spec('gevent') is not None,
+                    reason='gevent is installed here (the PyPy run tests '
+                    'this)')
+def test_gevent_missing_check_and_start_say_so(proj):
+    proj.write_config(worker_type='gevent')
+    for cmd in (('check',), ('start', '-f'), ('start', '-d')):
+        res = proj.ph(*cmd, timeout=30)
+        assert_one_line_error(res, 'gevent is not installed',
+                              'pip install gevent')
+    assert not os.path.exists(proj.pidfile)
+
+
+def printed_config(stdout):
+    """check --print -> {key: (value, source)}."""
+    out = {}
+    for line in stdout.splitlines():
+        if ' = ' in line and not line.startswith(';'):
+            key, _, rest = line.partition(' = ')
+            value, _, source = rest.partition('  ; ')
+            out[key.strip()] = (value.strip(), source.strip())
+    return out
+
+
+def test_check_print_shows_sources(proj):
+    proj.write_config(text='[job]\nworker_class = testworker:Job\n'
+                      'number_workers = 3 ; three\n'
+                      'log_level = %(ENV_PH_TEST_LEVEL)s\n'
+                      'queue = q1\n')
+    env = dict(os.environ, PH_TEST_LEVEL='debug',
+               PROCESSHANDLER_SET="interval=0.5 'proc_name=my job'")
+    res = proj.ph('check', '--print', '--set', 'max_requests=7',
+                  '--set', 'interval=0.25', env=env)
+    assert res.returncode == 0, res.stderr
+    got = printed_config(res.stdout)
+    assert got['number_workers'] == ('3', 'file')
+    assert got['max_requests'] == ('7', '--set')
+    assert got['interval'] == ('0.25', '--set')     # --set beats the env
+    assert got['proc_name'] == ('my job', 'environment (PROCESSHANDLER_SET)')
+    assert got['log_level'] == ('debug',
+                                'environment ($PH_TEST_LEVEL, via the file)')
+    assert got['timeout'] == ('0.0', 'default')
+    assert got['base_path'] == (proj.path, 'default')
+    assert got['queue'] == ('q1', 'file, passed to workers')
+    # the printed config is itself a config that parses to the same values
+    printed = os.path.join(proj.path, 'printed.ini')
+    with open(printed, 'w') as f:
+        f.write(res.stdout)
+    again = processhandler.load_config(printed)
+    assert (again.number_workers, again.max_requests, again.proc_name,
+            again.interval) == (3, 7, 'my job', 0.25)
+
+
+def test_check_print_with_problems_marks_them(proj):
+    proj.write_config(max_requests='lots')
+    res = proj.ph('check', '--print')
+    assert res.returncode == 2
+    got = printed_config(res.stdout)
+    assert got['max_requests'] == ('0', 'file: INVALID, default shown')
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_once_is_a_graceful_stop(proj):
+    """Ctrl-C (INT to the whole foreground process group, as a terminal
+    sends it): the jobs in flight finish, after_run runs, exit 0, and the
+    terminal is told how to quit at once."""
+    proj.write_config(number_workers=2, run_time=1.5, graceful_timeout=30)
+    p = proj.start_foreground()
+    wait_for(lambda: len(set(ev[2] for ev in proj.events('run_start')))
+             >= 2, what='both workers inside run()')
+    workers = set(ev[2] for ev in proj.events('init'))
+    proj.workers |= workers
+    os.killpg(p.pid, signal.SIGINT)
+    assert p.wait(60) == 0, proj.fg_output()
+    assert not any(alive(w) for w in workers)
+    assert set(ev[2] for ev in proj.events('after_run')) == workers
+    assert set(ev[2] for ev in proj.events('run_end')) == workers
+    out = proj.fg_output()
+    assert 'processhandler: stopping gracefully; Ctrl-C again to quit at ' \
+        'once' in out, out
+    assert 'Traceback' not in out
+
+
+@pytest.mark.parametrize('wtype', CONCURRENT_TYPES)
+def test_ctrl_c_once_is_graceful_for_every_worker_type(proj, wtype):
+    """The terminal's INT also reaches the workers themselves: threads,
+    greenlets and asyncio tasks finish their run too."""
+    typed_config(proj, wtype, number_workers=1, threads=2, run_time=1.5,
+                 graceful_timeout=30)
+    p = proj.start_foreground()
+    wait_for(lambda: len(proj.events('run_start')) >= 2,
+             what='both loops inside run()')
+    worker = proj.events('run_start')[0][2]
+    proj.workers.add(worker)
+    started = len(proj.events('run_start'))
+    os.killpg(p.pid, signal.SIGINT)
+    assert p.wait(60) == 0, proj.fg_output()
+    assert not alive(worker)
+    assert len(proj.events('run_end')) >= started
+    assert [ev[2] for ev in proj.events('after_run')] == [worker]
+
+
+def test_ctrl_c_twice_is_a_quick_stop(proj):
+    proj.write_config(number_workers=2, run_time=60, graceful_timeout=30)
+    p = proj.start_foreground()
+    wait_for(lambda: len(set(ev[2] for ev in proj.events('run_start')))
+             >= 2, what='both workers inside run()')
+    workers = set(ev[2] for ev in proj.events('init'))
+    proj.workers |= workers
+    os.killpg(p.pid, signal.SIGINT)
+    wait_for(lambda: 'Ctrl-C again' in proj.fg_output(), what='message')
+    assert alive(p.pid) and all(alive(w) for w in workers)  # still in run()
+    t0 = time.monotonic()
+    os.killpg(p.pid, signal.SIGINT)
+    assert p.wait(60) == 0, proj.fg_output()
+    assert time.monotonic() - t0 < 10
+    assert not any(alive(w) for w in workers)
+    assert proj.events('run_end') == [] and proj.events('after_run') == []
+
+
+def test_restart_of_a_daemon_comes_back_as_a_daemon(proj):
+    proj.write_config(number_workers=1)
+    old = proj.start_daemon()
+    assert proj.status()['master']['daemonized'] is True
+    res = proj.ph('restart', timeout=60)   # a foreground start would block
+    track_started(proj)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert 'started' in res.stdout
+    new = proj.master_pid()
+    proj.masters.add(new)
+    assert new != old and not alive(old)
+    doc = wait_for(lambda: proj.status())
+    assert doc['master']['daemonized'] is True
+    assert ppid_of(new) != os.getpid()
+    res = proj.ph('stop')
+    assert res.returncode == 0 and not alive(new)
+
+
+def json_records(text):
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_json_log_lines_parse(proj):
+    proj.write_config(number_workers=1, log_format='json', run_mode='raise',
+                      interval=0.2)
+    proj.start_daemon()
+    proj.wait_running(1)
+    wait_for(lambda: 'bad job' in proj.log_text(), what='a traceback')
+    proj.ph('stop')
+    records = json_records(proj.log_text())
+    assert {'time', 'level', 'role', 'slot', 'pid', 'message',
+            'exception'} <= set(records[0])
+    roles = set(r['role'] for r in records)
+    assert {'master', 'worker'} <= roles, roles
+    tb = [r for r in records if r['exception']]
+    assert tb and tb[0]['role'] == 'worker' and tb[0]['slot'] == 1
+    assert 'ValueError: bad job' in tb[0]['exception']
+    assert tb[0]['exception'].startswith('Traceback')
+    assert all(r['slot'] is None for r in records if r['role'] == 'master')
+    assert all(isinstance(r['pid'], int) for r in records)
+
+
+def test_log_file_dash_is_stdout(proj):
+    proj.write_config(number_workers=1, log_file='-', log_format='json',
+                      run_mode='log', lines=1, width=1, interval=0.2)
+    out_path = os.path.join(proj.path, 'out')
+    err_path = os.path.join(proj.path, 'err')
+    with open(out_path, 'wb') as out, open(err_path, 'wb') as err:
+        p = subprocess.Popen([PY, PH, '-c', proj.config, '-f'],
+                             stdin=subprocess.DEVNULL, stdout=out,
+                             stderr=err, cwd=proj.path,
+                             start_new_session=True)
+    proj.popens.append(p)
+    proj.masters.add(p.pid)
+    proj.wait_running(1)
+    wait_for(lambda: '"line 0 x"' in open(out_path).read())
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(DEADLINE) == 0
+    with open(out_path) as f:
+        records = json_records(f.read())
+    assert any(r['role'] == 'worker' for r in records)
+    assert any(r['role'] == 'master' for r in records)
+    with open(err_path) as f:
+        assert f.read() == ''
+    assert not os.path.exists(os.path.join(proj.path, '-'))
+
+
+def test_config_from_the_environment(proj):
+    """PROCESSHANDLER_CONFIG instead of -c, %(ENV_NAME)s in the file, and
+    PROCESSHANDLER_SET (shlex) as extra --set values."""
+    proj.write_module('myjob', README_WORKER)
+    proj.write_config(worker_class='myjob:JobExecute', number_workers=3,
+                      queue='%(ENV_PH_TEST_QUEUE)s')
+    env = dict(os.environ, PROCESSHANDLER_CONFIG=proj.config,
+               PH_TEST_QUEUE='q-%-from-env',
+               PROCESSHANDLER_SET="number_workers=1 'greeting=hello world'")
+
+    def ph(*args):
+        return subprocess.run([PY, PH] + list(args), env=env, cwd=proj.path,
+                              stdin=subprocess.DEVNULL, timeout=60,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True)
+    res = ph('start', '-d')
+    track_started(proj)
+    assert res.returncode == 0, res.stderr
+    doc = wait_for(lambda: [w for w in (proj.status(env=env) or {}).get(
+        'workers', ()) if w['state'] == 'running'])
+    assert len(doc) == 1
+    with open(os.path.join(proj.path, 'cfg-1.json')) as f:
+        got = json.load(f)
+    assert got['queue'] == 'q-%-from-env'
+    assert got['greeting'] == 'hello world'
+    assert got['number_workers'] == 1
+    assert ph('stop').returncode == 0
+    del env['PH_TEST_QUEUE']
+    assert_one_line_error(ph('check'), 'queue',
+                          'environment variable PH_TEST_QUEUE is not set')
+    env['PROCESSHANDLER_SET'] = "number_workers=1 'unbalanced"
+    assert_one_line_error(ph('check'), 'PROCESSHANDLER_SET')
+    del env['PROCESSHANDLER_CONFIG']
+    assert_one_line_error(ph('status'), '-c CONFIG', 'PROCESSHANDLER_CONFIG')
+
+
+def test_bench_chart_is_drawn_from_results_and_well_formed(tmp_path):
+    """bench/run.py --svg-only redraws the chart from RESULTS.md without a
+    run; it is well-formed SVG with a bar per system and metric, and the
+    committed bench/results.svg is exactly that drawing (no drift)."""
+    import xml.etree.ElementTree as ET
+    out = str(tmp_path / 'chart.svg')
+    res = subprocess.run([PY, BENCH, '--svg-only', '--svg-to', out],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, universal_newlines=True,
+                         timeout=60, cwd=HERE)
+    assert res.returncode == 0, res.stderr
+    root = ET.parse(out).getroot()
+    ns = '{http://www.w3.org/2000/svg}'
+    assert root.tag == ns + 'svg'
+    texts = [t.text or '' for t in root.iter(ns + 'text')]
+    with open(os.path.join(HERE, 'bench', 'RESULTS.md'),
+              encoding='utf-8') as f:
+        table = [[c.strip() for c in l.strip().strip('|').split(' | ')]
+                 for l in f if l.startswith('| ')]
+    labels = table[0][1:]
+    respawn = [r for r in table if r[0] == 'respawn latency'][0]
+    assert len(labels) >= 2
+    for label in labels:
+        assert texts.count(label) >= 6, label     # one per headline panel
+    bars = [r for r in root.iter(ns + 'rect') if r.get('class', '')
+            .startswith('c')]
+    assert len(bars) >= 6 * 2
+    assert respawn[1].split(' (')[0] in texts    # a median, as printed
+    with open(os.path.join(HERE, 'bench', 'results.svg'),
+              encoding='utf-8') as f, open(out, encoding='utf-8') as g:
+        assert f.read() == g.read(), 'run bench/run.py --svg-only'
+    with open(README, encoding='utf-8') as f:
+        assert '(bench/results.svg)' in f.read()
 
 
 # ==== Signals ================================================================
@@ -2978,6 +4521,323 @@ def test_usr2_with_broken_config_is_refused(proj):
     assert res.returncode == 2    # the config itself is broken for the CLI
     assert 'USR2: re-executing' not in proj.log_text()
     assert all(alive(p) for p in workers.values())
+
+
+# -- transactional HUP and USR2 (issue 12) ------------------------------------
+
+def upgrade_doc(proj, key):
+    """master.<key> ('reload' or 'upgrade') of status --json, or None."""
+    doc = proj.status()
+    return doc['master'].get(key) if doc else None
+
+
+def wait_result(proj, key, result, timeout=DEADLINE * 2):
+    return wait_for(lambda: (lambda r: r if r and r['result'] == result
+                             else None)(upgrade_doc(proj, key)), timeout,
+                    lambda: '%s %s; log:\n%s' % (key, result,
+                                                 proj.log_text()))
+
+
+def same_workers_serving(proj, old):
+    """The same worker pids still run, under the same master."""
+    assert proj.running_workers(len(old)) == old
+    assert all(alive(p) for p in old.values())
+
+
+@pytest.mark.parametrize('kind', ['folder', 'missing_folder'])
+def test_hup_unopenable_log_file_is_refused(proj, kind):
+    """Item 1: a HUP whose log_file cannot be opened is refused: `reload`
+    exits 1 naming it, the old log says why, the same workers serve."""
+    proj.write_config(number_workers=2)
+    master = proj.start_daemon()
+    old = proj.wait_running(2)
+    bad = os.path.join(proj.path, 'logs')
+    if kind == 'folder':
+        os.mkdir(bad)
+    else:
+        bad = os.path.join(proj.path, 'nowhere', 'master.log')
+    proj.write_config(number_workers=2, log_file=bad)
+    res = proj.ph('reload')
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert 'reload failed' in res.stderr and bad in res.stderr, res.stderr
+    assert 'Traceback' not in res.stderr
+    assert 'cannot open log_file %s' % bad in proj.log_text()
+    r = upgrade_doc(proj, 'reload')
+    assert r['result'] == 'failed' and bad in r['reason'], r
+    text = proj.ph('status').stdout
+    assert 'last reload failed: cannot open log_file' in text, text
+    same_workers_serving(proj, old)
+    assert master_doc(proj)['generation'] == 1
+    # still controllable, and a fixed config reloads
+    proj.write_config(number_workers=2)
+    res = proj.ph('reload')
+    assert res.returncode == 0 and 'reloaded' in res.stdout, res.stderr
+    assert alive(master)
+
+
+IMPORT_KILLERS = {
+    'SystemExit': 'raise SystemExit(3)\n',
+    'HaltServer': 'raise processhandler.HaltServer("no way")\n',
+    'exit status 7': 'os._exit(7)\n',
+}
+
+
+@pytest.mark.parametrize('exc', sorted(IMPORT_KILLERS))
+def test_import_base_exception_refused_by_hup_check_usr2(proj, exc):
+    """Item 2: a worker module raising SystemExit/HaltServer (or calling
+    os._exit) at import:
+    `check` and `reload` exit 2 with one line, a HUP and a USR2 sent
+    directly are refused and logged; the same workers keep serving."""
+    proj.write_config(number_workers=2)
+    master = proj.start_daemon()
+    old = proj.wait_running(2)
+    proj.write_module('testworker', TEST_WORKER + '\n' + IMPORT_KILLERS[exc])
+    for command in ('check', 'reload'):
+        res = proj.ph(command)
+        assert_one_line_error(res, 'worker_class', exc)
+    send(master, signal.SIGHUP)
+    wait_result(proj, 'reload', 'failed')
+    assert exc in upgrade_doc(proj, 'reload')['reason']
+    send(master, signal.SIGUSR2)
+    up = wait_result(proj, 'upgrade', 'failed')
+    assert exc in up['reason'], up
+    log_text = proj.log_text()
+    assert 'reload failed' in log_text and 'upgrade refused' in log_text
+    assert 'USR2: re-executing' not in log_text
+    same_workers_serving(proj, old)
+    assert alive(master) and proj.master_pid() == master
+
+
+def test_usr2_log_file_folder_refused_by_preflight(proj):
+    """Item 3: USR2 with log_file now a folder (which `check` accepts):
+    the preflight (the new image's own start-up) fails, nothing is
+    exec'd, the same workers serve and status shows why."""
+    echo_config(proj, 'sync')
+    master = proj.start_daemon()
+    old = proj.wait_running(2)
+    [name] = listeners(proj)
+    bad = os.path.join(proj.path, 'logdir')
+    os.mkdir(bad)
+    echo_config(proj, 'sync', log_file=bad)
+    send(master, signal.SIGUSR2)
+    up = wait_result(proj, 'upgrade', 'failed')
+    assert 'cannot open log_file %s' % bad in up['reason'], up
+    assert 'upgrade refused' in proj.log_text()
+    assert 'USR2: re-executing' not in proj.log_text()
+    pids, errors = hammer(name, 2, 5)
+    assert not errors and set(pids) <= set(old.values())
+    same_workers_serving(proj, old)
+
+
+# Imported by the USR2 preflight child (PROCESSHANDLER_PREFLIGHT set), it
+# breaks something right after the preflight checked it: what the new
+# image meets after the exec.
+SABOTEUR = '''
+import os
+if os.environ.get('PROCESSHANDLER_PREFLIGHT'):
+    here = os.path.dirname(os.path.abspath(__file__))
+    what = open(os.path.join(here, 'sabotage')).read().strip()
+    if what == 'config':
+        with open(os.path.join(here, 'config.ini'), 'a') as f:
+            f.write('number_workers = many\\n')
+    elif what == 'log':
+        os.rename(os.path.join(here, 'master.log'),
+                  os.path.join(here, 'master.log.old'))
+        os.mkdir(os.path.join(here, 'master.log'))
+    elif what == 'slow':
+        import time
+        time.sleep(3)
+    elif what == 'code':
+        with open(os.path.join(here, 'echo.py'), 'w') as f:
+            f.write('raise SystemExit("code broken after the preflight")\\n')
+'''
+
+
+def saboteur_config(proj, what, **keys):
+    with open(os.path.join(proj.path, 'sabotage'), 'w') as f:
+        f.write(what)
+    echo_config(proj, 'sync', **keys)
+    proj.write_module('echo', SABOTEUR + ECHO_WORKER)
+
+
+@pytest.mark.parametrize('what', ['config', 'log', 'code'])
+def test_usr2_failure_after_exec_keeps_adopted_workers(proj, what):
+    """Item 3: what breaks between the preflight and the exec (the config
+    made invalid; the log file replaced by a folder: a HaltServer in the
+    new image's setup; the worker module broken) falls back after the exec: the adopted workers
+    keep serving (same pids, no error for clients), the log says why and
+    status shows the failed upgrade."""
+    saboteur_config(proj, what)
+    good = open(proj.config).read()
+    master = proj.start_daemon()
+    old = proj.wait_running(2)
+    [name] = listeners(proj)
+    send(master, signal.SIGUSR2)
+    log_path = proj.log + ('.old' if what == 'log' else '')
+    wait_log_file(log_path, 'upgrade failed after the exec', DEADLINE * 2)
+    text = open(log_path).read()
+    assert 'USR2: re-executing' in text
+    line = [l for l in text.splitlines() if 'failed after the exec' in l][0]
+    assert {'config': 'number_workers', 'log': 'cannot open log_file',
+            'code': 'code broken after the preflight'}[what] in line, line
+    with open(proj.config, 'w') as f:     # the CLI needs a good config
+        f.write(good)
+    res = proj.ph('status', '--json')
+    assert res.returncode == 0, (res.returncode, res.stdout, res.stderr)
+    up = json.loads(res.stdout)['master']['upgrade']
+    assert up['result'] == 'failed' and up['count'] == 1, up
+    pids, errors = hammer(name, 2, 5)
+    assert not errors and set(pids) <= set(old.values())
+    same_workers_serving(proj, old)
+    assert proj.master_pid() == master and alive(master)
+    if what == 'code':    # fixed code: a reload replaces them
+        proj.write_module('echo', ECHO_WORKER)
+        res = proj.ph('reload')
+        assert res.returncode == 0, (res.stderr, proj.log_text())
+        wait_for(lambda: not any(alive(p) for p in old.values()),
+                 what='old workers replaced')
+    assert proj.ph('stop').returncode == 0
+    assert not any(alive(p) for p in old.values())
+
+
+def test_usr2_slow_preflight_does_not_block_the_loop(proj):
+    """Item 4: while a preflight imports for 3 s, the master loop goes on:
+    a SIGKILLed worker is replaced (seen by a status call) while the
+    preflight still runs; then the upgrade completes."""
+    saboteur_config(proj, 'slow')
+    master = proj.start_daemon()
+    old = proj.wait_running(2)
+    send(master, signal.SIGUSR2)
+    wait_log(proj, 'preflight of the new image running')
+    t0 = time.monotonic()
+    os.kill(old[1], signal.SIGKILL)
+    new = wait_for(lambda: (lambda w: w if w and w[1] != old[1] else None)(
+        proj.running_workers(2)), 2.5, 'worker 1 replaced')
+    took = time.monotonic() - t0
+    assert 'USR2: re-executing' not in proj.log_text(), took
+    assert new[2] == old[2]
+    wait_log(proj, 'upgrade complete', DEADLINE * 2)
+    assert upgrade_doc(proj, 'upgrade')['result'] == 'done'
+    assert proj.master_pid() == master
+
+
+def test_hup_applies_umask_and_logs_restart_only_keys(proj):
+    """Item 17: a HUP changing umask applies it to the new workers;
+    accept_lock and leader_ttl are logged as restart-only."""
+    proj.write_config(number_workers=1)
+    proj.start_daemon()
+    proj.wait_running(1)
+    proj.write_config(number_workers=1, umask='0o077', accept_lock='true',
+                      leader_ttl=20)
+    res = proj.ph('reload')
+    assert res.returncode == 0, res.stderr
+    text = proj.log_text()
+    assert 'umask changed: 0077' in text
+    assert 'accept_lock changed: it takes effect on restart only' in text
+    assert 'leader_ttl changed: it takes effect on restart only' in text
+    [pid] = proj.running_workers(1).values()
+    with open('/proc/%d/status' % pid) as f:
+        umask = [l.split()[1] for l in f if l.startswith('Umask:')]
+    assert umask == ['0077'], umask
+
+
+FLAGS_WORKER = '''
+import os, sys, time
+import processhandler
+''' + EVENT_HELPER + '''
+class Job(processhandler.Worker):
+    def init(self):
+        event(self, 'flags', ','.join(sys.warnoptions) or '-')
+    def run(self):
+        self.sleep(60)
+        return False
+'''
+
+
+def test_usr2_keeps_interpreter_flags(proj):
+    """Item 19: `python -W ignore::UserWarning ...`: the workers of the
+    image after a USR2 still run with the -W option."""
+    proj.write_module('flagged', FLAGS_WORKER)
+    proj.write_config(worker_class='flagged:Job', number_workers=1)
+    res = subprocess.run([PY, '-W', 'ignore::UserWarning', PH, '-c',
+                          proj.config, 'start', '-d'],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, universal_newlines=True,
+                         cwd=proj.path, timeout=60)
+    assert res.returncode == 0, res.stderr
+    master = proj.master_pid()
+    proj.masters.add(master)
+    first = proj.wait_running(1)
+    send(master, signal.SIGUSR2)
+    wait_log(proj, 'upgrade complete', DEADLINE * 2)
+    wait_for(lambda: len(proj.events('flags')) == 2, what='two inits')
+    flags = [e[4] for e in proj.events('flags')]
+    assert flags == ['ignore::UserWarning'] * 2, flags
+    assert proj.running_workers(1) != first
+    assert 'ignore::UserWarning' in proj.log_text().split(
+        'USR2: re-executing')[1].splitlines()[0]
+
+
+def test_systemd_ready_after_reload_is_done(proj):
+    """Item 21: RELOADING=1 carries MONOTONIC_USEC (CLOCK_MONOTONIC), and
+    READY=1 follows only once the new generation's workers booted (their
+    slow init() returned)."""
+    proj.write_config(number_workers=2)
+    notify = NotifySocket(os.path.join(proj.path, 'notify.sock'))
+    try:
+        env = dict(os.environ, NOTIFY_SOCKET=notify.path)
+        env.pop('WATCHDOG_USEC', None)
+        p = proj.start_foreground(env=env)
+        notify.wait(lambda m: m.get('READY') == '1', 'READY=1')
+        proj.write_config(number_workers=2, init_mode='slow',
+                          init_time=1.0, version='v2')
+        t_hup = time.clock_gettime(time.CLOCK_MONOTONIC)
+        os.kill(p.pid, signal.SIGHUP)
+        i = notify.wait(lambda m: m.get('RELOADING') == '1', 'RELOADING=1')
+        usec = int(notify.messages[i][1]['MONOTONIC_USEC'])
+        assert t_hup - 1 <= usec / 1e6 <= time.clock_gettime(
+            time.CLOCK_MONOTONIC), (usec, t_hup)
+        j = notify.wait(lambda m: m.get('READY') == '1', 'READY=1 again')
+        inits = [e for e in proj.events('init') if e[4] == 'v2']
+        assert len(inits) == 2, inits
+        assert notify.messages[j][0] >= max(e[3] for e in inits)
+        assert upgrade_doc(proj, 'reload')['result'] == 'done'
+    finally:
+        notify.close()
+
+
+def test_reload_command_waits_and_exit_codes(proj):
+    """`reload` waits for the outcome: 0 'reloaded' once the new
+    generation runs; 1 when its workers cannot boot (old ones keep
+    serving); 2 for a bad config (nothing sent); --no-wait only signals;
+    3 when not running."""
+    proj.write_config(number_workers=2)
+    proj.start_daemon()
+    old = proj.wait_running(2)
+    proj.write_config(number_workers=2, version='v2')
+    res = proj.ph('reload')
+    assert res.returncode == 0 and 'reloaded' in res.stdout, res.stderr
+    assert len([e for e in proj.events('init') if e[4] == 'v2']) == 2
+    now = proj.running_workers(2)
+    assert not set(now.values()) & set(old.values())
+    proj.write_config(number_workers=2, init_mode='fail')
+    res = proj.ph('reload')
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert 'reload failed' in res.stderr
+    assert 'database unreachable' in res.stderr, res.stderr
+    assert proj.running_workers(2) == now
+    proj.write_config(number_workers='many')
+    assert_one_line_error(proj.ph('reload'), 'number_workers')
+    proj.write_config(number_workers=2, version='v3')
+    t0 = time.monotonic()
+    res = proj.ph('reload', '--no-wait')
+    assert res.returncode == 0 and 'reloading' in res.stdout
+    wait_for(lambda: len([e for e in proj.events('init')
+                          if e[4] == 'v3']) == 2, what='v3 workers')
+    assert proj.ph('stop').returncode == 0
+    res = proj.ph('reload')
+    assert res.returncode == 3, res.stdout
+    assert time.monotonic() - t0 < DEADLINE
 
 
 # ==== Worker types and socket servers ========================================
@@ -4765,6 +6625,411 @@ def test_queue_sweeps_processing_list_of_a_slot_nobody_owns(
     assert proj.ph('stop', config=config).returncode == 0
 
 
+# ==== Operating it: health, metrics, statsd, status --watch (issue 15) =======
+
+def scrape(port, request=None, timeout=DEADLINE):
+    """One HTTP/1.0 exchange with the master's metrics_bind: (status line,
+    body).  ``request``: raw bytes to send instead of GET /metrics."""
+    s = socket.create_connection(('127.0.0.1', port), timeout=timeout)
+    try:
+        s.sendall(request or b'GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n')
+        data = b''
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        s.close()
+    head, _, body = data.partition(b'\r\n\r\n')
+    return head.split(b'\r\n')[0].decode(), body.decode('utf-8')
+
+
+def families(text):
+    """{name: {(labels...): value}} parsed by prometheus_client's own
+    parser (the one Prometheus' Python tooling uses)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            key = tuple(sorted(sample.labels.items()))
+            out.setdefault(sample.name, {})[key] = sample.value
+    return out
+
+
+def cli_metrics(proj):
+    res = proj.ph('metrics')
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    return families(res.stdout)
+
+
+def test_metrics_http_and_cli_count_recycles_and_survive_them(proj):
+    """Recycling at max_requests counts max_requests exits, and the
+    per-slot request totals keep growing past max_requests (they survive
+    recycles); both outlets give the same families, parsed by
+    prometheus_client."""
+    port = free_port()
+    proj.write_config(max_requests=3, run_time='0.02',
+                      metrics_bind='127.0.0.1:%d' % port)
+    proj.start_daemon()
+    proj.wait_running(2)
+
+    def recycled():
+        fams = families(scrape(port)[1])
+        exits = fams['processhandler_worker_exits_total']
+        req = fams['processhandler_requests_total']
+        return exits[(('reason', 'max_requests'),)] >= 4 and \
+            min(req.values()) > 3 * 2 and fams
+    fams = wait_for(recycled, what='recycles counted over HTTP')
+    assert set(fams['processhandler_requests_total']) == {
+        (('slot', '1'),), (('slot', '2'),)}
+    assert fams['processhandler_worker_exits_total'][
+        (('reason', 'signal'),)] == 0
+    assert fams['processhandler_worker_spawns_total'][()] >= 6
+    assert fams['processhandler_workers_running'][()] in (1, 2)
+    assert fams['processhandler_workers_wanted'][()] == 2
+    assert fams['processhandler_master_active'][()] == 1
+    assert fams['processhandler_master_generation'][()] == 1
+    assert fams['processhandler_slots_backoff'][()] == 0
+    cli = cli_metrics(proj)
+    assert set(cli) == set(fams)
+    for slot, n in fams['processhandler_requests_total'].items():
+        assert cli['processhandler_requests_total'][slot] >= n
+    assert cli['processhandler_master_uptime_seconds'][()] >= \
+        fams['processhandler_master_uptime_seconds'][()]
+    assert 'metrics at http://127.0.0.1:%d/metrics' % port in proj.log_text()
+
+
+def test_metrics_count_a_killed_worker_and_report_rss(proj):
+    port = free_port()
+    proj.write_config(run_time='0.02', metrics_bind='127.0.0.1:%d' % port)
+    proj.start_daemon()
+    pids = proj.wait_running(2)
+    fams = families(scrape(port)[1])
+    assert fams['processhandler_worker_exits_total'][
+        (('reason', 'signal'),)] == 0
+    rss = fams['processhandler_worker_rss_bytes']
+    assert set(rss) == {(('slot', '1'),), (('slot', '2'),)}
+    assert all(1e6 < v < 1e9 for v in rss.values()), rss
+    before = fams['processhandler_requests_total'][(('slot', '1'),)]
+    os.kill(pids[1], signal.SIGKILL)
+    fams = wait_for(lambda: (lambda f: f['processhandler_worker_exits_total'][
+        (('reason', 'signal'),)] == 1 and f)(families(scrape(port)[1])),
+        what='one exit by signal')
+    assert fams['processhandler_worker_exits_total'][
+        (('reason', 'crash'),)] == 0
+    assert fams['processhandler_requests_total'][(('slot', '1'),)] >= before
+    proj.wait_running(2)
+    fams = cli_metrics(proj)
+    assert fams['processhandler_worker_exits_total'][
+        (('reason', 'signal'),)] == 1
+    assert fams['processhandler_worker_spawns_total'][()] == 3
+
+
+def test_metrics_http_is_non_blocking_and_bounded(proj):
+    """An idle client does not block a scrape (one loop, no thread) and
+    is closed after HTTP_TIMEOUT; bad requests get an HTTP error."""
+    port = free_port()
+    proj.write_config(number_workers=1, metrics_bind='127.0.0.1:%d' % port)
+    proj.start_daemon()
+    proj.wait_running(1)
+    idle = socket.create_connection(('127.0.0.1', port), timeout=DEADLINE)
+    try:
+        idle.sendall(b'GET /metr')        # and then nothing
+        t0 = time.monotonic()
+        status, body = scrape(port)
+        assert status == 'HTTP/1.0 200 OK' and 'processhandler_' in body
+        assert scrape(port, b'GET / HTTP/1.0\r\n\r\n')[0].startswith(
+            'HTTP/1.0 404')
+        assert scrape(port, b'POST /metrics HTTP/1.0\r\n\r\n')[0] \
+            .startswith('HTTP/1.0 405')
+        assert scrape(port, b'GET /metrics HTTP/1.0\r\nX: ' + b'y' * 20000)[
+            0].startswith('HTTP/1.0 400')
+        status, body = scrape(port, b'HEAD /metrics HTTP/1.0\r\n\r\n')
+        assert status == 'HTTP/1.0 200 OK' and body == ''
+        assert idle.recv(100) == b''      # closed by the master
+        waited = time.monotonic() - t0
+        print('idle scrape connection closed after %.1fs' % waited)
+        assert waited >= processhandler.Metrics.HTTP_TIMEOUT - 0.5
+    finally:
+        idle.close()
+    assert proj.ph('health').returncode == 0
+
+
+def test_metrics_bind_in_use_fails_start(proj):
+    busy = socket.socket()
+    busy.bind(('127.0.0.1', 0))
+    busy.listen(1)
+    try:
+        port = busy.getsockname()[1]
+        proj.write_config(metrics_bind='127.0.0.1:%d' % port)
+        res = proj.ph('start', '-d')
+        track_started(proj)
+        assert res.returncode == 1, (res.stdout, res.stderr)
+        assert '127.0.0.1:%d' % port in one_line(res)
+    finally:
+        busy.close()
+    assert proj.ph('status').returncode == 3
+
+
+def statsd_packets(sock, want, timeout=DEADLINE):
+    """Read packets until every regex in ``want`` matched one; return
+    them all."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while not all(any(re.match(w, p) for p in got) for w in want):
+        left = deadline - time.monotonic()
+        assert left > 0, ('statsd packets missing', want, got[-40:])
+        sock.settimeout(left)
+        try:
+            got.append(sock.recv(65536).decode('ascii'))
+        except socket.timeout:
+            pass
+    return got
+
+
+def test_statsd_packets_over_udp(proj):
+    """Gauges and counters reach a real UDP socket, gunicorn-style names
+    under statsd_prefix; with nobody listening any more the master goes
+    on (sends never raise into its loop)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(('127.0.0.1', 0))
+    try:
+        proj.write_config(max_requests=3, run_time='0.02',
+                          statsd_host='127.0.0.1:%d' % sock.getsockname()[1],
+                          statsd_prefix='svc.app')
+        proj.start_daemon()
+        got = statsd_packets(sock, [
+            r'svc\.app\.processhandler\.workers:2\|g$',
+            r'svc\.app\.processhandler\.requests:[1-9]\d*\|c$',
+            r'svc\.app\.processhandler\.exits\.max_requests:[1-9]\d*\|c$',
+            r'svc\.app\.processhandler\.spawns:[1-9]\d*\|c$',
+            r'svc\.app\.processhandler\.backoff:0\|g$'])
+        assert all(p.startswith('svc.app.processhandler.') for p in got), got
+    finally:
+        sock.close()
+    # Nobody listens now: ICMP port unreachable must not disturb it.
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        assert proj.ph('health').returncode == 0
+
+
+HEALTH_WORKER = '''
+    import os, time, processhandler
+
+    with open('imports.log', 'a') as f:     # every import of this module
+        f.write('%d\\n' % os.getpid())
+
+    class Job(processhandler.Worker):
+        def init(self):
+            if os.path.exists('fail.flag') and self.slot == 2:
+                raise RuntimeError('database unreachable')
+
+        def run(self):
+            time.sleep(0.02)
+            return True
+'''
+
+
+def test_health_probe(proj):
+    """0 with every slot running, 1 with the reason when a slot is in
+    backoff, 3 when not running; it never imports the worker module."""
+    proj.write_module('healthjob', HEALTH_WORKER)
+    proj.write_config(worker_class='healthjob:Job')
+    imports = os.path.join(proj.path, 'imports.log')
+    assert proj.ph('health').returncode == 3
+    proj.start_daemon()
+    proj.wait_running(2)
+    with open(imports) as f:
+        imported = f.read()
+    t0 = time.monotonic()
+    res = proj.ph('health')
+    cli = time.monotonic() - t0
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert res.stdout.strip() == 'processhandler: healthy: 2/2 running'
+    t0 = time.monotonic()
+    reply = processhandler.control_request(proj.pidfile, {'cmd': 'health'})
+    print('health: master answers in %.2f ms; the CLI took %.0f ms '
+          '(interpreter start included)' % (
+              (time.monotonic() - t0) * 1000, cli * 1000))
+    assert reply['healthy'] is True
+    with open(imports) as f:
+        assert f.read() == imported     # the probe imported no user code
+    open(os.path.join(proj.path, 'fail.flag'), 'w').close()
+    os.kill(proj.running_workers(2)[2], signal.SIGKILL)
+
+    def degraded():
+        # (A kill within a second of boot may first show as an early
+        # death; the retry's init() failure is what must be named.)
+        r = proj.ph('health')
+        return r.returncode == 1 and 'init() raised' in r.stdout and r
+    res = wait_for(degraded, what='health exit 1')
+    line = res.stdout.strip()
+    assert line.startswith('processhandler: unhealthy: 1/2 running; '
+                           'slot 2 in backoff: init() raised '), line
+    assert 'RuntimeError' in line and 'database unreachable' in line, line
+    assert len(res.stdout.splitlines()) == 1 and res.stderr == ''
+    fams = cli_metrics(proj)
+    assert fams['processhandler_slots_backoff'][()] == 1
+    assert fams['processhandler_backoffs_total'][()] >= 1
+    assert fams['processhandler_worker_exits_total'][
+        (('reason', 'boot_failure'),)] >= 1
+    os.unlink(os.path.join(proj.path, 'fail.flag'))
+    wait_for(lambda: proj.ph('health').returncode == 0, what='healthy again')
+    assert proj.ph('stop').returncode == 0
+    res = proj.ph('health')
+    assert res.returncode == 3 and 'not running' in res.stdout
+    assert proj.ph('metrics').returncode == 3
+    assert proj.ph('status', '--watch', '--count', '1').returncode == 3
+
+
+def test_status_watch_prints_tables(proj):
+    """Not a terminal: one table per interval under a separator line;
+    --count bounds it; req/s from the second table on."""
+    proj.write_config(run_time='0.02')
+    proj.start_daemon()
+    proj.wait_running(2)
+    res = proj.ph('status', '--watch', '--count', '2', '--interval', '0.3')
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    lines = res.stdout.splitlines()
+    seps = [i for i, l in enumerate(lines) if l.startswith('-- ')]
+    assert len(seps) == 2 and seps[0] == 0, res.stdout
+    heads = [l for l in lines if l.split()[:4] == ['slot', 'pid', 'state',
+                                                   'req/s']]
+    assert len(heads) == 2, res.stdout
+    second = lines[seps[1]:]
+    rows = [l.split() for l in second if l[:1].isdigit()]
+    assert [r[0] for r in rows] == ['1', '2'], res.stdout
+    assert all(r[2] == 'running' and float(r[3]) > 0 for r in rows), \
+        res.stdout
+    assert '\x1b' not in res.stdout
+
+
+def test_status_watch_on_a_terminal_redraws_until_ctrl_c(proj):
+    """On a terminal (a real pty) each table clears the screen first;
+    Ctrl-C ends it with exit 0 and no traceback."""
+    import pty
+    import select
+    proj.write_config(number_workers=1)
+    proj.start_daemon()
+    proj.wait_running(1)
+    master_fd, slave_fd = pty.openpty()
+    p = subprocess.Popen([PY, PH, '-c', proj.config, 'status', '--watch',
+                          '--interval', '0.2'], stdin=subprocess.DEVNULL,
+                         stdout=slave_fd, stderr=slave_fd, cwd=proj.path)
+    os.close(slave_fd)
+    seen = []
+
+    def read_some():
+        r, _, _ = select.select([master_fd], [], [], 0)
+        if r:
+            try:
+                seen.append(os.read(master_fd, 65536).decode('utf-8',
+                                                              'replace'))
+            except OSError:    # EIO: the other side is closed
+                pass
+        return ''.join(seen)
+    try:
+        wait_for(lambda: read_some().count('\x1b[H\x1b[2J') >= 2,
+                 what='two redraws')
+        p.send_signal(signal.SIGINT)
+        assert p.wait(DEADLINE) == 0
+        read_some()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master_fd)
+    text = ''.join(seen)
+    assert 'slot' in text and 'req/s' in text
+    assert 'Traceback' not in text and 'KeyboardInterrupt' not in text
+
+
+def test_health_and_metrics_of_a_standby(proj):
+    """A standby (leader lock held by the other master) is healthy, says
+    so, and reports master_active 0 with no worker wanted."""
+    lock = os.path.join(proj.path, 'leader.lock')
+    proj.write_config(leader_lock='file:' + lock, number_workers=1)
+    proj.start_daemon()
+    proj.wait_running(1)
+    second_cfg = os.path.join(proj.path, 'second.ini')
+    second_pid = os.path.join(proj.path, 'second.pid')
+    with open(proj.config) as f:
+        text = f.read().replace(proj.pidfile, second_pid)
+    with open(second_cfg, 'w') as f:
+        f.write(text)
+    res = proj.ph('start', '-d', config=second_cfg)
+    assert res.returncode == 0 and 'standby' in res.stdout, res.stdout
+    proj.masters.add(proj.master_pid(second_pid))
+    res = proj.ph('health', config=second_cfg)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert res.stdout.startswith('processhandler: healthy: standby'), \
+        res.stdout
+    res = proj.ph('metrics', config=second_cfg)
+    fams = families(res.stdout)
+    assert fams['processhandler_master_active'][()] == 0
+    assert fams['processhandler_workers_wanted'][()] == 0
+    assert proj.ph('health').returncode == 0
+    assert cli_metrics(proj)['processhandler_master_active'][()] == 1
+
+
+def test_health_during_a_rolling_reload(proj):
+    """While new workers boot and the old ones still serve, health says
+    healthy and that a reload is in progress; then plain healthy again,
+    with generation 2 in the metrics."""
+    proj.write_config(run_time='0.02')
+    master = proj.start_daemon()
+    proj.wait_running(2)
+    proj.write_config(run_time='0.02', init_mode='slow', init_time='2')
+    os.kill(master, signal.SIGHUP)
+
+    def rolling():
+        r = proj.ph('health')
+        return 'reload in progress' in r.stdout and r
+    res = wait_for(rolling, what='reload in progress')
+    assert res.returncode == 0, res.stdout
+    assert re.match(r'processhandler: healthy: 2/2 running; reload in '
+                    r'progress for \d+ s$', res.stdout.strip()), res.stdout
+    wait_for(lambda: proj.ph('health').stdout.strip() ==
+             'processhandler: healthy: 2/2 running', what='reload done')
+    assert cli_metrics(proj)['processhandler_master_generation'][()] == 2
+
+
+EXIT_REASONS_WORKER = '''
+    import os, time, processhandler
+
+    class Job(processhandler.Worker):
+        def run(self):
+            time.sleep(0.05)
+            if self.slot == 1 and self.requests >= 2:
+                time.sleep(60)                 # past `timeout`
+            if self.slot == 2 and self.requests >= 2:
+                os._exit(7)                    # a crash
+            if self.slot == 3 and self.requests >= 2:
+                self.ballast = bytearray(200 * 1024 * 1024)  # over the limit
+                self.ballast[::4096] = b'x' * len(self.ballast[::4096])
+            return True
+'''
+
+
+def test_metrics_count_timeout_crash_and_memory_exits(proj):
+    proj.write_module('reasons', EXIT_REASONS_WORKER)
+    proj.write_config(worker_class='reasons:Job', number_workers=3,
+                      timeout=1, hard_memory_limit=150, check_interval=0.1)
+    proj.start_daemon()
+
+    def counted():
+        fams = cli_metrics(proj)
+        exits = dict((k[0][1], v) for k, v in
+                     fams['processhandler_worker_exits_total'].items())
+        return all(exits[r] >= 1 for r in ('timeout', 'crash', 'memory')) \
+            and exits
+    exits = wait_for(counted, what=lambda: 'timeout, crash and memory '
+                     'exits: %s' % cli_metrics(proj)[
+                         'processhandler_worker_exits_total'])
+    assert exits['signal'] == 0 and exits['max_requests'] == 0, exits
+
+
 # ==== Reliability ============================================================
 # Signal storms, a full disk for the log, leaks, the chaos soak (the soaks
 # are marked ``slow`` and bounded by PH_SOAK_SECONDS / PH_CHAOS_SECONDS), and
@@ -5626,1451 +7891,7 @@ def test_workers_drop_privileges_to_user(open_proj):
     assert all(uid_of(p) == nobody.pw_uid for p in workers.values())
 
 
-# ==== New tests (to be sorted) ===============================================
-# Append new tests below, each topic under its own banner.
-
-# ==== operability: configs, check, Ctrl-C, restart, logs, env (issue 15) ====
-
-README = os.path.join(HERE, 'README.md')
-
-# The README's example worker (myjob:JobExecute), which also writes the
-# config it was given, as JSON, to cfg-<slot>.json.
-README_WORKER = '''
-import json, os, time
-import processhandler
-
-class JobExecute(processhandler.Worker):
-    def init(self):
-        doc = dict((k, v if isinstance(v, (int, float, str, type(None)))
-                    else str(v)) for k, v in self.cfg.items())
-        path = os.path.join(self.cfg.base_path, 'cfg-%d.json' % self.slot)
-        with open(path + '.tmp', 'w') as f:
-            json.dump(doc, f)
-        os.rename(path + '.tmp', path)
-    def run(self):
-        time.sleep(0.05)
-        return False
-'''
-
-
-def readme_ini_blocks():
-    with open(README, encoding='utf-8') as f:
-        text = f.read()
-    return [textwrap.dedent(b.split('```', 1)[0].rstrip(' '))
-            for b in text.split('```ini\n')[1:]]
-
-
-def plain_ini_value(line):
-    """What a reader of the README expects the value to be: the text after
-    '=' up to an inline comment (';' or '#' after a blank)."""
-    value = line.partition('=')[2]
-    for i in range(1, len(value)):
-        if value[i] in ';#' and value[i - 1] in ' \t':
-            value = value[:i]
-            break
-    return value.strip()
-
-
-def test_readme_ini_blocks_exist():
-    blocks = readme_ini_blocks()
-    assert len(blocks) >= 3
-    assert any('; unknown keys reach the worker' in b for b in blocks)
-
-
-@pytest.mark.parametrize('n', range(len(readme_ini_blocks())))
-def test_readme_ini_block_gives_the_worker_what_it_says(proj, n,
-                                                       monkeypatch):
-    """Each ```ini block of README.md, as written: `check` is happy and a
-    daemon started from it hands the worker exactly the values the lines
-    say (inline comments are comments; %(ENV_X)s gets $X)."""
-    block = readme_ini_blocks()[n]
-    proj.write_module('myjob', README_WORKER)
-    proj.write_config(text=block)
-    for name in re.findall(r'%\(ENV_(\w+)\)s', block):
-        monkeypatch.setenv(name, 'from-env-' + name)
-        block = block.replace('%%(ENV_%s)s' % name, 'from-env-' + name)
-    env = dict(os.environ)
-    res = proj.ph('check', env=env)
-    assert res.returncode == 0, (block, res.stderr)
-    res = proj.ph('start', '-d', '--set', 'log_file=ph.log', env=env)
-    pidfile = processhandler.base_pidfile(processhandler.load_config(
-        proj.config))
-    track_started(proj, pidfile)
-    assert res.returncode == 0, (res.stdout, res.stderr)
-    dumps = wait_for(lambda: glob.glob(os.path.join(proj.path,
-                                                    'cfg-1.json')))
-    with open(dumps[0]) as f:
-        got = json.load(f)
-    for line in block.splitlines():
-        if '=' not in line or line.lstrip().startswith((';', '#')):
-            continue
-        key = line.partition('=')[0].strip()
-        want = plain_ini_value(line)
-        if '%(' in want or key in ('log_file', 'pidfile'):
-            continue
-        setting = processhandler.SETTINGS_BY_NAME.get(key)
-        if setting:
-            want = setting.parse(want)
-            if isinstance(want, list):
-                want = str(want)
-        assert got[key] == want, (key, got[key], want)
-    res = proj.ph('stop', env=env)
-    assert res.returncode == 0, res.stderr
-
-
-def test_save_keeps_the_inline_comment(proj):
-    proj.write_config(text='[job]\nworker_class = testworker:Job\n'
-                      'number_workers = 1   ; one to start with\n'
-                      'pidfile = %s\nlog_file = %s\n'
-                      % (proj.pidfile, proj.log))
-    proj.start_daemon()
-    res = proj.ph('incr', '--save')
-    assert res.returncode == 0, res.stderr
-    with open(proj.config) as f:
-        lines = f.read().splitlines()
-    assert lines[2] == 'number_workers = 2   ; one to start with', lines
-    assert processhandler.load_config(proj.config).number_workers == 2
-
-
-def test_check_reports_every_problem_at_once(proj):
-    proj.write_config(max_requests='lots', timeout=-1, numbr_workers=3,
-                      number_workers=None)
-    res = proj.ph('check')
-    assert res.returncode == 2, res.stderr
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 3, res.stderr
-    # Two errors and, as a warning (a worker key by contract), the
-    # misspelt one; --strict makes all three errors.
-    errors = [ln for ln in lines if 'warning:' not in ln]
-    assert 'max_requests' in errors[0] and 'lots' in errors[0], lines
-    assert 'timeout' in errors[1] and 'at least 0' in errors[1], lines
-    warned = [ln for ln in lines if 'warning:' in ln]
-    assert len(warned) == 1 and "did you mean 'number_workers'" in warned[0]
-    assert 'Traceback' not in res.stderr
-    strict = proj.ph('check', '--strict')
-    assert strict.returncode == 2
-    lines = strict.stderr.strip().splitlines()
-    assert len(lines) == 3 and 'warning:' not in strict.stderr, lines
-    # start still stops at the first, with one line
-    assert_one_line_error(proj.ph('start', '-f'), 'max_requests')
-    assert not os.path.exists(proj.pidfile)
-
-
-def test_missing_class_did_you_mean(proj):
-    proj.write_config(worker_class='testworker:job')
-    assert_one_line_error(proj.ph('check'), "testworker has no job",
-                          "did you mean 'Job'?")
-    proj.write_config(worker_class='testworker:Jbo')
-    assert_one_line_error(proj.ph('start', '-d'), "did you mean 'Job'?")
-
-
-ASYNC_WORKER = '''
-import processhandler
-
-class Job(processhandler.Worker):
-    async def run(self):
-        return True
-'''
-
-
-def test_async_run_under_sync_is_refused(proj):
-    proj.write_module('asyncjob', ASYNC_WORKER)
-    proj.write_config(worker_class='asyncjob:Job')
-    for cmd in (('check',), ('start', '-f'), ('start', '-d')):
-        res = proj.ph(*cmd, timeout=30)
-        assert_one_line_error(res, "Job.run is 'async def'",
-                              'worker_type = asyncio')
-    assert not os.path.exists(proj.pidfile)
-    proj.write_config(worker_class='asyncjob:Job', worker_type='asyncio')
-    assert proj.ph('check').returncode == 0
-
-
-def test_gevent_not_importable_check_says_so(proj):
-    """A gevent that does not import (a shadow package raising ImportError,
-    first on the path: base_path): check names it, on both interpreters."""
-    os.mkdir(os.path.join(proj.path, 'gevent'))
-    with open(os.path.join(proj.path, 'gevent', '__init__.py'), 'w') as f:
-        f.write("raise ImportError('No module named gevent._gevent_c')\n")
-    proj.write_config(worker_type='gevent')
-    assert_one_line_error(proj.ph('check'), 'worker_type',
-                          'gevent does not import', 'ImportError')
-
-
-@pytest.mark.skipif(importlib.util.find_spec('gevent') is not None,
-                    reason='gevent is installed here (the PyPy run tests '
-                    'this)')
-def test_gevent_missing_check_and_start_say_so(proj):
-    proj.write_config(worker_type='gevent')
-    for cmd in (('check',), ('start', '-f'), ('start', '-d')):
-        res = proj.ph(*cmd, timeout=30)
-        assert_one_line_error(res, 'gevent is not installed',
-                              'pip install gevent')
-    assert not os.path.exists(proj.pidfile)
-
-
-def printed_config(stdout):
-    """check --print -> {key: (value, source)}."""
-    out = {}
-    for line in stdout.splitlines():
-        if ' = ' in line and not line.startswith(';'):
-            key, _, rest = line.partition(' = ')
-            value, _, source = rest.partition('  ; ')
-            out[key.strip()] = (value.strip(), source.strip())
-    return out
-
-
-def test_check_print_shows_sources(proj):
-    proj.write_config(text='[job]\nworker_class = testworker:Job\n'
-                      'number_workers = 3 ; three\n'
-                      'log_level = %(ENV_PH_TEST_LEVEL)s\n'
-                      'queue = q1\n')
-    env = dict(os.environ, PH_TEST_LEVEL='debug',
-               PROCESSHANDLER_SET="interval=0.5 'proc_name=my job'")
-    res = proj.ph('check', '--print', '--set', 'max_requests=7',
-                  '--set', 'interval=0.25', env=env)
-    assert res.returncode == 0, res.stderr
-    got = printed_config(res.stdout)
-    assert got['number_workers'] == ('3', 'file')
-    assert got['max_requests'] == ('7', '--set')
-    assert got['interval'] == ('0.25', '--set')     # --set beats the env
-    assert got['proc_name'] == ('my job', 'environment (PROCESSHANDLER_SET)')
-    assert got['log_level'] == ('debug',
-                                'environment ($PH_TEST_LEVEL, via the file)')
-    assert got['timeout'] == ('0.0', 'default')
-    assert got['base_path'] == (proj.path, 'default')
-    assert got['queue'] == ('q1', 'file, passed to workers')
-    # the printed config is itself a config that parses to the same values
-    printed = os.path.join(proj.path, 'printed.ini')
-    with open(printed, 'w') as f:
-        f.write(res.stdout)
-    again = processhandler.load_config(printed)
-    assert (again.number_workers, again.max_requests, again.proc_name,
-            again.interval) == (3, 7, 'my job', 0.25)
-
-
-def test_check_print_with_problems_marks_them(proj):
-    proj.write_config(max_requests='lots')
-    res = proj.ph('check', '--print')
-    assert res.returncode == 2
-    got = printed_config(res.stdout)
-    assert got['max_requests'] == ('0', 'file: INVALID, default shown')
-    assert len(res.stderr.strip().splitlines()) == 1
-
-
-def test_ctrl_c_once_is_a_graceful_stop(proj):
-    """Ctrl-C (INT to the whole foreground process group, as a terminal
-    sends it): the jobs in flight finish, after_run runs, exit 0, and the
-    terminal is told how to quit at once."""
-    proj.write_config(number_workers=2, run_time=1.5, graceful_timeout=30)
-    p = proj.start_foreground()
-    wait_for(lambda: len(set(ev[2] for ev in proj.events('run_start')))
-             >= 2, what='both workers inside run()')
-    workers = set(ev[2] for ev in proj.events('init'))
-    proj.workers |= workers
-    os.killpg(p.pid, signal.SIGINT)
-    assert p.wait(60) == 0, proj.fg_output()
-    assert not any(alive(w) for w in workers)
-    assert set(ev[2] for ev in proj.events('after_run')) == workers
-    assert set(ev[2] for ev in proj.events('run_end')) == workers
-    out = proj.fg_output()
-    assert 'processhandler: stopping gracefully; Ctrl-C again to quit at ' \
-        'once' in out, out
-    assert 'Traceback' not in out
-
-
-@pytest.mark.parametrize('wtype', CONCURRENT_TYPES)
-def test_ctrl_c_once_is_graceful_for_every_worker_type(proj, wtype):
-    """The terminal's INT also reaches the workers themselves: threads,
-    greenlets and asyncio tasks finish their run too."""
-    typed_config(proj, wtype, number_workers=1, threads=2, run_time=1.5,
-                 graceful_timeout=30)
-    p = proj.start_foreground()
-    wait_for(lambda: len(proj.events('run_start')) >= 2,
-             what='both loops inside run()')
-    worker = proj.events('run_start')[0][2]
-    proj.workers.add(worker)
-    started = len(proj.events('run_start'))
-    os.killpg(p.pid, signal.SIGINT)
-    assert p.wait(60) == 0, proj.fg_output()
-    assert not alive(worker)
-    assert len(proj.events('run_end')) >= started
-    assert [ev[2] for ev in proj.events('after_run')] == [worker]
-
-
-def test_ctrl_c_twice_is_a_quick_stop(proj):
-    proj.write_config(number_workers=2, run_time=60, graceful_timeout=30)
-    p = proj.start_foreground()
-    wait_for(lambda: len(set(ev[2] for ev in proj.events('run_start')))
-             >= 2, what='both workers inside run()')
-    workers = set(ev[2] for ev in proj.events('init'))
-    proj.workers |= workers
-    os.killpg(p.pid, signal.SIGINT)
-    wait_for(lambda: 'Ctrl-C again' in proj.fg_output(), what='message')
-    assert alive(p.pid) and all(alive(w) for w in workers)  # still in run()
-    t0 = time.monotonic()
-    os.killpg(p.pid, signal.SIGINT)
-    assert p.wait(60) == 0, proj.fg_output()
-    assert time.monotonic() - t0 < 10
-    assert not any(alive(w) for w in workers)
-    assert proj.events('run_end') == [] and proj.events('after_run') == []
-
-
-def test_restart_of_a_daemon_comes_back_as_a_daemon(proj):
-    proj.write_config(number_workers=1)
-    old = proj.start_daemon()
-    assert proj.status()['master']['daemonized'] is True
-    res = proj.ph('restart', timeout=60)   # a foreground start would block
-    track_started(proj)
-    assert res.returncode == 0, (res.stdout, res.stderr)
-    assert 'started' in res.stdout
-    new = proj.master_pid()
-    proj.masters.add(new)
-    assert new != old and not alive(old)
-    doc = wait_for(lambda: proj.status())
-    assert doc['master']['daemonized'] is True
-    assert ppid_of(new) != os.getpid()
-    res = proj.ph('stop')
-    assert res.returncode == 0 and not alive(new)
-
-
-def json_records(text):
-    return [json.loads(line) for line in text.splitlines()]
-
-
-def test_json_log_lines_parse(proj):
-    proj.write_config(number_workers=1, log_format='json', run_mode='raise',
-                      interval=0.2)
-    proj.start_daemon()
-    proj.wait_running(1)
-    wait_for(lambda: 'bad job' in proj.log_text(), what='a traceback')
-    proj.ph('stop')
-    records = json_records(proj.log_text())
-    assert {'time', 'level', 'role', 'slot', 'pid', 'message',
-            'exception'} <= set(records[0])
-    roles = set(r['role'] for r in records)
-    assert {'master', 'worker'} <= roles, roles
-    tb = [r for r in records if r['exception']]
-    assert tb and tb[0]['role'] == 'worker' and tb[0]['slot'] == 1
-    assert 'ValueError: bad job' in tb[0]['exception']
-    assert tb[0]['exception'].startswith('Traceback')
-    assert all(r['slot'] is None for r in records if r['role'] == 'master')
-    assert all(isinstance(r['pid'], int) for r in records)
-
-
-def test_log_file_dash_is_stdout(proj):
-    proj.write_config(number_workers=1, log_file='-', log_format='json',
-                      run_mode='log', lines=1, width=1, interval=0.2)
-    out_path = os.path.join(proj.path, 'out')
-    err_path = os.path.join(proj.path, 'err')
-    with open(out_path, 'wb') as out, open(err_path, 'wb') as err:
-        p = subprocess.Popen([PY, PH, '-c', proj.config, '-f'],
-                             stdin=subprocess.DEVNULL, stdout=out,
-                             stderr=err, cwd=proj.path,
-                             start_new_session=True)
-    proj.popens.append(p)
-    proj.masters.add(p.pid)
-    proj.wait_running(1)
-    wait_for(lambda: '"line 0 x"' in open(out_path).read())
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(DEADLINE) == 0
-    with open(out_path) as f:
-        records = json_records(f.read())
-    assert any(r['role'] == 'worker' for r in records)
-    assert any(r['role'] == 'master' for r in records)
-    with open(err_path) as f:
-        assert f.read() == ''
-    assert not os.path.exists(os.path.join(proj.path, '-'))
-
-
-def test_config_from_the_environment(proj):
-    """PROCESSHANDLER_CONFIG instead of -c, %(ENV_NAME)s in the file, and
-    PROCESSHANDLER_SET (shlex) as extra --set values."""
-    proj.write_module('myjob', README_WORKER)
-    proj.write_config(worker_class='myjob:JobExecute', number_workers=3,
-                      queue='%(ENV_PH_TEST_QUEUE)s')
-    env = dict(os.environ, PROCESSHANDLER_CONFIG=proj.config,
-               PH_TEST_QUEUE='q-%-from-env',
-               PROCESSHANDLER_SET="number_workers=1 'greeting=hello world'")
-
-    def ph(*args):
-        return subprocess.run([PY, PH] + list(args), env=env, cwd=proj.path,
-                              stdin=subprocess.DEVNULL, timeout=60,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              universal_newlines=True)
-    res = ph('start', '-d')
-    track_started(proj)
-    assert res.returncode == 0, res.stderr
-    doc = wait_for(lambda: [w for w in (proj.status(env=env) or {}).get(
-        'workers', ()) if w['state'] == 'running'])
-    assert len(doc) == 1
-    with open(os.path.join(proj.path, 'cfg-1.json')) as f:
-        got = json.load(f)
-    assert got['queue'] == 'q-%-from-env'
-    assert got['greeting'] == 'hello world'
-    assert got['number_workers'] == 1
-    assert ph('stop').returncode == 0
-    del env['PH_TEST_QUEUE']
-    assert_one_line_error(ph('check'), 'queue',
-                          'environment variable PH_TEST_QUEUE is not set')
-    env['PROCESSHANDLER_SET'] = "number_workers=1 'unbalanced"
-    assert_one_line_error(ph('check'), 'PROCESSHANDLER_SET')
-    del env['PROCESSHANDLER_CONFIG']
-    assert_one_line_error(ph('status'), '-c CONFIG', 'PROCESSHANDLER_CONFIG')
-
-
-def test_bench_chart_is_drawn_from_results_and_well_formed(tmp_path):
-    """bench/run.py --svg-only redraws the chart from RESULTS.md without a
-    run; it is well-formed SVG with a bar per system and metric, and the
-    committed bench/results.svg is exactly that drawing (no drift)."""
-    import xml.etree.ElementTree as ET
-    out = str(tmp_path / 'chart.svg')
-    res = subprocess.run([PY, BENCH, '--svg-only', '--svg-to', out],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, universal_newlines=True,
-                         timeout=60, cwd=HERE)
-    assert res.returncode == 0, res.stderr
-    root = ET.parse(out).getroot()
-    ns = '{http://www.w3.org/2000/svg}'
-    assert root.tag == ns + 'svg'
-    texts = [t.text or '' for t in root.iter(ns + 'text')]
-    with open(os.path.join(HERE, 'bench', 'RESULTS.md'),
-              encoding='utf-8') as f:
-        table = [[c.strip() for c in l.strip().strip('|').split(' | ')]
-                 for l in f if l.startswith('| ')]
-    labels = table[0][1:]
-    respawn = [r for r in table if r[0] == 'respawn latency'][0]
-    assert len(labels) >= 2
-    for label in labels:
-        assert texts.count(label) >= 6, label     # one per headline panel
-    bars = [r for r in root.iter(ns + 'rect') if r.get('class', '')
-            .startswith('c')]
-    assert len(bars) >= 6 * 2
-    assert respawn[1].split(' (')[0] in texts    # a median, as printed
-    with open(os.path.join(HERE, 'bench', 'results.svg'),
-              encoding='utf-8') as f, open(out, encoding='utf-8') as g:
-        assert f.read() == g.read(), 'run bench/run.py --svg-only'
-    with open(README, encoding='utf-8') as f:
-        assert '(bench/results.svg)' in f.read()
-
-
-# ==== control server, leadership, CLI error paths, log targets (issue 12) ====
-
-def needs_root():
-    if os.geteuid() != 0:
-        pytest.skip('needs root')
-
-
-def as_nobody(*args, **kw):
-    """Run the CLI as user nobody (setpriv); return CompletedProcess."""
-    nobody = pwd.getpwnam('nobody')
-    cmd = ['setpriv', '--reuid=%d' % nobody.pw_uid,
-           '--regid=%d' % nobody.pw_gid, '--clear-groups', PY, PH] + list(
-               args)
-    return subprocess.run(cmd, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, timeout=60, cwd='/',
-                          env=dict(os.environ, HOME='/'), **kw)
-
-
-@pytest.fixture
-def open_proj():
-    """A Project in a folder every user may traverse (not under the
-    private pytest tmp folder), for commands run as another user."""
-    import tempfile
-    d = tempfile.mkdtemp(prefix='ph-open-', dir='/tmp')
-    os.chmod(d, 0o755)
-    p = Project(d)
-    try:
-        yield p
-    finally:
-        left = p.cleanup()
-        shutil.rmtree(d, ignore_errors=True)
-    assert not left, 'processes left behind: %s' % left
-
-
-def test_log_file_fifo_or_socket_refused_quickly(proj):
-    """A FIFO or a unix socket as log_file: check and start exit 2 with
-    one line at once (opening a FIFO would block for ever); /dev/null is
-    a fine log."""
-    fifo = os.path.join(proj.path, 'log.fifo')
-    os.mkfifo(fifo)
-    sockpath = os.path.join(proj.path, 'log.sock')
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(sockpath)
-    try:
-        for path, kind in ((fifo, 'FIFO'), (sockpath, 'socket')):
-            proj.write_config(log_file=path)
-            for args in (['check'], ['start', '-d'], ['start', '-f']):
-                t0 = time.monotonic()
-                res = proj.ph(*args, timeout=30)
-                track_started(proj)
-                assert_one_line_error(res, 'log_file', path, kind)
-                assert time.monotonic() - t0 < 15
-                assert not os.path.exists(proj.pidfile)
-    finally:
-        sock.close()
-    proj.write_config(log_file='/dev/null')
-    res = proj.ph('check')
-    assert res.returncode == 0, res.stderr
-    proj.start_daemon()
-    proj.wait_running(2)
-    assert proj.ph('stop').returncode == 0
-
-
-def test_leader_lock_file_foreign_or_not_regular_refused(proj):
-    """A pre-created leader lock file owned by another user, or a FIFO:
-    the master refuses to start with one line (it would stand by for
-    ever behind a lock somebody else holds)."""
-    needs_root()
-    lock = os.path.join(proj.path, 'leader.lock')
-    with open(lock, 'w'):
-        pass
-    os.chown(lock, pwd.getpwnam('nobody').pw_uid, -1)
-    proj.write_config(leader_lock='file:' + lock)
-    res = proj.ph('start', '-d', timeout=60)
-    track_started(proj)
-    assert res.returncode == 1, (res.stdout, res.stderr)
-    line = one_line(res)
-    assert lock in line and 'owned by uid' in line, line
-    os.unlink(lock)
-    os.mkfifo(lock)
-    res = proj.ph('start', '-f', timeout=60)
-    track_started(proj)
-    assert res.returncode == 1, (res.stdout, res.stderr)
-    line = one_line(res)
-    assert lock in line and 'FIFO' in line, line
-    assert not os.path.exists(proj.pidfile)
-    os.unlink(lock)          # a fresh file: taken, the master is active
-    proj.start_daemon()
-    proj.wait_running(2)
-    assert proj.status()['master']['state'] == 'active'
-
-
-def test_non_root_commands_against_root_master_exit_4(open_proj):
-    """status/stop/reload/reopen/incr run as nobody against a root
-    master: one line, exit 4, and the master and workers unaffected."""
-    needs_root()
-    p = open_proj
-    p.write_config()
-    master = p.start_daemon()
-    workers = p.wait_running(2)
-    for args in (['status'], ['status', '--json'], ['stop'], ['reload'],
-                 ['reopen'], ['incr'], ['decr'], ['restart']):
-        res = as_nobody('-c', p.config, *args)
-        assert res.returncode == 4, (args, res.stdout, res.stderr)
-        line = one_line(res)
-        assert 'not permitted' in line and str(master) in line, line
-    assert alive(master)
-    assert p.running_workers(2) == workers
-    assert p.status()['master']['number_workers'] == 2
-
-
-def test_save_edits_a_symlinked_configs_target_and_respects_0444(proj):
-    """--save through a symlink edits the target (the link stays a link);
-    a config without write permission bits is refused, as root too."""
-    confdir = os.path.join(proj.path, 'conf')
-    os.mkdir(confdir)
-    target = os.path.join(confdir, 'real.ini')
-    text = ('[job]\nworker_class = testworker:Job\nnumber_workers = 1\n'
-            'pidfile = %s\nlog_file = %s\nbase_path = %s\n'
-            % (proj.pidfile, proj.log, proj.path))
-    with open(target, 'w') as f:
-        f.write(text)
-    os.symlink(target, proj.config)
-    proj.start_daemon()
-    proj.wait_running(1)
-    res = proj.ph('incr', '--save')
-    assert res.returncode == 0, res.stderr
-    assert os.path.islink(proj.config)
-    assert os.readlink(proj.config) == target
-    with open(target) as f:
-        assert f.read() == text.replace('number_workers = 1',
-                                        'number_workers = 2')
-    assert sorted(os.listdir(confdir)) == ['real.ini']
-    os.chmod(target, 0o444)
-    with open(target) as f:
-        before = f.read()
-    res = proj.ph('incr', '--save')
-    assert res.returncode == 1, (res.stdout, res.stderr)
-    line = one_line(res)
-    assert 'read-only' in line and 'number_workers' in line, line
-    with open(target) as f:
-        assert f.read() == before
-    assert stat.S_IMODE(os.stat(target).st_mode) == 0o444
-    assert os.path.islink(proj.config)
-    proj.wait_running(3)        # the running count changed all the same
-
-
-def test_incr_beyond_the_scoreboard_is_refused(proj):
-    """incr 5000 (more than the scoreboard can hold) and an incr that
-    would pass the maximum: refused with one line, exit 2; the master
-    and its workers go on as before."""
-    proj.write_config()
-    master = proj.start_daemon()
-    workers = proj.wait_running(2)
-    res = proj.ph('incr', '5000')
-    assert res.returncode == 2, (res.stdout, res.stderr)
-    assert 'at most %d' % processhandler.MAX_WORKERS in one_line(res)
-    res = proj.ph('incr', str(processhandler.MAX_WORKERS - 1))
-    assert res.returncode == 2, (res.stdout, res.stderr)
-    line = one_line(res)
-    assert 'exceed the maximum' in line and str(master) in line, line
-    assert alive(master)
-    doc = proj.status()
-    assert doc['master']['number_workers'] == 2
-    assert proj.running_workers(2) == workers
-    assert proj.ph('incr').returncode == 0     # still obeys a sane incr
-    proj.wait_running(3)
-
-
-def test_log_write_errors_show_in_status(proj):
-    """A log on a full device (/dev/full) in daemon mode: the master keeps
-    running and `status` / `status --json` count the write errors."""
-    proj.write_config(log_file='/dev/full')
-    master = proj.start_daemon()
-    proj.wait_running(2)
-
-    def errors():
-        doc = proj.status()
-        lg = doc and doc['master'].get('log')
-        return lg and lg['write_errors'] > 0 and lg
-    lg = wait_for(errors)
-    assert lg['path'] == '/dev/full'
-    assert 'No space left' in lg['last_error']
-    assert abs(lg['last_error_at'] - time.time()) < 600
-    res = proj.ph('status')
-    assert res.returncode == 0, res.stderr
-    assert 'write error' in res.stdout and 'No space left' in res.stdout
-    assert alive(master)
-
-
-def test_status_from_outside_a_pid_namespace(proj):
-    """A master running in its own pid namespace (unshare, as a
-    container would): `status` shows the pids as seen by the caller, and
-    the namespace's pids apart."""
-    needs_root()
-    probe = subprocess.run(['unshare', '--pid', '--fork', '--mount-proc',
-                            'true'], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-    if probe.returncode != 0:
-        pytest.skip('unshare --pid does not work here')
-    proj.write_config()
-    out = open(os.path.join(proj.path, 'fg.out'), 'ab')
-    p = subprocess.Popen(['unshare', '--pid', '--fork', '--mount-proc', PY,
-                          PH, '-c', proj.config, '-f'],
-                         stdin=subprocess.DEVNULL, stdout=out,
-                         stderr=subprocess.STDOUT, cwd=proj.path,
-                         start_new_session=True)
-    out.close()
-    proj.popens.append(p)
-    proj.masters.add(p.pid)
-    master = wait_for(lambda: processhandler.child_pids(p.pid))
-    master = list(master)[0]
-    proj.masters.add(master)
-    proj.wait_running(2)
-    doc = proj.status()
-    m = doc['master']
-    assert m['pid'] == master and m['ns_pid'] == 1, m
-    assert m['pid_namespace'].startswith('pid:'), m
-    for w in doc['workers']:
-        assert w['pid'] in processhandler.child_pids(master), w
-        assert processhandler.nspid(w['pid'])[-1] == w['ns_pid'], w
-        assert w['pid'] != w['ns_pid']
-    res = proj.ph('status')
-    assert 'pid namespace' in res.stdout and str(master) in res.stdout
-    os.kill(master, signal.SIGTERM)
-    assert p.wait(30) == 0
-
-
-def test_check_warns_on_setting_lookalike_keys_strict_fails(proj):
-    """job_timeout, pid_file, users are legitimate worker keys: check
-    warns with the suggestion and exits 0; --strict makes them errors."""
-    proj.write_config(job_timeout=30, pid_file='x', users='ann')
-    res = proj.ph('check')
-    assert res.returncode == 0, res.stderr
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 3 and 'Traceback' not in res.stderr, res.stderr
-    for key, hint in (('job_timeout', 'timeout'), ('pid_file', 'pidfile'),
-                      ('users', 'user')):
-        hint = hint if key != 'job_timeout' else ''   # timeout, boot_timeout
-        assert any(key in l and "did you mean '%s" % hint in l and
-                   'warning' in l for l in lines), (key, lines)
-    res = proj.ph('check', '--strict')
-    assert res.returncode == 2, res.stderr
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 3 and not any('warning' in l for l in lines), lines
-    assert not os.path.exists(proj.pidfile)
-
-
-def test_log_on_a_full_tmpfs_counts_workers_write_errors(proj):
-    """The log on a small tmpfs that fills up while workers log (the
-    master idle): the workers' failed writes are counted in `status`, and
-    everything keeps running."""
-    needs_root()
-    mnt = os.path.join(proj.path, 'small')
-    os.mkdir(mnt)
-    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=256k', 'tmpfs',
-                       mnt], stderr=subprocess.DEVNULL).returncode != 0:
-        pytest.skip('cannot mount a tmpfs here')
-    try:
-        proj.write_module('chatty', '''
-            import time, processhandler
-            class Chatty(processhandler.Worker):
-                def run(self):
-                    self.log.info('one job done')
-                    time.sleep(0.02)
-                    return True
-        ''')
-        proj.write_config(worker_class='chatty:Chatty',
-                          log_file=os.path.join(mnt, 'master.log'))
-        master = proj.start_daemon()
-        proj.wait_running(2)
-        assert proj.status()['master']['log']['write_errors'] == 0
-        fd = os.open(os.path.join(mnt, 'filler'), os.O_WRONLY | os.O_CREAT)
-        try:
-            while os.write(fd, b'x' * 4096):
-                pass
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-        def errors():
-            doc = proj.status()
-            lg = doc and doc['master']['log']
-            return lg and lg['write_errors'] > 0 and lg
-        lg = wait_for(errors)
-        assert 'No space left' in lg['last_error']
-        assert alive(master) and proj.running_workers(2)
-        assert proj.ph('stop').returncode == 0
-    finally:
-        proj.cleanup()
-        subprocess.run(['umount', mnt])
-
-
-# ==== health, metrics, statsd, status --watch (issue 15, items 3 4 10) ====
-
-def scrape(port, request=None, timeout=DEADLINE):
-    """One HTTP/1.0 exchange with the master's metrics_bind: (status line,
-    body).  ``request``: raw bytes to send instead of GET /metrics."""
-    s = socket.create_connection(('127.0.0.1', port), timeout=timeout)
-    try:
-        s.sendall(request or b'GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n')
-        data = b''
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    finally:
-        s.close()
-    head, _, body = data.partition(b'\r\n\r\n')
-    return head.split(b'\r\n')[0].decode(), body.decode('utf-8')
-
-
-def families(text):
-    """{name: {(labels...): value}} parsed by prometheus_client's own
-    parser (the one Prometheus' Python tooling uses)."""
-    from prometheus_client.parser import text_string_to_metric_families
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for sample in fam.samples:
-            key = tuple(sorted(sample.labels.items()))
-            out.setdefault(sample.name, {})[key] = sample.value
-    return out
-
-
-def cli_metrics(proj):
-    res = proj.ph('metrics')
-    assert res.returncode == 0, (res.stdout, res.stderr)
-    return families(res.stdout)
-
-
-def test_metrics_http_and_cli_count_recycles_and_survive_them(proj):
-    """Recycling at max_requests counts max_requests exits, and the
-    per-slot request totals keep growing past max_requests (they survive
-    recycles); both outlets give the same families, parsed by
-    prometheus_client."""
-    port = free_port()
-    proj.write_config(max_requests=3, run_time='0.02',
-                      metrics_bind='127.0.0.1:%d' % port)
-    proj.start_daemon()
-    proj.wait_running(2)
-
-    def recycled():
-        fams = families(scrape(port)[1])
-        exits = fams['processhandler_worker_exits_total']
-        req = fams['processhandler_requests_total']
-        return exits[(('reason', 'max_requests'),)] >= 4 and \
-            min(req.values()) > 3 * 2 and fams
-    fams = wait_for(recycled, what='recycles counted over HTTP')
-    assert set(fams['processhandler_requests_total']) == {
-        (('slot', '1'),), (('slot', '2'),)}
-    assert fams['processhandler_worker_exits_total'][
-        (('reason', 'signal'),)] == 0
-    assert fams['processhandler_worker_spawns_total'][()] >= 6
-    assert fams['processhandler_workers_running'][()] in (1, 2)
-    assert fams['processhandler_workers_wanted'][()] == 2
-    assert fams['processhandler_master_active'][()] == 1
-    assert fams['processhandler_master_generation'][()] == 1
-    assert fams['processhandler_slots_backoff'][()] == 0
-    cli = cli_metrics(proj)
-    assert set(cli) == set(fams)
-    for slot, n in fams['processhandler_requests_total'].items():
-        assert cli['processhandler_requests_total'][slot] >= n
-    assert cli['processhandler_master_uptime_seconds'][()] >= \
-        fams['processhandler_master_uptime_seconds'][()]
-    assert 'metrics at http://127.0.0.1:%d/metrics' % port in proj.log_text()
-
-
-def test_metrics_count_a_killed_worker_and_report_rss(proj):
-    port = free_port()
-    proj.write_config(run_time='0.02', metrics_bind='127.0.0.1:%d' % port)
-    proj.start_daemon()
-    pids = proj.wait_running(2)
-    fams = families(scrape(port)[1])
-    assert fams['processhandler_worker_exits_total'][
-        (('reason', 'signal'),)] == 0
-    rss = fams['processhandler_worker_rss_bytes']
-    assert set(rss) == {(('slot', '1'),), (('slot', '2'),)}
-    assert all(1e6 < v < 1e9 for v in rss.values()), rss
-    before = fams['processhandler_requests_total'][(('slot', '1'),)]
-    os.kill(pids[1], signal.SIGKILL)
-    fams = wait_for(lambda: (lambda f: f['processhandler_worker_exits_total'][
-        (('reason', 'signal'),)] == 1 and f)(families(scrape(port)[1])),
-        what='one exit by signal')
-    assert fams['processhandler_worker_exits_total'][
-        (('reason', 'crash'),)] == 0
-    assert fams['processhandler_requests_total'][(('slot', '1'),)] >= before
-    proj.wait_running(2)
-    fams = cli_metrics(proj)
-    assert fams['processhandler_worker_exits_total'][
-        (('reason', 'signal'),)] == 1
-    assert fams['processhandler_worker_spawns_total'][()] == 3
-
-
-def test_metrics_http_is_non_blocking_and_bounded(proj):
-    """An idle client does not block a scrape (one loop, no thread) and
-    is closed after HTTP_TIMEOUT; bad requests get an HTTP error."""
-    port = free_port()
-    proj.write_config(number_workers=1, metrics_bind='127.0.0.1:%d' % port)
-    proj.start_daemon()
-    proj.wait_running(1)
-    idle = socket.create_connection(('127.0.0.1', port), timeout=DEADLINE)
-    try:
-        idle.sendall(b'GET /metr')        # and then nothing
-        t0 = time.monotonic()
-        status, body = scrape(port)
-        assert status == 'HTTP/1.0 200 OK' and 'processhandler_' in body
-        assert scrape(port, b'GET / HTTP/1.0\r\n\r\n')[0].startswith(
-            'HTTP/1.0 404')
-        assert scrape(port, b'POST /metrics HTTP/1.0\r\n\r\n')[0] \
-            .startswith('HTTP/1.0 405')
-        assert scrape(port, b'GET /metrics HTTP/1.0\r\nX: ' + b'y' * 20000)[
-            0].startswith('HTTP/1.0 400')
-        status, body = scrape(port, b'HEAD /metrics HTTP/1.0\r\n\r\n')
-        assert status == 'HTTP/1.0 200 OK' and body == ''
-        assert idle.recv(100) == b''      # closed by the master
-        waited = time.monotonic() - t0
-        print('idle scrape connection closed after %.1fs' % waited)
-        assert waited >= processhandler.Metrics.HTTP_TIMEOUT - 0.5
-    finally:
-        idle.close()
-    assert proj.ph('health').returncode == 0
-
-
-def test_metrics_bind_in_use_fails_start(proj):
-    busy = socket.socket()
-    busy.bind(('127.0.0.1', 0))
-    busy.listen(1)
-    try:
-        port = busy.getsockname()[1]
-        proj.write_config(metrics_bind='127.0.0.1:%d' % port)
-        res = proj.ph('start', '-d')
-        track_started(proj)
-        assert res.returncode == 1, (res.stdout, res.stderr)
-        assert '127.0.0.1:%d' % port in one_line(res)
-    finally:
-        busy.close()
-    assert proj.ph('status').returncode == 3
-
-
-def statsd_packets(sock, want, timeout=DEADLINE):
-    """Read packets until every regex in ``want`` matched one; return
-    them all."""
-    got = []
-    deadline = time.monotonic() + timeout
-    while not all(any(re.match(w, p) for p in got) for w in want):
-        left = deadline - time.monotonic()
-        assert left > 0, ('statsd packets missing', want, got[-40:])
-        sock.settimeout(left)
-        try:
-            got.append(sock.recv(65536).decode('ascii'))
-        except socket.timeout:
-            pass
-    return got
-
-
-def test_statsd_packets_over_udp(proj):
-    """Gauges and counters reach a real UDP socket, gunicorn-style names
-    under statsd_prefix; with nobody listening any more the master goes
-    on (sends never raise into its loop)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(('127.0.0.1', 0))
-    try:
-        proj.write_config(max_requests=3, run_time='0.02',
-                          statsd_host='127.0.0.1:%d' % sock.getsockname()[1],
-                          statsd_prefix='svc.app')
-        proj.start_daemon()
-        got = statsd_packets(sock, [
-            r'svc\.app\.processhandler\.workers:2\|g$',
-            r'svc\.app\.processhandler\.requests:[1-9]\d*\|c$',
-            r'svc\.app\.processhandler\.exits\.max_requests:[1-9]\d*\|c$',
-            r'svc\.app\.processhandler\.spawns:[1-9]\d*\|c$',
-            r'svc\.app\.processhandler\.backoff:0\|g$'])
-        assert all(p.startswith('svc.app.processhandler.') for p in got), got
-    finally:
-        sock.close()
-    # Nobody listens now: ICMP port unreachable must not disturb it.
-    deadline = time.monotonic() + 2.5
-    while time.monotonic() < deadline:
-        assert proj.ph('health').returncode == 0
-
-
-HEALTH_WORKER = '''
-    import os, time, processhandler
-
-    with open('imports.log', 'a') as f:     # every import of this module
-        f.write('%d\\n' % os.getpid())
-
-    class Job(processhandler.Worker):
-        def init(self):
-            if os.path.exists('fail.flag') and self.slot == 2:
-                raise RuntimeError('database unreachable')
-
-        def run(self):
-            time.sleep(0.02)
-            return True
-'''
-
-
-def test_health_probe(proj):
-    """0 with every slot running, 1 with the reason when a slot is in
-    backoff, 3 when not running; it never imports the worker module."""
-    proj.write_module('healthjob', HEALTH_WORKER)
-    proj.write_config(worker_class='healthjob:Job')
-    imports = os.path.join(proj.path, 'imports.log')
-    assert proj.ph('health').returncode == 3
-    proj.start_daemon()
-    proj.wait_running(2)
-    with open(imports) as f:
-        imported = f.read()
-    t0 = time.monotonic()
-    res = proj.ph('health')
-    cli = time.monotonic() - t0
-    assert res.returncode == 0, (res.stdout, res.stderr)
-    assert res.stdout.strip() == 'processhandler: healthy: 2/2 running'
-    t0 = time.monotonic()
-    reply = processhandler.control_request(proj.pidfile, {'cmd': 'health'})
-    print('health: master answers in %.2f ms; the CLI took %.0f ms '
-          '(interpreter start included)' % (
-              (time.monotonic() - t0) * 1000, cli * 1000))
-    assert reply['healthy'] is True
-    with open(imports) as f:
-        assert f.read() == imported     # the probe imported no user code
-    open(os.path.join(proj.path, 'fail.flag'), 'w').close()
-    os.kill(proj.running_workers(2)[2], signal.SIGKILL)
-
-    def degraded():
-        # (A kill within a second of boot may first show as an early
-        # death; the retry's init() failure is what must be named.)
-        r = proj.ph('health')
-        return r.returncode == 1 and 'init() raised' in r.stdout and r
-    res = wait_for(degraded, what='health exit 1')
-    line = res.stdout.strip()
-    assert line.startswith('processhandler: unhealthy: 1/2 running; '
-                           'slot 2 in backoff: init() raised '), line
-    assert 'RuntimeError' in line and 'database unreachable' in line, line
-    assert len(res.stdout.splitlines()) == 1 and res.stderr == ''
-    fams = cli_metrics(proj)
-    assert fams['processhandler_slots_backoff'][()] == 1
-    assert fams['processhandler_backoffs_total'][()] >= 1
-    assert fams['processhandler_worker_exits_total'][
-        (('reason', 'boot_failure'),)] >= 1
-    os.unlink(os.path.join(proj.path, 'fail.flag'))
-    wait_for(lambda: proj.ph('health').returncode == 0, what='healthy again')
-    assert proj.ph('stop').returncode == 0
-    res = proj.ph('health')
-    assert res.returncode == 3 and 'not running' in res.stdout
-    assert proj.ph('metrics').returncode == 3
-    assert proj.ph('status', '--watch', '--count', '1').returncode == 3
-
-
-def test_status_watch_prints_tables(proj):
-    """Not a terminal: one table per interval under a separator line;
-    --count bounds it; req/s from the second table on."""
-    proj.write_config(run_time='0.02')
-    proj.start_daemon()
-    proj.wait_running(2)
-    res = proj.ph('status', '--watch', '--count', '2', '--interval', '0.3')
-    assert res.returncode == 0, (res.stdout, res.stderr)
-    lines = res.stdout.splitlines()
-    seps = [i for i, l in enumerate(lines) if l.startswith('-- ')]
-    assert len(seps) == 2 and seps[0] == 0, res.stdout
-    heads = [l for l in lines if l.split()[:4] == ['slot', 'pid', 'state',
-                                                   'req/s']]
-    assert len(heads) == 2, res.stdout
-    second = lines[seps[1]:]
-    rows = [l.split() for l in second if l[:1].isdigit()]
-    assert [r[0] for r in rows] == ['1', '2'], res.stdout
-    assert all(r[2] == 'running' and float(r[3]) > 0 for r in rows), \
-        res.stdout
-    assert '\x1b' not in res.stdout
-
-
-def test_status_watch_on_a_terminal_redraws_until_ctrl_c(proj):
-    """On a terminal (a real pty) each table clears the screen first;
-    Ctrl-C ends it with exit 0 and no traceback."""
-    import pty
-    import select
-    proj.write_config(number_workers=1)
-    proj.start_daemon()
-    proj.wait_running(1)
-    master_fd, slave_fd = pty.openpty()
-    p = subprocess.Popen([PY, PH, '-c', proj.config, 'status', '--watch',
-                          '--interval', '0.2'], stdin=subprocess.DEVNULL,
-                         stdout=slave_fd, stderr=slave_fd, cwd=proj.path)
-    os.close(slave_fd)
-    seen = []
-
-    def read_some():
-        r, _, _ = select.select([master_fd], [], [], 0)
-        if r:
-            try:
-                seen.append(os.read(master_fd, 65536).decode('utf-8',
-                                                              'replace'))
-            except OSError:    # EIO: the other side is closed
-                pass
-        return ''.join(seen)
-    try:
-        wait_for(lambda: read_some().count('\x1b[H\x1b[2J') >= 2,
-                 what='two redraws')
-        p.send_signal(signal.SIGINT)
-        assert p.wait(DEADLINE) == 0
-        read_some()
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        os.close(master_fd)
-    text = ''.join(seen)
-    assert 'slot' in text and 'req/s' in text
-    assert 'Traceback' not in text and 'KeyboardInterrupt' not in text
-
-
-def test_health_and_metrics_of_a_standby(proj):
-    """A standby (leader lock held by the other master) is healthy, says
-    so, and reports master_active 0 with no worker wanted."""
-    lock = os.path.join(proj.path, 'leader.lock')
-    proj.write_config(leader_lock='file:' + lock, number_workers=1)
-    proj.start_daemon()
-    proj.wait_running(1)
-    second_cfg = os.path.join(proj.path, 'second.ini')
-    second_pid = os.path.join(proj.path, 'second.pid')
-    with open(proj.config) as f:
-        text = f.read().replace(proj.pidfile, second_pid)
-    with open(second_cfg, 'w') as f:
-        f.write(text)
-    res = proj.ph('start', '-d', config=second_cfg)
-    assert res.returncode == 0 and 'standby' in res.stdout, res.stdout
-    proj.masters.add(proj.master_pid(second_pid))
-    res = proj.ph('health', config=second_cfg)
-    assert res.returncode == 0, (res.stdout, res.stderr)
-    assert res.stdout.startswith('processhandler: healthy: standby'), \
-        res.stdout
-    res = proj.ph('metrics', config=second_cfg)
-    fams = families(res.stdout)
-    assert fams['processhandler_master_active'][()] == 0
-    assert fams['processhandler_workers_wanted'][()] == 0
-    assert proj.ph('health').returncode == 0
-    assert cli_metrics(proj)['processhandler_master_active'][()] == 1
-
-
-def test_health_during_a_rolling_reload(proj):
-    """While new workers boot and the old ones still serve, health says
-    healthy and that a reload is in progress; then plain healthy again,
-    with generation 2 in the metrics."""
-    proj.write_config(run_time='0.02')
-    master = proj.start_daemon()
-    proj.wait_running(2)
-    proj.write_config(run_time='0.02', init_mode='slow', init_time='2')
-    os.kill(master, signal.SIGHUP)
-
-    def rolling():
-        r = proj.ph('health')
-        return 'reload in progress' in r.stdout and r
-    res = wait_for(rolling, what='reload in progress')
-    assert res.returncode == 0, res.stdout
-    assert re.match(r'processhandler: healthy: 2/2 running; reload in '
-                    r'progress for \d+ s$', res.stdout.strip()), res.stdout
-    wait_for(lambda: proj.ph('health').stdout.strip() ==
-             'processhandler: healthy: 2/2 running', what='reload done')
-    assert cli_metrics(proj)['processhandler_master_generation'][()] == 2
-
-
-EXIT_REASONS_WORKER = '''
-    import os, time, processhandler
-
-    class Job(processhandler.Worker):
-        def run(self):
-            time.sleep(0.05)
-            if self.slot == 1 and self.requests >= 2:
-                time.sleep(60)                 # past `timeout`
-            if self.slot == 2 and self.requests >= 2:
-                os._exit(7)                    # a crash
-            if self.slot == 3 and self.requests >= 2:
-                self.ballast = bytearray(200 * 1024 * 1024)  # over the limit
-                self.ballast[::4096] = b'x' * len(self.ballast[::4096])
-            return True
-'''
-
-
-def test_metrics_count_timeout_crash_and_memory_exits(proj):
-    proj.write_module('reasons', EXIT_REASONS_WORKER)
-    proj.write_config(worker_class='reasons:Job', number_workers=3,
-                      timeout=1, hard_memory_limit=150, check_interval=0.1)
-    proj.start_daemon()
-
-    def counted():
-        fams = cli_metrics(proj)
-        exits = dict((k[0][1], v) for k, v in
-                     fams['processhandler_worker_exits_total'].items())
-        return all(exits[r] >= 1 for r in ('timeout', 'crash', 'memory')) \
-            and exits
-    exits = wait_for(counted, what=lambda: 'timeout, crash and memory '
-                     'exits: %s' % cli_metrics(proj)[
-                         'processhandler_worker_exits_total'])
-    assert exits['signal'] == 0 and exits['max_requests'] == 0, exits
-
-
-# ==== transactional reload and upgrade (issue 12: 1-4, 17, 19, 21) ====
-
-def upgrade_doc(proj, key):
-    """master.<key> ('reload' or 'upgrade') of status --json, or None."""
-    doc = proj.status()
-    return doc['master'].get(key) if doc else None
-
-
-def wait_result(proj, key, result, timeout=DEADLINE * 2):
-    return wait_for(lambda: (lambda r: r if r and r['result'] == result
-                             else None)(upgrade_doc(proj, key)), timeout,
-                    lambda: '%s %s; log:\n%s' % (key, result,
-                                                 proj.log_text()))
-
-
-def same_workers_serving(proj, old):
-    """The same worker pids still run, under the same master."""
-    assert proj.running_workers(len(old)) == old
-    assert all(alive(p) for p in old.values())
-
-
-@pytest.mark.parametrize('kind', ['folder', 'missing_folder'])
-def test_hup_unopenable_log_file_is_refused(proj, kind):
-    """Item 1: a HUP whose log_file cannot be opened is refused: `reload`
-    exits 1 naming it, the old log says why, the same workers serve."""
-    proj.write_config(number_workers=2)
-    master = proj.start_daemon()
-    old = proj.wait_running(2)
-    bad = os.path.join(proj.path, 'logs')
-    if kind == 'folder':
-        os.mkdir(bad)
-    else:
-        bad = os.path.join(proj.path, 'nowhere', 'master.log')
-    proj.write_config(number_workers=2, log_file=bad)
-    res = proj.ph('reload')
-    assert res.returncode == 1, (res.stdout, res.stderr)
-    assert 'reload failed' in res.stderr and bad in res.stderr, res.stderr
-    assert 'Traceback' not in res.stderr
-    assert 'cannot open log_file %s' % bad in proj.log_text()
-    r = upgrade_doc(proj, 'reload')
-    assert r['result'] == 'failed' and bad in r['reason'], r
-    text = proj.ph('status').stdout
-    assert 'last reload failed: cannot open log_file' in text, text
-    same_workers_serving(proj, old)
-    assert master_doc(proj)['generation'] == 1
-    # still controllable, and a fixed config reloads
-    proj.write_config(number_workers=2)
-    res = proj.ph('reload')
-    assert res.returncode == 0 and 'reloaded' in res.stdout, res.stderr
-    assert alive(master)
-
-
-IMPORT_KILLERS = {
-    'SystemExit': 'raise SystemExit(3)\n',
-    'HaltServer': 'raise processhandler.HaltServer("no way")\n',
-    'exit status 7': 'os._exit(7)\n',
-}
-
-
-@pytest.mark.parametrize('exc', sorted(IMPORT_KILLERS))
-def test_import_base_exception_refused_by_hup_check_usr2(proj, exc):
-    """Item 2: a worker module raising SystemExit/HaltServer (or calling
-    os._exit) at import:
-    `check` and `reload` exit 2 with one line, a HUP and a USR2 sent
-    directly are refused and logged; the same workers keep serving."""
-    proj.write_config(number_workers=2)
-    master = proj.start_daemon()
-    old = proj.wait_running(2)
-    proj.write_module('testworker', TEST_WORKER + '\n' + IMPORT_KILLERS[exc])
-    for command in ('check', 'reload'):
-        res = proj.ph(command)
-        assert_one_line_error(res, 'worker_class', exc)
-    send(master, signal.SIGHUP)
-    wait_result(proj, 'reload', 'failed')
-    assert exc in upgrade_doc(proj, 'reload')['reason']
-    send(master, signal.SIGUSR2)
-    up = wait_result(proj, 'upgrade', 'failed')
-    assert exc in up['reason'], up
-    log_text = proj.log_text()
-    assert 'reload failed' in log_text and 'upgrade refused' in log_text
-    assert 'USR2: re-executing' not in log_text
-    same_workers_serving(proj, old)
-    assert alive(master) and proj.master_pid() == master
-
-
-def test_usr2_log_file_folder_refused_by_preflight(proj):
-    """Item 3: USR2 with log_file now a folder (which `check` accepts):
-    the preflight (the new image's own start-up) fails, nothing is
-    exec'd, the same workers serve and status shows why."""
-    echo_config(proj, 'sync')
-    master = proj.start_daemon()
-    old = proj.wait_running(2)
-    [name] = listeners(proj)
-    bad = os.path.join(proj.path, 'logdir')
-    os.mkdir(bad)
-    echo_config(proj, 'sync', log_file=bad)
-    send(master, signal.SIGUSR2)
-    up = wait_result(proj, 'upgrade', 'failed')
-    assert 'cannot open log_file %s' % bad in up['reason'], up
-    assert 'upgrade refused' in proj.log_text()
-    assert 'USR2: re-executing' not in proj.log_text()
-    pids, errors = hammer(name, 2, 5)
-    assert not errors and set(pids) <= set(old.values())
-    same_workers_serving(proj, old)
-
-
-# Imported by the USR2 preflight child (PROCESSHANDLER_PREFLIGHT set), it
-# breaks something right after the preflight checked it: what the new
-# image meets after the exec.
-SABOTEUR = '''
-import os
-if os.environ.get('PROCESSHANDLER_PREFLIGHT'):
-    here = os.path.dirname(os.path.abspath(__file__))
-    what = open(os.path.join(here, 'sabotage')).read().strip()
-    if what == 'config':
-        with open(os.path.join(here, 'config.ini'), 'a') as f:
-            f.write('number_workers = many\\n')
-    elif what == 'log':
-        os.rename(os.path.join(here, 'master.log'),
-                  os.path.join(here, 'master.log.old'))
-        os.mkdir(os.path.join(here, 'master.log'))
-    elif what == 'slow':
-        import time
-        time.sleep(3)
-    elif what == 'code':
-        with open(os.path.join(here, 'echo.py'), 'w') as f:
-            f.write('raise SystemExit("code broken after the preflight")\\n')
-'''
-
-
-def saboteur_config(proj, what, **keys):
-    with open(os.path.join(proj.path, 'sabotage'), 'w') as f:
-        f.write(what)
-    echo_config(proj, 'sync', **keys)
-    proj.write_module('echo', SABOTEUR + ECHO_WORKER)
-
-
-@pytest.mark.parametrize('what', ['config', 'log', 'code'])
-def test_usr2_failure_after_exec_keeps_adopted_workers(proj, what):
-    """Item 3: what breaks between the preflight and the exec (the config
-    made invalid; the log file replaced by a folder: a HaltServer in the
-    new image's setup; the worker module broken) falls back after the exec: the adopted workers
-    keep serving (same pids, no error for clients), the log says why and
-    status shows the failed upgrade."""
-    saboteur_config(proj, what)
-    good = open(proj.config).read()
-    master = proj.start_daemon()
-    old = proj.wait_running(2)
-    [name] = listeners(proj)
-    send(master, signal.SIGUSR2)
-    log_path = proj.log + ('.old' if what == 'log' else '')
-    wait_log_file(log_path, 'upgrade failed after the exec', DEADLINE * 2)
-    text = open(log_path).read()
-    assert 'USR2: re-executing' in text
-    line = [l for l in text.splitlines() if 'failed after the exec' in l][0]
-    assert {'config': 'number_workers', 'log': 'cannot open log_file',
-            'code': 'code broken after the preflight'}[what] in line, line
-    with open(proj.config, 'w') as f:     # the CLI needs a good config
-        f.write(good)
-    res = proj.ph('status', '--json')
-    assert res.returncode == 0, (res.returncode, res.stdout, res.stderr)
-    up = json.loads(res.stdout)['master']['upgrade']
-    assert up['result'] == 'failed' and up['count'] == 1, up
-    pids, errors = hammer(name, 2, 5)
-    assert not errors and set(pids) <= set(old.values())
-    same_workers_serving(proj, old)
-    assert proj.master_pid() == master and alive(master)
-    if what == 'code':    # fixed code: a reload replaces them
-        proj.write_module('echo', ECHO_WORKER)
-        res = proj.ph('reload')
-        assert res.returncode == 0, (res.stderr, proj.log_text())
-        wait_for(lambda: not any(alive(p) for p in old.values()),
-                 what='old workers replaced')
-    assert proj.ph('stop').returncode == 0
-    assert not any(alive(p) for p in old.values())
-
-
-def test_usr2_slow_preflight_does_not_block_the_loop(proj):
-    """Item 4: while a preflight imports for 3 s, the master loop goes on:
-    a SIGKILLed worker is replaced (seen by a status call) while the
-    preflight still runs; then the upgrade completes."""
-    saboteur_config(proj, 'slow')
-    master = proj.start_daemon()
-    old = proj.wait_running(2)
-    send(master, signal.SIGUSR2)
-    wait_log(proj, 'preflight of the new image running')
-    t0 = time.monotonic()
-    os.kill(old[1], signal.SIGKILL)
-    new = wait_for(lambda: (lambda w: w if w and w[1] != old[1] else None)(
-        proj.running_workers(2)), 2.5, 'worker 1 replaced')
-    took = time.monotonic() - t0
-    assert 'USR2: re-executing' not in proj.log_text(), took
-    assert new[2] == old[2]
-    wait_log(proj, 'upgrade complete', DEADLINE * 2)
-    assert upgrade_doc(proj, 'upgrade')['result'] == 'done'
-    assert proj.master_pid() == master
-
-
-def test_hup_applies_umask_and_logs_restart_only_keys(proj):
-    """Item 17: a HUP changing umask applies it to the new workers;
-    accept_lock and leader_ttl are logged as restart-only."""
-    proj.write_config(number_workers=1)
-    proj.start_daemon()
-    proj.wait_running(1)
-    proj.write_config(number_workers=1, umask='0o077', accept_lock='true',
-                      leader_ttl=20)
-    res = proj.ph('reload')
-    assert res.returncode == 0, res.stderr
-    text = proj.log_text()
-    assert 'umask changed: 0077' in text
-    assert 'accept_lock changed: it takes effect on restart only' in text
-    assert 'leader_ttl changed: it takes effect on restart only' in text
-    [pid] = proj.running_workers(1).values()
-    with open('/proc/%d/status' % pid) as f:
-        umask = [l.split()[1] for l in f if l.startswith('Umask:')]
-    assert umask == ['0077'], umask
-
-
-FLAGS_WORKER = '''
-import os, sys, time
-import processhandler
-''' + EVENT_HELPER + '''
-class Job(processhandler.Worker):
-    def init(self):
-        event(self, 'flags', ','.join(sys.warnoptions) or '-')
-    def run(self):
-        self.sleep(60)
-        return False
-'''
-
-
-def test_usr2_keeps_interpreter_flags(proj):
-    """Item 19: `python -W ignore::UserWarning ...`: the workers of the
-    image after a USR2 still run with the -W option."""
-    proj.write_module('flagged', FLAGS_WORKER)
-    proj.write_config(worker_class='flagged:Job', number_workers=1)
-    res = subprocess.run([PY, '-W', 'ignore::UserWarning', PH, '-c',
-                          proj.config, 'start', '-d'],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, universal_newlines=True,
-                         cwd=proj.path, timeout=60)
-    assert res.returncode == 0, res.stderr
-    master = proj.master_pid()
-    proj.masters.add(master)
-    first = proj.wait_running(1)
-    send(master, signal.SIGUSR2)
-    wait_log(proj, 'upgrade complete', DEADLINE * 2)
-    wait_for(lambda: len(proj.events('flags')) == 2, what='two inits')
-    flags = [e[4] for e in proj.events('flags')]
-    assert flags == ['ignore::UserWarning'] * 2, flags
-    assert proj.running_workers(1) != first
-    assert 'ignore::UserWarning' in proj.log_text().split(
-        'USR2: re-executing')[1].splitlines()[0]
-
-
-def test_systemd_ready_after_reload_is_done(proj):
-    """Item 21: RELOADING=1 carries MONOTONIC_USEC (CLOCK_MONOTONIC), and
-    READY=1 follows only once the new generation's workers booted (their
-    slow init() returned)."""
-    proj.write_config(number_workers=2)
-    notify = NotifySocket(os.path.join(proj.path, 'notify.sock'))
-    try:
-        env = dict(os.environ, NOTIFY_SOCKET=notify.path)
-        env.pop('WATCHDOG_USEC', None)
-        p = proj.start_foreground(env=env)
-        notify.wait(lambda m: m.get('READY') == '1', 'READY=1')
-        proj.write_config(number_workers=2, init_mode='slow',
-                          init_time=1.0, version='v2')
-        t_hup = time.clock_gettime(time.CLOCK_MONOTONIC)
-        os.kill(p.pid, signal.SIGHUP)
-        i = notify.wait(lambda m: m.get('RELOADING') == '1', 'RELOADING=1')
-        usec = int(notify.messages[i][1]['MONOTONIC_USEC'])
-        assert t_hup - 1 <= usec / 1e6 <= time.clock_gettime(
-            time.CLOCK_MONOTONIC), (usec, t_hup)
-        j = notify.wait(lambda m: m.get('READY') == '1', 'READY=1 again')
-        inits = [e for e in proj.events('init') if e[4] == 'v2']
-        assert len(inits) == 2, inits
-        assert notify.messages[j][0] >= max(e[3] for e in inits)
-        assert upgrade_doc(proj, 'reload')['result'] == 'done'
-    finally:
-        notify.close()
-
-
-def test_reload_command_waits_and_exit_codes(proj):
-    """`reload` waits for the outcome: 0 'reloaded' once the new
-    generation runs; 1 when its workers cannot boot (old ones keep
-    serving); 2 for a bad config (nothing sent); --no-wait only signals;
-    3 when not running."""
-    proj.write_config(number_workers=2)
-    proj.start_daemon()
-    old = proj.wait_running(2)
-    proj.write_config(number_workers=2, version='v2')
-    res = proj.ph('reload')
-    assert res.returncode == 0 and 'reloaded' in res.stdout, res.stderr
-    assert len([e for e in proj.events('init') if e[4] == 'v2']) == 2
-    now = proj.running_workers(2)
-    assert not set(now.values()) & set(old.values())
-    proj.write_config(number_workers=2, init_mode='fail')
-    res = proj.ph('reload')
-    assert res.returncode == 1, (res.stdout, res.stderr)
-    assert 'reload failed' in res.stderr
-    assert 'database unreachable' in res.stderr, res.stderr
-    assert proj.running_workers(2) == now
-    proj.write_config(number_workers='many')
-    assert_one_line_error(proj.ph('reload'), 'number_workers')
-    proj.write_config(number_workers=2, version='v3')
-    t0 = time.monotonic()
-    res = proj.ph('reload', '--no-wait')
-    assert res.returncode == 0 and 'reloading' in res.stdout
-    wait_for(lambda: len([e for e in proj.events('init')
-                          if e[4] == 'v3']) == 2, what='v3 workers')
-    assert proj.ph('stop').returncode == 0
-    res = proj.ph('reload')
-    assert res.returncode == 3, res.stdout
-    assert time.monotonic() - t0 < DEADLINE
-
-
-# ==== privileges, worker construction, spawn path (issue 12, 14) ====
+# -- privileges, worker construction, the spawn path (issue 12, 14) -----------
 
 NEEDS_ROOT = pytest.mark.skipif(os.getuid() != 0, reason='needs root')
 
@@ -7597,827 +8418,3 @@ def test_workers_do_not_hold_the_masters_redis_connection(redis_server,
     for pid in list(workers.values()) + [spare]:
         assert not socket_inodes(pid) & to_redis, pid
     assert proj.ph('stop').returncode == 0
-
-
-# ==== compatibility with the seeds' real code (issue 14) ====
-# The original ProcessHandler's jobexecute.py / run.py / conf/config.ini
-# (examples/processhandler_original, vendored, imports unchanged) and
-# uliweb3 0.3.2's workers.py users (the installed package's own
-# load_table_file.py, its documented examples) with only the import line
-# changed.
-
-PH_ORIGINAL = os.path.join(HERE, 'examples', 'processhandler_original')
-
-
-def ph_original(proj, config_edit=None, job=None):
-    """A copy of the vendored ProcessHandler application with the shim
-    written by ``processhandler compat-shim``; returns its folder."""
-    folder = os.path.join(proj.path, 'app')
-    shutil.copytree(PH_ORIGINAL, folder)
-    res = run_ph(['compat-shim', folder], cwd=proj.path)
-    assert res.returncode == 0, res.stderr
-    assert os.path.exists(os.path.join(folder, 'ProcessHandler',
-                                       '__init__.py'))
-    config = os.path.join(folder, 'conf', 'config.ini')
-    if config_edit:
-        with open(config) as f:
-            text = f.read()
-        with open(config, 'w') as f:
-            f.write(config_edit(text))
-    if job:
-        with open(os.path.join(folder, 'jobexecute.py'), 'w') as f:
-            f.write(textwrap.dedent(job))
-    return folder
-
-
-def run_original(proj, folder):
-    """``python run.py -c conf/config.ini`` as its README says (the seed's
-    config daemonizes): returns the master pid."""
-    env = dict(os.environ)
-    env.pop('PYTHONPATH', None)      # the shim finds processhandler itself
-    res = subprocess.run([PY, 'run.py', '-c', 'conf/config.ini'], cwd=folder,
-                         env=env, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         universal_newlines=True, timeout=60)
-    pidfile = os.path.join(folder, 'conf', 'master.pid')
-    track_started(proj, pidfile)
-    assert res.returncode == 0, (res.stdout, res.stderr)
-    assert 'Traceback' not in res.stderr, res.stderr
-    return proj.master_pid(pidfile)
-
-
-def original_status(proj, folder):
-    return proj.status(config=os.path.join(folder, 'conf', 'config.ini'))
-
-
-def test_processhandler_original_runs_unchanged_and_term_is_graceful(proj):
-    """The seed's run.py + jobexecute.py + conf/config.ini, imports
-    unchanged: a daemon with 2 workers whose handle_request() never returns
-    (``while 1: ... time.sleep(1.5)``), logging through the seed's
-    setup_file_logging format; TERM stops both gracefully within
-    graceful_timeout (1 s): they exit 0, not KILLed, and the log says the
-    request was interrupted and why."""
-    folder = ph_original(proj)
-    master = run_original(proj, folder)
-    log_path = os.path.join(folder, 'conf', 'master.log')
-    doc = wait_for(lambda: (lambda d: d and len([
-        w for w in d['workers'] if w['state'] == 'running']) == 2 and d)(
-            original_status(proj, folder)), what='2 running workers')
-    assert doc['master']['proc_name'] == 'jobexecute'
-    pids = [w['pid'] for w in doc['workers']]
-    # The seed's own format, from both workers (each in its endless loop).
-    wait_for(lambda: len(re.findall(r'^\[[\d-]+ [\d:,]+\] INFO jobexecute '
-                                    r'"go\.\.\."$', read(log_path), re.M))
-             >= 4, what='go... lines')
-    assert 'Traceback' not in read(log_path)
-    t0 = time.monotonic()
-    os.kill(master, signal.SIGTERM)
-    wait_for(lambda: not alive(master) and not any(alive(p) for p in pids),
-             what='master and workers gone')
-    took = time.monotonic() - t0
-    text = read(log_path)
-    for n, pid in enumerate(sorted(pids)):
-        assert re.search(r'worker \d \(pid %d\) stopped \(master stopping\): '
-                         r'exit status 0' % pid, text), text
-    assert text.count('handle_request() still running') == 2, text
-    assert 'KILL' not in text, text
-    assert took < 1.0 + 2.0, took     # graceful_timeout 1 s (+ load slack)
-    assert not os.path.exists(os.path.join(folder, 'conf', 'master.pid'))
-
-
-COUNTING_JOB = '''
-    # coding=utf-8
-    # ProcessHandler style, imports unchanged: one request per call.
-    import os
-    import time
-    import logging
-
-    from ProcessHandler.lib.log import setup_file_logging
-    from ProcessHandler.lib.workers.sync import SyncWorker
-
-
-    class JobExecute(SyncWorker):
-
-        LOGGER_NAME = "jobexecute"
-
-        def __init__(self, cfg, file_logger=None, ppid=None, sockets=None):
-            SyncWorker.__init__(self, cfg, file_logger, ppid, sockets)
-            setup_file_logging(self.LOGGER_NAME, self.cfg.log_file)
-            self.logger = logging.getLogger(self.LOGGER_NAME)
-
-        def init_process(self):
-            super(JobExecute, self).init_process()
-            self.note('boot', self.booted, self.max_requests, self.ppid,
-                      self.worker_name, self.rd_fds, self.LISTENERS,
-                      type(self.file_logger).__name__)
-
-        def note(self, *words):
-            line = ' '.join(str(w).replace(' ', '_') for w in
-                            (os.getpid(),) + words) + '\\n'
-            fd = os.open(os.path.join(os.path.dirname(
-                os.path.abspath(__file__)), 'events.txt'),
-                os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            os.write(fd, line.encode())
-            os.close(fd)
-
-        def handle_request(self, sock=None, client=None, addr=None):
-            if client is not None:
-                data = client.recv(100)
-                client.sendall(b'echo ' + data + b' from %d' % os.getpid())
-            self.note('request', self.nr, self.alive)
-            self.logger.info('job %d', self.nr)
-            time.sleep(0.05)
-'''
-
-
-def original_events(folder, kind):
-    try:
-        with open(os.path.join(folder, 'events.txt')) as f:
-            rows = [line.split() for line in f.read().splitlines()]
-    except OSError:
-        return []
-    return [r for r in rows if r[1] == kind]
-
-
-def test_processhandler_original_counts_and_recycles_at_max_requests(proj):
-    """A ProcessHandler-style job (imports unchanged) run by the seed's
-    run.py with its config (max_requests 3): the worker contract's
-    attributes hold (booted, max_requests, ppid = the master, worker_name,
-    file_logger), nr counts 0, 1, 2 and each worker process handles
-    exactly 3 requests before it is recycled."""
-    folder = ph_original(proj, config_edit=lambda t: t.replace(
-        'max_requests            = 10000', 'max_requests = 3'),
-        job=COUNTING_JOB)
-    master = run_original(proj, folder)
-    wait_for(lambda: len(set(r[0] for r in original_events(
-        folder, 'request'))) >= 4, what='4 worker processes')
-    boots = original_events(folder, 'boot')
-    for pid, _, booted, maxr, ppid, name, rd, listeners, flog in boots:
-        assert (booted, maxr, ppid, name) == (
-            'True', '3', str(master), 'worker:_jobexecute'), boots
-        assert (rd, listeners, flog) == ('None', '[]', 'RootLogger')
-    per_pid = collections.defaultdict(list)
-    for pid, _, nr, alive_ in original_events(folder, 'request'):
-        per_pid[pid].append(int(nr))
-        assert alive_ == 'True'
-    done = [p for p in per_pid if not alive(int(p))]
-    assert len(done) >= 2, per_pid
-    for p in done:
-        assert per_pid[p] == [0, 1, 2], per_pid
-    log_text = read(os.path.join(folder, 'conf', 'master.log'))
-    assert 'max_requests reached' in log_text
-    assert re.search(r'INFO jobexecute "job 2"', log_text)
-    os.kill(master, signal.SIGTERM)
-    wait_for(lambda: not alive(master), what='master gone')
-
-
-def test_processhandler_original_socket_worker_answers_a_client(proj):
-    """With ``bind`` in the seed's config, handle_request(sock, client,
-    addr) is called per accepted connection: a real client over 127.0.0.1
-    gets its answer from a worker; `check` passes for it and fails, with
-    one line, for the seed's no-argument handle_request."""
-    folder = ph_original(proj, job=COUNTING_JOB,
-                         config_edit=lambda t: t + 'bind = 127.0.0.1:0\n')
-    config = os.path.join(folder, 'conf', 'config.ini')
-    # (jobexecute.py sits beside run.py, not in base_path = conf/)
-    check = ['-c', config, '--set', 'worker_class=jobexecute:JobExecute',
-             '--set', 'base_path=' + folder, 'check']
-    res = run_ph(check, cwd=folder)
-    assert res.returncode == 0, res.stderr
-    master = run_original(proj, folder)
-    doc = wait_for(lambda: (lambda d: d and d['master']['listeners'] and d)(
-        original_status(proj, folder)), what='listeners')
-    host, port = doc['master']['listeners'][0].rsplit(':', 1)
-    for i in range(3):
-        c = socket.create_connection(('127.0.0.1', int(port)), timeout=10)
-        c.sendall(b'hi %d' % i)
-        answer = c.recv(200)
-        c.close()
-        assert re.match(br'echo hi %d from \d+$' % i, answer), answer
-    boots = original_events(folder, 'boot')
-    assert boots and all(b[6] != 'None' and b[7] != '[]' for b in boots)
-    os.kill(master, signal.SIGTERM)
-    wait_for(lambda: not alive(master), what='master gone')
-    # The seed's handle_request() takes no argument: check says so.
-    with open(os.path.join(folder, 'jobexecute.py'), 'w') as f:
-        f.write(open(os.path.join(PH_ORIGINAL, 'jobexecute.py')).read())
-    res = run_ph(check, cwd=folder)
-    assert res.returncode == 2
-    assert 'handle_request() must take (sock, client, addr)' in one_line(res)
-
-
-PER_WORKER_JOB = '''
-    import os
-    import socket
-    from ProcessHandler.lib.workers.sync import SyncWorker
-
-
-    class JobExecute(SyncWorker):
-        def __init__(self, cfg, file_logger=None, ppid=None, sockets=None):
-            SyncWorker.__init__(self, cfg, file_logger, ppid, sockets)
-            self.own = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self.own.bind(('127.0.0.1', 0))
-            self.built_in = os.getpid()
-
-        def init_process(self):
-            super(JobExecute, self).init_process()
-            line = '%d boot %d %d\\n' % (os.getpid(), self.built_in,
-                                         os.fstat(self.own.fileno()).st_ino)
-            with open(os.path.join(os.path.dirname(os.path.abspath(
-                    __file__)), 'events.txt'), 'a') as f:
-                f.write(line)
-
-        def handle_request(self):
-            self.sleep(0.2)
-'''
-
-
-def test_processhandler_original_worker_built_in_each_worker(proj):
-    """ProcessHandler built the worker object in each worker process after
-    the fork: a socket its __init__ opens is that worker's own."""
-    folder = ph_original(proj, job=PER_WORKER_JOB)
-    master = run_original(proj, folder)
-    boots = wait_for(lambda: len(original_events(folder, 'boot')) >= 2 and
-                     original_events(folder, 'boot'), what='2 boots')
-    os.kill(master, signal.SIGTERM)
-    wait_for(lambda: not alive(master), what='master gone')
-    for pid, _, built_in, inode in boots:
-        assert built_in == pid, boots
-    assert boots[0][3] != boots[1][3], boots
-
-
-def test_processhandler_aliases_and_shim_errors(proj):
-    """The alias modules carry the seed's names; compat-shim's usage
-    errors are one line, exit 2."""
-    code = ('import processhandler as p; p.install_processhandler_aliases()\n'
-            'from ProcessHandler.lib.workers.sync import SyncWorker\n'
-            'from ProcessHandler.lib.workers.base import Worker\n'
-            'from ProcessHandler.lib.log import setup_file_logging\n'
-            'from ProcessHandler.lib.arbiter import Arbiter\n'
-            'from ProcessHandler.lib.utils import parse_args, close_on_exec\n'
-            'import ProcessHandler.lib.workers.sync as m\n'
-            'assert SyncWorker is p.SyncWorker is m.SyncWorker\n'
-            'assert Arbiter is p.CompatArbiter\n'
-            'assert parse_args(["-c", "x.ini"]).config == "x.ini"\n'
-            'print("ok")\n')
-    res = subprocess.run([PY, '-c', code], cwd=HERE, universal_newlines=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert res.stdout.strip() == 'ok', res.stderr
-    for args in (['compat-shim'], ['compat-shim', '/no/such/dir']):
-        res = run_ph(args, cwd=proj.path)
-        assert res.returncode == 2
-        assert 'compat-shim' in one_line(res)
-
-
-# -- uliweb ------------------------------------------------------------------
-
-def uliweb_file(relpath):
-    """A file of the installed uliweb3 package (read as source: importing
-    uliweb needs its web framework's dependencies)."""
-    try:
-        from importlib import metadata
-        dist = metadata.distribution('Uliweb3')
-    except Exception:
-        pytest.skip('uliweb3 is not installed in %s (.ci/test installs it)'
-                    % sys.executable)
-    path = str(dist.locate_file(relpath))
-    assert os.path.exists(path), path
-    return path
-
-
-# Just enough of uliweb's ORM for load_table_file(): rows land in a file.
-FAKE_ULIWEB = {
-    'uliweb/__init__.py': '''
-        import os
-        functions = settings = None
-        ''',
-    'uliweb/orm.py': '''
-        import os
-        OUT = os.path.join(os.path.dirname(os.path.dirname(
-            os.path.abspath(__file__))), 'rows.txt')
-
-        class _Dialect(object):
-            driver = 'fake'
-
-        class _Engine(object):
-            dialect = _Dialect()
-
-        def get_connection():
-            return _Engine()
-
-        def get_session(create=False):
-            return None
-
-        def Reset():
-            pass
-
-        def _event(word):
-            with open(OUT + '.events', 'a') as f:
-                f.write('%s %d\\n' % (word, os.getpid()))
-
-        def Begin():
-            _event('begin')
-
-        def Commit():
-            _event('commit')
-
-        def Rollback():
-            _event('rollback')
-
-        def reflect_table(t):
-            return t
-
-        def do_(sql, args=None):
-            fd = os.open(OUT, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            os.write(fd, ''.join('%s %d\\n' % (a['id'], os.getpid())
-                                 for a in args).encode())
-            os.close(fd)
-        ''',
-}
-
-LOAD_TABLE_SCRIPT = '''
-import logging
-import os
-import sys
-import time
-logging.basicConfig(level=logging.INFO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import load_table_file as ltf
-
-
-class Insert(object):
-    def values(self, para):
-        return 'INSERT %s' % sorted(para)
-
-
-class Table(object):
-    def drop(self, engine, checkfirst=False):
-        pass
-
-    def create(self, engine):
-        pass
-
-    def insert(self):
-        return Insert()
-
-
-with open('data.txt', 'w') as f:
-    f.write('id name\\n')
-    for i in range(200):
-        f.write(repr({'id': i, 'name': 'row %d' % i}) + '\\n')
-ltf.load_table_file(Table(), 'data.txt', max_workers=4, bulk=BULK)
-print('load_table_file returned')
-'''
-
-
-def write_uliweb_app(proj):
-    for rel, text in FAKE_ULIWEB.items():
-        path = os.path.join(proj.path, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, 'w') as f:
-            f.write(textwrap.dedent(text))
-    src = read(uliweb_file('uliweb/contrib/orm/load_table_file.py'))
-    line = 'from uliweb.utils.workers import Worker, Manager'
-    assert src.count(line) == 1
-    with open(os.path.join(proj.path, 'load_table_file.py'), 'w') as f:
-        f.write(src.replace(line, 'from processhandler.uliweb import '
-                                  'Worker, Manager'))
-
-
-def uliweb_env():
-    env = dict(os.environ)
-    env['PYTHONPATH'] = HERE
-    return env
-
-
-@pytest.mark.parametrize('bulk', [0, 30])
-def test_uliweb_load_table_file_runs_once_and_joins(proj, bulk):
-    """uliweb3's own load_table_file() (its source, only the import line
-    changed; a fake ORM writes rows to a file): Manager(workers) with the
-    default daemon=False starts the producer and 4 inserters once,
-    is_exit = 'quit' ends each for good, join() returns, and exactly the
-    200 rows are inserted once each, with the result queue's totals."""
-    write_uliweb_app(proj)
-    script = os.path.join(proj.path, 'load.py')
-    with open(script, 'w') as f:
-        f.write(LOAD_TABLE_SCRIPT.replace('BULK', str(bulk)))
-    proc = run_script(proj, script, env=uliweb_env())
-    assert proc.wait(DEADLINE * 2) == 0, proj.fg_output()
-    out = proj.fg_output()
-    assert 'load_table_file returned' in out, out
-    assert 'Finished! Total 200 records' in out, out
-    rows = read(os.path.join(proj.path, 'rows.txt')).split('\n')[:-1]
-    ids = sorted(int(r.split()[0]) for r in rows)
-    assert ids == list(range(200)), len(ids)
-    assert len(re.findall(r'PutWorker-1 \d+ created', out)) == 1, out
-    assert out.count('quit!') == 5, out
-    commits = read(os.path.join(proj.path, 'rows.txt.events'))
-    assert commits.count('commit') == 4 and 'rollback' not in commits
-    wait_for(lambda: not any(alive(p) for p in descendants(proc.pid)),
-             what='nothing left')
-
-
-ULIWEB_SCRIPT = '''
-import logging
-import os
-import sys
-import time
-from processhandler.uliweb import *
-
-logging.basicConfig(level=logging.INFO, stream=sys.stdout)
-BASE = os.path.dirname(os.path.abspath(__file__))
-
-
-def note(*words):
-    fd = os.open(os.path.join(BASE, 'events.txt'),
-                 os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.write(fd, (' '.join(str(w) for w in (os.getpid(),) + words)
-                  + '\\n').encode())
-    os.close(fd)
-
-
-class Counting(Worker):
-    def init(self):
-        super(Counting, self).init()
-        self.check_point = 0.05          # set in init(): honoured
-        note('init', self.name)
-
-    def run(self):
-        self.count += 1
-        note('run', self.name, self.count)
-        return True
-
-    def after_run(self):
-        super(Counting, self).after_run()
-        note('after_run', self.name, self.count)
-
-
-class Slow(Worker):
-    def run(self):
-        self.count += 1
-        note('run', self.name, self.count)
-        try:
-            if self.count == 1:
-                time.sleep(30)
-        except TimeoutException as e:
-            note('timeout', self.name, self.count, str(e).replace(' ', '_'))
-            raise
-        time.sleep(0.1)
-
-
-class Crashing(Worker):
-    def run(self):
-        note('run', self.name)
-        raise ValueError('boom')
-
-    def on_finished(self):
-        note('finished', self.name)
-
-
-class Quitting(Worker):
-    def run(self):
-        note('run', self.name)
-        self.is_exit = 'quit'
-
-
-class Growing(Worker):
-    def init(self):
-        super(Growing, self).init()
-        self.keep = []
-        note('init', self.name)
-
-    def run(self):
-        if not self.keep:
-            self.keep.append(b'x' * (int(%(grow)d) << 20))
-        time.sleep(0.05)
-
-    def reached_hard_memory_limit(self, mem):
-        note('asked', self.name, int(mem))
-        return False                     # an override: never hard-killed
-
-
-if __name__ == '__main__':
-    daemon = sys.argv[1] == 'daemon'
-    base = get_memory(os.getpid())
-    workers = [Counting(max_requests=2, name='Counting'),
-               Slow(timeout=0.5, name='Slow', max_requests=2),
-               Crashing(name='Crashing', check_point=0.2),
-               Quitting(name='Quitting')]
-    if daemon:
-        workers.append(Growing(name='Growing',
-                               soft_memory_limit=base + %(grow)d / 2,
-                               hard_memory_limit=base + 1))
-    assert (workers[0].soft_memory_limit, workers[0].hard_memory_limit) == \\
-        (200, 300)
-    manager = Manager(workers, check_point=0.2, wait_time=2, daemon=daemon)
-    manager.start()
-    print('start returned', flush=True)
-    print('join returned %%r' %% (manager.join(),), flush=True)
-'''
-
-
-def uliweb_events(proj, kind=None):
-    try:
-        rows = [line.split() for line in read(os.path.join(
-            proj.path, 'events.txt')).splitlines()]
-    except OSError:
-        return []
-    return [r for r in rows if kind is None or r[1] == kind]
-
-
-def by_name(rows, name):
-    return [r for r in rows if r[2].startswith(name)]
-
-
-def test_uliweb_daemon_false_runs_each_worker_once_and_join_returns(proj):
-    """daemon=False: start() returns at once, each worker runs once to its
-    end (count past max_requests, a TimeoutException inside run() that
-    the same process survives, an exception that ends the worker,
-    is_exit = 'quit'), nothing is restarted and join() returns 0."""
-    script = os.path.join(proj.path, 'workers.py')
-    with open(script, 'w') as f:
-        f.write(ULIWEB_SCRIPT % {'grow': 60})
-    proc = subprocess.Popen([PY, script, 'once'], cwd=proj.path,
-                            env=uliweb_env(), stdout=open(os.path.join(
-                                proj.path, 'fg.out'), 'ab'),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    proj.popens.append(proc)
-    proj.masters.add(proc.pid)
-    assert proc.wait(DEADLINE * 2) == 0, proj.fg_output()
-    out = proj.fg_output()
-    # start() returned while the workers ran; join() waited for them.
-    assert out.index('start returned') < out.index('every worker has '
-                                                   'finished'), out
-    assert 'join returned 0' in out, out
-    runs = uliweb_events(proj, 'run')
-    counting = by_name(runs, 'Counting')
-    assert [r[3] for r in counting] == ['1', '2', '3'], counting
-    assert len(set(r[0] for r in runs)) == 4       # one process per worker
-    assert 'cancelled by reaching max requests count [2]' in out
-    slow = by_name(runs, 'Slow')
-    assert [r[3] for r in slow] == ['1', '2', '3'], slow
-    [timeout] = uliweb_events(proj, 'timeout')
-    assert timeout[0] == slow[0][0] and timeout[4] == 'Timeout_0.5s'
-    assert 'Time out' in out
-    assert len(by_name(runs, 'Crashing')) == 1
-    assert 'ValueError: boom' in out
-    assert by_name(uliweb_events(proj, 'finished'), 'Crashing')
-    assert len(by_name(runs, 'Quitting')) == 1
-    assert 'every worker has finished' in out
-    assert not re.search(r'killed after timeout', out)
-
-
-def test_uliweb_daemon_true_restarts_and_limits(proj):
-    """daemon=True supervises in the foreground: a worker that ends
-    (count past max_requests, an exception from run()) is restarted, one
-    that set is_exit = 'quit' is not; a worker over its soft memory limit
-    is stopped and restarted while its reached_hard_memory_limit override
-    is what decides the hard limit.  TERM: exit 0, nothing left."""
-    script = os.path.join(proj.path, 'workers.py')
-    with open(script, 'w') as f:
-        f.write(ULIWEB_SCRIPT % {'grow': 60})
-    out_path = os.path.join(proj.path, 'fg.out')
-    proc = subprocess.Popen([PY, script, 'daemon'], cwd=proj.path,
-                            env=uliweb_env(), stdout=open(out_path, 'ab'),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    proj.popens.append(proc)
-    proj.masters.add(proc.pid)
-
-    def pids(name, kind='run'):
-        return set(r[0] for r in by_name(uliweb_events(proj, kind), name))
-    wait_for(lambda: len(pids('Counting')) >= 3 and len(pids('Crashing')) >=
-             3 and len(pids('Growing', 'init')) >= 2 and
-             pids('Growing', 'asked'),
-             DEADLINE * 2, lambda: 'restarts\n' + proj.fg_output())
-    # Dead first, then their runs (one may end between two reads).
-    finished = [p for p in pids('Counting') if not alive(int(p))]
-    counting = collections.defaultdict(list)
-    for r in by_name(uliweb_events(proj, 'run'), 'Counting'):
-        counting[r[0]].append(r[3])
-    assert finished and all(counting[p] == ['1', '2', '3']
-                            for p in finished), counting
-    assert len(pids('Quitting')) == 1
-    out = proj.fg_output()
-    assert re.search(r'over soft_memory_limit [\d.]+ MB', out), out
-    assert 'over hard_memory_limit' not in out
-    assert "finished (is_exit = 'quit'): not restarted" in out
-    assert alive(proc.pid)
-    stop_script(proj, proc)
-
-
-def test_uliweb_make_log_and_names(proj):
-    """make_log() takes a logger name, honours format, tags nothing twice;
-    the module-level names uliweb users import are there."""
-    import processhandler.uliweb as uw
-    for name in ('Worker', 'Manager', 'Timeout', 'TimeoutException',
-                 'make_log', 'get_memory'):
-        assert getattr(uw, name) is getattr(processhandler, {
-            'Worker': 'UliwebWorker', 'Manager': 'UliwebManager'}.get(
-                name, name))
-    assert uw.get_memory(os.getpid()) > 1
-    assert uw.get_memory(dead_pid()) == 0
-    path = os.path.join(proj.path, 'w.log')
-    name = unique_name()
-    logger = uw.make_log(name, path, format='%(name)s|%(message)s')
-    uw.make_log(name, path, format='%(name)s|%(message)s')   # not twice
-    logger.propagate = False
-    logger.warning('hello %d', 1)
-    assert read(path) == '%s|hello 1\n' % name
-    tagged = uw.make_log(unique_name(), path + '2', format=None)
-    tagged.propagate = False
-    tagged.warning('x')
-    assert read(path + '2').count('master') == 1, read(path + '2')
-    with pytest.raises(uw.TimeoutException):
-        with uw.Timeout(0.2):
-            time.sleep(5)
-
-
-def test_manager_daemon_true_supervises_in_the_foreground(proj):
-    """processhandler.Manager(daemon=True) (uliweb's flag) does not detach:
-    the process started is the master, its worker runs, TERM: exit 0."""
-    script = os.path.join(proj.path, 'fg_manager.py')
-    with open(script, 'w') as f:
-        f.write(textwrap.dedent('''
-            import sys
-            import time
-            import processhandler
-
-            class Job(processhandler.Worker):
-                def run(self):
-                    time.sleep(0.05)
-                    return True
-
-            sys.exit(processhandler.Manager([Job()], daemon=True,
-                                            check_point=0.2).start())
-            '''))
-    proc = run_script(proj, script, env=uliweb_env())
-    kids = wait_for(lambda: [k for k in descendants(proc.pid)
-                             if ': worker ' in cmdline(k)],
-                    what='a worker under the started process')
-    assert ppid_of(kids[0]) == proc.pid and proc.poll() is None
-    stop_script(proj, proc)
-
-
-STUCK_JOB = '''
-    import signal
-    import time
-    from ProcessHandler.lib.workers.sync import SyncWorker
-
-
-    class JobExecute(SyncWorker):
-        def handle_request(self):
-            # Where no exception can reach: the interrupt's signal is
-            # blocked (as in C code that never returns to Python).
-            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])
-            while 1:
-                time.sleep(1.5)
-'''
-
-
-def test_processhandler_original_stuck_request_is_killed_and_logged(proj):
-    """A handle_request() that even the TERM interrupt cannot reach is
-    KILLed at graceful_timeout, and the log says which worker, why it was
-    being stopped and after how long."""
-    folder = ph_original(proj, job=STUCK_JOB)
-    master = run_original(proj, folder)
-    log_path = os.path.join(folder, 'conf', 'master.log')
-    doc = wait_for(lambda: (lambda d: d and len([
-        w for w in d['workers'] if w['state'] == 'running']) == 2 and d)(
-            original_status(proj, folder)), what='2 running workers')
-    pids = [w['pid'] for w in doc['workers']]
-    os.kill(master, signal.SIGTERM)
-    wait_for(lambda: not alive(master) and not any(alive(p) for p in pids),
-             what='master and workers gone')
-    text = read(log_path)
-    for pid in pids:
-        assert re.search(r'worker \d \(pid %d\) still alive [\d.]+s after '
-                         r'being asked to stop \(master stopping; '
-                         r'graceful_timeout 1s\): KILL' % pid, text), text
-
-
-# uliweb3's documentation (docs/workers.md, BSD), its first two examples
-# verbatim but for the import line.
-ULIWEB_DOC_BASIC = '''
-from processhandler.uliweb import Worker, Manager
-import time
-
-class MyWork(Worker):
-    def run(self):
-        self.log.info('running')
-        time.sleep(1)
-        return True
-
-workers = [MyWork()]
-manager = Manager(workers)
-manager.start()
-'''
-
-ULIWEB_DOC_COMPLEX = '''
-import time
-import logging
-from processhandler.uliweb import *
-
-logging.basicConfig(level=logging.INFO)
-
-class NewWorker(Worker):
-    def init(self):
-        self.log = make_log(self.log, 'new_worker.log')
-        super(NewWorker, self).init()
-
-    def run(self):
-        s = []
-        for i in range(50000):
-            s.append(str(i))
-        self.log.info ('result= %d ' % len(s))
-        time.sleep(1)
-        return True
-
-workers = [Worker(max_requests=2),
-           NewWorker(max_requests=2, timeout=5, name='NewWorker',
-                     soft_memory_limit=5, hard_memory_limit=10)]
-manager = Manager(workers, check_point=1)
-manager.start()
-'''
-
-
-def test_uliweb_documented_examples(proj):
-    """uliweb's documented examples with only the import line changed.
-    Basic: MyWork logs 'running' every second (the script's end waits for
-    its worker, which never ends) until the script is killed, which stops
-    everything.  Complex: NewWorker logs into new_worker.log in uliweb's
-    format, and at 5 MB soft / 10 MB hard (less than any interpreter
-    weighs) the first memory check KILLs it, for good (daemon=False),
-    while the plain Worker (which never counts) runs on."""
-    for name, text in (('basic', ULIWEB_DOC_BASIC),
-                       ('complex', ULIWEB_DOC_COMPLEX)):
-        script = os.path.join(proj.path, name + '.py')
-        with open(script, 'w') as f:
-            f.write(text)
-    proc = run_script(proj, os.path.join(proj.path, 'basic.py'),
-                      env=uliweb_env())
-    wait_for(lambda: proj.fg_output().count('running') >= 3,
-             what=lambda: 'running lines\n' + proj.fg_output())
-    tree = set(descendants(proc.pid))
-    assert proc.poll() is None
-    assert [p for p in tree if cmdline(p).strip() == 'Workers Daemon: master']
-    assert [p for p in tree if cmdline(p).strip() ==
-            'Workers Daemon: worker 1']
-    proc.kill()                      # the caller dies: its manager stops
-    wait_for(lambda: not any(alive(p) for p in tree), what='all gone')
-
-    os.unlink(os.path.join(proj.path, 'fg.out'))
-    proc = run_script(proj, os.path.join(proj.path, 'complex.py'),
-                      env=uliweb_env())
-    new_log = os.path.join(proj.path, 'new_worker.log')
-    wait_for(lambda: 'over hard_memory_limit 10 MB: KILL' in
-             proj.fg_output() and 'NewWorker-2' in proj.fg_output() and
-             'finished (killed by SIGKILL): not restarted' in
-             proj.fg_output(),
-             what=lambda: 'the soft limit\n' + proj.fg_output())
-    # uliweb's format; uliweb's numbering (per class, from the base's).
-    assert re.search(r'^\[INFO - [\d-]+ [\d:,]+ - complex\.py:\d+\] - '
-                     r'result= 50000 $', read(new_log), re.M), read(new_log)
-    assert re.search(r'NewWorker-2 \d+ created', read(new_log))
-    out = proj.fg_output()
-    assert re.search(r'Process-\d+ \d+ running', out), out
-    assert proc.poll() is None        # waits for the plain Worker
-    stop_list = set(descendants(proc.pid))
-    proc.kill()
-    wait_for(lambda: not any(alive(p) for p in stop_list), what='all gone')
-
-
-def test_uliweb_timeout_unreachable_run_is_dumped_and_killed(proj):
-    """A uliweb worker's run() stuck where TimeoutException cannot reach
-    (SIGALRM blocked, as in C code) is killed by the hard timeout,
-    ``timeout + wait_time``, with its stack in the log; daemon=False: it is
-    not restarted and join() returns."""
-    script = os.path.join(proj.path, 'stuck.py')
-    with open(script, 'w') as f:
-        f.write(textwrap.dedent('''
-            import logging
-            import signal
-            import sys
-            import time
-            from processhandler.uliweb import Worker, Manager
-
-            logging.basicConfig(level=logging.INFO, stream=sys.stdout)
-
-            def stuck_where_no_exception_reaches():
-                signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])
-                time.sleep(60)
-
-            class Stuck(Worker):
-                def run(self):
-                    stuck_where_no_exception_reaches()
-
-            m = Manager([Stuck(timeout=0.3, name='Stuck')], wait_time=0.5)
-            m.start()
-            print('join returned %r' % (m.join(),), flush=True)
-            '''))
-    proc = run_script(proj, script, env=uliweb_env())
-    assert proc.wait(DEADLINE) == 0, proj.fg_output()
-    out = proj.fg_output()
-    assert re.search(r'timed out: run\(\) has taken [\d.]+s \(timeout '
-                     r'0\.8s\)', out), out
-    assert 'stuck_where_no_exception_reaches' in out
-    assert 'join returned 0' in out
