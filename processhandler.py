@@ -5709,6 +5709,7 @@ class Arbiter(object):
                        'state': 'backoff' if slot.backoff_until > now
                        else 'stopped', 'requests': 0, 'rss_mb': None,
                        'age': None, 'failures': slot.failures,
+                       'generation': None,     # no process, no generation
                        'last_error': slot.last_error}
                 if slot.backoff_until > now:
                     row['next_attempt_in'] = round(slot.backoff_until - now,
@@ -6743,10 +6744,12 @@ def build_parser():
                    'write number_workers into the config file; start: '
                    'TTIN/TTOU do too')
     p.add_argument('--timeout', type=float, default=None,
-                   help='stop/reload: seconds to wait (default: '
-                   'graceful_timeout + 10; reload: at least 60)')
+                   help='stop/reload/incr/decr: seconds to wait (default: '
+                   'graceful_timeout + 10; reload: at least 60; incr/decr: '
+                   'the boot timeout + 5)')
     p.add_argument('--no-wait', action='store_true', help='reload: only '
-                   'send HUP, do not wait for the outcome')
+                   'send HUP; incr/decr: only ask; do not wait for the '
+                   'outcome')
     p.add_argument('--version', action='version',
                    version='processhandler ' + __version__)
     return p
@@ -6856,16 +6859,71 @@ def cmd_stop(cfg, args):
             return not_permitted(pid, path)
     limit = args.timeout if args.timeout is not None else \
         cfg.graceful_timeout + 10
+    began = time.monotonic()
     # Gone means: lock released AND process exited (it releases the lock
     # a moment before its interpreter is done).
     left = wait_until(lambda: [i for i in found if running_pid(i[1]) or
-                               pid_exists(i[2])], limit)
+                               pid_exists(i[2])], limit,
+                      StopProgress() if sys.stdout.isatty() else None)
+    took = time.monotonic() - began
     for n, path, pid in found:
         if (n, path, pid) in left:
             complain('pid %d did not stop within %gs' % (pid, limit))
         else:
-            say('stopped (pid %d)' % pid)
+            say('stopped (pid %d) in %.1f s' % (pid, took))
     return EXIT_FAILURE if left else EXIT_OK
+
+
+class StopProgress(object):
+    """`stop` on a terminal: one line redrawn in place (at most every
+    REDRAW seconds) saying what the stop still waits for, from the
+    masters' status (they answer while they stop)."""
+
+    REDRAW = 0.5
+
+    def __init__(self):
+        self.began = time.monotonic()    # when TERM was sent
+        self.next_draw = 0.0
+        self.drawn = False
+
+    def __call__(self, left):
+        now = time.monotonic()
+        if not left:
+            if self.drawn:           # the final line replaces it
+                sys.stdout.write('\r\x1b[K')
+                sys.stdout.flush()
+            return
+        if now < self.next_draw:
+            return
+        self.next_draw = now + self.REDRAW
+        sys.stdout.write('\r%s\x1b[K' % self.line(left))
+        sys.stdout.flush()
+        self.drawn = True
+
+    def line(self, left):
+        rows, answered = [], False
+        for n, path, pid in left:
+            try:
+                doc = control_request(path, {'cmd': 'status'}, timeout=0.3)
+                rows += [w for w in doc['workers'] if w.get('pid')]
+                answered = True
+            except (OSError, ValueError, KeyError, TypeError):
+                pass    # closing its socket: the master is nearly gone
+        if not answered:
+            return 'waiting for %s to exit' % ', '.join(
+                'pid %d' % i[2] for i in left)
+        text = '%d worker%s left' % (len(rows), '' if len(rows) == 1
+                                     else 's')
+        busy = [w for w in rows if w.get('busy_for') is not None]
+        if busy:
+            w = max(busy, key=lambda w: w['busy_for'])
+            text += '; slot %s in run() for %.1f s' % (w['slot'],
+                                                        w['busy_for'])
+        elif rows:   # run() is timed only with `timeout` set
+            text += '; slot %s (pid %s) %s for %.1f s' % (
+                rows[0]['slot'], rows[0]['pid'], rows[0]['state'],
+                time.monotonic() - self.began)
+        return text
 
 
 def pid_exists(pid):
@@ -6886,15 +6944,20 @@ def pid_exists(pid):
     return True
 
 
-def wait_until(pending, limit):
-    """Poll ``pending()`` (10 ms doubling to 0.2 s) until falsy or limit."""
+def wait_until(pending, limit, progress=None):
+    """Poll ``pending()`` (10 ms doubling to 0.2 s) until falsy or limit;
+    ``progress(left)``, if given, is shown each time (and at the end)."""
     deadline = time.monotonic() + limit
     delay = 0.01
     left = pending()
     while left and time.monotonic() < deadline:
+        if progress is not None:
+            progress(left)
         time.sleep(delay)
         delay = min(delay * 2, 0.2)
         left = pending()
+    if progress is not None:
+        progress([])
     return left
 
 
@@ -7103,18 +7166,7 @@ def format_status(doc):
             logf['path'] or 'stderr', logf['write_errors'], time.strftime(
                 '%Y-%m-%d %H:%M:%S', time.localtime(logf['last_error_at'])),
             logf['last_error']))
-    lines.append('%-5s %-8s %-9s %9s %8s %9s' % (
-        'slot', 'pid', 'state', 'requests', 'rss_mb', 'age'))
-    for w in doc['workers']:
-        extra = ''
-        if w['state'] == 'backoff':
-            extra = '  %s, next attempt in %.1fs: %s' % (
-                w.get('waiting', 'backoff'), w.get('next_attempt_in', 0),
-                w.get('last_error'))
-        lines.append('%-5s %-8s %-9s %9s %8s %9s%s' % (
-            w['slot'], w['pid'] or '-', w['state'], w['requests'],
-            '-' if w['rss_mb'] is None else '%.1f' % w['rss_mb'],
-            '-' if w['age'] is None else format_age(w['age']), extra))
+    lines += status_table(doc['workers'])
     if m.get('spare'):
         waiting = any(w['state'] == 'backoff' for w in doc['workers'])
         lines.append('spare process %d: pre-forked, replaces the next worker '
@@ -7126,6 +7178,33 @@ def format_status(doc):
         if last.get('result') == 'failed':
             lines.append('last %s failed: %s' % (key, last.get('reason')))
     return '\n'.join(lines)
+
+
+def status_table(workers):
+    """The worker rows of `status`.  While a reload rolls (a slot holds
+    processes of two generations) a ``gen`` column tells old from new."""
+    gens = {}
+    for w in workers:
+        if w.get('pid') and w.get('generation') is not None:
+            gens.setdefault(w['slot'], set()).add(w['generation'])
+    rolling = any(len(g) > 1 for g in gens.values())
+    fmt = '%-5s ' + ('%-4s ' if rolling else '%.0s') + \
+        '%-8s %-9s %9s %8s %9s%s'
+    lines = [fmt % ('slot', 'gen', 'pid', 'state', 'requests', 'rss_mb',
+                    'age', '')]
+    for w in workers:
+        extra = ''
+        if w['state'] == 'backoff':
+            extra = '  %s, next attempt in %.1fs: %s' % (
+                w.get('waiting', 'backoff'), w.get('next_attempt_in', 0),
+                w.get('last_error'))
+        gen = w.get('generation')
+        lines.append(fmt % (
+            w['slot'], '-' if gen is None else gen, w['pid'] or '-',
+            w['state'], w['requests'],
+            '-' if w['rss_mb'] is None else '%.1f' % w['rss_mb'],
+            '-' if w['age'] is None else format_age(w['age']), extra))
+    return lines
 
 
 def format_age(seconds):
@@ -7246,6 +7325,8 @@ def format_watch(doc, snap, before):
 
 
 def cmd_incr(cfg, args, sign=1):
+    """incr/decr N: ask each master, then (unless --no-wait) wait until
+    the count is reached and say so: exit 1 when it is not in time."""
     n = 1 if args.n is None else args.n
     if n < 1:
         raise ConfigError('N must be a positive number, got %d' % n)
@@ -7256,11 +7337,12 @@ def cmd_incr(cfg, args, sign=1):
     if not found:
         say('not running')
         return EXIT_NOT_RUNNING
-    new = None
+    cmd = 'incr' if sign > 0 else 'decr'
+    asked = []
     for i, path, pid in found:
         try:
-            reply = control_request(path, {'cmd': 'incr' if sign > 0
-                                            else 'decr', 'n': n})
+            before = control_request(path, {'cmd': 'status'})
+            reply = control_request(path, {'cmd': cmd, 'n': n})
         except PermissionError:
             return not_permitted(pid, path)
         except (OSError, ValueError) as e:
@@ -7269,20 +7351,132 @@ def cmd_incr(cfg, args, sign=1):
         if not reply.get('ok'):
             complain('pid %d: %s' % (pid, reply.get('error')))
             return EXIT_USAGE
-        new = reply['number_workers']
-        say('pid %d: %d worker(s)' % (pid, new))
-    if args.save and new is not None:
-        if not cfg.path:
-            raise ConfigError('--save needs a config file')
-        try:
-            save_number_workers(cfg.path, cfg.section, new)
-        except OSError as e:
-            complain('cannot save number_workers to %s: %s'
-                     % (cfg.path, e.strerror or e))
-            return EXIT_FAILURE
-        say('saved number_workers = %d in %s [%s]' % (new, cfg.path,
-                                                       cfg.section))
+        asked.append((path, pid, before, reply['number_workers']))
+    new = asked[-1][3]
+    if args.save:
+        status = save_count(cfg, new)
+        if status != EXIT_OK:
+            return status
+    limit = args.timeout if args.timeout is not None else \
+        max(boot_timeout_of(cfg) or 60.0, cfg.graceful_timeout) + 5
+    deadline = time.monotonic() + limit
+    status = EXIT_OK
+    for path, pid, before, want in asked:
+        status = max(status, report_scale(
+            path, pid, before, want, capped_note(cmd, n, before, want),
+            None if args.no_wait else deadline, limit))
+    return status
+
+
+def save_count(cfg, new):
+    """incr/decr --save: number_workers = ``new`` into the config file."""
+    if not cfg.path:
+        raise ConfigError('--save needs a config file')
+    try:
+        save_number_workers(cfg.path, cfg.section, new)
+    except OSError as e:
+        complain('cannot save number_workers to %s: %s'
+                 % (cfg.path, e.strerror or e))
+        return EXIT_FAILURE
+    say('saved number_workers = %d in %s [%s]' % (new, cfg.path,
+                                                   cfg.section))
     return EXIT_OK
+
+
+def capped_note(cmd, n, before, want):
+    """'' or why the master's count is not the one asked for."""
+    was = before['master']['number_workers']
+    asked = was + n if cmd == 'incr' else was - n
+    if want == asked:
+        return ''
+    if cmd == 'decr' and asked < 1 and want == 1:
+        return '; %s %d capped at 1: never fewer than one worker' % (cmd, n)
+    if asked > MAX_WORKERS and want == MAX_WORKERS:
+        return '; %s %d capped at the maximum of %d' % (cmd, n, MAX_WORKERS)
+    if before['master'].get('stopping'):
+        return '; unchanged: the master is stopping'
+    return '; asked for %d, the master keeps %d' % (asked, want)
+
+
+def workers_word(n):
+    return '%d worker%s' % (n, '' if n == 1 else 's')
+
+
+def report_scale(path, pid, before, want, note, deadline, limit):
+    """Wait (unless ``deadline`` is None) for ``want`` running workers of
+    the master owning ``path``; one line saying how it ended."""
+    was = before['master']['number_workers']
+    head = '(was %d; pid %d)' % (was, pid)
+    if deadline is None or before['master'].get('state') == 'standby':
+        say('%s wanted %s%s%s' % (workers_word(want), head, note,
+                                  '; not waiting (--no-wait)'
+                                  if deadline is None else
+                                  '; a standby master: they start when it '
+                                  'takes the leader lock'))
+        return EXIT_OK
+    failures = dict((w['slot'], w.get('failures', 0))
+                    for w in before['workers'])
+    reached, running, why = scale_progress(path, want, failures, deadline)
+    if reached:
+        say('%s running %s%s' % (workers_word(want), head, note))
+        return EXIT_OK
+    complain('%d of %s running after %.1f s %s%s: %s' % (
+        running, workers_word(want), limit - max(0.0, deadline -
+                                                 time.monotonic()),
+        head, note, why))
+    return EXIT_FAILURE
+
+
+def scale_progress(path, want, failures, deadline):
+    """Poll status (10 ms doubling to 0.2 s) until ``want`` workers run
+    in slots 1..want and no other slot has a process left, until a slot
+    fails again (its boot failed: say why now, as reload does) or until
+    ``deadline``.  Returns (reached, running, why not)."""
+    delay, reasons = 0.01, {}
+    while True:
+        try:
+            rows = control_request(path, {'cmd': 'status'})['workers']
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return False, 0, 'the master does not answer (%s)' % e
+        up = set(w['slot'] for w in rows
+                 if w['state'] == 'running' and w['slot'] <= want)
+        extra = [w for w in rows if w['slot'] > want and w.get('pid')]
+        if len(up) == want and not extra:
+            return True, want, ''
+        for w in rows:
+            if w.get('last_error'):
+                reasons[w['slot']] = w['last_error']
+        failed = [w for w in rows if w['slot'] <= want and
+                  w['slot'] not in up and
+                  w.get('failures', 0) > failures.get(w['slot'], 0)]
+        if failed or time.monotonic() >= deadline:
+            return False, len(up), '; '.join(
+                scale_missing(failed or rows, up, want, reasons) +
+                ['slot %s (pid %s) still %s' % (w['slot'], w['pid'],
+                                                w['state']) for w in extra])
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def scale_missing(rows, up, want, reasons):
+    """Why each wanted slot without a running worker has none."""
+    out, seen = [], set()
+    for w in rows:
+        slot = w['slot']
+        if slot > want or slot in up or slot in seen:
+            continue
+        seen.add(slot)
+        if w['state'] == 'booting':
+            out.append('slot %d booting for %.1f s' % (slot, w['age'] or 0))
+        else:
+            out.append('slot %d %s%s' % (slot, 'in ' if w['state'] ==
+                                         'backoff' else '', w['state']))
+        if w.get('failures'):
+            out[-1] += ' after %d failure%s: %s' % (
+                w['failures'], '' if w['failures'] == 1 else 's',
+                reasons.get(slot, 'see the log'))
+    return out or ['slots %s not started yet' % ', '.join(
+        str(i) for i in range(1, want + 1) if i not in up)]
 
 
 def cmd_decr(cfg, args):

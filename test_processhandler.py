@@ -3446,6 +3446,212 @@ def test_log_on_a_full_tmpfs_counts_workers_write_errors(proj):
         subprocess.run(['umount', mnt])
 
 
+# -- commands say how it ended: incr/decr wait, stop progress, gen column (issue 15) ---
+
+SCALE_WORKER = '''
+    import os, time, processhandler
+
+    class Job(processhandler.Worker):
+        def init(self):
+            # Slots from `bad_from` on fail (bad = fail) or boot slowly.
+            if self.slot >= int(self.cfg.get('bad_from', '999')):
+                if self.cfg.get('bad', 'fail') == 'fail':
+                    raise RuntimeError('database unreachable')
+                time.sleep(float(self.cfg.get('init_time', '3')))
+
+        def run(self):
+            time.sleep(float(self.cfg.get('run_time', '0.05')))
+            return True
+'''
+
+SCALE_LINE = r'processhandler: (\d+) workers? running \(was (\d+); pid (\d+)\)'
+
+
+def test_incr_and_decr_wait_until_the_count_runs(proj):
+    """incr/decr return once the count is reached (new workers booted,
+    removed ones gone) and say it: 'N workers running (was M; pid P)'."""
+    proj.write_module('scaleworker', SCALE_WORKER)
+    proj.write_config(worker_class='scaleworker:Job', bad='slow',
+                      bad_from=3, init_time=1)
+    master = proj.start_daemon()
+    proj.wait_running(2)
+    began = time.monotonic()
+    res = proj.ph('incr')
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert time.monotonic() - began >= 1.0     # it waited for the boot
+    assert re.fullmatch(SCALE_LINE, res.stdout.strip()).groups() == (
+        '3', '2', str(master)), res.stdout
+    assert res.stderr == ''
+    # No polling here: the command returned only once this was true.
+    assert sorted(proj.running_workers(3)) == [1, 2, 3]
+    res = proj.ph('decr', '2')
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert re.fullmatch(SCALE_LINE, res.stdout.strip()).groups() == (
+        '1', '3', str(master)), res.stdout
+    doc = proj.status()
+    assert [(w['slot'], w['state']) for w in doc['workers']] == [
+        (1, 'running')]
+
+
+def test_decr_below_one_is_capped_and_says_so(proj):
+    proj.write_config(number_workers=2)
+    master = proj.start_daemon()
+    proj.wait_running(2)
+    res = proj.ph('decr', '5')
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    line = res.stdout.strip()
+    assert len(line.splitlines()) == 1, line
+    assert line.startswith('processhandler: 1 worker running (was 2; pid '
+                           '%d)' % master), line
+    assert 'decr 5 capped at 1' in line, line
+    res = proj.ph('decr')       # already at one: capped again, said again
+    assert res.returncode == 0 and 'capped at 1' in res.stdout, res.stdout
+    res = proj.ph('incr', '2')  # an uncapped change says nothing of caps
+    assert res.returncode == 0 and 'capped' not in res.stdout, res.stdout
+    assert re.fullmatch(SCALE_LINE, res.stdout.strip()), res.stdout
+
+
+def test_incr_whose_new_worker_cannot_boot_exits_1_with_the_reason(proj):
+    """The new slot's init() raises: exit 1 well within --timeout, one
+    stderr line with the count and the slot's reason."""
+    proj.write_module('scaleworker', SCALE_WORKER)
+    proj.write_config(worker_class='scaleworker:Job', bad_from=3)
+    master = proj.start_daemon()
+    proj.wait_running(2)
+    began = time.monotonic()
+    res = proj.ph('incr', '--timeout', '15')
+    took = time.monotonic() - began
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert took < 15, took
+    line = one_line(res)
+    assert line.startswith('processhandler: 2 of 3 workers running after '), \
+        line
+    assert '(was 2; pid %d)' % master in line, line
+    assert 'slot 3' in line and 'database unreachable' in line, line
+    assert res.stdout == ''
+    assert alive(master) and proj.running_workers(2)
+
+
+def test_incr_no_wait_only_asks_and_a_short_timeout_says_booting(proj):
+    proj.write_module('scaleworker', SCALE_WORKER)
+    proj.write_config(worker_class='scaleworker:Job', bad='slow',
+                      bad_from=3, init_time=10)
+    master = proj.start_daemon()
+    proj.wait_running(2)
+    began = time.monotonic()
+    res = proj.ph('incr', '--no-wait')
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert time.monotonic() - began < 5
+    assert res.stdout.strip() == ('processhandler: 3 workers wanted (was 2; '
+                                  'pid %d); not waiting (--no-wait)'
+                                  % master), res.stdout
+    assert proj.status()['master']['number_workers'] == 3
+    res = proj.ph('incr', '--timeout', '0.5')
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    line = one_line(res)
+    assert '2 of 4 workers running' in line, line
+    assert re.search(r'slot 3 booting for [\d.]+ s', line), line
+    assert re.search(r'slot 4 booting for [\d.]+ s', line), line
+
+
+def test_stop_on_a_terminal_shows_progress_then_one_final_line(proj):
+    """On a pty: 'N workers left; slot S in run() for T s' redrawn in
+    place while the workers finish their runs, then the final line."""
+    import pty
+    import select
+    proj.write_module('scaleworker', SCALE_WORKER)
+    proj.write_config(worker_class='scaleworker:Job', run_time=3,
+                      timeout=30)      # run() is timed: busy_for
+    master = proj.start_daemon()
+    proj.wait_running(2)
+    wait_for(lambda: all(w.get('busy_for') for w in
+                         proj.status()['workers']), what='runs under way')
+    master_fd, slave_fd = pty.openpty()
+    p = subprocess.Popen([PY, PH, '-c', proj.config, 'stop'],
+                         stdin=subprocess.DEVNULL, stdout=slave_fd,
+                         stderr=slave_fd, cwd=proj.path)
+    os.close(slave_fd)
+    seen = []
+    try:
+        # Keep reading until it exits: a full pty would block its writes.
+        deadline = time.monotonic() + DEADLINE
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([master_fd], [], [], 0.1)
+            if r:
+                try:
+                    data = os.read(master_fd, 65536)
+                except OSError:        # EIO: the other side is closed
+                    data = b''
+                if not data:
+                    break
+                seen.append(data.decode('utf-8', 'replace'))
+            elif p.poll() is not None:
+                break
+        assert p.wait(DEADLINE) == 0, ''.join(seen)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master_fd)
+    text = ''.join(seen)
+    assert not alive(master)
+    assert re.search(r'2 workers left; slot [12] in run\(\) for [\d.]+ s',
+                     text), repr(text)
+    last = text.replace('\r\n', '\n').split('\r')[-1]
+    assert re.fullmatch(r'\x1b\[Kprocesshandler: stopped \(pid %d\) in '
+                        r'[\d.]+ s\n' % master, last), repr(text)
+    assert 'Traceback' not in text
+
+
+def test_stop_without_a_terminal_prints_one_final_line(proj):
+    proj.write_module('scaleworker', SCALE_WORKER)
+    proj.write_config(worker_class='scaleworker:Job', run_time=1)
+    master = proj.start_daemon()
+    proj.wait_running(2)
+    res = proj.ph('stop')
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert re.fullmatch(r'processhandler: stopped \(pid %d\) in [\d.]+ s\n'
+                        % master, res.stdout), repr(res.stdout)
+    assert res.stderr == ''
+    assert not alive(master)
+
+
+def test_status_shows_generations_while_a_reload_rolls(proj):
+    """During a rolling reload (new workers boot slowly, the old ones
+    still serve) `status` has a gen column telling the two processes of
+    a slot apart; every --json row has 'generation'; afterwards the
+    column is gone again."""
+    proj.write_config(run_time='0.02')
+    master = proj.start_daemon()
+    proj.wait_running(2)
+    doc = proj.status()
+    assert [w['generation'] for w in doc['workers']] == [1, 1]
+    assert 'gen' not in proj.ph('status').stdout.split('\n')[1]
+    proj.write_config(run_time='0.02', init_mode='slow', init_time='3')
+    os.kill(master, signal.SIGHUP)
+
+    def rolling():
+        out = proj.ph('status').stdout.splitlines()
+        return len(out) > 2 and out[1].split()[:3] == ['slot', 'gen', 'pid'] \
+            and out
+    out = wait_for(rolling, what='a gen column')
+    rows = [line.split() for line in out[2:] if line[:1].isdigit()]
+    by_slot = {}
+    for slot, gen, pid, state in (r[:4] for r in rows):
+        by_slot.setdefault(slot, {})[gen] = state
+        proj.workers.add(int(pid))
+    assert any(set(g) == {'1', '2'} for g in by_slot.values()), out
+    assert all(g.get('1') in ('running', 'stopping') for g in
+               by_slot.values()), out
+    assert all('generation' in w for w in proj.status()['workers'])
+    wait_for(lambda: proj.status()['master']['reload'].get('result') ==
+             'done', what='reload done')
+    wait_for(lambda: [w['generation'] for w in proj.status()['workers']]
+             == [2, 2], what='only generation 2 left')
+    assert proj.ph('status').stdout.split('\n')[1].split()[:2] == [
+        'slot', 'pid']
+
+
 # ==== Config =================================================================
 # Every bad value is one line and exit 2; did-you-mean; sections;
 # interpolation; unreadable files; relative paths.  (Fuzzing: Reliability.)
