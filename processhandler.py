@@ -7013,7 +7013,12 @@ def cmd_reload(cfg, args):
         return EXIT_NOT_RUNNING
     before = dict((path, last_reload(path)) for n, path, pid in found)
     for n, path, pid in found:
-        os.kill(pid, signal.SIGHUP)
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except PermissionError:
+            return not_permitted(pid, path)
+        except ProcessLookupError:   # gone since we looked
+            found = [f for f in found if f[2] != pid]
     limit = args.timeout if args.timeout is not None else \
         max(60.0, cfg.graceful_timeout + 10)
     status = EXIT_OK
