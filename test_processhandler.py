@@ -7237,6 +7237,147 @@ def test_metrics_count_timeout_crash_and_memory_exits(proj):
 
 
 # ==== Reliability ============================================================
+
+# -- operator mistakes: every control command x every kind of bad change -------
+
+MISTAKE_WORKER = """
+import os, time
+import processhandler
+
+class Job(processhandler.Worker):
+    # Flag files let a mistake reach workers started later (incr, the
+    # new generation of a reload) without changing the config.
+    def init(self):
+        here = self.cfg.base_path
+        if os.path.exists(os.path.join(here, 'fail.flag')):
+            raise RuntimeError('database unreachable')
+        if os.path.exists(os.path.join(here, 'hang.flag')):
+            time.sleep(120)
+
+    def run(self):
+        time.sleep(0.02)
+        return True
+"""
+
+
+def _mistake_log_dir(proj):
+    folder = os.path.join(proj.path, 'a_folder.log')
+    os.mkdir(folder)
+    proj.write_config(**dict(proj.mistake_keys, log_file=folder))
+
+
+def _mistake_module(source):
+    def mutate(proj):
+        proj.write_module('mistake', source)
+    return mutate
+
+
+def _mistake_flag(name):
+    def mutate(proj):
+        touch(os.path.join(proj.path, name))
+    return mutate
+
+
+def _mistake_keys(**keys):
+    def mutate(proj):
+        proj.write_config(**dict(proj.mistake_keys, **keys))
+    return mutate
+
+
+def _mistake_rotate_away(proj):
+    # logrotate gone wrong: the log's folder moved away, USR1 cannot
+    # reopen the path.
+    os.rename(os.path.join(proj.path, 'logs'),
+              os.path.join(proj.path, 'logs.old'))
+
+
+MISTAKE_KEYS = dict(worker_class='mistake:Job', number_workers=2,
+                    boot_timeout=2, graceful_timeout=2)
+
+# (id, command, mutate, exit statuses the command may give): the command
+# is a CLI command, or 'USR2' (a signal, read back from status --json).
+MISTAKES = [
+    ('reload-bad-value', ['reload'], _mistake_keys(number_workers='lots'),
+     (2,)),
+    ('reload-missing-module', ['reload'],
+     _mistake_keys(worker_class='gone:Job'), (2,)),
+    ('reload-missing-class', ['reload'],
+     _mistake_keys(worker_class='mistake:Jbo'), (2,)),
+    ('reload-log-is-a-folder', ['reload'], _mistake_log_dir, (1, 2)),
+    ('reload-SystemExit-at-import', ['reload'],
+     _mistake_module('raise SystemExit(3)\n'), (1, 2)),
+    ('reload-os_exit-at-import', ['reload'],
+     _mistake_module('import os\nos._exit(7)\n'), (1, 2)),
+    ('reload-init-raises', ['reload', '--timeout', '15'],
+     _mistake_flag('fail.flag'), (1,)),
+    ('reload-init-hangs', ['reload', '--timeout', '15'],
+     _mistake_flag('hang.flag'), (1,)),
+    ('usr2-bad-value', 'USR2', _mistake_keys(number_workers='lots'), None),
+    ('usr2-SystemExit-at-import', 'USR2',
+     _mistake_module('raise SystemExit(3)\n'), None),
+    ('usr2-log-is-a-folder', 'USR2', _mistake_log_dir, None),
+    ('incr-init-raises', ['incr', '--timeout', '10'],
+     _mistake_flag('fail.flag'), (1,)),
+    ('incr-init-hangs', ['incr', '--timeout', '10'],
+     _mistake_flag('hang.flag'), (1,)),
+    ('incr-too-many', ['incr', '5000'], None, (2,)),
+    ('reopen-log-folder-gone', ['reopen'], _mistake_rotate_away, (0,)),
+    ('stop-with-a-broken-config', ['stop'],
+     _mistake_keys(number_workers='lots'), (2,)),
+]
+
+
+@pytest.mark.parametrize('case', MISTAKES, ids=[m[0] for m in MISTAKES])
+def test_operator_mistakes_never_take_the_service_down(proj, case):
+    """For each control command and each kind of bad change: the command
+    says what is wrong (non-zero exit, one reason), and the same master
+    and the same workers keep serving -- their request counts go on."""
+    name, command, mutate, statuses = case
+    os.mkdir(os.path.join(proj.path, 'logs'))
+    proj.log = os.path.join(proj.path, 'logs', 'master.log')
+    proj.mistake_keys = dict(MISTAKE_KEYS, log_file=proj.log)
+    proj.write_module('mistake', MISTAKE_WORKER)
+    proj.write_config(**proj.mistake_keys)
+    master = proj.start_daemon()
+    before = proj.wait_running(2)
+    if mutate:
+        mutate(proj)
+    if command == 'USR2':
+        os.kill(master, signal.SIGUSR2)
+        failed = wait_for(lambda: (proj.query()['master'].get('upgrade') or
+                                   {}).get('result') == 'failed' and
+                          proj.query()['master']['upgrade'],
+                          what='the upgrade to be refused')
+        reason = failed['reason']
+    else:
+        res = proj.ph(*command, timeout=60)
+        assert res.returncode in statuses, (res.returncode, res.stdout,
+                                            res.stderr)
+        assert 'Traceback' not in res.stderr, res.stderr
+        reason = (res.stdout + res.stderr).strip()
+    assert reason, name
+    print('%s: %s' % (name, reason.splitlines()[-1][:200]))
+    # No outage: the same master, the old workers still running and
+    # still handling requests.
+    assert proj.master_pid() == master and alive(master)
+    doc = proj.query()
+    rows = dict((w['pid'], w) for w in doc['workers'])
+    for slot, pid in before.items():
+        assert pid in rows and rows[pid]['state'] == 'running', (
+            name, slot, pid, doc['workers'])
+    counts = dict((pid, rows[pid]['requests']) for pid in before.values())
+
+    def still_serving():
+        now = dict((w['pid'], w['requests'])
+                   for w in proj.query()['workers'])
+        return all(now.get(pid, 0) > counts[pid] for pid in counts)
+    wait_for(still_serving, what='the old workers to go on serving')
+    if command == 'USR2' or command[0] == 'reload' and res.returncode == 1:
+        # It reached the master (a refused command sent nothing): the log
+        # names it too.
+        assert 'refused' in proj.log_text() or 'failed' in \
+            proj.log_text(), proj.log_text()[-2000:]
+
 # Signal storms, a full disk for the log, leaks, the chaos soak (the soaks
 # are marked ``slow`` and bounded by PH_SOAK_SECONDS / PH_CHAOS_SECONDS), and
 # config fuzzing: whatever the INI file or --set says, the answer is a
