@@ -7075,8 +7075,11 @@ def test_health_probe(proj):
                            'slot 2 in backoff: init() raised '), line
     assert 'RuntimeError' in line and 'database unreachable' in line, line
     assert len(res.stdout.splitlines()) == 1 and res.stderr == ''
-    fams = cli_metrics(proj)
-    assert fams['processhandler_slots_backoff'][()] == 1
+    # (The slot may be between two attempts -- booting its retry -- when
+    # the metrics are read: poll until it is seen in backoff.)
+    fams = wait_for(lambda: (lambda f: f['processhandler_slots_backoff'][()]
+                             == 1 and f)(cli_metrics(proj)),
+                    what='slot 2 in backoff in the metrics')
     assert fams['processhandler_backoffs_total'][()] >= 1
     assert fams['processhandler_worker_exits_total'][
         (('reason', 'boot_failure'),)] >= 1
@@ -7111,6 +7114,10 @@ def test_status_watch_prints_tables(proj):
     assert '\x1b' not in res.stdout
 
 
+def default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_status_watch_on_a_terminal_redraws_until_ctrl_c(proj):
     """On a terminal (a real pty) each table clears the screen first;
     Ctrl-C ends it with exit 0 and no traceback."""
@@ -7120,9 +7127,12 @@ def test_status_watch_on_a_terminal_redraws_until_ctrl_c(proj):
     proj.start_daemon()
     proj.wait_running(1)
     master_fd, slave_fd = pty.openpty()
+    # .ci/test runs the suites as background jobs, which start with SIGINT
+    # ignored (and so would this child): give it a terminal's default.
     p = subprocess.Popen([PY, PH, '-c', proj.config, 'status', '--watch',
                           '--interval', '0.2'], stdin=subprocess.DEVNULL,
-                         stdout=slave_fd, stderr=slave_fd, cwd=proj.path)
+                         stdout=slave_fd, stderr=slave_fd, cwd=proj.path,
+                         preexec_fn=default_sigint)
     os.close(slave_fd)
     seen = []
 
