@@ -657,8 +657,7 @@ def read_parser(path):
     parser = new_parser({'base_path': here, 'log_path': '%(base_path)s'})
     plain = new_parser()      # tells a key of the file from a default
     try:
-        with open(path, encoding='utf-8') as f:
-            text = f.read()
+        text = read_config_text(path)
         parser.read_string(text, path)
         plain.read_string(text, path)
     except (OSError, IOError) as e:
@@ -669,6 +668,25 @@ def read_parser(path):
     except configparser.Error as e:
         raise ConfigError('%s: %s' % (path, str(e).splitlines()[0]))
     return parser, plain
+
+
+def read_config_text(path):
+    """The text of config file ``path``.  Opened O_NONBLOCK and checked
+    with fstat first: a FIFO (or a device) would block the reader -- a
+    `check`, a start, a HUP in the master -- for ever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK |
+                 getattr(os, 'O_CLOEXEC', 0))
+    try:
+        mode = os.fstat(fd).st_mode
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ConfigError('%s: the config file is %s, not a regular file'
+                          % (path, file_kind(mode)))
+    with open(fd, encoding='utf-8', newline=None) as f:
+        return f.read()
 
 
 def pick_section(parser, section, path):
@@ -905,17 +923,30 @@ class LogFile(object):
                 self._stdio_to(self.fd)
 
     def _open(self):
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT |
-                     getattr(os, 'O_CLOEXEC', 0) |
-                     getattr(os, 'O_NOFOLLOW', 0), 0o640)
+        """A new descriptor of the log file.  O_NONBLOCK: a FIFO put in
+        its place (by the workers' user, in their log folder) must never
+        block the master in open(); it is refused after fstat.  Given to
+        ``owner`` only when this call created it: a pre-existing file
+        (a hard link to root's 0600 file) is never chowned."""
+        flags = os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | \
+            getattr(os, 'O_CLOEXEC', 0) | getattr(os, 'O_NOFOLLOW', 0)
+        created = True
+        try:
+            fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o640)
+        except FileExistsError:
+            created = False
+            fd = open_existing_log(self.path, flags)
         try:
             st = os.fstat(fd)
             problem = log_file_problem(st, self.owner)
             if problem:
                 raise OSError(errno.EPERM, problem)
+            # Blocking writes again (a tty, or a full pipe of a terminal).
+            fcntl.fcntl(fd, fcntl.F_SETFL,
+                        fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
             uid, gid = self.owner or (None, None)
-            if uid is not None and os.geteuid() == 0 and \
-                    stat.S_ISREG(st.st_mode) and st.st_uid != uid:
+            if created and uid is not None and os.geteuid() == 0 and \
+                    st.st_uid != uid:
                 # Workers that dropped to `user` reopen it on USR1 (after
                 # logrotate the master creates the new file first).
                 os.fchown(fd, uid, -1 if gid is None else gid)
@@ -980,6 +1011,18 @@ class LogFile(object):
                 pass
 
 
+def open_existing_log(path, flags):
+    """Open an existing log file with ``flags`` (O_NONBLOCK among them);
+    a FIFO without a reader (ENXIO) is said as such."""
+    try:
+        return os.open(path, flags)
+    except OSError as e:
+        if e.errno != errno.ENXIO:
+            raise
+        raise OSError(errno.ENXIO, 'it is a FIFO: it must be a regular '
+                      'file or a character device such as /dev/null')
+
+
 def log_file_problem(st, owner=None):
     """Why an opened log file must not be written to, or None.
 
@@ -988,6 +1031,14 @@ def log_file_problem(st, owner=None):
     owner must be root, this process's user, or the workers' ``user``
     (``owner``: (uid, gid) or None; the master gives the file to them).
     The one place for the log file's checks."""
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        return ('is %s: it must be a regular file or a character device '
+                'such as /dev/null' % file_kind(st.st_mode))
+    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        # A hard link to another file (root's 0600 secrets): our records
+        # and the daemon's stdio would go there.
+        return ('has %d hard links: refusing a file that is also another '
+                'file' % st.st_nlink)
     allowed = set([0, os.geteuid()])
     if owner and owner[0] is not None:
         allowed.add(owner[0])
@@ -5003,6 +5054,10 @@ class Arbiter(object):
     def switch_log(self, path):
         """Log to ``path`` from now on; HaltServer, with the old log kept,
         when it cannot be opened (a folder, no folder, no permission)."""
+        try:   # the checks of start and `check` (a block device, a FIFO)
+            check_log_target(path)
+        except ConfigError as e:
+            raise HaltServer('cannot use %s' % e)
         old = self.logfile.path
         self.logfile.path = path
         try:
@@ -6014,10 +6069,25 @@ def write_compat_shim(folder):
     """Write ``folder/ProcessHandler/__init__.py``; return its path."""
     package = os.path.join(folder, 'ProcessHandler')
     os.makedirs(package, exist_ok=True)
+    if os.path.islink(package):
+        raise OSError(errno.ELOOP, '%s is a symbolic link: refusing to '
+                      'follow it' % package)
     path = os.path.join(package, '__init__.py')
     here = os.path.dirname(os.path.abspath(__file__))
-    with open(path, 'w', encoding='utf-8') as f:
-        f.write(COMPAT_SHIM % here)
+    # A new file renamed over the old: a symlink planted at the path is
+    # replaced, its target never written (as root, any file).
+    fd, tmp = exclusive_temp(path)
+    try:
+        with os.fdopen(fd, 'w', encoding='utf-8') as f:
+            f.write(COMPAT_SHIM % here)
+            os.fchmod(f.fileno(), 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     return path
 
 
@@ -6474,6 +6544,7 @@ def validate_in_child(cfg, reload=False, timeout=None):
     if pid == 0:   # pragma: no cover (child)
         try:
             os.close(r)
+            isolate_validation_child(w)
             os.write(w, _import_problems(cfg, reload, drop and (uid, gid))
                      .encode('utf-8', 'replace')[:8000])
         finally:
@@ -6492,6 +6563,35 @@ def validate_in_child(cfg, reload=False, timeout=None):
         return '%s worker_class: importing %s ended the process (%s)' % (
             cfg.where(), cfg.worker_class, describe_status(status))
     return None
+
+
+def isolate_validation_child(keep):
+    """In validate_in_child's child, before any user code: nothing of the
+    master's but stdio and ``keep`` (the result pipe).  Its pidfile, control
+    socket, selector and pipes must not reach a module running as `user`
+    (it could answer root's commands), nor its signal handlers (TERM must
+    end this child, not be recorded for a master loop that never runs)."""
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:   # not the main thread
+        pass
+    for signum in signal.valid_signals():
+        try:
+            if callable(signal.getsignal(signum)):
+                signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError, RuntimeError):
+            pass   # SIGKILL, SIGSTOP, or one Python does not handle
+    try:   # the highest open descriptor (PyPy's closerange loops)
+        top = max(int(n) for n in os.listdir('/proc/self/fd')) + 1
+    except (OSError, ValueError):
+        top = os.sysconf('SC_OPEN_MAX')
+    os.closerange(3, keep)
+    os.closerange(keep + 1, max(top, keep + 1))
+    # A log file's descriptor is closed now: records go to stderr (the
+    # log too, in a daemon), with a count of failures of their own.
+    for h in logging.getLogger().handlers:
+        if isinstance(h, LogFileHandler) and h.logfile.fd > 2:
+            h.logfile = LogFile()
 
 
 def _import_problems(cfg, reload, drop_to):
@@ -6676,16 +6776,18 @@ def replace_file(path, text):
         # The rename below would replace a read-only file: respect it,
         # also as root (access() says yes to root; the mode bits say no).
         raise OSError(errno.EACCES, 'the file is read-only')
-    fd, tmp = tempfile.mkstemp(prefix='.%s.' % os.path.basename(path),
-                               dir=os.path.dirname(path))
+    fd, tmp = exclusive_temp(path)
     try:
         with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
             f.write(text)
             f.flush()
+            # Through the descriptor, never the temp file's path: whoever
+            # can write the folder could swap a symlink in there and get
+            # root's chown/chmod applied to any file (REVIEW 2).
+            os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
+            if os.geteuid() == 0:
+                os.fchown(f.fileno(), st.st_uid, st.st_gid)
             os.fsync(f.fileno())
-        os.chmod(tmp, stat.S_IMODE(st.st_mode))
-        if os.geteuid() == 0:
-            os.chown(tmp, st.st_uid, st.st_gid)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -6693,6 +6795,21 @@ def replace_file(path, text):
         except OSError:
             pass
         raise
+
+
+def exclusive_temp(path):
+    """(fd, name) of a new file beside ``path``, created O_EXCL|O_NOFOLLOW
+    mode 0600: never an existing file or a planted symlink's target."""
+    folder, base = os.path.split(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | \
+        getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_CLOEXEC', 0)
+    for _ in range(100):
+        tmp = os.path.join(folder, '.%s.%s' % (base, os.urandom(6).hex()))
+        try:
+            return os.open(tmp, flags, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise OSError(errno.EEXIST, 'no free temporary name beside %s' % path)
 
 
 ###############################################################################
@@ -7001,6 +7118,10 @@ def signal_instances(cfg, args, sig, done):
 
 def cmd_reload(cfg, args):
     """Check, HUP, and (unless --no-wait) follow the reload to its end."""
+    try:   # the master would refuse it: say so here, send nothing
+        check_log_target(cfg.log_file)
+    except ConfigError as e:
+        raise ConfigError('%s %s' % (cfg.where(), e))
     if cfg.worker_class:   # a broken config/class: say so, send nothing
         problem = validate_in_child(cfg)
         if problem:
@@ -7502,6 +7623,8 @@ def log_file_check(cfg):
         owner = log_owner(cfg)
     except (OSError, TypeError, ValueError, ConfigError):
         return []
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
+        return []   # its type: check_log_target's line
     problem = log_file_problem(st, owner)
     return ['%s log_file: %s %s' % (cfg.where(), cfg.log_file, problem)] \
         if problem else []
@@ -7664,7 +7787,9 @@ MASTER_COMMANDS = ('start', 'restart')
 # from /tmp, the master would import an attacker's difflib.py.  So the first
 # statement removes that entry, before anything is imported (os and sys
 # are loaded already at start-up), and the script's folder takes its place,
-# exactly as the original command had it.
+# exactly as the original command had it.  Under -I or -P the original
+# command put nothing there, and `import processhandler` needs its folder:
+# master_exec_argv() runs the script itself then (see there).
 LEAN_START = '''import sys
 if sys.path and sys.path[0] in ('', '.'):
     del sys.path[0]
@@ -7675,6 +7800,13 @@ sys.path.insert(0, os.path.dirname(path))
 import processhandler
 processhandler._START['argv'] = list(sys.argv)
 sys.exit(processhandler.main())'''
+
+
+def isolated_path():
+    """True under -I or -P: `python -I script` keeps the script's folder
+    off sys.path, which the lean form would have to put there to import
+    this module (and a folder writable by a worker's user must not be)."""
+    return bool(sys.flags.isolated or getattr(sys.flags, 'safe_path', 0))
 
 
 def master_exec_argv(argv=None):
@@ -7693,7 +7825,8 @@ def master_exec_argv(argv=None):
     this = os.path.abspath(__file__)
     if this.endswith(('.pyc', '.pyo')):
         this = this[:-1]
-    if IS_PYPY or os.environ.get('PROCESSHANDLER_NO_LEAN') or \
+    if IS_PYPY or isolated_path() or \
+            os.environ.get('PROCESSHANDLER_NO_LEAN') or \
             os.path.realpath(script) != os.path.realpath(this):
         return cmd + [script] + argv[1:]
     return cmd + ['-c', LEAN_START, script] + argv[1:]
@@ -7712,6 +7845,7 @@ def _main():
     # master re-executes itself (same pid, args, env and fds) as an import
     # of this module, whose AST is freed right after compiling.
     if not IS_PYPY and starts_master(sys.argv[1:]) and \
+            not isolated_path() and \
             not os.environ.get('PROCESSHANDLER_NO_LEAN'):
         try:
             os.execv(sys.executable, master_exec_argv(

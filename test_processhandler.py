@@ -8775,3 +8775,240 @@ def test_workers_do_not_hold_the_masters_redis_connection(redis_server,
     for pid in list(workers.values()) + [spare]:
         assert not socket_inodes(pid) & to_redis, pid
     assert proj.ph('stop').returncode == 0
+
+
+# -- REVIEW 2-10: no root descriptor, chown or blocking open for strangers ----
+
+# As nobody: swap every temp file of config.ini's folder for a symlink to
+# the victim for ``seconds`` (the --save race of REVIEW 2).
+SWAP_TEMPS = '''
+import os, sys, time
+folder, victim, uid, gid, seconds = sys.argv[1:6]
+os.setgid(int(gid)); os.setuid(int(uid))
+end = time.monotonic() + float(seconds)
+while time.monotonic() < end:
+    for name in os.listdir(folder):
+        if name.startswith('.config.ini.') and not name.endswith('~'):
+            p = os.path.join(folder, name)
+            try:
+                os.rename(p, p + '~')
+                os.symlink(victim, p)
+            except OSError:
+                pass
+'''
+
+
+@NEEDS_ROOT
+def test_save_never_chowns_a_symlink_swapped_in_for_its_temp_file(
+        open_proj):
+    """replace_file (incr/decr --save) in a folder the worker user owns:
+    whatever it swaps in place of the temp file, root's chmod/chown go
+    through the descriptor, never a path (a root 0600 file stays so)."""
+    proj = open_proj
+    nobody = pwd.getpwnam('nobody')
+    folder = os.path.join(proj.path, 'conf')
+    os.mkdir(folder)
+    os.chown(folder, nobody.pw_uid, nobody.pw_gid)
+    config = os.path.join(folder, 'config.ini')
+    with open(config, 'w') as f:
+        f.write('[job]\nnumber_workers = 1\n')
+    os.chown(config, nobody.pw_uid, nobody.pw_gid)
+    os.chmod(config, 0o644)
+    victim = os.path.join(proj.path, 'victim')
+    with open(victim, 'w') as f:
+        f.write('secret\n')
+    os.chmod(victim, 0o600)
+    attacker = subprocess.Popen([PY, '-c', SWAP_TEMPS, folder, victim,
+                                 str(nobody.pw_uid), str(nobody.pw_gid),
+                                 '3'])
+    try:
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            try:
+                processhandler.replace_file(config,
+                                            '[job]\nnumber_workers = 2\n')
+            except OSError:
+                pass   # the attacker renamed our temp file away
+            if os.path.islink(config):
+                os.unlink(config)   # its rename put the link there
+                with open(config, 'w') as f:
+                    f.write('[job]\nnumber_workers = 1\n')
+                os.chown(config, nobody.pw_uid, nobody.pw_gid)
+    finally:
+        attacker.wait(timeout=DEADLINE)
+    st = os.stat(victim)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o600)
+    assert open(victim).read() == 'secret\n'
+
+
+# At import: the descriptors and the TERM handler of a validation child
+# (a process with the master's tag but not the master's pid).
+FD_LISTING_WORKER = '''
+import os, signal
+import processhandler
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fds.log')
+if processhandler._process_tag[0] == 'master':
+    fds = sorted(os.listdir('/proc/self/fd'), key=int)
+    kinds = []
+    for fd in fds:
+        try:
+            kinds.append('%s=%s' % (fd, os.readlink('/proc/self/fd/' + fd)))
+        except OSError:
+            kinds.append('%s=gone' % fd)
+    term = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    with open(OUT, 'a') as f:
+        f.write('%d %d %s %s\\n' % (os.getpid(), os.getppid(), term,
+                                      ' '.join(kinds)))
+
+
+class Job(processhandler.Worker):
+    def run(self):
+        self.sleep(0.05)
+        return True
+'''
+
+
+def test_hup_validation_child_holds_only_stdio_and_its_pipe(proj):
+    """The child that imports the worker code for a HUP keeps none of the
+    master's descriptors (pidfile, control socket, selector, pipes, log)
+    and none of its signal handlers: only 0, 1, 2 and its result pipe."""
+    proj.write_module('fdlist', FD_LISTING_WORKER)
+    proj.write_config(worker_class='fdlist:Job', number_workers=1)
+    master = proj.start_daemon()
+    proj.wait_running(1)
+    res = proj.ph('reload')
+    assert res.returncode == 0, (res.stdout, res.stderr, proj.log_text())
+    out = os.path.join(proj.path, 'fds.log')
+    rows = wait_for(lambda: [l.split() for l in read_text(out).splitlines()
+                             if int(l.split()[1]) == master] or None,
+                    what='the validation child listed its descriptors')
+    for row in rows:
+        pid, term, kinds = int(row[0]), row[2], row[3:]
+        assert term == 'True', row
+        extra = [k for k in kinds if int(k.split('=')[0]) > 2 and
+                 not k.endswith('=gone')]    # listdir's own, closed since
+        assert len(extra) == 1 and '=pipe:' in extra[0], row
+    assert proj.ph('stop').returncode == 0
+
+
+def test_usr1_with_a_fifo_at_the_log_path_never_blocks_the_master(proj):
+    """The log renamed away and a FIFO put in its place (the workers' user
+    can, in its log folder), then USR1: the master refuses it without
+    blocking in open(): status answers, stop works."""
+    proj.write_config(number_workers=1)
+    master = proj.start_daemon()
+    proj.wait_running(1)
+    os.rename(proj.log, proj.log + '.1')
+    os.mkfifo(proj.log)
+    os.kill(master, signal.SIGUSR1)
+    wait_log_file(proj.log + '.1', 'FIFO')
+    assert proj.status(timeout=DEADLINE) is not None
+    assert alive(master)
+    assert proj.ph('stop', timeout=DEADLINE * 2).returncode == 0
+
+
+def test_hup_or_reload_with_a_fifo_or_device_log_file_is_refused(proj):
+    """log_file changed to a FIFO or a block device: `reload` says so and
+    sends nothing (exit 2); a HUP sent anyway is refused by the master
+    (same check as start), which keeps its log and keeps serving."""
+    proj.write_config(number_workers=1)
+    master = proj.start_daemon()
+    workers = proj.wait_running(1)
+    fifo = os.path.join(proj.path, 'log.fifo')
+    os.mkfifo(fifo)
+    blocks = [os.path.join('/dev', n) for n in sorted(os.listdir('/dev'))
+              if stat.S_ISBLK(os.stat(os.path.join('/dev', n)).st_mode)]
+    for target in [fifo] + blocks[:1]:
+        proj.write_config(number_workers=1, log_file=target)
+        res = proj.ph('reload', timeout=DEADLINE)
+        assert_one_line_error(res, 'log_file', target)
+        os.kill(master, signal.SIGHUP)
+        wait_log(proj, 'cannot use log_file %s' % target)
+        assert proj.status(timeout=DEADLINE) is not None
+        assert proj.running_workers(1) == workers
+    proj.write_config(number_workers=1)
+    assert proj.ph('stop', timeout=DEADLINE * 2).returncode == 0
+
+
+def test_config_that_is_a_fifo_is_refused_at_once(proj):
+    """-c a FIFO: check and start say so in one line (exit 2) instead of
+    waiting for ever for a writer."""
+    fifo = os.path.join(proj.path, 'fifo.ini')
+    os.mkfifo(fifo)
+    for args in (['check'], ['start', '-d'], ['start', '-f']):
+        res = proj.ph(*args, config=fifo, timeout=DEADLINE)
+        assert_one_line_error(res, fifo, 'FIFO')
+    assert not os.path.exists(proj.pidfile)
+
+
+@NEEDS_ROOT
+def test_log_file_is_never_given_to_user_unless_created_here(open_proj):
+    """user = nobody: a hard link at the log path to root's 0600 file is
+    refused (check: exit 2; start: exit 1), the file stays root's; an
+    existing root-owned log is used but not given to nobody."""
+    proj = open_proj
+    victim = os.path.join(proj.path, 'victim')
+    with open(victim, 'w') as f:
+        f.write('secret\n')
+    os.chmod(victim, 0o600)
+    os.link(victim, proj.log)
+    who_project(proj, user='nobody', number_workers=1)
+    assert_one_line_error(proj.ph('check'), 'log_file', 'hard link')
+    res = proj.ph('start', '-d', timeout=DEADLINE * 2)
+    track_started(proj)
+    assert res.returncode == 1 and 'hard link' in res.stderr, res.stderr
+    st = os.stat(victim)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)
+    assert open(victim).read() == 'secret\n'
+    os.unlink(proj.log)
+    with open(proj.log, 'w'):
+        pass                      # root's, 0644: not ours to give away
+    proj.start_daemon()
+    proj.wait_running(1)
+    assert os.stat(proj.log).st_uid == 0
+    assert proj.ph('stop').returncode == 0
+
+
+def test_isolated_start_puts_nothing_of_the_script_folder_on_sys_path(
+        proj, tmp_path):
+    """`python -I /app/processhandler.py start -d`: -I keeps the script's
+    folder off sys.path; the re-executed master must too (planted stdlib
+    names beside the script are never imported)."""
+    app = str(tmp_path / 'app')
+    os.mkdir(app)
+    shutil.copy(PH, app)
+    mark = os.path.join(str(tmp_path), 'imported.txt')
+    for name in ('shlex', 'subprocess', 'selectors', 'json', 'difflib',
+                 'hashlib', 'tempfile', 'argparse', 'configparser'):
+        with open(os.path.join(app, name + '.py'), 'w') as f:
+            f.write(EVIL_MODULE % mark)
+    proj.write_config(number_workers=1)
+    res = subprocess.run([PY, '-I', os.path.join(app, 'processhandler.py'),
+                          '-c', proj.config, 'start', '-d'],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, universal_newlines=True,
+                         cwd=proj.path, timeout=DEADLINE * 2)
+    if os.path.exists(proj.pidfile):
+        proj.masters.add(proj.master_pid())
+    assert res.returncode == 0, (res.stdout, res.stderr, proj.log_text())
+    proj.wait_running(1)
+    assert not os.path.exists(mark), open(mark).read()
+    assert proj.ph('stop').returncode == 0
+
+
+def test_compat_shim_never_writes_through_a_planted_symlink(proj, tmp_path):
+    """compat-shim DIR with DIR/ProcessHandler/__init__.py a symlink to
+    another file: the link is replaced, its target left as it was."""
+    folder = str(tmp_path / 'shim')
+    os.makedirs(os.path.join(folder, 'ProcessHandler'))
+    victim = str(tmp_path / 'victim')
+    with open(victim, 'w') as f:
+        f.write('secret\n')
+    init = os.path.join(folder, 'ProcessHandler', '__init__.py')
+    os.symlink(victim, init)
+    res = run_ph(['compat-shim', folder], cwd=proj.path)
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert open(victim).read() == 'secret\n'
+    assert not os.path.islink(init)
+    assert 'install_processhandler_aliases' in open(init).read()
