@@ -1319,7 +1319,10 @@ def lock_holder(fd):
         res = fcntl.fcntl(fd, fcntl.F_GETLK,
                           _FLOCK.pack(fcntl.F_WRLCK, 0, 0, 0, 0))
         l_type, _, _, _, l_pid = _FLOCK.unpack(res[:_FLOCK.size])
-        if l_type == fcntl.F_UNLCK:
+        if l_type != fcntl.F_WRLCK:
+            # Anyone who can read the file can take a READ lock on it: that
+            # is no master (a write lock and another's read lock exclude
+            # each other, so there is none then).
             return 0
         return l_pid or -1
     except (OSError, struct.error):
@@ -1333,16 +1336,26 @@ def lock_holder(fd):
 
 
 def running_pid(path):
-    """Pid of the master holding the lock on pidfile ``path``, or 0."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0) |
-                     getattr(os, 'O_CLOEXEC', 0))
-    except OSError:
-        return 0
-    try:
-        return lock_holder(fd)
-    finally:
-        os.close(fd)
+    """Pid of the master of pidfile ``path``, or 0: the write-lock holder
+    of its instance lock file, else (a caller who may not read that 0600
+    file, or a master of an older version) of the pidfile itself."""
+    for name in (instance_lock_path(path), path):
+        try:
+            fd = os.open(name, os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0) |
+                         getattr(os, 'O_CLOEXEC', 0))
+        except OSError:
+            continue
+        try:
+            holder = lock_holder(fd)
+        finally:
+            os.close(fd)
+        if holder:
+            return holder
+    return 0
+
+
+def instance_lock_path(pidfile):
+    return pidfile + '.lock'
 
 
 def foreign_file(st, what, path):
@@ -1359,20 +1372,62 @@ def foreign_file(st, what, path):
 
 
 class PidFile(object):
-    """The pid file, doubling as the instance lock.
+    """The pid file and the instance lock.
 
-    The master holds a POSIX (fcntl) write lock on it for its lifetime; the
-    lock, not the pid written inside, says who runs.  Opened with O_NOFOLLOW
-    (a planted symlink is refused), mode 0644, and refused when owned by
-    another non-root user.
+    The master holds a POSIX (fcntl) write lock for its lifetime on
+    ``<pidfile>.lock`` (mode 0600: nobody else may open it, so nobody else
+    can hold a read lock that would keep us from locking it) and, for
+    readers who may not open that file, on the pidfile (0644) when it can:
+    a stranger's read lock there only hides us from them.  The lock, not
+    the pid written inside, says who runs.  Both are opened with O_NOFOLLOW
+    (a planted symlink is refused), and refused when owned by another
+    non-root user.
     """
 
     def __init__(self, path):
         self.path = path
         self.fd = None
+        self.lock_fd = None
 
     def acquire(self):
         """Lock and write our pid; return 0, or the pid of the holder."""
+        holder = self.lock_instance()
+        if holder:
+            return holder
+        holder = self.lock_pidfile()
+        if holder:
+            self.unlock_instance()
+        return holder
+
+    def lock_instance(self):
+        """Write-lock ``<pidfile>.lock``; 0, or the holder's pid."""
+        path = instance_lock_path(self.path)
+        while True:
+            fd = open_lock_file(path, 'instance lock', 0o600)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    os.close(fd)
+                    raise
+                holder = lock_holder(fd)
+                os.close(fd)
+                return holder or -1
+            if same_file(fd, path):   # not unlinked by a releasing master
+                self.lock_fd = fd
+                return 0
+            os.close(fd)
+
+    def unlock_instance(self):
+        if self.lock_fd is not None:
+            unlink_if_same(instance_lock_path(self.path), self.lock_fd)
+            os.close(self.lock_fd)   # closing drops the lock
+            self.lock_fd = None
+
+    def lock_pidfile(self):
+        """Open (and write-lock, when no stranger's read lock is in the
+        way) the pidfile; write our pid.  0, or the pid of an older
+        version's master holding it."""
         d = os.path.dirname(self.path)
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT |
@@ -1392,10 +1447,12 @@ class PidFile(object):
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
                 raise
             holder = lock_holder(fd)
-            os.close(fd)
-            return holder or -1
+            if holder:        # a master that knows no instance lock file
+                os.close(fd)
+                return holder
         if st.st_mode & 0o022:
             os.fchmod(fd, 0o644)
         self.fd = fd
@@ -1409,14 +1466,50 @@ class PidFile(object):
     def release(self):
         if self.fd is None:
             return
-        try:
-            st = os.stat(self.path, follow_symlinks=False)
-            if st.st_ino == os.fstat(self.fd).st_ino:
-                os.unlink(self.path)
-        except OSError:
-            pass
+        unlink_if_same(self.path, self.fd)
         os.close(self.fd)  # closing drops the lock
         self.fd = None
+        self.unlock_instance()
+
+
+def same_file(fd, path):
+    """Whether ``path`` (not followed) is still the file open as ``fd``."""
+    try:
+        st, mine = os.stat(path, follow_symlinks=False), os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def unlink_if_same(path, fd):
+    """Remove ``path`` if it is the file open as ``fd`` (not a new one)."""
+    if same_file(fd, path):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def open_lock_file(path, what, mode):
+    """An O_RDWR descriptor of lock file ``path`` (created ``mode``); a
+    symlink, or a file we must not use (foreign_file), is a HaltServer."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK |
+                     getattr(os, 'O_NOFOLLOW', 0) |
+                     getattr(os, 'O_CLOEXEC', 0), mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise HaltServer('%s %s is a symbolic link: refusing to follow '
+                             'it' % (what, path))
+        raise HaltServer('cannot open %s %s: %s' % (what, path, e.strerror))
+    st = os.fstat(fd)
+    problem = foreign_file(st, what, path)
+    if problem:
+        os.close(fd)
+        raise HaltServer(problem)
+    if stat.S_IMODE(st.st_mode) & ~mode:
+        os.fchmod(fd, mode)
+    return fd
 
 
 def runtime_dir():
@@ -1756,20 +1849,12 @@ class FileLeader(object):
             raise HaltServer('leader_lock: %s' % e)
 
     def open(self):
+        # 0600: whoever may open it could hold a read lock on it, and keep
+        # every master on standby for ever.
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK |
-                         getattr(os, 'O_NOFOLLOW', 0) |
-                         getattr(os, 'O_CLOEXEC', 0), 0o644)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise LeaderError('%s is a symbolic link: refusing to '
-                                  'follow it' % self.path)
-            raise LeaderError('cannot open %s: %s' % (self.path, e.strerror))
-        problem = foreign_file(os.fstat(fd), 'lock file', self.path)
-        if problem:
-            os.close(fd)
-            raise LeaderError(problem)
-        return fd
+            return open_lock_file(self.path, 'lock file', 0o600)
+        except HaltServer as e:
+            raise LeaderError(e.reason)
 
     def discard(self, fd):
         # Closing any descriptor of the file drops this process's POSIX
@@ -3921,7 +4006,8 @@ class UpgradeState(object):
 
     FIELDS = ('pidfile', 'lock_fd', 'instance', 'fds', 'accept_fd',
               'started', 'daemonized', 'number_workers', 'workers',
-              'stopping', 'leader', 'config', 'upgrades')
+              'stopping', 'leader', 'config', 'upgrades',
+              'instance_lock_fd')
 
     def __init__(self, **values):
         for name in self.FIELDS:
@@ -4112,6 +4198,8 @@ class Upgrade(object):
         """The UpgradeState of this master, and the fds it names."""
         a = self.arbiter
         keep = [s.fileno() for s in a.sockets] + [a.pidfile.fd]
+        if a.pidfile.lock_fd is not None:
+            keep.append(a.pidfile.lock_fd)
         if a.accept_fd is not None:
             keep.append(a.accept_fd)
         leader = None
@@ -4124,6 +4212,7 @@ class Upgrade(object):
                 keep.append(leader['fd'])
         state = UpgradeState(
             pidfile=a.pidfile.path, lock_fd=a.pidfile.fd,
+            instance_lock_fd=a.pidfile.lock_fd,
             instance=a.instance, fds=[s.fileno() for s in a.sockets],
             accept_fd=a.accept_fd,
             started=time.time() - (time.monotonic() - a.started),
@@ -4633,6 +4722,12 @@ class Arbiter(object):
             self.pidfile.fd = self.upgrade.lock_fd
             # Inheritable only for the execve: not for anything we run.
             os.set_inheritable(self.pidfile.fd, False)
+            self.pidfile.lock_fd = self.upgrade.instance_lock_fd
+            if self.pidfile.lock_fd is not None:
+                os.set_inheritable(self.pidfile.lock_fd, False)
+            elif self.pidfile.lock_instance():   # an older image had none
+                log.warning('instance lock %s is held by another process',
+                            instance_lock_path(self.pidfile.path))
             self.pidfile.write(os.getpid())
             self.instance = self.upgrade.instance
             return
@@ -5057,7 +5152,7 @@ class Arbiter(object):
         try:   # the checks of start and `check` (a block device, a FIFO)
             check_log_target(path)
         except ConfigError as e:
-            raise HaltServer('cannot use %s' % e)
+            raise HaltServer('cannot open %s' % e)
         old = self.logfile.path
         self.logfile.path = path
         try:
@@ -5317,10 +5412,10 @@ class Arbiter(object):
                 os.close(fd)
         if self.control is not None:
             self.control.close()
-        for fd in (self.pidfile.fd, self.ready_fd):
+        for fd in (self.pidfile.fd, self.pidfile.lock_fd, self.ready_fd):
             if fd is not None:
                 os.close(fd)
-        self.pidfile.fd = self.ready_fd = None
+        self.pidfile.fd = self.pidfile.lock_fd = self.ready_fd = None
         for proc in self.procs.values():   # siblings' dump files
             self.close_dump(proc)
         self.spare.close_in_child()

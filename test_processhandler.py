@@ -8924,7 +8924,7 @@ def test_hup_or_reload_with_a_fifo_or_device_log_file_is_refused(proj):
         res = proj.ph('reload', timeout=DEADLINE)
         assert_one_line_error(res, 'log_file', target)
         os.kill(master, signal.SIGHUP)
-        wait_log(proj, 'cannot use log_file %s' % target)
+        wait_log(proj, 'cannot open log_file %s' % target)
         assert proj.status(timeout=DEADLINE) is not None
         assert proj.running_workers(1) == workers
     proj.write_config(number_workers=1)
@@ -9012,3 +9012,56 @@ def test_compat_shim_never_writes_through_a_planted_symlink(proj, tmp_path):
     assert open(victim).read() == 'secret\n'
     assert not os.path.islink(init)
     assert 'install_processhandler_aliases' in open(init).read()
+
+
+# As nobody: hold a READ lock on argv[1] until killed.
+READ_LOCKER = '''
+import fcntl, os, sys, time
+os.setgid(int(sys.argv[3])); os.setuid(int(sys.argv[2]))
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+print('locked', flush=True)
+time.sleep(600)
+'''
+
+
+@NEEDS_ROOT
+def test_a_strangers_read_lock_on_the_pidfile_is_no_master(open_proj):
+    """nobody holds a read lock on the (0644) pidfile: that is no running
+    master -- start and restart work, status names the real master, and
+    stop never signals nobody's process.  The instance lock file beside
+    it is 0600 (nobody cannot lock it); a file: leader lock is 0600 too."""
+    proj = open_proj
+    nobody = pwd.getpwnam('nobody')
+    with open(proj.pidfile, 'w'):
+        pass
+    os.chmod(proj.pidfile, 0o644)
+    locker = subprocess.Popen([PY, '-c', READ_LOCKER, proj.pidfile,
+                               str(nobody.pw_uid), str(nobody.pw_gid)],
+                              stdout=subprocess.PIPE,
+                              universal_newlines=True)
+    try:
+        assert locker.stdout.readline().strip() == 'locked'
+        leader = os.path.join(proj.path, 'leader.lock')
+        proj.write_config(number_workers=1, leader_lock='file:' + leader)
+        master = proj.start_daemon()
+        assert master != locker.pid
+        proj.wait_running(1)
+        assert proj.status()['master']['pid'] == master
+        for path in (proj.pidfile + '.lock', leader):
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+        res = proj.ph('restart', '-d', timeout=DEADLINE * 3)
+        assert res.returncode == 0, (res.stdout, res.stderr)
+        second = proj.master_pid()
+        proj.masters.add(second)
+        assert second not in (master, locker.pid)
+        proj.wait_running(1)
+        assert proj.ph('stop').returncode == 0
+        assert not alive(second)
+        assert locker.poll() is None, 'nobody\'s process was signalled'
+        res = proj.ph('stop')
+        assert res.returncode != 0 or 'not running' in res.stdout
+        assert locker.poll() is None, 'nobody\'s process was signalled'
+    finally:
+        locker.kill()
+        locker.wait()
