@@ -1394,7 +1394,11 @@ class PidFile(object):
         holder = self.lock_instance()
         if holder:
             return holder
-        holder = self.lock_pidfile()
+        try:
+            holder = self.lock_pidfile()
+        except BaseException:   # a symlinked or foreign pidfile
+            self.unlock_instance()
+            raise
         if holder:
             self.unlock_instance()
         return holder
@@ -1501,7 +1505,8 @@ def open_lock_file(path, what, mode):
         if e.errno == errno.ELOOP:
             raise HaltServer('%s %s is a symbolic link: refusing to follow '
                              'it' % (what, path))
-        raise HaltServer('cannot open %s %s: %s' % (what, path, e.strerror))
+        raise HaltServer('cannot open %s %s: %s (directory %s)' % (
+            what, path, e.strerror, os.path.dirname(path)))
     st = os.fstat(fd)
     problem = foreign_file(st, what, path)
     if problem:
