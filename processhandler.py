@@ -6809,6 +6809,7 @@ def stdout_failed(error):
 # C0/C1 controls and DEL, lone surrogates (unencodable), bidi overrides.
 _UNPRINTABLE = ((0, 0x20), (0x7f, 0xa0), (0xd800, 0xe000),
                 (0x202a, 0x202f), (0x2066, 0x206a))
+_ESCAPES = {'\t': '\\t', '\n': '\\n', '\r': '\\r'}
 
 
 def printable(text):
@@ -6818,10 +6819,14 @@ def printable(text):
     text = str(text)
     if text.isprintable():    # the usual case: nothing to escape
         return text
-    return ''.join(
-        ('\\x%02x' if ord(c) < 0x100 else '\\u%04x') % ord(c)
-        if any(lo <= ord(c) < hi for lo, hi in _UNPRINTABLE) else c
-        for c in text)
+    return ''.join(_escaped(c) for c in text)
+
+
+def _escaped(c):
+    n = ord(c)
+    if not any(lo <= n < hi for lo, hi in _UNPRINTABLE):
+        return c
+    return _ESCAPES.get(c) or ('\\x%02x' if n < 0x100 else '\\u%04x') % n
 
 
 def say(msg):
@@ -7564,6 +7569,8 @@ def log_file_check(cfg):
         owner = log_owner(cfg)
     except (OSError, TypeError, ValueError, ConfigError):
         return []
+    if stat.S_ISLNK(st.st_mode):
+        return []      # path_problems() says it: the link, not its owner
     problem = log_file_problem(st, owner)
     return ['%s log_file: %s %s' % (cfg.where(), cfg.log_file, problem)] \
         if problem else []
