@@ -7357,7 +7357,7 @@ def watch_status(cfg, args):
             stamp = '-- %s (every %gs, Ctrl-C to quit) --' % (
                 time.strftime('%H:%M:%S'), args.interval)
             out(('\x1b[H\x1b[2J' if tty else '') + stamp + '\n' +
-                '\n'.join(printable(t) for t in tables) + '\n')
+                '\n'.join(tables) + '\n')
             shown += 1
             if args.count and shown >= args.count:
                 return EXIT_OK
@@ -7395,7 +7395,7 @@ def format_watch(doc, snap, before):
             totals.get(w['slot'], 0),
             '-' if w['rss_mb'] is None else '%.1f' % w['rss_mb'],
             '-' if w['age'] is None else format_age(w['age'])))
-    return '\n'.join(lines)
+    return '\n'.join(printable(line) for line in lines)
 
 
 def cmd_incr(cfg, args, sign=1):
