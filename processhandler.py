@@ -6770,8 +6770,8 @@ def build_parser():
 
 
 class StdoutFailed(Exception):
-    """Standard output cannot be written: its reader is gone (`status |
-    head -1`) or its file failed (a full disk).  main() says so once."""
+    """Standard output cannot be written (a full disk): main() says so in
+    one line and exits 1."""
 
     def __init__(self, error):
         Exception.__init__(self, error)
@@ -6780,27 +6780,35 @@ class StdoutFailed(Exception):
 
 def out(text):
     """Write ``text`` to standard output now (flushed, so a failure is
-    seen here, inside main(), and not at interpreter exit)."""
+    seen here, inside main(), and not at interpreter exit).  False when the
+    reader went away (`status | head -1`): it had what it wanted, so the
+    command goes on and ends with its own status, as `git log | head`
+    does, its further output discarded (a loop like --watch stops)."""
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
-    except OSError as e:   # a socket's EPIPE never gets here: stdout only
+        return True
+    except BrokenPipeError:  # a socket's EPIPE never gets here: stdout only
+        discard_stdout()
+        return False
+    except OSError as e:
         raise StdoutFailed(e)
 
 
-def stdout_failed(error):
-    """The end of a command whose output cannot be written.  fd 1 becomes
-    /dev/null so the exit's flush of what is still buffered is silent.  A
-    reader that left (`| head`) had what it wanted: 0, as `git log | head`;
-    any other failure (ENOSPC) is one line and 1."""
+def discard_stdout():
+    """fd 1 becomes /dev/null: what is still buffered, and what follows,
+    goes nowhere (the exit's flush would fail again)."""
     try:
         fd = os.open(os.devnull, os.O_WRONLY)
         os.dup2(fd, sys.stdout.fileno())
         os.close(fd)
     except (OSError, ValueError):
         pass
-    if isinstance(error, BrokenPipeError):
-        return EXIT_OK
+
+
+def stdout_failed(error):
+    """The end of a command whose output cannot be written."""
+    discard_stdout()
     complain('cannot write to standard output: %s'
              % (error.strerror or error))
     return EXIT_FAILURE
@@ -7356,16 +7364,17 @@ def watch_status(cfg, args):
                     return EXIT_FAILURE
             stamp = '-- %s (every %gs, Ctrl-C to quit) --' % (
                 time.strftime('%H:%M:%S'), args.interval)
-            out(('\x1b[H\x1b[2J' if tty else '') + stamp + '\n' +
-                '\n'.join(tables) + '\n')
+            if not out(('\x1b[H\x1b[2J' if tty else '') + stamp + '\n' +
+                       '\n'.join(tables) + '\n'):
+                return EXIT_OK     # `status --watch | head`
             shown += 1
             if args.count and shown >= args.count:
                 return EXIT_OK
             time.sleep(max(0.05, args.interval))
     except KeyboardInterrupt:
         # Ctrl-C: what is still buffered must not block the exit (a
-        # terminal that stopped reading, Ctrl-S).  `| head`: main().
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # terminal that stopped reading, Ctrl-S).
+        discard_stdout()
         return EXIT_OK
 
 

@@ -3474,9 +3474,10 @@ def ph_to(proj, stdout, *args):
 
 
 def test_output_to_a_closed_pipe_or_a_full_disk(proj):
-    """`status | head -1` whose reader is gone: exit 0, nothing on stderr
-    (as `git log | head`); stdout on /dev/full: one line, exit 1, no
-    traceback -- for status, status --json, health, metrics, watch."""
+    """`status | head -1` whose reader is gone: the command's own exit
+    status (0 here), nothing on stderr (as `git log | head`), a watch
+    stops; stdout on /dev/full: one line, exit 1, no traceback -- for
+    status, status --json, health, metrics, watch."""
     proj.write_config()
     proj.start_daemon()
     proj.wait_running(2)
@@ -3571,6 +3572,13 @@ def test_worker_text_is_escaped_in_cli_output(proj):
         r = proj.ph('health')
         return r.returncode == 1 and 'init() raised' in r.stdout and r
     assert_escaped(wait_for(degraded, what='health exit 1'), lines=1)
+    r, w = os.pipe()
+    os.close(r)    # a reader gone: the probe still says 1, not a false 0
+    try:
+        res = ph_to(proj, w, 'health')
+    finally:
+        os.close(w)
+    assert (res.returncode, res.stderr) == (1, ''), res
 
     def in_backoff():
         r = proj.ph('status')
