@@ -1499,7 +1499,8 @@ def _daemon_launcher(r, pid, limit):
               file=sys.stderr)
         return EXIT_FAILURE
     os.close(r)
-    msg = b''.join(chunks).decode('utf-8', 'replace').strip()
+    # (The reason may be a worker's init() exception: escaped, see say().)
+    msg = printable(b''.join(chunks).decode('utf-8', 'replace').strip())
     if msg.startswith('ready'):
         print('processhandler: started, %s' % msg[6:])
         return EXIT_OK

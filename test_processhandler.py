@@ -3557,8 +3557,9 @@ def assert_escaped(res, lines=None):
 
 def test_worker_text_is_escaped_in_cli_output(proj):
     """An init() exception carrying escape sequences and a newline (a
-    forged 'healthy' line) is shown escaped by incr, health, status and
-    reload: the operator's terminal gets no control character."""
+    forged 'healthy' line) is shown escaped by incr, health, status,
+    reload and start -d: the operator's terminal gets no control
+    character."""
     proj.write_module('escjob', ESCAPE_WORKER)
     proj.write_config(worker_class='escjob:Job', number_workers=1)
     proj.start_daemon()
@@ -3586,6 +3587,11 @@ def test_worker_text_is_escaped_in_cli_output(proj):
     assert_escaped(wait_for(in_backoff, what='status names the error'))
     open(os.path.join(proj.path, 'all.flag'), 'w').close()
     res = proj.ph('reload', '--timeout', '15')
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert_escaped(res, lines=1)
+    assert proj.ph('stop').returncode == 0
+    res = proj.ph('start', '-d', timeout=60)     # the daemon's reason too
+    track_started(proj)
     assert res.returncode == 1, (res.stdout, res.stderr)
     assert_escaped(res, lines=1)
 
