@@ -1648,7 +1648,8 @@ def _daemon_launcher(r, pid, limit):
               file=sys.stderr)
         return EXIT_FAILURE
     os.close(r)
-    msg = b''.join(chunks).decode('utf-8', 'replace').strip()
+    # (The reason may be a worker's init() exception: escaped, see say().)
+    msg = printable(b''.join(chunks).decode('utf-8', 'replace').strip())
     if msg.startswith('ready'):
         print('processhandler: started, %s' % msg[6:])
         return EXIT_OK
@@ -6793,12 +6794,26 @@ def forget_user_modules(base_path):
     return gone
 
 
+class ControlDenied(Exception):
+    """The control socket of the master owning ``pidfile`` refused us (a
+    master of another user).  Not an OSError on purpose: the commands'
+    "does not answer" handlers must not swallow it; main() turns it into
+    one line and exit 4, as for a refused signal."""
+
+    def __init__(self, pidfile):
+        Exception.__init__(self, pidfile)
+        self.pidfile = pidfile
+
+
 def control_request(pidfile, request, timeout=5.0):
     """Send one JSON request to the master owning ``pidfile``."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
-        s.connect(control_path(pidfile))
+        try:
+            s.connect(control_path(pidfile))
+        except PermissionError:
+            raise ControlDenied(pidfile)
         s.sendall(json.dumps(request).encode('utf-8') + b'\n')
         buf = b''
         while b'\n' not in buf:
@@ -6972,12 +6987,80 @@ def build_parser():
     return p
 
 
+class StdoutFailed(Exception):
+    """Standard output cannot be written (a full disk): main() says so in
+    one line and exits 1."""
+
+    def __init__(self, error):
+        Exception.__init__(self, error)
+        self.error = error
+
+
+def out(text):
+    """Write ``text`` to standard output now (flushed, so a failure is
+    seen here, inside main(), and not at interpreter exit).  False when the
+    reader went away (`status | head -1`): it had what it wanted, so the
+    command goes on and ends with its own status, as `git log | head`
+    does, its further output discarded (a loop like --watch stops)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return True
+    except BrokenPipeError:  # a socket's EPIPE never gets here: stdout only
+        discard_stdout()
+        return False
+    except OSError as e:
+        raise StdoutFailed(e)
+
+
+def discard_stdout():
+    """fd 1 becomes /dev/null: what is still buffered, and what follows,
+    goes nowhere (the exit's flush would fail again)."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError):
+        pass
+
+
+def stdout_failed(error):
+    """The end of a command whose output cannot be written."""
+    discard_stdout()
+    complain('cannot write to standard output: %s'
+             % (error.strerror or error))
+    return EXIT_FAILURE
+
+
+# C0/C1 controls and DEL, lone surrogates (unencodable), bidi overrides.
+_UNPRINTABLE = ((0, 0x20), (0x7f, 0xa0), (0xd800, 0xe000),
+                (0x202a, 0x202f), (0x2066, 0x206a))
+_ESCAPES = {'\t': '\\t', '\n': '\\n', '\r': '\\r'}
+
+
+def printable(text):
+    """``text`` safe for the operator's terminal: control characters (an
+    escape sequence, a newline forging a line) in what a worker or its
+    exception said are shown escaped, the way repr() shows them."""
+    text = str(text)
+    if text.isprintable():    # the usual case: nothing to escape
+        return text
+    return ''.join(_escaped(c) for c in text)
+
+
+def _escaped(c):
+    n = ord(c)
+    if not any(lo <= n < hi for lo, hi in _UNPRINTABLE):
+        return c
+    return _ESCAPES.get(c) or ('\\x%02x' if n < 0x100 else '\\u%04x') % n
+
+
 def say(msg):
-    print('processhandler: %s' % msg)
+    out('processhandler: %s\n' % printable(msg))
 
 
 def complain(msg):
-    print('processhandler: %s' % msg, file=sys.stderr)
+    print('processhandler: %s' % printable(msg), file=sys.stderr)
 
 
 def target_instances(cfg, args):
@@ -7107,14 +7190,12 @@ class StopProgress(object):
         now = time.monotonic()
         if not left:
             if self.drawn:           # the final line replaces it
-                sys.stdout.write('\r\x1b[K')
-                sys.stdout.flush()
+                out('\r\x1b[K')
             return
         if now < self.next_draw:
             return
         self.next_draw = now + self.REDRAW
-        sys.stdout.write('\r%s\x1b[K' % self.line(left))
-        sys.stdout.flush()
+        out('\r%s\x1b[K' % printable(self.line(left)))
         self.drawn = True
 
     def line(self, left):
@@ -7302,7 +7383,7 @@ def cmd_status(cfg, args):
     found = target_instances(cfg, args)
     if not found:
         if args.json:
-            print(json.dumps({'master': None, 'workers': []}))
+            out(json.dumps({'master': None, 'workers': []}) + '\n')
         else:
             say('not running')
         return EXIT_NOT_RUNNING
@@ -7311,18 +7392,16 @@ def cmd_status(cfg, args):
         try:
             docs.append(pids_seen_here(control_request(
                 path, {'cmd': 'status'}), pid))
-        except PermissionError:
-            return not_permitted(pid, path)
         except (OSError, ValueError) as e:
             complain('master pid %d holds %s but its control socket does '
                      'not answer (%s)' % (pid, path, e))
             status = EXIT_FAILURE
     if args.json:
-        print(json.dumps(docs[0] if len(docs) == 1 else
-                         {'instances': docs}, indent=1))
+        out(json.dumps(docs[0] if len(docs) == 1 else
+                       {'instances': docs}, indent=1) + '\n')
     else:
         for doc in docs:
-            print(format_status(doc))
+            out(format_status(doc) + '\n')
     return status
 
 
@@ -7403,7 +7482,7 @@ def format_status(doc):
         last = m.get(key) or {}
         if last.get('result') == 'failed':
             lines.append('last %s failed: %s' % (key, last.get('reason')))
-    return '\n'.join(lines)
+    return '\n'.join(printable(line) for line in lines)
 
 
 def status_table(workers):
@@ -7478,7 +7557,7 @@ def cmd_metrics(cfg, args):
     except (OSError, ValueError, KeyError) as e:
         complain('master pid %d does not answer: %s' % (pid, e))
         return EXIT_FAILURE
-    sys.stdout.write(text)
+    out(text)
     return EXIT_OK
 
 
@@ -7507,17 +7586,17 @@ def watch_status(cfg, args):
                     return EXIT_FAILURE
             stamp = '-- %s (every %gs, Ctrl-C to quit) --' % (
                 time.strftime('%H:%M:%S'), args.interval)
-            sys.stdout.write(('\x1b[H\x1b[2J' if tty else '') + stamp +
-                             '\n' + '\n'.join(tables) + '\n')
-            sys.stdout.flush()
+            if not out(('\x1b[H\x1b[2J' if tty else '') + stamp + '\n' +
+                       '\n'.join(tables) + '\n'):
+                return EXIT_OK     # `status --watch | head`
             shown += 1
             if args.count and shown >= args.count:
                 return EXIT_OK
             time.sleep(max(0.05, args.interval))
-    except (KeyboardInterrupt, BrokenPipeError):
-        # Ctrl-C, or `status --watch | head`: what is still buffered must
-        # not block the exit (a terminal that stopped reading, Ctrl-S).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except KeyboardInterrupt:
+        # Ctrl-C: what is still buffered must not block the exit (a
+        # terminal that stopped reading, Ctrl-S).
+        discard_stdout()
         return EXIT_OK
 
 
@@ -7547,7 +7626,7 @@ def format_watch(doc, snap, before):
             totals.get(w['slot'], 0),
             '-' if w['rss_mb'] is None else '%.1f' % w['rss_mb'],
             '-' if w['age'] is None else format_age(w['age'])))
-    return '\n'.join(lines)
+    return '\n'.join(printable(line) for line in lines)
 
 
 def cmd_incr(cfg, args, sign=1):
@@ -7569,8 +7648,6 @@ def cmd_incr(cfg, args, sign=1):
         try:
             before = control_request(path, {'cmd': 'status'})
             reply = control_request(path, {'cmd': cmd, 'n': n})
-        except PermissionError:
-            return not_permitted(pid, path)
         except (OSError, ValueError) as e:
             complain('master pid %d does not answer: %s' % (pid, e))
             return EXIT_FAILURE
@@ -7723,6 +7800,8 @@ def log_file_check(cfg):
         owner = log_owner(cfg)
     except (OSError, TypeError, ValueError, ConfigError):
         return []
+    if stat.S_ISLNK(st.st_mode):
+        return []      # path_problems() says it: the link, not its owner
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
         return []   # its type: check_log_target's line
     problem = log_file_problem(st, owner)
@@ -7764,7 +7843,7 @@ def cmd_check(cfg, args):
     problems += path_problems(cfg) + log_file_check(cfg)
     problems = list(dict.fromkeys(problems))   # one line per problem
     if args.print_config:
-        print(format_config(cfg))
+        out(format_config(cfg) + '\n')
     for p in problems:
         complain(p)
     if problems:
@@ -7797,6 +7876,12 @@ def path_problems(cfg):
                 not os.path.isdir(os.path.dirname(path)):
             problems.append('%s %s: folder %s does not exist' % (
                 cfg.where(), key, os.path.dirname(path)))
+        elif path and path != '-' and os.path.islink(path):
+            # start opens both O_NOFOLLOW (a link planted by another user
+            # must not redirect root's writes): it would fail with ELOOP.
+            problems.append('%s %s: %s is a symbolic link: start refuses '
+                            'to open it; name the file itself'
+                            % (cfg.where(), key, path))
     if not os.path.isdir(cfg.base_path):
         problems.append('%s base_path: %s is not a folder'
                         % (cfg.where(), cfg.base_path))
@@ -7874,6 +7959,10 @@ def main(argv=None):
     except HaltServer as h:
         complain(h.reason)
         return h.exit_status
+    except ControlDenied as e:
+        return not_permitted(running_pid(e.pidfile), e.pidfile)
+    except StdoutFailed as e:
+        return stdout_failed(e.error)
     except KeyboardInterrupt:
         return EXIT_FAILURE
 

@@ -3446,6 +3446,156 @@ def test_log_on_a_full_tmpfs_counts_workers_write_errors(proj):
         subprocess.run(['umount', mnt])
 
 
+def test_non_root_probe_commands_against_root_master_exit_4(open_proj):
+    """health, metrics and status --watch as nobody against a root
+    master: the control socket refuses the connect -- one line, exit 4,
+    as status and stop say it (not 'unhealthy', not exit 1)."""
+    needs_root()
+    p = open_proj
+    p.write_config()
+    master = p.start_daemon()
+    p.wait_running(2)
+    for args in (['health'], ['metrics'],
+                 ['status', '--watch', '--count', '1']):
+        res = as_nobody('-c', p.config, *args)
+        assert res.returncode == 4, (args, res.stdout, res.stderr)
+        line = one_line(res)
+        assert 'not permitted' in line and str(master) in line, line
+        assert res.stdout == '', res.stdout
+    assert alive(master)
+
+
+def ph_to(proj, stdout, *args):
+    """Run the CLI with ``stdout`` (an fd or file) as standard output."""
+    return subprocess.run([PY, PH, '-c', proj.config] + list(args),
+                          stdin=subprocess.DEVNULL, stdout=stdout,
+                          stderr=subprocess.PIPE, universal_newlines=True,
+                          cwd=proj.path, timeout=60)
+
+
+def test_output_to_a_closed_pipe_or_a_full_disk(proj):
+    """`status | head -1` whose reader is gone: the command's own exit
+    status (0 here), nothing on stderr (as `git log | head`), a watch
+    stops; stdout on /dev/full: one line, exit 1, no traceback -- for
+    status, status --json, health, metrics, watch."""
+    proj.write_config()
+    proj.start_daemon()
+    proj.wait_running(2)
+    commands = (['status'], ['status', '--json'], ['health'], ['metrics'],
+                ['status', '--watch', '--count', '2', '--interval', '0.1'])
+    r, w = os.pipe()
+    os.close(r)              # every write gets EPIPE: deterministic
+    try:
+        for args in commands:
+            res = ph_to(proj, w, *args)
+            assert (res.returncode, res.stderr) == (0, ''), (args, res)
+    finally:
+        os.close(w)
+    # A reader that takes the first line and goes, while we write.
+    res = subprocess.run('"%s" "%s" -c "%s" status | head -1' % (
+        PY, PH, proj.config), shell=True, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+    assert res.stdout.startswith('job: master') and res.stderr == '', res
+    with open('/dev/full', 'w') as full:
+        for args in commands:
+            res = ph_to(proj, full, *args)
+            assert res.returncode == 1, (args, res)
+            line = one_line(res)
+            assert 'cannot write to standard output' in line and \
+                'No space left' in line, (args, line)
+    assert proj.running_workers(2)
+
+
+def test_check_reports_symlinked_log_file_or_pidfile(proj):
+    """A log_file or pidfile that is a symbolic link (planted by another
+    user): start refuses it (O_NOFOLLOW, ELOOP), so check says so in one
+    line, exit 2, instead of 'ok'."""
+    real = os.path.join(proj.path, 'real')
+    open(real, 'w').close()
+    link = os.path.join(proj.path, 'link')
+    os.symlink(real, link)
+    if os.geteuid() == 0:     # the case seen: a link owned by nobody
+        os.lchown(link, pwd.getpwnam('nobody').pw_uid, -1)
+    for key in ('log_file', 'pidfile'):
+        proj.write_config(**{key: link})
+        assert_one_line_error(proj.ph('check'), key, link, 'symbolic link')
+        res = proj.ph('start', '-d', timeout=60)
+        track_started(proj, pidfile=link if key == 'pidfile' else None)
+        assert res.returncode == 1, (key, res.stdout, res.stderr)
+        assert os.path.islink(link) and os.path.getsize(real) == 0
+    proj.write_config(log_file=real)
+    assert proj.ph('check').returncode == 0
+
+
+ESCAPE_WORKER = r'''
+    import os, time, processhandler
+
+    EVIL = 'boom\x1b]0;owned\x07\x1b[2J\r\nprocesshandler: healthy\x9b'
+
+    class Job(processhandler.Worker):
+        def init(self):
+            if os.path.exists('all.flag') or (
+                    os.path.exists('fail.flag') and self.slot == 2):
+                raise RuntimeError(EVIL)
+
+        def run(self):
+            time.sleep(0.02)
+            return True
+'''
+
+
+def assert_escaped(res, lines=None):
+    """No control character of the worker's text reached the output;
+    it is there, escaped."""
+    text = res.stdout + res.stderr
+    assert not any(c in text for c in '\x1b\x07\r\x9b'), repr(text)
+    assert r'boom\x1b]0;owned\x07\x1b[2J\r\nprocesshandler: healthy' \
+        r'\x9b' in text, repr(text)
+    if lines is not None:
+        assert len(text.splitlines()) == lines, repr(text)
+
+
+def test_worker_text_is_escaped_in_cli_output(proj):
+    """An init() exception carrying escape sequences and a newline (a
+    forged 'healthy' line) is shown escaped by incr, health, status,
+    reload and start -d: the operator's terminal gets no control
+    character."""
+    proj.write_module('escjob', ESCAPE_WORKER)
+    proj.write_config(worker_class='escjob:Job', number_workers=1)
+    proj.start_daemon()
+    proj.wait_running(1)
+    open(os.path.join(proj.path, 'fail.flag'), 'w').close()
+    res = proj.ph('incr', '--timeout', '10')
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert_escaped(res, lines=1)
+
+    def degraded():
+        r = proj.ph('health')
+        return r.returncode == 1 and 'init() raised' in r.stdout and r
+    assert_escaped(wait_for(degraded, what='health exit 1'), lines=1)
+    r, w = os.pipe()
+    os.close(r)    # a reader gone: the probe still says 1, not a false 0
+    try:
+        res = ph_to(proj, w, 'health')
+    finally:
+        os.close(w)
+    assert (res.returncode, res.stderr) == (1, ''), res
+
+    def in_backoff():
+        r = proj.ph('status')
+        return 'init() raised' in r.stdout and r
+    assert_escaped(wait_for(in_backoff, what='status names the error'))
+    open(os.path.join(proj.path, 'all.flag'), 'w').close()
+    res = proj.ph('reload', '--timeout', '15')
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert_escaped(res, lines=1)
+    assert proj.ph('stop').returncode == 0
+    res = proj.ph('start', '-d', timeout=60)     # the daemon's reason too
+    track_started(proj)
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert_escaped(res, lines=1)
+
+
 # -- commands say how it ended: incr/decr wait, stop progress, gen column (issue 15) ---
 
 SCALE_WORKER = '''
