@@ -4139,17 +4139,22 @@ class Upgrade(object):
         log.info('upgraded in place: %d worker(s) of the old code adopted, '
                  'replacing them', len(a.procs))
         if _UPGRADE_PROBLEMS:
-            self.fall_back()
+            why = '; '.join(_UPGRADE_PROBLEMS)
+            del _UPGRADE_PROBLEMS[:]
+            self.fall_back(why)
 
-    def fall_back(self):
-        """The new image met a problem after the exec: keep the adopted
-        workers (they are the current generation), say why."""
+    def fall_back(self, why):
+        """The new image met a problem after the exec (or cannot boot a
+        worker): keep the adopted workers (they are the current generation
+        again; a slot whose new worker failed gets its adopted one back),
+        say why.  There is no old image to go back to: an adopted worker
+        that exits later is replaced by the new image."""
         a = self.arbiter
-        why = '; '.join(_UPGRADE_PROBLEMS)
-        del _UPGRADE_PROBLEMS[:]
         self.result, self.reason = 'failed', why
         a.generation = 0
         a.upgrade = None
+        for slot in a.slots.values():
+            a.restore_slot(slot)   # new workers that booted stay
         log.error('USR2 upgrade failed after the exec, the old workers keep '
                   'serving: %s', why)
         sd_notify('MAINPID=%d\nREADY=1\nSTATUS=%d workers (upgrade failed)'
@@ -4469,6 +4474,9 @@ class Arbiter(object):
         # The last HUP: result None (none yet) / pending / done / failed.
         self.reloads = {'count': 0, 'result': None, 'reason': None,
                         'generation': None}
+        # While a reload is pending: what to go back to when its first
+        # worker cannot boot (see roll_back).
+        self.rollback = None
 
     @property
     def control(self):
@@ -4948,6 +4956,7 @@ class Arbiter(object):
         sd_notify('RELOADING=1\nMONOTONIC_USEC=%d' % monotonic_usec())
         try:
             new, worker_class = self.reload_config()
+            before = self.transaction()
             self.apply_config(new, worker_class)
         except (ConfigError, HaltServer) as e:
             why = getattr(e, 'reason', None) or str(e)
@@ -4955,6 +4964,7 @@ class Arbiter(object):
                       'code: %s', why)
             self.reloads['generation'] = None
             return self.reload_done('failed', why)
+        self.rollback = before
         self.generation += 1
         self.metrics.reloaded()
         self.reloads.update(result='pending', reason=None,
@@ -4973,6 +4983,7 @@ class Arbiter(object):
             return self.cfg, None
         new = load_config(self.cfg.path, self.cfg.section,
                           ['%s=%s' % kv for kv in self.cfg.overrides])
+        self.keep_restart_only(new)
         if self.templates:
             return new, None
         # A child first (with `user`, the only import): an import that
@@ -4980,14 +4991,69 @@ class Arbiter(object):
         return new, master_worker_class(new, reload=True, isolate=True,
                                         timeout=self.IMPORT_TIMEOUT)
 
+    def transaction(self):
+        """What a reload changes, to put it back (roll_back)."""
+        return {'cfg': self.cfg, 'worker_class': self.worker_class,
+                'num_workers': self.num_workers,
+                'generation': self.generation,
+                'log_file': self.logfile.path}
+
+    def roll_back(self, why):
+        """A worker of the pending reload cannot boot: the transaction
+        failed.  The old config, code and generation become current again,
+        so the old workers keep serving and are replaced from the old
+        template when they exit (max_requests, a crash, a kill); workers
+        of the new generation are stopped."""
+        before, self.rollback = self.rollback, None
+        if before['log_file'] != self.logfile.path:
+            try:
+                self.switch_log(before['log_file'])
+            except HaltServer as e:
+                log.error('rollback: %s; the log stays %s', e.reason,
+                          self.logfile.path)
+        if before['cfg'].umask != self.cfg.umask:
+            os.umask(before['cfg'].umask)
+        self.cfg = before['cfg']
+        self.worker_class = before['worker_class']
+        setup_logging(self.cfg, self.logfile)
+        self.num_workers = before['num_workers']
+        self.generation = before['generation']
+        self.spare.discard('reload rolled back')
+        for slot in self.slots.values():
+            self.restore_slot(slot, 'reload rolled back')
+            slot.failures = slot.early_deaths = 0
+            slot.backoff_until = 0.0
+        self.reload_done('failed', '%s; rolled back to generation %d' % (
+            why, self.generation))
+
+    def restore_slot(self, slot, why=None):
+        """Make the slot's newest live worker of the current generation
+        (or older) its worker again; with ``why``, stop newer ones."""
+        if why and slot.proc is not None and \
+                slot.proc.generation > self.generation:
+            newer, slot.proc = slot.proc, None
+            slot.old.append(newer)
+            self.stop_worker(newer, why)
+        live = [p for p in slot.old if p.state != State.STOPPING and
+                p.generation <= self.generation]
+        if slot.proc is None and live:
+            slot.proc = live[-1]
+            slot.old.remove(live[-1])
+
+    def keep_restart_only(self, new):
+        """Put the running values of the restart-only keys into ``new``
+        before anything uses it: the validation child drops to ``user``
+        from the running config (a HUP that removes ``user`` must not run
+        worker code as root)."""
+        for key in RESTART_ONLY:
+            if getattr(new, key) != getattr(self.cfg, key):
+                log.warning('%s changed: it takes effect on restart only',
+                            key)
+                setattr(new, key, getattr(self.cfg, key))
+
     def apply_config(self, new, worker_class):
         """Commit a reload; only switch_log() may fail, and first."""
         old = self.cfg
-        for key in RESTART_ONLY:
-            if getattr(new, key) != getattr(old, key):
-                log.warning('%s changed: it takes effect on restart only',
-                            key)
-                setattr(new, key, getattr(old, key))
         if new.log_file != self.logfile.path:
             self.switch_log(new.log_file)
         if new.umask != old.umask:
@@ -5035,6 +5101,7 @@ class Arbiter(object):
         """Record the outcome; tell systemd once (READY=1 ends RELOADING)."""
         was = self.reloads['result']
         self.reloads.update(result=result, reason=why)
+        self.rollback = None   # done, or failed: nothing to go back to
         if result == 'failed' and was == 'pending':
             log.error('reload failed: %s; the previous workers keep serving',
                       why)
@@ -5309,8 +5376,15 @@ class Arbiter(object):
         slot.last_error = why
         log.log(level, 'worker %d failed (%s); attempt %d in %.1fs',
                 slot.number, why, slot.failures + 1, delay)
-        if self.reloads['result'] == 'pending':
+        if self.reloads['result'] == 'pending' and self.rollback:
+            self.roll_back('worker %d: %s' % (slot.number, why))
+        elif self.reloads['result'] == 'pending':
             self.reload_done('failed', 'worker %d: %s' % (slot.number, why))
+        elif self.upgrade:
+            self.upgrader.fall_back('worker %d of the new image: %s'
+                                    % (slot.number, why))
+        else:   # after a failed upgrade: the adopted worker keeps its slot
+            self.restore_slot(slot)
 
     def stop_worker(self, proc, why, graceful=True):
         """Ask one worker to stop: TERM (graceful) or QUIT (quick)."""
@@ -6474,8 +6548,10 @@ def validate_in_child(cfg, reload=False, timeout=None):
     if pid == 0:   # pragma: no cover (child)
         try:
             os.close(r)
+            # The NUL says "I got this far": an import that calls
+            # os._exit(0) must not pass for a clean one.
             os.write(w, _import_problems(cfg, reload, drop and (uid, gid))
-                     .encode('utf-8', 'replace')[:8000])
+                     .encode('utf-8', 'replace')[:8000] + b'\0')
         finally:
             os._exit(0)
     os.close(w)
@@ -6483,12 +6559,14 @@ def validate_in_child(cfg, reload=False, timeout=None):
         out, status = read_child(r, pid, limit)
     finally:
         os.close(r)
+    reported = out.endswith(b'\0')
+    out = out.rstrip(b'\0')
     if out:
         return out.decode('utf-8', 'replace')
     if status is None:
         return '%s worker_class: importing %s took longer than %gs' % (
             cfg.where(), cfg.worker_class, limit)
-    if status != 0:
+    if status != 0 or not reported:
         return '%s worker_class: importing %s ended the process (%s)' % (
             cfg.where(), cfg.worker_class, describe_status(status))
     return None

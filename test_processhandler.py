@@ -5046,6 +5046,77 @@ def test_reload_command_waits_and_exit_codes(proj):
     assert time.monotonic() - t0 < DEADLINE
 
 
+def test_failed_reload_rolls_back_and_old_workers_keep_recycling(proj):
+    """REVIEW 1: a reload whose workers cannot boot (init() raises) rolls
+    back: `reload` exits 1, and the old workers -- recycled every 3
+    requests -- keep being replaced from the old config for seconds, the
+    slots never left empty or in backoff."""
+    proj.write_config(number_workers=2, max_requests=3, run_time=0.05)
+    master = proj.start_daemon()
+    proj.wait_running(2)
+    proj.write_config(number_workers=2, max_requests=3, run_time=0.05,
+                      init_mode='fail')
+    res = proj.ph('reload')
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert 'database unreachable' in res.stderr, res.stderr
+    r = upgrade_doc(proj, 'reload')
+    assert r['result'] == 'failed' and 'rolled back' in r['reason'], r
+    seen, t_end = set(), time.monotonic() + 3
+    while time.monotonic() < t_end:
+        doc = proj.status()
+        rows = [w for w in doc['workers'] if w['state'] == 'running']
+        assert not [w for w in doc['workers'] if w['state'] == 'backoff'
+                    or w.get('generation') == 2], doc['workers']
+        seen.update(w['pid'] for w in rows)
+        time.sleep(0.1)
+    # recycled many times (every ~0.15 s), all from the old config
+    assert len(seen) >= 6, seen
+    assert master_doc(proj)['generation'] == 1
+    proj.wait_running(2)
+    assert 'rolled back to generation 1' in proj.log_text()
+    assert alive(master)
+
+
+def test_usr2_new_image_cannot_boot_keeps_adopted_workers(proj):
+    """REVIEW 1: a USR2 whose new image's workers cannot boot (init()
+    raises after the exec) fails: the adopted workers keep serving (not
+    asked to stop), upgrade result failed with the reason, never
+    'upgrade complete'."""
+    proj.write_config(number_workers=2, run_time=0.05)
+    master = proj.start_daemon()
+    old = proj.wait_running(2)
+    proj.write_config(number_workers=2, run_time=0.05, init_mode='fail')
+    send(master, signal.SIGUSR2)
+    up = wait_result(proj, 'upgrade', 'failed')
+    assert 'database unreachable' in up['reason'], up
+    t_end = time.monotonic() + 2
+    while time.monotonic() < t_end:
+        same_workers_serving(proj, old)
+        time.sleep(0.1)
+    # they still work (the new image's scoreboard cannot count for them)
+    def runs():
+        return len([e for e in proj.events('run_end')
+                    if e[2] in old.values()])
+    before = runs()
+    wait_for(lambda: runs() > before + 4, what='adopted workers run')
+    assert upgrade_doc(proj, 'upgrade')['result'] == 'failed'
+    assert 'upgrade complete' not in proj.log_text()
+    assert proj.master_pid() == master
+
+
+def test_os_exit_0_at_import_is_a_failure(proj):
+    """REVIEW 1: a module calling os._exit(0) at import never reported:
+    check and reload exit 2 with one line, the workers keep serving."""
+    proj.write_config(number_workers=2)
+    proj.start_daemon()
+    old = proj.wait_running(2)
+    proj.write_module('testworker', TEST_WORKER + '\nos._exit(0)\n')
+    for command in ('check', 'reload'):
+        res = proj.ph(command)
+        assert_one_line_error(res, 'worker_class', 'ended the process')
+    same_workers_serving(proj, old)
+
+
 # ==== Worker types and socket servers ========================================
 # worker_type, socket serving with handle(), accept lock, SO_REUSEPORT,
 # privilege drop after bind, CPU affinity, systemd notify and socket
