@@ -5117,6 +5117,26 @@ def test_os_exit_0_at_import_is_a_failure(proj):
     same_workers_serving(proj, old)
 
 
+@pytest.mark.skipif(os.getuid() != 0, reason='needs root')
+def test_hup_removing_user_never_imports_as_root(open_proj):
+    """REVIEW 8: a HUP after removing `user` (restart-only) keeps the
+    running user for everything, the validation import included: no
+    worker code runs as root."""
+    proj = open_proj
+    nobody = pwd.getpwnam('nobody')
+    who_project(proj, number_workers=1, user='nobody')
+    master = proj.start_daemon()
+    proj.wait_running(1)
+    who_project(proj, number_workers=1, version='v2')
+    send(master, signal.SIGHUP)
+    r = wait_result(proj, 'reload', 'done')
+    assert r['generation'] == 2, r
+    rows = notes(proj)
+    assert rows and all(u == nobody.pw_uid for _, _, u in rows), rows
+    assert 'user changed: it takes effect on restart only' in \
+        proj.log_text()
+
+
 # ==== Worker types and socket servers ========================================
 # worker_type, socket serving with handle(), accept lock, SO_REUSEPORT,
 # privilege drop after bind, CPU affinity, systemd notify and socket
