@@ -3860,6 +3860,77 @@ class Metrics(object):
 
 # -- Upgrade (USR2) -------------------------------------------------------------
 
+class ReloadCheck(object):
+    """The HUP's check of the new worker code, in the background.
+
+    A forked child runs validate_in_child() (which imports the code in a
+    grandchild, with the privilege drop, the time limit and the success
+    marker) and writes its verdict -- '' or the problems, then NUL -- to
+    a pipe.  The master keeps serving meanwhile (reaping, respawning,
+    control requests, the watchdog, the leader lease): it learns the
+    verdict when reap_workers() reaps the child.  A HUP arriving while a
+    check runs sets ``again``: that check's verdict is dropped and a new
+    one starts from the config as it is then (HUPs coalesce)."""
+
+    SLACK = 5.0   # beyond the import limit: the child's own bookkeeping
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.pid = self.fd = self.cfg = None
+        self.deadline = None
+        self.again = False
+
+    def owns(self, pid):
+        return self.pid is not None and pid == self.pid
+
+    def start(self, cfg, timeout):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:   # pragma: no cover (child)
+            try:
+                signal.set_wakeup_fd(-1)
+                os.close(r)
+                problem = validate_in_child(cfg, reload=True,
+                                            timeout=timeout)
+                os.write(w, (problem or '').encode('utf-8', 'replace')
+                         [:8000] + b'\0')
+            finally:
+                os._exit(0)
+        os.close(w)
+        self.pid, self.fd, self.cfg = pid, r, cfg
+        self.deadline = time.monotonic() + timeout + self.SLACK
+        self.again = False
+
+    def exited(self, status):
+        """Reaped: the problems ('' when none), one a line."""
+        out = b''
+        try:
+            while True:   # written before the exit: all in the pipe
+                data = os.read(self.fd, 65536)
+                if not data:
+                    break
+                out += data
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.pid = self.fd = self.deadline = None
+        if out.endswith(b'\0') and status == 0:
+            return out.rstrip(b'\0').decode('utf-8', 'replace')
+        return 'the check of the worker code ended (%s)' % \
+            describe_status(status)
+
+    def check_deadline(self):
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.cancel()
+
+    def cancel(self):
+        """KILL the check (too slow, or the master stops); reaped as
+        usual, its verdict then says it was killed."""
+        if self.pid is not None:
+            self.deadline = None
+            self.arbiter.kill(self.pid, signal.SIGKILL)
+
+
 class UpgradeState(object):
     """What a USR2 re-exec hands to the new image, as one record.
 
@@ -4470,6 +4541,7 @@ class Arbiter(object):
         self.handlers = {}         # signum -> handle_<name>
         self.later_logs = []       # worker_exited()'s lines, see flush_logs
         self.spare = Spare(self)   # the pre-forked spare, see Spare
+        self.reload_check = ReloadCheck(self)   # a HUP's code check
         self.metrics = Metrics(self)   # counters, /metrics, statsd, health
         # The last HUP: result None (none yet) / pending / done / failed.
         self.reloads = {'count': 0, 'result': None, 'reason': None,
@@ -4746,6 +4818,7 @@ class Arbiter(object):
             self.spare.keep()
             self.metrics.tick()
             self.upgrader.check_deadline()
+            self.reload_check.check_deadline()
 
     def next_deadline(self):
         """Seconds until the nearest thing to do, None if only events."""
@@ -4777,6 +4850,8 @@ class Arbiter(object):
         deadlines.append(self.metrics.due())
         if self.upgrader.deadline is not None:
             deadlines.append(self.upgrader.deadline)
+        if self.reload_check.deadline is not None:
+            deadlines.append(self.reload_check.deadline)
         deadlines = [d for d in deadlines if d != float('inf')]
         if not deadlines:
             return None
@@ -4954,16 +5029,55 @@ class Arbiter(object):
         then done, or failed when one of its workers cannot boot."""
         self.reloads['count'] += 1
         sd_notify('RELOADING=1\nMONOTONIC_USEC=%d' % monotonic_usec())
+        if self.reload_check.pid is not None:
+            log.info('HUP while the previous one checks the worker code: '
+                     'checking again once it ends')
+            self.reload_check.again = True
+            return
+        self.begin_reload()
+
+    def begin_reload(self):
+        """Read the config; check the worker code in the background
+        (ReloadCheck) or, with nothing to import, commit at once."""
         try:
-            new, worker_class = self.reload_config()
+            new = self.reload_config()
+        except ConfigError as e:
+            return self.reload_failed(str(e))
+        if self.cfg.path is None or self.templates:
+            return self.commit_reload(new, None)
+        self.reloads.update(result='checking', reason=None, generation=None)
+        self.reload_check.start(new, self.IMPORT_TIMEOUT)
+
+    def reload_checked(self, problem):
+        """The ReloadCheck's verdict: commit, fail, or check again."""
+        new = self.reload_check.cfg
+        if self.stopping:
+            return self.reload_done('failed', 'the master is stopping')
+        if self.reload_check.again:
+            return self.begin_reload()
+        if problem:
+            return self.reload_failed(problem.replace('\n', '; '))
+        # Nothing of the new code is imported here (that would block the
+        # loop): forget the old modules, the spare and the workers import
+        # the new ones (after their privilege drop).
+        forget_user_modules(new.base_path)
+        self.commit_reload(new, None, fresh=True)
+
+    def reload_failed(self, why):
+        log.error('reload failed, still running the previous config and '
+                  'code: %s', why)
+        self.reloads['generation'] = None
+        self.reload_done('failed', why)
+
+    def commit_reload(self, new, worker_class, fresh=False):
+        """Switch to ``new`` (``fresh``: the workers import the code)."""
+        try:
             before = self.transaction()
             self.apply_config(new, worker_class)
-        except (ConfigError, HaltServer) as e:
-            why = getattr(e, 'reason', None) or str(e)
-            log.error('reload failed, still running the previous config and '
-                      'code: %s', why)
-            self.reloads['generation'] = None
-            return self.reload_done('failed', why)
+        except HaltServer as e:
+            return self.reload_failed(e.reason)
+        if fresh:
+            self.worker_class = None
         self.rollback = before
         self.generation += 1
         self.metrics.reloaded()
@@ -4977,19 +5091,16 @@ class Arbiter(object):
                  'before old ones stop', self.generation, self.num_workers)
 
     def reload_config(self):
-        """Return the new Config and the re-imported worker class (None
-        when there is none to import); change nothing."""
+        """Return the new Config (the running one when there is no
+        file); change nothing.  The worker code is checked by
+        ReloadCheck, in a child: an import that calls os._exit(), hangs
+        or takes seconds must not take or block the master."""
         if self.cfg.path is None:
-            return self.cfg, None
+            return self.cfg
         new = load_config(self.cfg.path, self.cfg.section,
                           ['%s=%s' % kv for kv in self.cfg.overrides])
         self.keep_restart_only(new)
-        if self.templates:
-            return new, None
-        # A child first (with `user`, the only import): an import that
-        # calls os._exit() or hangs must not take the master with it.
-        return new, master_worker_class(new, reload=True, isolate=True,
-                                        timeout=self.IMPORT_TIMEOUT)
+        return new
 
     def transaction(self):
         """What a reload changes, to put it back (roll_back)."""
@@ -5118,6 +5229,7 @@ class Arbiter(object):
                  else 'quick', len(self.procs))
         sd_notify('STOPPING=1')
         self.spare.discard('master stopping')
+        self.reload_check.cancel()
         for proc in list(self.procs.values()):
             self.stop_worker(proc, 'master stopping', graceful=graceful)
 
@@ -5417,6 +5529,9 @@ class Arbiter(object):
                 continue
             if proc is None and self.upgrader.owns(pid):
                 self.upgrader.preflight_exited(status)
+                continue
+            if proc is None and self.reload_check.owns(pid):
+                self.reload_checked(self.reload_check.exited(status))
                 continue
             if proc is None:
                 # An orphaned grandchild that came to us (we are a child

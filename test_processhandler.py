@@ -5137,6 +5137,47 @@ def test_hup_removing_user_never_imports_as_root(open_proj):
         proj.log_text()
 
 
+SLOW_IMPORT = """
+if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                               'slow_import')):
+    time.sleep(3)
+"""
+
+
+def test_hup_check_does_not_block_the_master(proj):
+    """REVIEW 5: the HUP's check of the worker code (an import taking 3 s)
+    runs in the background: meanwhile a KILLed worker is replaced at once
+    and the control socket answers within 1 s; HUPs sent during the check
+    coalesce into one more check; the reload then completes."""
+    proj.write_config(number_workers=2, run_time=0.05)
+    proj.write_module('testworker', TEST_WORKER + SLOW_IMPORT)
+    master = proj.start_daemon()
+    old = proj.wait_running(2)
+    open(os.path.join(proj.path, 'slow_import'), 'w').close()
+    proj.write_config(number_workers=2, run_time=0.05, version='v2')
+    t_hup = time.monotonic()
+    send(master, signal.SIGHUP)
+    wait_for(lambda: upgrade_doc(proj, 'reload')['result'] == 'checking',
+             what='the check running')
+    send(master, signal.SIGHUP)    # coalesced
+    send(master, signal.SIGHUP)
+    os.kill(old[1], signal.SIGKILL)
+    t_kill = time.monotonic()
+    new = wait_for(lambda: (lambda w: w if w and w[1] != old[1] else None)(
+        proj.running_workers(2)), what='slot 1 replaced')
+    assert time.monotonic() - t_kill < 1.5
+    t0 = time.monotonic()
+    doc = proj.query()
+    assert time.monotonic() - t0 < 1.0
+    assert doc['master']['reload']['result'] == 'checking', doc['master']
+    assert time.monotonic() - t_hup < 3, 'the check took less than 3 s?'
+    assert new[2] == old[2]
+    r = wait_result(proj, 'reload', 'done', timeout=DEADLINE * 3)
+    assert r['generation'] == 2 and r['count'] >= 2, r
+    assert len([e for e in proj.events('init') if e[4] == 'v2']) >= 2
+    assert 'checking again once it ends' in proj.log_text()
+
+
 # ==== Worker types and socket servers ========================================
 # worker_type, socket serving with handle(), accept lock, SO_REUSEPORT,
 # privilege drop after bind, CPU affinity, systemd notify and socket
