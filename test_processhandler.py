@@ -6251,46 +6251,30 @@ def test_early_death_after_boot_is_backed_off(proj):
 
 
 def test_failed_reload_backs_off_keeps_old_worker_then_recovers(proj):
-    """A reload whose new workers fail in init(): the slot goes to backoff
-    with growing delays (status: state 'backoff', next_attempt_in,
-    last_error), few attempts (no fork storm), the old worker keeps serving
-    throughout; after fixing the config, HUP brings the slot back."""
+    """A reload whose new workers fail in init() is rolled back at the
+    first failure (REVIEW 1): no retries of the new generation (no fork
+    storm, no backoff), the old worker keeps serving throughout, the old
+    config stays current; after fixing the config, HUP brings the slot
+    to the new code."""
     proj.write_config(number_workers=1, version='v1')
     master = proj.start_daemon()
     old = proj.wait_running(1)[1]
     proj.write_config(number_workers=1, init_mode='fail')
-    t_hup = time.monotonic()
     send(master, signal.SIGHUP)
-
-    def four_failures():
+    r = wait_result(proj, 'reload', 'failed')
+    assert 'database unreachable' in r['reason'], r
+    assert 'rolled back to generation 1' in r['reason'], r
+    t_end = time.monotonic() + 2
+    while time.monotonic() < t_end:
         doc = proj.query()
-        assert doc is not None
-        running = [w['pid'] for w in doc['workers']
-                   if w['state'] == 'running']
-        assert running == [old], doc          # capacity kept throughout
-        back = [w for w in doc['workers'] if w['state'] == 'backoff']
-        return back and back[0]['failures'] >= 4 and back[0]
-    row = wait_for(four_failures, what='4 boot failures')
-    elapsed = time.monotonic() - t_hup
-    assert row['slot'] == 1 and row['pid'] is None
-    assert 'database unreachable' in row['last_error'], row
-    assert 0 < row['next_attempt_in'] <= 8.0, row
-    # delays 0.5, 1, 2: four attempts cannot fit in less than 3.5 s
-    assert elapsed >= 3.5, elapsed
-    text = proj.log_text()
-    attempts = text.count('init() failed')
-    assert row['failures'] <= attempts <= row['failures'] + 1, attempts
-    delays = [float(d) for d in re.findall(
-        r'worker 1 failed \(.*\); attempt \d+ (?:next )?in ([\d.]+)s', text)]
-    assert len(delays) >= 3 and delays == sorted(delays) and \
-        delays[0] < delays[-1], delays
+        assert [w['pid'] for w in doc['workers']
+                if w['state'] == 'running'] == [old], doc
+        assert not [w for w in doc['workers'] if w['state'] == 'backoff']
+        time.sleep(0.1)
+    assert proj.log_text().count('init() failed') == 1
+    assert master_doc(proj)['generation'] == 1
     assert alive(old) and proj.events('after_run') == []
-    # fix it and HUP: the slot comes back at once, not when the pending
-    # backoff (about 4 s now) would have ended
     proj.write_config(number_workers=1, version='v3')
-    pending = [w for w in proj.status()['workers']
-               if w['state'] == 'backoff'][0]['next_attempt_in']
-    t_fix = time.monotonic()
     send(master, signal.SIGHUP)
 
     def recovered():
@@ -6304,9 +6288,6 @@ def test_failed_reload_backs_off_keeps_old_worker_then_recovers(proj):
     new = wait_for(recovered, what='slot 1 recovered')
     inits = [ev for ev in proj.events('init') if ev[2] == new]
     assert inits and inits[0][4] == 'v3'
-    if pending > 2.0:
-        assert inits[0][3] - t_fix < pending - 0.5, (inits[0][3] - t_fix,
-                                                     pending)
     wait_for(lambda: not alive(old), what='old worker to stop')
     assert [ev[2] for ev in proj.events('after_run')] == [old]
 
