@@ -4148,9 +4148,12 @@ class Upgrade(object):
             accept_fd=a.accept_fd,
             started=time.time() - (time.monotonic() - a.started),
             daemonized=a.daemonized, number_workers=a.num_workers,
-            workers=[[p.pid, p.slot] for p in a.procs.values()
+            # booted: from the scoreboard (fresher than p.state): a worker
+            # still in init() must not be adopted as running
+            workers=[[p.pid, p.slot, a.board.get(p.cell, Scoreboard.STATE)
+                      == Scoreboard.BOOTED] for p in a.procs.values()
                      if p.state in (State.BOOTING, State.RUNNING)],
-            stopping=[p.pid for p in a.procs.values()
+            stopping=[[p.pid, p.slot] for p in a.procs.values()
                       if p.state == State.STOPPING],
             leader=leader, config=UpgradeState.config_record(a.cfg),
             upgrades=self.count)
@@ -4163,8 +4166,11 @@ class Upgrade(object):
         # The spare was forked from this image: the new one forks its own.
         a.spare.discard('upgrade')
         a.spare.reap_dead()
+        # The lean bootstrap (-c, many lines) would flood the record.
         log.info('USR2: re-executing %s with %d worker(s) handed over '
-                 '(preflight passed)', ' '.join(argv), len(state.workers))
+                 '(preflight passed)', ' '.join(
+                     '<bootstrap>' if '\n' in arg else arg for arg in argv),
+                 len(state.workers))
         for fd in keep:
             os.set_inheritable(fd, True)
         env = state.to_env(dict(os.environ))
@@ -4195,16 +4201,21 @@ class Upgrade(object):
         a = self.arbiter
         a.started = time.monotonic() - (time.time() - state.started)
         a.num_workers = state.number_workers
-        for pid, number in state.workers:
-            proc = self.adopted(pid, number)
+        for entry in state.workers:
+            # [pid, slot, booted]; an older image sent [pid, slot]
+            pid, number = entry[0], entry[1]
+            proc = self.adopted(pid, number,
+                                entry[2] if len(entry) > 2 else True)
             slot = a.slots.get(number) or a.slots.setdefault(
                 number, Slot(number))
             if slot.proc is None:
                 slot.proc = proc
             else:
                 slot.old.append(proc)
-        for pid in state.stopping:
-            proc = self.adopted(pid, 0)
+        for entry in state.stopping:
+            # [pid, slot]; an older image sent the pid alone
+            pid, number = entry if isinstance(entry, list) else (entry, 0)
+            proc = self.adopted(pid, number, True)
             a.stop_worker(proc, 'stopping before the upgrade')
         a.ready = True
         log.info('upgraded in place: %d worker(s) of the old code adopted, '
@@ -4234,13 +4245,16 @@ class Upgrade(object):
     def completed(self):
         self.result = 'done'
 
-    def adopted(self, pid, number):
+    def adopted(self, pid, number, booted):
+        """Record an old image's worker; one still in init() stays
+        BOOTING (it serves nobody yet: manage_workers() replaces it)."""
         a = self.arbiter
         cell = a.board.alloc()
         a.board.set(cell, Scoreboard.PID, pid)
-        a.board.set(cell, Scoreboard.STATE, Scoreboard.BOOTED)
+        a.board.set(cell, Scoreboard.STATE, Scoreboard.BOOTED if booted
+                    else Scoreboard.BOOTING)
         proc = WorkerProcess(pid, number, cell, 0, _NO_OPTIONS, a.cfg)
-        proc.state = State.RUNNING
+        proc.state = State.RUNNING if booted else State.BOOTING
         a.procs[pid] = proc
         return proc
 

@@ -5178,6 +5178,52 @@ def test_hup_check_does_not_block_the_master(proj):
     assert 'checking again once it ends' in proj.log_text()
 
 
+def test_usr2_during_reload_adopts_booting_worker_as_booting(proj):
+    """REVIEW 14: a USR2 while the reload's new worker is still in init()
+    hands it over as booting, not running (it serves nobody yet); the
+    re-exec's log record is one line (no multi-line bootstrap)."""
+    proj.write_config(number_workers=1, run_time=0.05)
+    master = proj.start_daemon()
+    proj.wait_running(1)
+    proj.write_config(number_workers=1, run_time=0.05, init_mode='slow',
+                      init_time=4)
+    send(master, signal.SIGHUP)
+    booting = wait_for(lambda: [w['pid'] for w in proj.query()['workers']
+                                if w['state'] == 'booting'],
+                       what='the new worker booting')[0]
+    send(master, signal.SIGUSR2)
+    wait_for(lambda: (upgrade_doc(proj, 'upgrade') or {}).get('result')
+             in ('upgrading', 'done', 'failed'), what=proj.log_text)
+    t_end = time.monotonic() + 1.5
+    while time.monotonic() < t_end:
+        rows = [w for w in proj.query()['workers'] if w['pid'] == booting]
+        assert not rows or rows[0]['state'] != 'running', rows
+        time.sleep(0.05)
+    lines = [l for l in proj.log_text().splitlines()
+             if 'USR2: re-executing' in l]
+    assert lines and lines[0].endswith('(preflight passed)'), lines
+    assert proj.master_pid() == master
+
+
+def test_usr2_stopping_worker_keeps_its_slot_in_the_log(proj):
+    """REVIEW 14: a worker still stopping at the USR2 is named by its own
+    slot in the new image's 'stopped (stopping before the upgrade)'."""
+    proj.write_config(number_workers=1, run_time=2)
+    master = proj.start_daemon()
+    old = proj.wait_running(1)[1]
+    proj.write_config(number_workers=1, run_time=2, version='v2')
+    send(master, signal.SIGHUP)
+    wait_for(lambda: [w for w in proj.query()['workers']
+                      if w['pid'] == old and w['state'] == 'stopping'],
+             what='the old worker stopping')
+    send(master, signal.SIGUSR2)
+    wait_for(lambda: 'stopped (stopping before the upgrade)' in
+             proj.log_text(), what='the handed-over worker stopped')
+    text = proj.log_text()
+    assert 'worker 1 (pid %d) stopped (stopping before the upgrade)' % old \
+        in text, text
+
+
 # ==== Worker types and socket servers ========================================
 # worker_type, socket serving with handle(), accept lock, SO_REUSEPORT,
 # privilege drop after bind, CPU affinity, systemd notify and socket
