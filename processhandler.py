@@ -4118,7 +4118,10 @@ class Upgrade(object):
             self.read_output(self.pipe_r)
             self.close_pipe()
         timed_out, self.deadline = self.deadline is None, None
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        # Exit 0 alone is no pass: an os._exit(0) in the imported code
+        # would exec an image whose start-up ends the same way.
+        passed = b'upgrade preflight ok:' in self.output
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and passed:
             if self.arbiter.stopping:
                 return self.refused('the master is stopping')
             return self.reexec()
@@ -4126,6 +4129,9 @@ class Upgrade(object):
             'utf-8', 'replace').splitlines() if l.strip()]
         why = ' | '.join(lines[-3:]) or 'the preflight %s' % \
             describe_status(status)
+        if not status and not passed:
+            why = 'the preflight ended (exit status 0) but did not report ' \
+                'success%s' % (': ' + ' | '.join(lines[-3:]) if lines else '')
         self.refused(self.reason if timed_out and self.reason else why)
 
     def record(self):

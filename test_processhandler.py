@@ -5106,15 +5106,21 @@ def test_usr2_new_image_cannot_boot_keeps_adopted_workers(proj):
 
 def test_os_exit_0_at_import_is_a_failure(proj):
     """REVIEW 1: a module calling os._exit(0) at import never reported:
-    check and reload exit 2 with one line, the workers keep serving."""
+    check and reload exit 2 with one line, a USR2 is refused by its
+    preflight; the workers keep serving."""
     proj.write_config(number_workers=2)
-    proj.start_daemon()
+    master = proj.start_daemon()
     old = proj.wait_running(2)
     proj.write_module('testworker', TEST_WORKER + '\nos._exit(0)\n')
     for command in ('check', 'reload'):
         res = proj.ph(command)
         assert_one_line_error(res, 'worker_class', 'ended the process')
+    send(master, signal.SIGUSR2)   # the preflight never says it passed
+    up = wait_result(proj, 'upgrade', 'failed')
+    assert 'did not report success' in up['reason'], up
+    assert 'USR2: re-executing' not in proj.log_text()
     same_workers_serving(proj, old)
+    assert proj.master_pid() == master
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason='needs root')
