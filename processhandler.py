@@ -5154,8 +5154,10 @@ class Arbiter(object):
             self.restore_slot(slot, 'reload rolled back')
             slot.failures = slot.early_deaths = 0
             slot.backoff_until = 0.0
-        self.reload_done('failed', '%s; rolled back to generation %d' % (
-            why, self.generation))
+        why = '%s; rolled back to generation %d' % (why, self.generation)
+        if self.reloads['result'] != 'pending':   # else reload_done says it
+            log.error('reload failed: %s', why)
+        self.reload_done('failed', why)
 
     def restore_slot(self, slot, why=None):
         """Make the slot's newest live worker of the current generation
@@ -5232,7 +5234,8 @@ class Arbiter(object):
         """Record the outcome; tell systemd once (READY=1 ends RELOADING)."""
         was = self.reloads['result']
         self.reloads.update(result=result, reason=why)
-        self.rollback = None   # done, or failed: nothing to go back to
+        if result == 'done':
+            self.rollback = None   # the new generation runs: no way back
         if result == 'failed' and was == 'pending':
             log.error('reload failed: %s; the previous workers keep serving',
                       why)
@@ -5491,8 +5494,11 @@ class Arbiter(object):
             log.warning('cannot pin to CPU %s: not permitted or no such '
                         'CPU', cpus)
 
-    def slot_failed(self, slot, why):
-        """A boot failure or an early death: back off, exponentially."""
+    def slot_failed(self, slot, why, verdict=False):
+        """A boot failure or an early death: back off, exponentially.
+        ``verdict``: the worker's code itself cannot boot (not a kill from
+        outside, a failed fork): a pending reload rolls back, an upgrade
+        falls back to the adopted workers."""
         self.metrics.slot_failed(slot)
         slot.failures += 1
         delay = min(self.BACKOFF_MAX,
@@ -5508,10 +5514,12 @@ class Arbiter(object):
         slot.last_error = why
         log.log(level, 'worker %d failed (%s); attempt %d in %.1fs',
                 slot.number, why, slot.failures + 1, delay)
-        if self.reloads['result'] == 'pending' and self.rollback:
+        if self.rollback and verdict:   # a reload's code cannot boot
             self.roll_back('worker %d: %s' % (slot.number, why))
         elif self.reloads['result'] == 'pending':
             self.reload_done('failed', 'worker %d: %s' % (slot.number, why))
+        elif self.upgrade and not verdict:
+            pass   # retried with backoff; the adopted worker keeps serving
         elif self.upgrade:
             self.upgrader.fall_back('worker %d of the new image: %s'
                                     % (slot.number, why))
@@ -5616,7 +5624,11 @@ class Arbiter(object):
         if self.slot_finished(slot, status, name, how):
             return
         if not booted:
-            self.slot_failed(slot, text or 'died while booting (%s)' % how)
+            # Its own verdict (init() raised, a boot timeout, an exit): the
+            # new code cannot boot.  Killed by a signal from outside: maybe
+            # not its fault, retried with backoff.
+            self.slot_failed(slot, text or 'died while booting (%s)' % how,
+                             verdict=bool(text) or not os.WIFSIGNALED(status))
         elif memory and (requests == 0 or init_rss > (
                 proc.soft_limit or proc.hard_limit or float('inf'))):
             # Over the limit before doing anything: recycling it after
@@ -5624,7 +5636,7 @@ class Arbiter(object):
             # (A stable reason: slot_failed logs a repeat quietly.)
             self.slot_failed(slot, 'over its memory limit (%g MB) right '
                              'after init()' % (proc.soft_limit or
-                                               proc.hard_limit))
+                                               proc.hard_limit), verdict=True)
         elif memory or (ok_exit and reason):
             later(log.info, '%s exited after %d requests: %s', name,
                   requests, proc.stop_reason if memory and proc.stop_reason
