@@ -4002,6 +4002,77 @@ class Metrics(object):
 
 # -- Upgrade (USR2) -------------------------------------------------------------
 
+class ReloadCheck(object):
+    """The HUP's check of the new worker code, in the background.
+
+    A forked child runs validate_in_child() (which imports the code in a
+    grandchild, with the privilege drop, the time limit and the success
+    marker) and writes its verdict -- '' or the problems, then NUL -- to
+    a pipe.  The master keeps serving meanwhile (reaping, respawning,
+    control requests, the watchdog, the leader lease): it learns the
+    verdict when reap_workers() reaps the child.  A HUP arriving while a
+    check runs sets ``again``: that check's verdict is dropped and a new
+    one starts from the config as it is then (HUPs coalesce)."""
+
+    SLACK = 5.0   # beyond the import limit: the child's own bookkeeping
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.pid = self.fd = self.cfg = None
+        self.deadline = None
+        self.again = False
+
+    def owns(self, pid):
+        return self.pid is not None and pid == self.pid
+
+    def start(self, cfg, timeout):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:   # pragma: no cover (child)
+            try:
+                signal.set_wakeup_fd(-1)
+                os.close(r)
+                problem = validate_in_child(cfg, reload=True,
+                                            timeout=timeout)
+                os.write(w, (problem or '').encode('utf-8', 'replace')
+                         [:8000] + b'\0')
+            finally:
+                os._exit(0)
+        os.close(w)
+        self.pid, self.fd, self.cfg = pid, r, cfg
+        self.deadline = time.monotonic() + timeout + self.SLACK
+        self.again = False
+
+    def exited(self, status):
+        """Reaped: the problems ('' when none), one a line."""
+        out = b''
+        try:
+            while True:   # written before the exit: all in the pipe
+                data = os.read(self.fd, 65536)
+                if not data:
+                    break
+                out += data
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.pid = self.fd = self.deadline = None
+        if out.endswith(b'\0') and status == 0:
+            return out.rstrip(b'\0').decode('utf-8', 'replace')
+        return 'the check of the worker code ended (%s)' % \
+            describe_status(status)
+
+    def check_deadline(self):
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.cancel()
+
+    def cancel(self):
+        """KILL the check (too slow, or the master stops); reaped as
+        usual, its verdict then says it was killed."""
+        if self.pid is not None:
+            self.deadline = None
+            self.arbiter.kill(self.pid, signal.SIGKILL)
+
+
 class UpgradeState(object):
     """What a USR2 re-exec hands to the new image, as one record.
 
@@ -4190,7 +4261,10 @@ class Upgrade(object):
             self.read_output(self.pipe_r)
             self.close_pipe()
         timed_out, self.deadline = self.deadline is None, None
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        # Exit 0 alone is no pass: an os._exit(0) in the imported code
+        # would exec an image whose start-up ends the same way.
+        passed = b'upgrade preflight ok:' in self.output
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and passed:
             if self.arbiter.stopping:
                 return self.refused('the master is stopping')
             return self.reexec()
@@ -4198,6 +4272,9 @@ class Upgrade(object):
             'utf-8', 'replace').splitlines() if l.strip()]
         why = ' | '.join(lines[-3:]) or 'the preflight %s' % \
             describe_status(status)
+        if not status and not passed:
+            why = 'the preflight ended (exit status 0) but did not report ' \
+                'success%s' % (': ' + ' | '.join(lines[-3:]) if lines else '')
         self.refused(self.reason if timed_out and self.reason else why)
 
     def record(self):
@@ -4223,9 +4300,12 @@ class Upgrade(object):
             accept_fd=a.accept_fd,
             started=time.time() - (time.monotonic() - a.started),
             daemonized=a.daemonized, number_workers=a.num_workers,
-            workers=[[p.pid, p.slot] for p in a.procs.values()
+            # booted: from the scoreboard (fresher than p.state): a worker
+            # still in init() must not be adopted as running
+            workers=[[p.pid, p.slot, a.board.get(p.cell, Scoreboard.STATE)
+                      == Scoreboard.BOOTED] for p in a.procs.values()
                      if p.state in (State.BOOTING, State.RUNNING)],
-            stopping=[p.pid for p in a.procs.values()
+            stopping=[[p.pid, p.slot] for p in a.procs.values()
                       if p.state == State.STOPPING],
             leader=leader, config=UpgradeState.config_record(a.cfg),
             upgrades=self.count)
@@ -4238,8 +4318,11 @@ class Upgrade(object):
         # The spare was forked from this image: the new one forks its own.
         a.spare.discard('upgrade')
         a.spare.reap_dead()
+        # The lean bootstrap (-c, many lines) would flood the record.
         log.info('USR2: re-executing %s with %d worker(s) handed over '
-                 '(preflight passed)', ' '.join(argv), len(state.workers))
+                 '(preflight passed)', ' '.join(
+                     '<bootstrap>' if '\n' in arg else arg for arg in argv),
+                 len(state.workers))
         for fd in keep:
             os.set_inheritable(fd, True)
         env = state.to_env(dict(os.environ))
@@ -4270,32 +4353,42 @@ class Upgrade(object):
         a = self.arbiter
         a.started = time.monotonic() - (time.time() - state.started)
         a.num_workers = state.number_workers
-        for pid, number in state.workers:
-            proc = self.adopted(pid, number)
+        for entry in state.workers:
+            # [pid, slot, booted]; an older image sent [pid, slot]
+            pid, number = entry[0], entry[1]
+            proc = self.adopted(pid, number,
+                                entry[2] if len(entry) > 2 else True)
             slot = a.slots.get(number) or a.slots.setdefault(
                 number, Slot(number))
             if slot.proc is None:
                 slot.proc = proc
             else:
                 slot.old.append(proc)
-        for pid in state.stopping:
-            proc = self.adopted(pid, 0)
+        for entry in state.stopping:
+            # [pid, slot]; an older image sent the pid alone
+            pid, number = entry if isinstance(entry, list) else (entry, 0)
+            proc = self.adopted(pid, number, True)
             a.stop_worker(proc, 'stopping before the upgrade')
         a.ready = True
         log.info('upgraded in place: %d worker(s) of the old code adopted, '
                  'replacing them', len(a.procs))
         if _UPGRADE_PROBLEMS:
-            self.fall_back()
+            why = '; '.join(_UPGRADE_PROBLEMS)
+            del _UPGRADE_PROBLEMS[:]
+            self.fall_back(why)
 
-    def fall_back(self):
-        """The new image met a problem after the exec: keep the adopted
-        workers (they are the current generation), say why."""
+    def fall_back(self, why):
+        """The new image met a problem after the exec (or cannot boot a
+        worker): keep the adopted workers (they are the current generation
+        again; a slot whose new worker failed gets its adopted one back),
+        say why.  There is no old image to go back to: an adopted worker
+        that exits later is replaced by the new image."""
         a = self.arbiter
-        why = '; '.join(_UPGRADE_PROBLEMS)
-        del _UPGRADE_PROBLEMS[:]
         self.result, self.reason = 'failed', why
         a.generation = 0
         a.upgrade = None
+        for slot in a.slots.values():
+            a.restore_slot(slot)   # new workers that booted stay
         log.error('USR2 upgrade failed after the exec, the old workers keep '
                   'serving: %s', why)
         sd_notify('MAINPID=%d\nREADY=1\nSTATUS=%d workers (upgrade failed)'
@@ -4304,13 +4397,16 @@ class Upgrade(object):
     def completed(self):
         self.result = 'done'
 
-    def adopted(self, pid, number):
+    def adopted(self, pid, number, booted):
+        """Record an old image's worker; one still in init() stays
+        BOOTING (it serves nobody yet: manage_workers() replaces it)."""
         a = self.arbiter
         cell = a.board.alloc()
         a.board.set(cell, Scoreboard.PID, pid)
-        a.board.set(cell, Scoreboard.STATE, Scoreboard.BOOTED)
+        a.board.set(cell, Scoreboard.STATE, Scoreboard.BOOTED if booted
+                    else Scoreboard.BOOTING)
         proc = WorkerProcess(pid, number, cell, 0, _NO_OPTIONS, a.cfg)
-        proc.state = State.RUNNING
+        proc.state = State.RUNNING if booted else State.BOOTING
         a.procs[pid] = proc
         return proc
 
@@ -4611,10 +4707,14 @@ class Arbiter(object):
         self.handlers = {}         # signum -> handle_<name>
         self.later_logs = []       # worker_exited()'s lines, see flush_logs
         self.spare = Spare(self)   # the pre-forked spare, see Spare
+        self.reload_check = ReloadCheck(self)   # a HUP's code check
         self.metrics = Metrics(self)   # counters, /metrics, statsd, health
         # The last HUP: result None (none yet) / pending / done / failed.
         self.reloads = {'count': 0, 'result': None, 'reason': None,
                         'generation': None}
+        # While a reload is pending: what to go back to when its first
+        # worker cannot boot (see roll_back).
+        self.rollback = None
 
     @property
     def control(self):
@@ -4890,6 +4990,7 @@ class Arbiter(object):
             self.spare.keep()
             self.metrics.tick()
             self.upgrader.check_deadline()
+            self.reload_check.check_deadline()
 
     def next_deadline(self):
         """Seconds until the nearest thing to do, None if only events."""
@@ -4921,6 +5022,8 @@ class Arbiter(object):
         deadlines.append(self.metrics.due())
         if self.upgrader.deadline is not None:
             deadlines.append(self.upgrader.deadline)
+        if self.reload_check.deadline is not None:
+            deadlines.append(self.reload_check.deadline)
         deadlines = [d for d in deadlines if d != float('inf')]
         if not deadlines:
             return None
@@ -5098,15 +5201,56 @@ class Arbiter(object):
         then done, or failed when one of its workers cannot boot."""
         self.reloads['count'] += 1
         sd_notify('RELOADING=1\nMONOTONIC_USEC=%d' % monotonic_usec())
+        if self.reload_check.pid is not None:
+            log.info('HUP while the previous one checks the worker code: '
+                     'checking again once it ends')
+            self.reload_check.again = True
+            return
+        self.begin_reload()
+
+    def begin_reload(self):
+        """Read the config; check the worker code in the background
+        (ReloadCheck) or, with nothing to import, commit at once."""
         try:
-            new, worker_class = self.reload_config()
+            new = self.reload_config()
+        except ConfigError as e:
+            return self.reload_failed(str(e))
+        if self.cfg.path is None or self.templates:
+            return self.commit_reload(new, None)
+        self.reloads.update(result='checking', reason=None, generation=None)
+        self.reload_check.start(new, self.IMPORT_TIMEOUT)
+
+    def reload_checked(self, problem):
+        """The ReloadCheck's verdict: commit, fail, or check again."""
+        new = self.reload_check.cfg
+        if self.stopping:
+            return self.reload_done('failed', 'the master is stopping')
+        if self.reload_check.again:
+            return self.begin_reload()
+        if problem:
+            return self.reload_failed(problem.replace('\n', '; '))
+        # Nothing of the new code is imported here (that would block the
+        # loop): forget the old modules, the spare and the workers import
+        # the new ones (after their privilege drop).
+        forget_user_modules(new.base_path)
+        self.commit_reload(new, None, fresh=True)
+
+    def reload_failed(self, why):
+        log.error('reload failed, still running the previous config and '
+                  'code: %s', why)
+        self.reloads['generation'] = None
+        self.reload_done('failed', why)
+
+    def commit_reload(self, new, worker_class, fresh=False):
+        """Switch to ``new`` (``fresh``: the workers import the code)."""
+        try:
+            before = self.transaction()
             self.apply_config(new, worker_class)
-        except (ConfigError, HaltServer) as e:
-            why = getattr(e, 'reason', None) or str(e)
-            log.error('reload failed, still running the previous config and '
-                      'code: %s', why)
-            self.reloads['generation'] = None
-            return self.reload_done('failed', why)
+        except HaltServer as e:
+            return self.reload_failed(e.reason)
+        if fresh:
+            self.worker_class = None
+        self.rollback = before
         self.generation += 1
         self.metrics.reloaded()
         self.reloads.update(result='pending', reason=None,
@@ -5119,27 +5263,82 @@ class Arbiter(object):
                  'before old ones stop', self.generation, self.num_workers)
 
     def reload_config(self):
-        """Return the new Config and the re-imported worker class (None
-        when there is none to import); change nothing."""
+        """Return the new Config (the running one when there is no
+        file); change nothing.  The worker code is checked by
+        ReloadCheck, in a child: an import that calls os._exit(), hangs
+        or takes seconds must not take or block the master."""
         if self.cfg.path is None:
-            return self.cfg, None
+            return self.cfg
         new = load_config(self.cfg.path, self.cfg.section,
                           ['%s=%s' % kv for kv in self.cfg.overrides])
-        if self.templates:
-            return new, None
-        # A child first (with `user`, the only import): an import that
-        # calls os._exit() or hangs must not take the master with it.
-        return new, master_worker_class(new, reload=True, isolate=True,
-                                        timeout=self.IMPORT_TIMEOUT)
+        self.keep_restart_only(new)
+        return new
+
+    def transaction(self):
+        """What a reload changes, to put it back (roll_back)."""
+        return {'cfg': self.cfg, 'worker_class': self.worker_class,
+                'num_workers': self.num_workers,
+                'generation': self.generation,
+                'log_file': self.logfile.path}
+
+    def roll_back(self, why):
+        """A worker of the pending reload cannot boot: the transaction
+        failed.  The old config, code and generation become current again,
+        so the old workers keep serving and are replaced from the old
+        template when they exit (max_requests, a crash, a kill); workers
+        of the new generation are stopped."""
+        before, self.rollback = self.rollback, None
+        if before['log_file'] != self.logfile.path:
+            try:
+                self.switch_log(before['log_file'])
+            except HaltServer as e:
+                log.error('rollback: %s; the log stays %s', e.reason,
+                          self.logfile.path)
+        if before['cfg'].umask != self.cfg.umask:
+            os.umask(before['cfg'].umask)
+        self.cfg = before['cfg']
+        self.worker_class = before['worker_class']
+        setup_logging(self.cfg, self.logfile)
+        self.num_workers = before['num_workers']
+        self.generation = before['generation']
+        self.spare.discard('reload rolled back')
+        for slot in self.slots.values():
+            self.restore_slot(slot, 'reload rolled back')
+            slot.failures = slot.early_deaths = 0
+            slot.backoff_until = 0.0
+        why = '%s; rolled back to generation %d' % (why, self.generation)
+        if self.reloads['result'] != 'pending':   # else reload_done says it
+            log.error('reload failed: %s', why)
+        self.reload_done('failed', why)
+
+    def restore_slot(self, slot, why=None):
+        """Make the slot's newest live worker of the current generation
+        (or older) its worker again; with ``why``, stop newer ones."""
+        if why and slot.proc is not None and \
+                slot.proc.generation > self.generation:
+            newer, slot.proc = slot.proc, None
+            slot.old.append(newer)
+            self.stop_worker(newer, why)
+        live = [p for p in slot.old if p.state != State.STOPPING and
+                p.generation <= self.generation]
+        if slot.proc is None and live:
+            slot.proc = live[-1]
+            slot.old.remove(live[-1])
+
+    def keep_restart_only(self, new):
+        """Put the running values of the restart-only keys into ``new``
+        before anything uses it: the validation child drops to ``user``
+        from the running config (a HUP that removes ``user`` must not run
+        worker code as root)."""
+        for key in RESTART_ONLY:
+            if getattr(new, key) != getattr(self.cfg, key):
+                log.warning('%s changed: it takes effect on restart only',
+                            key)
+                setattr(new, key, getattr(self.cfg, key))
 
     def apply_config(self, new, worker_class):
         """Commit a reload; only switch_log() may fail, and first."""
         old = self.cfg
-        for key in RESTART_ONLY:
-            if getattr(new, key) != getattr(old, key):
-                log.warning('%s changed: it takes effect on restart only',
-                            key)
-                setattr(new, key, getattr(old, key))
         if new.log_file != self.logfile.path:
             self.switch_log(new.log_file)
         if new.umask != old.umask:
@@ -5191,6 +5390,8 @@ class Arbiter(object):
         """Record the outcome; tell systemd once (READY=1 ends RELOADING)."""
         was = self.reloads['result']
         self.reloads.update(result=result, reason=why)
+        if result == 'done':
+            self.rollback = None   # the new generation runs: no way back
         if result == 'failed' and was == 'pending':
             log.error('reload failed: %s; the previous workers keep serving',
                       why)
@@ -5207,6 +5408,7 @@ class Arbiter(object):
                  else 'quick', len(self.procs))
         sd_notify('STOPPING=1')
         self.spare.discard('master stopping')
+        self.reload_check.cancel()
         for proc in list(self.procs.values()):
             self.stop_worker(proc, 'master stopping', graceful=graceful)
 
@@ -5448,8 +5650,11 @@ class Arbiter(object):
             log.warning('cannot pin to CPU %s: not permitted or no such '
                         'CPU', cpus)
 
-    def slot_failed(self, slot, why):
-        """A boot failure or an early death: back off, exponentially."""
+    def slot_failed(self, slot, why, verdict=False):
+        """A boot failure or an early death: back off, exponentially.
+        ``verdict``: the worker's code itself cannot boot (not a kill from
+        outside, a failed fork): a pending reload rolls back, an upgrade
+        falls back to the adopted workers."""
         self.metrics.slot_failed(slot)
         slot.failures += 1
         delay = min(self.BACKOFF_MAX,
@@ -5465,8 +5670,17 @@ class Arbiter(object):
         slot.last_error = why
         log.log(level, 'worker %d failed (%s); attempt %d in %.1fs',
                 slot.number, why, slot.failures + 1, delay)
-        if self.reloads['result'] == 'pending':
+        if self.rollback and verdict:   # a reload's code cannot boot
+            self.roll_back('worker %d: %s' % (slot.number, why))
+        elif self.reloads['result'] == 'pending':
             self.reload_done('failed', 'worker %d: %s' % (slot.number, why))
+        elif self.upgrade and not verdict:
+            pass   # retried with backoff; the adopted worker keeps serving
+        elif self.upgrade:
+            self.upgrader.fall_back('worker %d of the new image: %s'
+                                    % (slot.number, why))
+        else:   # after a failed upgrade: the adopted worker keeps its slot
+            self.restore_slot(slot)
 
     def stop_worker(self, proc, why, graceful=True):
         """Ask one worker to stop: TERM (graceful) or QUIT (quick)."""
@@ -5499,6 +5713,9 @@ class Arbiter(object):
                 continue
             if proc is None and self.upgrader.owns(pid):
                 self.upgrader.preflight_exited(status)
+                continue
+            if proc is None and self.reload_check.owns(pid):
+                self.reload_checked(self.reload_check.exited(status))
                 continue
             if proc is None:
                 # An orphaned grandchild that came to us (we are a child
@@ -5563,7 +5780,11 @@ class Arbiter(object):
         if self.slot_finished(slot, status, name, how):
             return
         if not booted:
-            self.slot_failed(slot, text or 'died while booting (%s)' % how)
+            # Its own verdict (init() raised, a boot timeout, an exit): the
+            # new code cannot boot.  Killed by a signal from outside: maybe
+            # not its fault, retried with backoff.
+            self.slot_failed(slot, text or 'died while booting (%s)' % how,
+                             verdict=bool(text) or not os.WIFSIGNALED(status))
         elif memory and (requests == 0 or init_rss > (
                 proc.soft_limit or proc.hard_limit or float('inf'))):
             # Over the limit before doing anything: recycling it after
@@ -5571,7 +5792,7 @@ class Arbiter(object):
             # (A stable reason: slot_failed logs a repeat quietly.)
             self.slot_failed(slot, 'over its memory limit (%g MB) right '
                              'after init()' % (proc.soft_limit or
-                                               proc.hard_limit))
+                                               proc.hard_limit), verdict=True)
         elif memory or (ok_exit and reason):
             later(log.info, '%s exited after %d requests: %s', name,
                   requests, proc.stop_reason if memory and proc.stop_reason
@@ -6646,8 +6867,10 @@ def validate_in_child(cfg, reload=False, timeout=None):
         try:
             os.close(r)
             isolate_validation_child(w)
+            # The NUL says "I got this far": an import that calls
+            # os._exit(0) must not pass for a clean one.
             os.write(w, _import_problems(cfg, reload, drop and (uid, gid))
-                     .encode('utf-8', 'replace')[:8000])
+                     .encode('utf-8', 'replace')[:8000] + b'\0')
         finally:
             os._exit(0)
     os.close(w)
@@ -6655,12 +6878,14 @@ def validate_in_child(cfg, reload=False, timeout=None):
         out, status = read_child(r, pid, limit)
     finally:
         os.close(r)
+    reported = out.endswith(b'\0')
+    out = out.rstrip(b'\0')
     if out:
         return out.decode('utf-8', 'replace')
     if status is None:
         return '%s worker_class: importing %s took longer than %gs' % (
             cfg.where(), cfg.worker_class, limit)
-    if status != 0:
+    if status != 0 or not reported:
         return '%s worker_class: importing %s ended the process (%s)' % (
             cfg.where(), cfg.worker_class, describe_status(status))
     return None

@@ -5207,6 +5207,190 @@ def test_reload_command_waits_and_exit_codes(proj):
     assert time.monotonic() - t0 < DEADLINE
 
 
+def test_failed_reload_rolls_back_and_old_workers_keep_recycling(proj):
+    """REVIEW 1: a reload whose workers cannot boot (init() raises) rolls
+    back: `reload` exits 1, and the old workers -- recycled every 3
+    requests -- keep being replaced from the old config for seconds, the
+    slots never left empty or in backoff."""
+    proj.write_config(number_workers=2, max_requests=3, run_time=0.05)
+    master = proj.start_daemon()
+    proj.wait_running(2)
+    proj.write_config(number_workers=2, max_requests=3, run_time=0.05,
+                      init_mode='fail')
+    res = proj.ph('reload')
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert 'database unreachable' in res.stderr, res.stderr
+    r = upgrade_doc(proj, 'reload')
+    assert r['result'] == 'failed' and 'rolled back' in r['reason'], r
+    seen, t_end = set(), time.monotonic() + 3
+    while time.monotonic() < t_end:
+        doc = proj.status()
+        rows = [w for w in doc['workers'] if w['state'] == 'running']
+        assert not [w for w in doc['workers'] if w['state'] == 'backoff'
+                    or w.get('generation') == 2], doc['workers']
+        seen.update(w['pid'] for w in rows)
+        time.sleep(0.1)
+    # recycled many times (every ~0.15 s), all from the old config
+    assert len(seen) >= 6, seen
+    assert master_doc(proj)['generation'] == 1
+    proj.wait_running(2)
+    assert 'rolled back to generation 1' in proj.log_text()
+    assert alive(master)
+
+
+def test_usr2_new_image_cannot_boot_keeps_adopted_workers(proj):
+    """REVIEW 1: a USR2 whose new image's workers cannot boot (init()
+    raises after the exec) fails: the adopted workers keep serving (not
+    asked to stop), upgrade result failed with the reason, never
+    'upgrade complete'."""
+    proj.write_config(number_workers=2, run_time=0.05)
+    master = proj.start_daemon()
+    old = proj.wait_running(2)
+    proj.write_config(number_workers=2, run_time=0.05, init_mode='fail')
+    send(master, signal.SIGUSR2)
+    up = wait_result(proj, 'upgrade', 'failed')
+    assert 'database unreachable' in up['reason'], up
+    t_end = time.monotonic() + 2
+    while time.monotonic() < t_end:
+        same_workers_serving(proj, old)
+        time.sleep(0.1)
+    # they still work (the new image's scoreboard cannot count for them)
+    def runs():
+        return len([e for e in proj.events('run_end')
+                    if e[2] in old.values()])
+    before = runs()
+    wait_for(lambda: runs() > before + 4, what='adopted workers run')
+    assert upgrade_doc(proj, 'upgrade')['result'] == 'failed'
+    assert 'upgrade complete' not in proj.log_text()
+    assert proj.master_pid() == master
+
+
+def test_os_exit_0_at_import_is_a_failure(proj):
+    """REVIEW 1: a module calling os._exit(0) at import never reported:
+    check and reload exit 2 with one line, a USR2 is refused by its
+    preflight; the workers keep serving."""
+    proj.write_config(number_workers=2)
+    master = proj.start_daemon()
+    old = proj.wait_running(2)
+    proj.write_module('testworker', TEST_WORKER + '\nos._exit(0)\n')
+    for command in ('check', 'reload'):
+        res = proj.ph(command)
+        assert_one_line_error(res, 'worker_class', 'ended the process')
+    send(master, signal.SIGUSR2)   # the preflight never says it passed
+    up = wait_result(proj, 'upgrade', 'failed')
+    assert 'did not report success' in up['reason'], up
+    assert 'USR2: re-executing' not in proj.log_text()
+    same_workers_serving(proj, old)
+    assert proj.master_pid() == master
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason='needs root')
+def test_hup_removing_user_never_imports_as_root(open_proj):
+    """REVIEW 8: a HUP after removing `user` (restart-only) keeps the
+    running user for everything, the validation import included: no
+    worker code runs as root."""
+    proj = open_proj
+    nobody = pwd.getpwnam('nobody')
+    who_project(proj, number_workers=1, user='nobody')
+    master = proj.start_daemon()
+    proj.wait_running(1)
+    who_project(proj, number_workers=1, version='v2')
+    send(master, signal.SIGHUP)
+    r = wait_result(proj, 'reload', 'done')
+    assert r['generation'] == 2, r
+    rows = notes(proj)
+    assert rows and all(u == nobody.pw_uid for _, _, u in rows), rows
+    assert 'user changed: it takes effect on restart only' in \
+        proj.log_text()
+
+
+SLOW_IMPORT = """
+if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                               'slow_import')):
+    time.sleep(3)
+"""
+
+
+def test_hup_check_does_not_block_the_master(proj):
+    """REVIEW 5: the HUP's check of the worker code (an import taking 3 s)
+    runs in the background: meanwhile a KILLed worker is replaced at once
+    and the control socket answers within 1 s; HUPs sent during the check
+    coalesce into one more check; the reload then completes."""
+    proj.write_config(number_workers=2, run_time=0.05)
+    proj.write_module('testworker', TEST_WORKER + SLOW_IMPORT)
+    master = proj.start_daemon()
+    old = proj.wait_running(2)
+    open(os.path.join(proj.path, 'slow_import'), 'w').close()
+    proj.write_config(number_workers=2, run_time=0.05, version='v2')
+    t_hup = time.monotonic()
+    send(master, signal.SIGHUP)
+    wait_for(lambda: upgrade_doc(proj, 'reload')['result'] == 'checking',
+             what='the check running')
+    send(master, signal.SIGHUP)    # coalesced
+    send(master, signal.SIGHUP)
+    os.kill(old[1], signal.SIGKILL)
+    t_kill = time.monotonic()
+    new = wait_for(lambda: (lambda w: w if w and w[1] != old[1] else None)(
+        proj.running_workers(2)), what='slot 1 replaced')
+    assert time.monotonic() - t_kill < 1.5
+    t0 = time.monotonic()
+    doc = proj.query()
+    assert time.monotonic() - t0 < 1.0
+    assert doc['master']['reload']['result'] == 'checking', doc['master']
+    assert time.monotonic() - t_hup < 3, 'the check took less than 3 s?'
+    assert new[2] == old[2]
+    r = wait_result(proj, 'reload', 'done', timeout=DEADLINE * 3)
+    assert r['generation'] == 2 and r['count'] >= 2, r
+    assert len([e for e in proj.events('init') if e[4] == 'v2']) >= 2
+    assert 'checking again once it ends' in proj.log_text()
+
+
+def test_usr2_during_reload_adopts_booting_worker_as_booting(proj):
+    """REVIEW 14: a USR2 while the reload's new worker is still in init()
+    hands it over as booting, not running (it serves nobody yet); the
+    re-exec's log record is one line (no multi-line bootstrap)."""
+    proj.write_config(number_workers=1, run_time=0.05)
+    master = proj.start_daemon()
+    proj.wait_running(1)
+    proj.write_config(number_workers=1, run_time=0.05, init_mode='slow',
+                      init_time=4)
+    send(master, signal.SIGHUP)
+    booting = wait_for(lambda: [w['pid'] for w in proj.query()['workers']
+                                if w['state'] == 'booting'],
+                       what='the new worker booting')[0]
+    send(master, signal.SIGUSR2)
+    wait_for(lambda: (upgrade_doc(proj, 'upgrade') or {}).get('result')
+             in ('upgrading', 'done', 'failed'), what=proj.log_text)
+    t_end = time.monotonic() + 1.5
+    while time.monotonic() < t_end:
+        rows = [w for w in proj.query()['workers'] if w['pid'] == booting]
+        assert not rows or rows[0]['state'] != 'running', rows
+        time.sleep(0.05)
+    lines = [l for l in proj.log_text().splitlines()
+             if 'USR2: re-executing' in l]
+    assert lines and lines[0].endswith('(preflight passed)'), lines
+    assert proj.master_pid() == master
+
+
+def test_usr2_stopping_worker_keeps_its_slot_in_the_log(proj):
+    """REVIEW 14: a worker still stopping at the USR2 is named by its own
+    slot in the new image's 'stopped (stopping before the upgrade)'."""
+    proj.write_config(number_workers=1, run_time=2)
+    master = proj.start_daemon()
+    old = proj.wait_running(1)[1]
+    proj.write_config(number_workers=1, run_time=2, version='v2')
+    send(master, signal.SIGHUP)
+    wait_for(lambda: [w for w in proj.query()['workers']
+                      if w['pid'] == old and w['state'] == 'stopping'],
+             what='the old worker stopping')
+    send(master, signal.SIGUSR2)
+    wait_for(lambda: 'stopped (stopping before the upgrade)' in
+             proj.log_text(), what='the handed-over worker stopped')
+    text = proj.log_text()
+    assert 'worker 1 (pid %d) stopped (stopping before the upgrade)' % old \
+        in text, text
+
+
 # ==== Worker types and socket servers ========================================
 # worker_type, socket serving with handle(), accept lock, SO_REUSEPORT,
 # privilege drop after bind, CPU affinity, systemd notify and socket
@@ -6280,46 +6464,30 @@ def test_early_death_after_boot_is_backed_off(proj):
 
 
 def test_failed_reload_backs_off_keeps_old_worker_then_recovers(proj):
-    """A reload whose new workers fail in init(): the slot goes to backoff
-    with growing delays (status: state 'backoff', next_attempt_in,
-    last_error), few attempts (no fork storm), the old worker keeps serving
-    throughout; after fixing the config, HUP brings the slot back."""
+    """A reload whose new workers fail in init() is rolled back at the
+    first failure (REVIEW 1): no retries of the new generation (no fork
+    storm, no backoff), the old worker keeps serving throughout, the old
+    config stays current; after fixing the config, HUP brings the slot
+    to the new code."""
     proj.write_config(number_workers=1, version='v1')
     master = proj.start_daemon()
     old = proj.wait_running(1)[1]
     proj.write_config(number_workers=1, init_mode='fail')
-    t_hup = time.monotonic()
     send(master, signal.SIGHUP)
-
-    def four_failures():
+    r = wait_result(proj, 'reload', 'failed')
+    assert 'database unreachable' in r['reason'], r
+    assert 'rolled back to generation 1' in r['reason'], r
+    t_end = time.monotonic() + 2
+    while time.monotonic() < t_end:
         doc = proj.query()
-        assert doc is not None
-        running = [w['pid'] for w in doc['workers']
-                   if w['state'] == 'running']
-        assert running == [old], doc          # capacity kept throughout
-        back = [w for w in doc['workers'] if w['state'] == 'backoff']
-        return back and back[0]['failures'] >= 4 and back[0]
-    row = wait_for(four_failures, what='4 boot failures')
-    elapsed = time.monotonic() - t_hup
-    assert row['slot'] == 1 and row['pid'] is None
-    assert 'database unreachable' in row['last_error'], row
-    assert 0 < row['next_attempt_in'] <= 8.0, row
-    # delays 0.5, 1, 2: four attempts cannot fit in less than 3.5 s
-    assert elapsed >= 3.5, elapsed
-    text = proj.log_text()
-    attempts = text.count('init() failed')
-    assert row['failures'] <= attempts <= row['failures'] + 1, attempts
-    delays = [float(d) for d in re.findall(
-        r'worker 1 failed \(.*\); attempt \d+ (?:next )?in ([\d.]+)s', text)]
-    assert len(delays) >= 3 and delays == sorted(delays) and \
-        delays[0] < delays[-1], delays
+        assert [w['pid'] for w in doc['workers']
+                if w['state'] == 'running'] == [old], doc
+        assert not [w for w in doc['workers'] if w['state'] == 'backoff']
+        time.sleep(0.1)
+    assert proj.log_text().count('init() failed') == 1
+    assert master_doc(proj)['generation'] == 1
     assert alive(old) and proj.events('after_run') == []
-    # fix it and HUP: the slot comes back at once, not when the pending
-    # backoff (about 4 s now) would have ended
     proj.write_config(number_workers=1, version='v3')
-    pending = [w for w in proj.status()['workers']
-               if w['state'] == 'backoff'][0]['next_attempt_in']
-    t_fix = time.monotonic()
     send(master, signal.SIGHUP)
 
     def recovered():
@@ -6333,9 +6501,6 @@ def test_failed_reload_backs_off_keeps_old_worker_then_recovers(proj):
     new = wait_for(recovered, what='slot 1 recovered')
     inits = [ev for ev in proj.events('init') if ev[2] == new]
     assert inits and inits[0][4] == 'v3'
-    if pending > 2.0:
-        assert inits[0][3] - t_fix < pending - 0.5, (inits[0][3] - t_fix,
-                                                     pending)
     wait_for(lambda: not alive(old), what='old worker to stop')
     assert [ev[2] for ev in proj.events('after_run')] == [old]
 
