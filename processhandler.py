@@ -4267,12 +4267,12 @@ class Spare(object):
         r, w = os.pipe()
         # The slot it will serve is not known yet: a dump file if any
         # worker here can time out.
-        dump_fd = a.open_dump_file() if self.may_time_out() else None
+        dump_fd = open_dump_file() if self.may_time_out() else None
         try:
-            a.own_listeners = a.child_listeners()
+            a.birth.open_child_listeners()
             pid = os.fork()
         except (OSError, HaltServer) as e:
-            a.close_child_listeners()
+            a.birth.close_child_listeners()
             for fd in (r, w, dump_fd):
                 if fd is not None:
                     os.close(fd)
@@ -4282,7 +4282,7 @@ class Spare(object):
             return
         if pid == 0:
             self.child(r, w, dump_fd)
-        a.close_child_listeners()
+        a.birth.close_child_listeners()
         os.close(r)
         os.set_inheritable(w, False)
         self.proc = SpareProcess(pid, w, dump_fd, a.generation)
@@ -4367,7 +4367,7 @@ class Spare(object):
 
         def body():
             os.close(w)
-            pdeath = a.child_prepare('spare')
+            pdeath = a.birth.prepare('spare')
             # Until it is a worker it has nothing to finish: a stop signal
             # ends it quietly; the others must not stop or kill it (TTIN's
             # default stops a process).
@@ -4376,7 +4376,7 @@ class Spare(object):
             for name in ('TERM', 'INT', 'QUIT'):
                 signal.signal(getattr(signal, 'SIG' + name),
                               lambda *args: os._exit(0))
-            a.preload_worker_class()
+            a.birth.preload_worker_class()
             data = b''
             while not data.endswith(b'\n'):
                 chunk = os.read(r, 64)
@@ -4387,9 +4387,464 @@ class Spare(object):
             number, cell, keep_dump = [int(x) for x in data.split()]
             if not keep_dump and dump_fd is not None:
                 os.close(dump_fd)
-            return a.become_worker(number, cell,
-                                   dump_fd if keep_dump else None, pdeath)
-        a.child_main(body)
+            return a.birth.become_worker(number, cell,
+                                         dump_fd if keep_dump else None, pdeath)
+        child_main(body)
+
+
+# -- a reaped worker ------------------------------------------------------------
+
+class WorkerExit(object):
+    """What a reaped worker left: its scoreboard cell (read before the
+    cell is released) and its wait status, in the words the log uses."""
+
+    def __init__(self, proc, status, board):
+        cell = proc.cell
+        self.booted = board.get(cell, Scoreboard.STATE) == Scoreboard.BOOTED
+        self.reason = board.get(cell, Scoreboard.REASON)
+        self.text = board.text(cell)
+        self.requests = board.get(cell, Scoreboard.REQUESTS)
+        self.up = time.monotonic() - (board.getf(cell, Scoreboard.BOOTED_AT)
+                                      or proc.spawned)
+        self.init_rss = board.getf(cell, Scoreboard.INIT_RSS)
+        self.how = describe_status(status)
+        self.name = 'worker %d (pid %d)' % (proc.slot, proc.pid)
+        self.ok_exit = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        self.memory = (self.reason == Scoreboard.R_MEMORY or proc.stop_reason
+                       in ('soft memory limit', 'hard memory limit'))
+
+
+# -- stack dump files -------------------------------------------------------------
+
+def open_dump_file():
+    """An unlinked temp file for a worker's stack dump at timeout.
+
+    faulthandler writes raw lines; the master reads them back at reap
+    and logs them as one record, continuation lines prefixed.
+    """
+    try:
+        fd, path = tempfile.mkstemp(prefix='processhandler-dump-')
+        os.unlink(path)
+        return fd
+    except OSError:
+        return None
+
+
+def close_dump(proc):
+    if proc.dump_fd is not None:
+        os.close(proc.dump_fd)
+        proc.dump_fd = None
+
+
+def read_dump(proc):
+    if proc.dump_fd is None:
+        return ''
+    try:
+        return os.pread(proc.dump_fd, 65536, 0).decode(
+            'utf-8', 'replace').rstrip()
+    except OSError:
+        return ''
+    finally:
+        close_dump(proc)
+
+
+# -- the reload transaction ------------------------------------------------------
+
+class Reload(object):
+    """HUP: re-read config, re-import worker code, rolling replace.
+
+    A transaction: everything that can fail (config, import, the new log
+    file) is tried before anything changes; a failure leaves the old
+    config, code, log and workers as they were.  ``state`` is status's
+    master.reload: the last HUP's result, None (none yet) / pending (until
+    the new generation runs) / done / failed (one of its workers cannot
+    boot)."""
+
+    IMPORT_TIMEOUT = 30.0  # the import of the worker code, in a child
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.state = {'count': 0, 'result': None, 'reason': None,
+                      'generation': None}
+
+    def refuse(self, why):
+        """A HUP that cannot run: `reload` waits for an outcome."""
+        self.state['count'] += 1
+        self.state.update(result='failed', generation=None, reason=why)
+
+    def start(self):
+        a = self.arbiter
+        self.state['count'] += 1
+        sd_notify('RELOADING=1\nMONOTONIC_USEC=%d' % monotonic_usec())
+        try:
+            new, worker_class = self.new_config()
+            self.apply(new, worker_class)
+        except (ConfigError, HaltServer) as e:
+            why = getattr(e, 'reason', None) or str(e)
+            log.error('reload failed, still running the previous config and '
+                      'code: %s', why)
+            self.state['generation'] = None
+            return self.done('failed', why)
+        a.generation += 1
+        a.metrics.reloaded()
+        self.state.update(result='pending', reason=None,
+                          generation=a.generation)
+        for slot in a.slots.values():
+            # The user changed something: try the new code/config now, not
+            # when a backoff earned by the old one ends (up to 30 s).
+            slot.backoff_until = 0.0
+        log.info('reloaded: generation %d, %d worker(s); new workers start '
+                 'before old ones stop', a.generation, a.num_workers)
+
+    def new_config(self):
+        """Return the new Config and the re-imported worker class (None
+        when there is none to import); change nothing."""
+        a = self.arbiter
+        if a.cfg.path is None:
+            return a.cfg, None
+        new = load_config(a.cfg.path, a.cfg.section,
+                          ['%s=%s' % kv for kv in a.cfg.overrides])
+        if a.templates:
+            return new, None
+        # A child first (with `user`, the only import): an import that
+        # calls os._exit() or hangs must not take the master with it.
+        return new, master_worker_class(new, reload=True, isolate=True,
+                                        timeout=self.IMPORT_TIMEOUT)
+
+    def apply(self, new, worker_class):
+        """Commit a reload; only switch_log() may fail, and first."""
+        a = self.arbiter
+        old = a.cfg
+        for key in RESTART_ONLY:
+            if getattr(new, key) != getattr(old, key):
+                log.warning('%s changed: it takes effect on restart only',
+                            key)
+                setattr(new, key, getattr(old, key))
+        if new.log_file != a.logfile.path:
+            self.switch_log(new.log_file)
+        if new.umask != old.umask:
+            os.umask(new.umask)   # inherited by the workers forked next
+            log.info('umask changed: %04o for new workers', new.umask)
+        a.cfg = new
+        if worker_class is not None:
+            a.worker_class = worker_class
+        setup_logging(new, a.logfile)
+        if not a.templates:
+            a.num_workers = new.number_workers
+
+    def switch_log(self, path):
+        """Log to ``path`` from now on; HaltServer, with the old log kept,
+        when it cannot be opened (a folder, no folder, no permission)."""
+        logfile = self.arbiter.logfile
+        old = logfile.path
+        logfile.path = path
+        try:
+            logfile.reopen()
+        except OSError as e:
+            logfile.path = old
+            raise HaltServer('cannot open log_file %s: %s'
+                             % (path, e.strerror or e))
+
+    def progress(self):
+        """A pending reload is done once every wanted slot runs a worker
+        of the new generation (a failed one too, when its retry made it).
+        """
+        a, r = self.arbiter, self.state
+        if r['generation'] != a.generation or r['result'] == 'done':
+            return
+        if a.stopping:
+            if r['result'] == 'pending':
+                self.done('failed', 'the master is stopping')
+            return
+        for n in range(1, a.wanted() + 1):
+            slot = a.slots.get(n)
+            proc = slot and slot.proc
+            if (proc is None or proc.generation != a.generation
+                    or proc.state != State.RUNNING):
+                return
+        self.done('done', None)
+
+    def done(self, result, why):
+        """Record the outcome; tell systemd once (READY=1 ends RELOADING)."""
+        was = self.state['result']
+        self.state.update(result=result, reason=why)
+        if result == 'failed' and was == 'pending':
+            log.error('reload failed: %s; the previous workers keep serving',
+                      why)
+        if was != 'failed' or result == 'failed':
+            sd_notify('READY=1\nSTATUS=%d workers%s' % (
+                self.arbiter.num_workers, '' if result == 'done' else
+                ' (reload failed)'))
+
+
+# -- memory limits, systemd watchdog ---------------------------------------------
+
+class MemoryWatch(object):
+    """The master's side of the memory limits: every check_interval, the
+    RSS of each worker that has a limit; over hard: KILL, over soft: a
+    graceful stop (the worker also checks its own soft limit)."""
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.next_check = 0.0
+
+    def wanted(self):
+        return any(p.soft_limit or p.hard_limit
+                   for p in self.arbiter.procs.values())
+
+    def deadline(self):
+        return self.next_check if self.wanted() else None
+
+    def check(self):
+        a = self.arbiter
+        now = time.monotonic()
+        if now < self.next_check or not self.wanted():
+            return
+        self.next_check = now + a.cfg.check_interval
+        for proc in list(a.procs.values()):
+            if (proc.state not in (State.RUNNING, State.STOPPING)
+                    or proc.kill_at is None and proc.state == State.STOPPING):
+                continue
+            rss = rss_mb(proc.pid)
+            if rss is not None:
+                self.enforce(proc, rss)
+
+    def enforce(self, proc, rss):
+        a = self.arbiter
+        if proc.over_limit('hard', rss):
+            log.error('worker %d (pid %d) RSS %.1f MB is over '
+                      'hard_memory_limit %g MB: KILL', proc.slot,
+                      proc.pid, rss, proc.hard_limit)
+            a.set_state(proc, State.STOPPING)
+            proc.stop_reason = 'hard memory limit'
+            proc.kill_at = None
+            a.kill(proc.pid, signal.SIGKILL)
+        elif proc.over_limit('soft', rss) and proc.state == State.RUNNING:
+            log.warning('worker %d (pid %d) RSS %.1f MB is over '
+                        'soft_memory_limit %g MB: asking it to exit',
+                        proc.slot, proc.pid, rss, proc.soft_limit)
+            a.stop_worker(proc, 'soft memory limit')
+
+
+class Watchdog(object):
+    """systemd's watchdog: WATCHDOG=1 at half of WATCHDOG_USEC, from the
+    master loop itself: a master stuck anywhere stops feeding it and
+    systemd restarts it.  ``interval`` 0: no watchdog asked for."""
+
+    def __init__(self):
+        self.interval = watchdog_interval()
+        self.next = 0.0
+
+    def deadline(self):
+        return self.next if self.interval else None
+
+    def feed(self):
+        if not self.interval:
+            return
+        now = time.monotonic()
+        if now >= self.next:
+            sd_notify('WATCHDOG=1')
+            self.next = now + self.interval
+
+
+# -- the child side of a fork ----------------------------------------------------
+
+class WorkerBirth(object):
+    """What a child forked by the master (a worker, or the spare) does
+    before its worker runs: reset the master's signals and descriptors,
+    drop privileges, set the parent-death signal, import the worker code,
+    build and run the worker.  Always ends in os._exit() (child_main).
+    ``own_listeners``: with reuse_port, the next child's listeners."""
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.own_listeners = None
+
+    # -- in the master, around the fork
+
+    def open_child_listeners(self):
+        """reuse_port: the listeners of the child about to be forked (a
+        worker, or the spare), bound here by the master -- before any
+        privilege drop, so ports below 1024 work with ``user`` -- but not
+        listening: an idle spare must not take connections.  None when
+        the listeners are shared.  Raises HaltServer (cannot bind)."""
+        a = self.arbiter
+        self.own_listeners = None
+        if not (a.cfg.reuse_port and a.cfg.bind and a.sockets):
+            return
+        self.own_listeners = [create_listener(listener_name(s),
+                                              reuse_port=True, listen=False)
+                              for s in a.sockets]
+
+    def close_child_listeners(self):
+        """In the master, after the fork: they are the child's."""
+        for sock in self.own_listeners or ():
+            sock.close()
+        self.own_listeners = None
+
+    # -- in the child
+
+    def worker_process(self, number, cell, dump_fd=None):
+        """Child half of spawn_worker()."""
+        def body():
+            pdeath = self.prepare('worker %d' % number)
+            return self.become_worker(number, cell, dump_fd, pdeath)
+        child_main(body)
+
+    def prepare(self, tag):
+        """In a new child: every step of a worker's start that does not
+        depend on its slot (a spare does these before it is needed)."""
+        a = self.arbiter
+        _process_tag[0] = tag
+        signal.set_wakeup_fd(-1)
+        for name in a.SIGNALS:
+            signal.signal(getattr(signal, 'SIG' + name), signal.SIG_DFL)
+        self.close_master_fds()
+        line_buffered_stdio()
+        set_proc_title('%s: %s' % (a.cfg.proc_name, tag))
+        drop_privileges(a.uid, a.gid)
+        # Die with the master even if it is KILLed (supervisor #199).
+        pdeath = prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != a.pid:
+            raise SystemExit(WORKER_EXIT_ORPHANED)  # master died before prctl
+        return pdeath
+
+    def become_worker(self, number, cell, dump_fd, pdeath):
+        """The slot-dependent rest of a worker's start; runs the worker and
+        returns its exit status."""
+        a = self.arbiter
+        tag = 'worker %d' % number
+        if _process_tag[0] != tag:   # a spare becoming this worker
+            _process_tag[0] = tag
+            set_proc_title('%s: %s' % (a.cfg.proc_name, tag))
+        if a.cfg.cpu_affinity:
+            pin_cpu(a.cfg.cpu_affinity, number)
+        try:
+            template = self.load_worker_code(number)
+            sockets = self.worker_sockets()
+            worker = template if template is not None else build_worker(
+                a.worker_class, a.cfg, a.pid, sockets)
+        except Exception as e:
+            # Import or __init__ failed: a boot failure, like init().
+            log.exception('worker %d cannot be built', number)
+            a.board.set_text(cell, 'building the worker raised %s: %s'
+                             % (type(e).__name__, e))
+            return WORKER_EXIT_BOOT_ERROR
+        worker._accept_lock = None
+        if a.accept_fd is not None:
+            wtype = worker.worker_type or a.cfg.worker_type
+            worker._accept_lock = AcceptLock(
+                a.accept_fd, threaded=wtype != 'sync',
+                cooperative=wtype == 'gevent')
+        worker._boot(a.cfg, number, a.board, cell, a.boot_w,
+                     a.pid, sockets, a.logfile, pdeath, dump_fd)
+        return worker._serve()
+
+    def preload_worker_class(self):
+        """In the spare, after the privilege drop: import the worker code
+        while waiting, so becoming a worker only builds the object.  A
+        failure is reported when it is used (worker_object)."""
+        a = self.arbiter
+        if not a.templates and a.worker_class is None:
+            try:
+                a.worker_class = load_worker_class(a.cfg)
+            except BaseException:   # SystemExit at import too: said later
+                pass
+
+    def load_worker_code(self, number):
+        """In the worker process: make its worker code ready; return
+        Manager mode's template (None in config mode: the class, imported
+        here when the master did not -- ``user`` set -- is built by
+        build_worker).  gevent: monkey-patch first, then import the worker
+        code afresh (it was imported unpatched)."""
+        a = self.arbiter
+        template = a.template(number)
+        if template is None and a.worker_class is None:
+            a.worker_class = load_worker_class(a.cfg)
+        wtype = ((template or a.worker_class).worker_type
+                 or a.cfg.worker_type)
+        if wtype == 'gevent':
+            GeventLoop.patch()
+            if template is None:
+                forget_user_modules(a.cfg.base_path)
+                a.worker_class = load_worker_class(a.cfg)
+        return template
+
+    def worker_sockets(self):
+        """In a worker: the listeners it accepts on (its own with
+        reuse_port: listen() needs no privilege, bind did)."""
+        own = self.own_listeners
+        if own is None:
+            return list(self.arbiter.sockets)
+        for sock in own:
+            sock.listen(min(2048, socket.SOMAXCONN))
+        for sock in self.arbiter.sockets:
+            sock.close()
+        return own
+
+    def close_master_fds(self):
+        a = self.arbiter
+        try:
+            a.selector.close()
+        except Exception:
+            pass
+        for fd in a._pipes:
+            if fd != a.boot_w:
+                os.close(fd)
+        if a.control is not None:
+            a.control.close()
+        for fd in (a.pidfile.fd, a.ready_fd):
+            if fd is not None:
+                os.close(fd)
+        a.pidfile.fd = a.ready_fd = None
+        for proc in a.procs.values():   # siblings' dump files
+            close_dump(proc)
+        a.spare.close_in_child()
+        if getattr(a.leader, 'fd', None) is not None:
+            os.close(a.leader.fd)
+        a.metrics.close(child=True)
+        if hasattr(a.leader, 'close_in_child'):
+            a.leader.close_in_child()   # the master's Redis connection
+
+
+def child_main(body):
+    """Run a forked child's ``body``; always ends in os._exit() with
+    the status it returns (never returns into the master's code)."""
+    status = EXIT_FAILURE
+    try:
+        status = body()
+    except SystemExit as e:
+        status = (e.code if isinstance(e.code, int) else
+                  (0 if e.code is None else 1))
+    except BaseException:
+        try:
+            log.exception('%s crashed', _process_tag[0])
+        except BaseException:
+            pass
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(status)
+
+
+def pin_cpu(cpu_affinity, number):
+    """In worker ``number``: pin it to its CPUs of ``cpu_affinity``."""
+    cpus = affinity_for_slot(cpu_affinity, number, get_affinity())
+    if not cpus:
+        return
+    try:
+        done = set_affinity(cpus)
+    except (OSError, ValueError, OverflowError) as e:
+        log.warning('cannot pin to CPU %s: %s', cpus,
+                    getattr(e, 'strerror', None) or e)
+        return
+    if done:
+        log.debug('pinned to CPU %s', cpus)
+    else:   # the ctypes / psutil paths report failure, not raise
+        log.warning('cannot pin to CPU %s: not permitted or no such '
+                    'CPU', cpus)
 
 
 class Arbiter(object):
@@ -4432,7 +4887,6 @@ class Arbiter(object):
         self.keep_user_logging = keep_user_logging
         self.save_on_signal = save_on_signal
         self.upgrade = upgrade     # UpgradeState handed over by USR2
-        self.upgrader = Upgrade(self, upgrade)
         self.run_once = False      # uliweb Manager(daemon=False): no restarts
         self.strict_boot = True    # a boot failure before ready halts
         self.halt_reason = None    # why run() failed (HaltServer), if it did
@@ -4447,28 +4901,31 @@ class Arbiter(object):
         self.graceful = True
         self.ready = False
         self.started = time.monotonic()
-        self.next_memory_check = 0.0
-        self.watchdog = watchdog_interval()   # systemd WATCHDOG_USEC / 2
-        self.next_watchdog = 0.0
-        self.leadership = None     # Leadership, with leader_lock set
         self.pidfile = None
         self.instance = 1
         self.logfile = None
         self.board = None
         self.selector = None
-        self.control_server = ControlServer(self)
         self.sockets = []          # listeners shared by every worker
         self.accept_fd = None      # accept_lock's file
-        self.own_listeners = None  # reuse_port: the next child's listeners
         self.uid = self.gid = None
         self._pipes = []
         self.handlers = {}         # signum -> handle_<name>
         self.later_logs = []       # worker_exited()'s lines, see flush_logs
+        self.add_collaborators(upgrade)
+
+    def add_collaborators(self, upgrade):
+        """The parts this conductor owns, one responsibility each."""
+        self.upgrader = Upgrade(self, upgrade)
+        self.leadership = None     # Leadership, with leader_lock set
+        self.control_server = ControlServer(self)
         self.spare = Spare(self)   # the pre-forked spare, see Spare
         self.metrics = Metrics(self)   # counters, /metrics, statsd, health
-        # The last HUP: result None (none yet) / pending / done / failed.
-        self.reloads = {'count': 0, 'result': None, 'reason': None,
-                        'generation': None}
+        self.reloader = Reload(self)
+        self.reloads = self.reloader.state   # the last HUP, for status
+        self.birth = WorkerBirth(self)   # the child side of each fork
+        self.memory = MemoryWatch(self)
+        self.watchdog = Watchdog()
 
     @property
     def control(self):
@@ -4630,35 +5087,6 @@ class Arbiter(object):
             os.unlink(path)
             self.accept_fd = fd
 
-    def child_listeners(self):
-        """reuse_port: the listeners of the child about to be forked (a
-        worker, or the spare), bound here by the master -- before any
-        privilege drop, so ports below 1024 work with ``user`` -- but not
-        listening: an idle spare must not take connections.  None when
-        the listeners are shared.  Raises HaltServer (cannot bind)."""
-        if not (self.cfg.reuse_port and self.cfg.bind and self.sockets):
-            return None
-        return [create_listener(listener_name(s), reuse_port=True,
-                                listen=False) for s in self.sockets]
-
-    def close_child_listeners(self):
-        """In the master, after the fork: they are the child's."""
-        for sock in self.own_listeners or ():
-            sock.close()
-        self.own_listeners = None
-
-    def worker_sockets(self):
-        """In a worker: the listeners it accepts on (its own with
-        reuse_port: listen() needs no privilege, bind did)."""
-        own = self.own_listeners
-        if own is None:
-            return list(self.sockets)
-        for sock in own:
-            sock.listen(min(2048, socket.SOMAXCONN))
-        for sock in self.sockets:
-            sock.close()
-        return own
-
     def make_pipe(self):
         r, w = os.pipe()
         for fd in (r, w):
@@ -4727,14 +5155,14 @@ class Arbiter(object):
                 self.flush_logs()
                 return
             self.murder_workers()
-            self.check_memory()
+            self.memory.check()
             if self.leadership is not None:
                 self.leadership.tend()
             self.manage_workers()
             self.flush_logs()
             self.check_ready()
-            self.reload_progress()
-            self.feed_watchdog()
+            self.reloader.progress()
+            self.watchdog.feed()
             self.spare.keep()
             self.metrics.tick()
             self.upgrader.check_deadline()
@@ -4758,18 +5186,17 @@ class Arbiter(object):
         for slot in self.slots.values():
             if slot.proc is None and slot.backoff_until > now:
                 deadlines.append(slot.backoff_until)
-        if self.memory_limited():
-            deadlines.append(self.next_memory_check)
         if self.spare.deadline(now) is not None:
             deadlines.append(self.spare.deadline(now))
-        if self.watchdog:
-            deadlines.append(self.next_watchdog)
+        deadlines.append(self.memory.deadline())
+        deadlines.append(self.watchdog.deadline())
         if self.leadership is not None:
             deadlines.extend(self.leadership.deadlines())
         deadlines.append(self.metrics.due())
         if self.upgrader.deadline is not None:
             deadlines.append(self.upgrader.deadline)
-        deadlines = [d for d in deadlines if d != float('inf')]
+        deadlines = [d for d in deadlines
+                     if d is not None and d != float('inf')]
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - now)
@@ -4822,16 +5249,6 @@ class Arbiter(object):
         sd_notify('READY=1\nSTATUS=%d workers\nMAINPID=%d'
                   % (self.num_workers, self.pid))
 
-    def feed_watchdog(self):
-        """WATCHDOG=1 at half of WATCHDOG_USEC, from the loop itself: a
-        master stuck anywhere stops feeding it and systemd restarts it."""
-        if not self.watchdog:
-            return
-        now = time.monotonic()
-        if now >= self.next_watchdog:
-            sd_notify('WATCHDOG=1')
-            self.next_watchdog = now + self.watchdog
-
     # -- signal handlers --------------------------------------------------------
 
     def handle_chld(self):
@@ -4840,11 +5257,9 @@ class Arbiter(object):
     def handle_hup(self):
         """Reload config and worker code; replace workers, keep capacity."""
         if not self.stopping:
-            self.reload()
-        else:   # `reload` waits for an outcome: give it one
-            self.reloads['count'] += 1
-            self.reloads.update(result='failed', generation=None,
-                                reason='the master is stopping')
+            self.reloader.start()
+        else:
+            self.reloader.refuse('the master is stopping')
 
     def handle_term(self):
         """Graceful stop: workers finish their run; KILL after the grace."""
@@ -4936,113 +5351,6 @@ class Arbiter(object):
                       'count is %d)', self.cfg.path,
                       getattr(e, 'strerror', None) or e, self.num_workers)
 
-    def reload(self):
-        """HUP: re-read config, re-import worker code, rolling replace.
-
-        A transaction: everything that can fail (config, import, the new
-        log file) is tried before anything changes; a failure leaves the
-        old config, code, log and workers as they were.  The outcome is
-        in status (master.reload): pending until the new generation runs,
-        then done, or failed when one of its workers cannot boot."""
-        self.reloads['count'] += 1
-        sd_notify('RELOADING=1\nMONOTONIC_USEC=%d' % monotonic_usec())
-        try:
-            new, worker_class = self.reload_config()
-            self.apply_config(new, worker_class)
-        except (ConfigError, HaltServer) as e:
-            why = getattr(e, 'reason', None) or str(e)
-            log.error('reload failed, still running the previous config and '
-                      'code: %s', why)
-            self.reloads['generation'] = None
-            return self.reload_done('failed', why)
-        self.generation += 1
-        self.metrics.reloaded()
-        self.reloads.update(result='pending', reason=None,
-                            generation=self.generation)
-        for slot in self.slots.values():
-            # The user changed something: try the new code/config now, not
-            # when a backoff earned by the old one ends (up to 30 s).
-            slot.backoff_until = 0.0
-        log.info('reloaded: generation %d, %d worker(s); new workers start '
-                 'before old ones stop', self.generation, self.num_workers)
-
-    def reload_config(self):
-        """Return the new Config and the re-imported worker class (None
-        when there is none to import); change nothing."""
-        if self.cfg.path is None:
-            return self.cfg, None
-        new = load_config(self.cfg.path, self.cfg.section,
-                          ['%s=%s' % kv for kv in self.cfg.overrides])
-        if self.templates:
-            return new, None
-        # A child first (with `user`, the only import): an import that
-        # calls os._exit() or hangs must not take the master with it.
-        return new, master_worker_class(new, reload=True, isolate=True,
-                                        timeout=self.IMPORT_TIMEOUT)
-
-    def apply_config(self, new, worker_class):
-        """Commit a reload; only switch_log() may fail, and first."""
-        old = self.cfg
-        for key in RESTART_ONLY:
-            if getattr(new, key) != getattr(old, key):
-                log.warning('%s changed: it takes effect on restart only',
-                            key)
-                setattr(new, key, getattr(old, key))
-        if new.log_file != self.logfile.path:
-            self.switch_log(new.log_file)
-        if new.umask != old.umask:
-            os.umask(new.umask)   # inherited by the workers forked next
-            log.info('umask changed: %04o for new workers', new.umask)
-        self.cfg = new
-        if worker_class is not None:
-            self.worker_class = worker_class
-        setup_logging(new, self.logfile)
-        if not self.templates:
-            self.num_workers = new.number_workers
-
-    def switch_log(self, path):
-        """Log to ``path`` from now on; HaltServer, with the old log kept,
-        when it cannot be opened (a folder, no folder, no permission)."""
-        old = self.logfile.path
-        self.logfile.path = path
-        try:
-            self.logfile.reopen()
-        except OSError as e:
-            self.logfile.path = old
-            raise HaltServer('cannot open log_file %s: %s'
-                             % (path, e.strerror or e))
-
-    def reload_progress(self):
-        """A pending reload is done once every wanted slot runs a worker
-        of the new generation (a failed one too, when its retry made it).
-        """
-        r = self.reloads
-        if r['generation'] != self.generation or r['result'] == 'done':
-            return
-        if self.stopping:
-            if r['result'] == 'pending':
-                self.reload_done('failed', 'the master is stopping')
-            return
-        for n in range(1, self.wanted() + 1):
-            slot = self.slots.get(n)
-            proc = slot and slot.proc
-            if proc is None or proc.generation != self.generation or \
-                    proc.state != State.RUNNING:
-                return
-        self.reload_done('done', None)
-
-    def reload_done(self, result, why):
-        """Record the outcome; tell systemd once (READY=1 ends RELOADING)."""
-        was = self.reloads['result']
-        self.reloads.update(result=result, reason=why)
-        if result == 'failed' and was == 'pending':
-            log.error('reload failed: %s; the previous workers keep serving',
-                      why)
-        if was != 'failed' or result == 'failed':
-            sd_notify('READY=1\nSTATUS=%d workers%s' % (
-                self.num_workers, '' if result == 'done' else
-                ' (reload failed)'))
-
     def begin_stop(self, graceful):
         if self.stopping and (graceful or not self.graceful):
             return
@@ -5100,197 +5408,25 @@ class Arbiter(object):
         pid = self.spare.hand_to(proc)
         if pid is None:
             if proc.timeout:
-                proc.dump_fd = self.open_dump_file()
+                proc.dump_fd = open_dump_file()
             try:
-                self.own_listeners = self.child_listeners()
+                self.birth.open_child_listeners()
                 pid = os.fork()
             except (OSError, HaltServer) as e:
-                self.close_child_listeners()
+                self.birth.close_child_listeners()
                 self.board.release(cell)
-                self.close_dump(proc)
+                close_dump(proc)
                 return self.slot_failed(slot, 'fork failed: %s' % e.strerror
                                         if isinstance(e, OSError) else e.reason)
             if pid == 0:
-                self.worker_process(slot.number, cell, proc.dump_fd)
-            self.close_child_listeners()
+                self.birth.worker_process(slot.number, cell, proc.dump_fd)
+            self.birth.close_child_listeners()
         proc.pid = pid
         self.procs[pid] = proc
         slot.proc = proc
         self.spawns += 1
         log.debug('worker %d spawned: pid %d (generation %d)', slot.number,
                   pid, self.generation)
-
-    def open_dump_file(self):
-        """An unlinked temp file for a worker's stack dump at timeout.
-
-        faulthandler writes raw lines; the master reads them back at reap
-        and logs them as one record, continuation lines prefixed.
-        """
-        try:
-            fd, path = tempfile.mkstemp(prefix='processhandler-dump-')
-            os.unlink(path)
-            return fd
-        except OSError:
-            return None
-
-    def close_dump(self, proc):
-        if proc.dump_fd is not None:
-            os.close(proc.dump_fd)
-            proc.dump_fd = None
-
-    def read_dump(self, proc):
-        if proc.dump_fd is None:
-            return ''
-        try:
-            return os.pread(proc.dump_fd, 65536, 0).decode(
-                'utf-8', 'replace').rstrip()
-        except OSError:
-            return ''
-        finally:
-            self.close_dump(proc)
-
-    def worker_process(self, number, cell, dump_fd=None):
-        """Child half of spawn_worker()."""
-        def body():
-            pdeath = self.child_prepare('worker %d' % number)
-            return self.become_worker(number, cell, dump_fd, pdeath)
-        self.child_main(body)
-
-    def child_main(self, body):
-        """Run a forked child's ``body``; always ends in os._exit() with
-        the status it returns (never returns into the master's code)."""
-        status = EXIT_FAILURE
-        try:
-            status = body()
-        except SystemExit as e:
-            status = e.code if isinstance(e.code, int) else \
-                (0 if e.code is None else 1)
-        except BaseException:
-            try:
-                log.exception('%s crashed', _process_tag[0])
-            except BaseException:
-                pass
-        finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(status)
-
-    def child_prepare(self, tag):
-        """In a new child: every step of a worker's start that does not
-        depend on its slot (a spare does these before it is needed)."""
-        _process_tag[0] = tag
-        signal.set_wakeup_fd(-1)
-        for name in self.SIGNALS:
-            signal.signal(getattr(signal, 'SIG' + name), signal.SIG_DFL)
-        self.close_master_fds()
-        line_buffered_stdio()
-        set_proc_title('%s: %s' % (self.cfg.proc_name, tag))
-        drop_privileges(self.uid, self.gid)
-        # Die with the master even if it is KILLed (supervisor #199).
-        pdeath = prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != self.pid:
-            raise SystemExit(WORKER_EXIT_ORPHANED)  # master died before prctl
-        return pdeath
-
-    def become_worker(self, number, cell, dump_fd, pdeath):
-        """The slot-dependent rest of a worker's start; runs the worker and
-        returns its exit status."""
-        tag = 'worker %d' % number
-        if _process_tag[0] != tag:   # a spare becoming this worker
-            _process_tag[0] = tag
-            set_proc_title('%s: %s' % (self.cfg.proc_name, tag))
-        if self.cfg.cpu_affinity:
-            self.pin_cpu(number)
-        try:
-            template = self.load_worker_code(number)
-            sockets = self.worker_sockets()
-            worker = template if template is not None else build_worker(
-                self.worker_class, self.cfg, self.pid, sockets)
-        except Exception as e:
-            # Import or __init__ failed: a boot failure, like init().
-            log.exception('worker %d cannot be built', number)
-            self.board.set_text(cell, 'building the worker raised %s: %s'
-                                % (type(e).__name__, e))
-            return WORKER_EXIT_BOOT_ERROR
-        worker._accept_lock = None
-        if self.accept_fd is not None:
-            wtype = worker.worker_type or self.cfg.worker_type
-            worker._accept_lock = AcceptLock(
-                self.accept_fd, threaded=wtype != 'sync',
-                cooperative=wtype == 'gevent')
-        worker._boot(self.cfg, number, self.board, cell, self.boot_w,
-                     self.pid, sockets, self.logfile, pdeath, dump_fd)
-        return worker._serve()
-
-    def preload_worker_class(self):
-        """In the spare, after the privilege drop: import the worker code
-        while waiting, so becoming a worker only builds the object.  A
-        failure is reported when it is used (worker_object)."""
-        if not self.templates and self.worker_class is None:
-            try:
-                self.worker_class = load_worker_class(self.cfg)
-            except BaseException:   # SystemExit at import too: said later
-                pass
-
-    def load_worker_code(self, number):
-        """In the worker process: make its worker code ready; return
-        Manager mode's template (None in config mode: the class, imported
-        here when the master did not -- ``user`` set -- is built by
-        build_worker).  gevent: monkey-patch first, then import the worker
-        code afresh (it was imported unpatched)."""
-        template = self.template(number)
-        if template is None and self.worker_class is None:
-            self.worker_class = load_worker_class(self.cfg)
-        wtype = (template or self.worker_class).worker_type or \
-            self.cfg.worker_type
-        if wtype == 'gevent':
-            GeventLoop.patch()
-            if template is None:
-                forget_user_modules(self.cfg.base_path)
-                self.worker_class = load_worker_class(self.cfg)
-        return template
-
-    def close_master_fds(self):
-        try:
-            self.selector.close()
-        except Exception:
-            pass
-        for fd in self._pipes:
-            if fd != self.boot_w:
-                os.close(fd)
-        if self.control is not None:
-            self.control.close()
-        for fd in (self.pidfile.fd, self.ready_fd):
-            if fd is not None:
-                os.close(fd)
-        self.pidfile.fd = self.ready_fd = None
-        for proc in self.procs.values():   # siblings' dump files
-            self.close_dump(proc)
-        self.spare.close_in_child()
-        if getattr(self.leader, 'fd', None) is not None:
-            os.close(self.leader.fd)
-        self.metrics.close(child=True)
-        if hasattr(self.leader, 'close_in_child'):
-            self.leader.close_in_child()   # the master's Redis connection
-
-    def pin_cpu(self, number):
-        cpus = affinity_for_slot(self.cfg.cpu_affinity, number,
-                                 get_affinity())
-        if not cpus:
-            return
-        try:
-            done = set_affinity(cpus)
-        except (OSError, ValueError, OverflowError) as e:
-            log.warning('cannot pin to CPU %s: %s', cpus,
-                        getattr(e, 'strerror', None) or e)
-            return
-        if done:
-            log.debug('pinned to CPU %s', cpus)
-        else:   # the ctypes / psutil paths report failure, not raise
-            log.warning('cannot pin to CPU %s: not permitted or no such '
-                        'CPU', cpus)
 
     def slot_failed(self, slot, why):
         """A boot failure or an early death: back off, exponentially."""
@@ -5310,7 +5446,8 @@ class Arbiter(object):
         log.log(level, 'worker %d failed (%s); attempt %d in %.1fs',
                 slot.number, why, slot.failures + 1, delay)
         if self.reloads['result'] == 'pending':
-            self.reload_done('failed', 'worker %d: %s' % (slot.number, why))
+            self.reloader.done('failed', 'worker %d: %s' % (slot.number,
+                                                           why))
 
     def stop_worker(self, proc, why, graceful=True):
         """Ask one worker to stop: TERM (graceful) or QUIT (quick)."""
@@ -5358,57 +5495,64 @@ class Arbiter(object):
         The lines for the usual cases wait in later_logs until the loop
         has started the replacement: formatting and writing a record is
         the slowest thing here (a cold master takes ~0.3 ms for one)."""
-        board, cell = self.board, proc.cell
-        booted = board.get(cell, Scoreboard.STATE) == Scoreboard.BOOTED
-        reason = board.get(cell, Scoreboard.REASON)
-        text = board.text(cell)
-        requests = board.get(cell, Scoreboard.REQUESTS)
-        up = time.monotonic() - (board.getf(cell, Scoreboard.BOOTED_AT) or
-                                 proc.spawned)
-        init_rss = board.getf(cell, Scoreboard.INIT_RSS)
-        self.metrics.worker_exited(proc, status)
-        board.release(cell)
-        if not (proc.timed_out or proc.boot_timed_out):
-            self.close_dump(proc)
         was = proc.state
+        ex = WorkerExit(proc, status, self.board)
+        self.metrics.worker_exited(proc, status)
+        slot = self.release_proc(proc)
+        replace = (slot is not None and slot.proc is None
+                   and not self.stopping and proc.slot <= self.wanted())
+        if proc.timed_out or proc.boot_timed_out:
+            self.log_timeout_exit(proc, ex)
+        elif was == State.STOPPING and not (ex.memory and replace):
+            self.later(log.info, '%s stopped (%s): %s', ex.name,
+                       proc.stop_reason, ex.how)
+            return
+        if not replace:
+            return   # an older generation, a retired slot, or shutting down
+        if self.slot_finished(slot, status, ex.name, ex.how):
+            return
+        self.judge_exit(slot, proc, ex)
+        if slot.proc is None and slot.backoff_until <= time.monotonic():
+            # Replace it now rather than at the end of the loop turn: this
+            # is the respawn latency users see.
+            self.spawn_worker(slot)
+
+    def release_proc(self, proc):
+        """Free a reaped worker's cell and dump file, forget it in its
+        slot (dropping a retired, empty slot); return the slot or None."""
+        self.board.release(proc.cell)
+        if not (proc.timed_out or proc.boot_timed_out):
+            close_dump(proc)
         self.set_state(proc, State.EXITED)
         slot = self.slots.get(proc.slot)
         if slot is not None:
             slot.forget(proc)
             if proc.slot > self.wanted() and not slot.procs():
                 del self.slots[proc.slot]
-        how = describe_status(status)
-        name = 'worker %d (pid %d)' % (proc.slot, proc.pid)
-        ok_exit = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        memory = reason == Scoreboard.R_MEMORY or \
-            proc.stop_reason in ('soft memory limit', 'hard memory limit')
-        replace = slot is not None and slot.proc is None and \
-            not self.stopping and proc.slot <= self.wanted()
-        later = self.later
+        return slot
+
+    def log_timeout_exit(self, proc, ex):
+        """A worker killed for its timeout or boot_timeout: its stack."""
+        dump = read_dump(proc)
         if proc.timed_out:
-            dump = self.read_dump(proc)
-            later(log.error, '%s killed after timeout (%s); its stack at '
-                  'the timeout:\n%s', name, how, dump or '(no stack: it did '
-                  'not answer the dump signal)')
-        elif proc.boot_timed_out:
-            dump = self.read_dump(proc)
-            if dump:
-                later(log.error, '%s stack when its boot timed out:\n%s',
-                      name, dump)
-            booted = False
-            text = 'did not boot within %gs (boot_timeout; %s)' % (
-                proc.boot_timeout, how)
-        elif was == State.STOPPING and not (memory and replace):
-            later(log.info, '%s stopped (%s): %s', name, proc.stop_reason,
-                  how)
+            self.later(log.error, '%s killed after timeout (%s); its stack '
+                       'at the timeout:\n%s', ex.name, ex.how, dump or
+                       '(no stack: it did not answer the dump signal)')
             return
-        if not replace:
-            return   # an older generation, a retired slot, or shutting down
-        if self.slot_finished(slot, status, name, how):
-            return
-        if not booted:
-            self.slot_failed(slot, text or 'died while booting (%s)' % how)
-        elif memory and (requests == 0 or init_rss > (
+        if dump:
+            self.later(log.error, '%s stack when its boot timed out:\n%s',
+                       ex.name, dump)
+        ex.booted = False
+        ex.text = 'did not boot within %gs (boot_timeout; %s)' % (
+            proc.boot_timeout, ex.how)
+
+    def judge_exit(self, slot, proc, ex):
+        """A replaced slot's worker exited: a failure (backoff), a
+        recycle (limits, uliweb's is_exit), or a crash of a working one."""
+        if not ex.booted:
+            self.slot_failed(slot, ex.text or 'died while booting (%s)'
+                             % ex.how)
+        elif ex.memory and (ex.requests == 0 or ex.init_rss > (
                 proc.soft_limit or proc.hard_limit or float('inf'))):
             # Over the limit before doing anything: recycling it after
             # every run would be a loop (celery #4125).  Back off instead.
@@ -5416,21 +5560,20 @@ class Arbiter(object):
             self.slot_failed(slot, 'over its memory limit (%g MB) right '
                              'after init()' % (proc.soft_limit or
                                                proc.hard_limit))
-        elif memory or (ok_exit and reason):
-            later(log.info, '%s exited after %d requests: %s', name,
-                  requests, proc.stop_reason if memory and proc.stop_reason
-                  else Scoreboard.R_NAMES.get(reason, 'reason %d' % reason))
+        elif ex.memory or (ex.ok_exit and ex.reason):
+            self.later(log.info, '%s exited after %d requests: %s', ex.name,
+                       ex.requests, proc.stop_reason
+                       if ex.memory and proc.stop_reason else
+                       Scoreboard.R_NAMES.get(ex.reason,
+                                              'reason %d' % ex.reason))
             slot.failures = slot.early_deaths = 0
-        elif proc.timed_out or up >= self.EARLY_DEATH:
+        elif proc.timed_out or ex.up >= self.EARLY_DEATH:
             if not proc.timed_out:
-                later(log.error, '%s died after %.1fs: %s', name, up, how)
+                self.later(log.error, '%s died after %.1fs: %s', ex.name,
+                           ex.up, ex.how)
             slot.failures = slot.early_deaths = 0
         else:
-            self.early_death(slot, name, up, how, requests)
-        if slot.proc is None and slot.backoff_until <= time.monotonic():
-            # Replace it now rather than at the end of the loop turn: this
-            # is the respawn latency users see.
-            self.spawn_worker(slot)
+            self.early_death(slot, ex.name, ex.up, ex.how, ex.requests)
 
     def early_death(self, slot, name, up, how, requests):
         """A worker died soon after its boot.  One that handled nothing
@@ -5521,36 +5664,6 @@ class Arbiter(object):
         proc.kill_at = time.monotonic() + 1.0
         self.kill(proc.pid, DUMP_SIGNAL if proc.dump_fd is not None
                   else signal.SIGKILL)
-
-    def memory_limited(self):
-        return any(p.soft_limit or p.hard_limit for p in self.procs.values())
-
-    def check_memory(self):
-        now = time.monotonic()
-        if now < self.next_memory_check or not self.memory_limited():
-            return
-        self.next_memory_check = now + self.cfg.check_interval
-        for proc in list(self.procs.values()):
-            if proc.state not in (State.RUNNING, State.STOPPING) or \
-                    proc.kill_at is None and proc.state == State.STOPPING:
-                continue
-            rss = rss_mb(proc.pid)
-            if rss is None:
-                continue
-            if proc.over_limit('hard', rss):
-                log.error('worker %d (pid %d) RSS %.1f MB is over '
-                          'hard_memory_limit %g MB: KILL', proc.slot,
-                          proc.pid, rss, proc.hard_limit)
-                self.set_state(proc, State.STOPPING)
-                proc.stop_reason = 'hard memory limit'
-                proc.kill_at = None
-                self.kill(proc.pid, signal.SIGKILL)
-            elif proc.over_limit('soft', rss) and \
-                    proc.state == State.RUNNING:
-                log.warning('worker %d (pid %d) RSS %.1f MB is over '
-                            'soft_memory_limit %g MB: asking it to exit',
-                            proc.slot, proc.pid, rss, proc.soft_limit)
-                self.stop_worker(proc, 'soft memory limit')
 
     def manage_workers(self):
         """Spawn missing slots, finish rolling replaces, retire surplus."""
