@@ -1253,6 +1253,42 @@ def child_pids(pid=None):
     return found
 
 
+def kill_quietly(pid, sig):
+    """os.kill() that ignores a process already gone (its reaper sees it)."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop_orphans(known, grace):
+    """TERM, then KILL after ``grace`` s, the grandchildren that were
+    re-parented to us (we are a child subreaper): our children not in
+    ``known``; reap them."""
+    left = child_pids() - set(known)
+    if not left:
+        return
+    log.info('stopping %d adopted orphan process(es): %s', len(left),
+             ' '.join(map(str, sorted(left))))
+    for pid in left:
+        kill_quietly(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    delay = 0.005
+    while left:
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            break
+        left = child_pids()
+        if time.monotonic() > deadline:
+            for pid in left:
+                kill_quietly(pid, signal.SIGKILL)
+            deadline = float('inf')
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
 # -- pid file and instance lock ------------------------------------------------
 
 _FLOCK = struct.Struct('hhqqi4x')  # struct flock on LP64 Linux
@@ -1434,6 +1470,29 @@ def instances(cfg):
     return found
 
 
+def acquire_instance(cfg, upgrade=None):
+    """Take the pidfile lock of the first free instance (or refuse):
+    return (PidFile, instance number).  After a USR2 exec: the lock
+    held already, handed over in ``upgrade`` (UpgradeState)."""
+    if upgrade:
+        # Same pid, same open lock: POSIX locks survive execve.
+        pidfile = PidFile(upgrade.pidfile)
+        pidfile.fd = upgrade.lock_fd
+        # Inheritable only for the execve: not for anything we run.
+        os.set_inheritable(pidfile.fd, False)
+        pidfile.write(os.getpid())
+        return pidfile, upgrade.instance
+    for n in range(1, 1000):
+        pidfile = PidFile(instance_pidfile(cfg, n))
+        holder = pidfile.acquire()
+        if not holder:
+            return pidfile, n
+        if cfg.single_instance:
+            raise HaltServer('already running (pid %s, pidfile %s)'
+                             % (holder, pidfile.path))
+    raise HaltServer('no free instance number below 1000')
+
+
 # -- daemonize ------------------------------------------------------------------
 
 def daemonize(cfg):
@@ -1612,6 +1671,41 @@ def systemd_listeners():
     for key in ('LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES'):
         os.environ.pop(key, None)   # not for our children
     return socks
+
+
+def open_listeners(cfg, upgrade=None, owner=None):
+    """Listeners, opened before any fork and inherited by the workers:
+    systemd's (socket activation) if given, else ``bind`` (unix sockets
+    chowned to ``owner``); after a USR2 exec, the ones handed over in
+    ``upgrade``.  Return (sockets, accept_lock's fd or None)."""
+    accept_fd = None
+    if upgrade:
+        sockets = [socket.socket(fileno=fd) for fd in upgrade.fds]
+        for sock in sockets:
+            sock.setblocking(False)
+            sock.set_inheritable(False)   # see acquire_instance
+        if upgrade.accept_fd is not None:
+            os.set_inheritable(upgrade.accept_fd, False)
+        return sockets, upgrade.accept_fd
+    sockets = systemd_listeners()
+    if sockets:
+        log.info('listening on %s (from systemd)', ', '.join(
+            listener_name(s) for s in sockets))
+    elif cfg.bind:
+        # With reuse_port the master only reserves the addresses (bound,
+        # not listening); each worker opens its own listener.
+        sockets = [create_listener(a, cfg.reuse_port,
+                                   listen=not cfg.reuse_port, owner=owner)
+                   for a in cfg.bind]
+        log.info('listening on %s%s', ', '.join(
+            listener_name(s) for s in sockets),
+            ' (SO_REUSEPORT: one listener per worker)'
+            if cfg.reuse_port else '')
+    if sockets and cfg.accept_lock and not cfg.reuse_port:
+        fd, path = tempfile.mkstemp(prefix='processhandler-accept-')
+        os.unlink(path)
+        accept_fd = fd
+    return sockets, accept_fd
 
 
 def close_inherited_fds():
@@ -4956,8 +5050,9 @@ class Arbiter(object):
         self.open_log()
         if not self.keep_user_logging:
             setup_logging(cfg, self.logfile)
-        self.acquire_instance()
-        self.open_sockets()
+        self.pidfile, self.instance = acquire_instance(cfg, self.upgrade)
+        self.sockets, self.accept_fd = open_listeners(
+            cfg, self.upgrade, (self.uid, self.gid))
         lock = make_leader(cfg)
         if lock is not None:
             self.leadership = Leadership(self, lock)
@@ -5030,62 +5125,6 @@ class Arbiter(object):
         if cfg.accept_lock and cfg.reuse_port:
             log.warning('accept_lock has no effect with reuse_port = true '
                         '(each worker has its own listener)')
-
-    def acquire_instance(self):
-        """Take the pidfile lock of the first free instance (or refuse)."""
-        if self.upgrade:
-            # Same pid, same open lock: POSIX locks survive execve.
-            self.pidfile = PidFile(self.upgrade.pidfile)
-            self.pidfile.fd = self.upgrade.lock_fd
-            # Inheritable only for the execve: not for anything we run.
-            os.set_inheritable(self.pidfile.fd, False)
-            self.pidfile.write(os.getpid())
-            self.instance = self.upgrade.instance
-            return
-        for n in range(1, 1000):
-            pidfile = PidFile(instance_pidfile(self.cfg, n))
-            holder = pidfile.acquire()
-            if not holder:
-                self.pidfile, self.instance = pidfile, n
-                return
-            if self.cfg.single_instance:
-                raise HaltServer('already running (pid %s, pidfile %s)'
-                                 % (holder, pidfile.path))
-        raise HaltServer('no free instance number below 1000')
-
-    def open_sockets(self):
-        """Listeners, opened before any fork and inherited by the workers:
-        systemd's (socket activation) if given, else ``bind``."""
-        cfg = self.cfg
-        if self.upgrade:
-            self.sockets = [socket.socket(fileno=fd)
-                            for fd in self.upgrade.fds]
-            for sock in self.sockets:
-                sock.setblocking(False)
-                sock.set_inheritable(False)   # see acquire_instance
-            self.accept_fd = self.upgrade.accept_fd
-            if self.accept_fd is not None:
-                os.set_inheritable(self.accept_fd, False)
-            return
-        self.sockets = systemd_listeners()
-        if self.sockets:
-            log.info('listening on %s (from systemd)', ', '.join(
-                listener_name(s) for s in self.sockets))
-        elif cfg.bind:
-            # With reuse_port the master only reserves the addresses (bound,
-            # not listening); each worker opens its own listener.
-            self.sockets = [create_listener(a, cfg.reuse_port,
-                                            listen=not cfg.reuse_port,
-                                            owner=(self.uid, self.gid))
-                            for a in cfg.bind]
-            log.info('listening on %s%s', ', '.join(
-                listener_name(s) for s in self.sockets),
-                ' (SO_REUSEPORT: one listener per worker)'
-                if cfg.reuse_port else '')
-        if self.sockets and cfg.accept_lock and not cfg.reuse_port:
-            fd, path = tempfile.mkstemp(prefix='processhandler-accept-')
-            os.unlink(path)
-            self.accept_fd = fd
 
     def make_pipe(self):
         r, w = os.pipe()
@@ -5461,10 +5500,7 @@ class Arbiter(object):
         self.kill(proc.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
 
     def kill(self, pid, sig):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass  # already gone; the reaper will see it
+        kill_quietly(pid, sig)
 
     def reap_workers(self):
         while True:
@@ -5717,31 +5753,6 @@ class Arbiter(object):
 
     # -- leaving ----------------------------------------------------------------
 
-    def stop_orphans(self):
-        """TERM, then KILL, the grandchildren that were re-parented to us."""
-        left = child_pids() - set(self.procs)
-        if not left:
-            return
-        log.info('stopping %d adopted orphan process(es): %s', len(left),
-                 ' '.join(map(str, sorted(left))))
-        for pid in left:
-            self.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.ORPHAN_GRACE
-        delay = 0.005
-        while left:
-            try:
-                while os.waitpid(-1, os.WNOHANG)[0]:
-                    pass
-            except ChildProcessError:
-                break
-            left = child_pids()
-            if time.monotonic() > deadline:
-                for pid in left:
-                    self.kill(pid, signal.SIGKILL)
-                deadline = float('inf')
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)
-
     def cleanup(self):
         if self.leader is not None and self.active and not self.procs:
             # The standby takes over at once.  Compare-and-delete: a key
@@ -5757,7 +5768,7 @@ class Arbiter(object):
                             'now, left alone', self.leader.holder())
         if self.board is not None and self.pidfile is not None:
             try:
-                self.stop_orphans()
+                stop_orphans(self.procs, self.ORPHAN_GRACE)
             except OSError:
                 pass
         self.close_control()
