@@ -537,8 +537,8 @@ class Config(object):
             setattr(self, s.name, list(v) if isinstance(v, list) else v)
         if not self.proc_name:     # unset or `proc_name =`: the section
             self.proc_name = self.section
-        here = os.path.dirname(os.path.abspath(path)) if path else \
-            os.getcwd()
+        here = (os.path.dirname(os.path.abspath(path)) if path else
+                os.getcwd())
         self.base_path = os.path.normpath(os.path.join(
             here, self.base_path or ''))
         for key in ('pidfile', 'log_file'):
@@ -705,8 +705,8 @@ def value_source(plain, section, key):
 
 def interpolation_error(where, key, e):
     ref = getattr(e, 'reference', '') or ''
-    if isinstance(e, configparser.InterpolationMissingOptionError) and \
-            ref.startswith('env_'):
+    if (isinstance(e, configparser.InterpolationMissingOptionError) and
+            ref.startswith('env_')):
         return '%s %s: environment variable %s is not set' % (
             where, key, ref[4:].upper())
     return '%s %s: %s' % (where, key, ' '.join(str(e).split()))
@@ -914,8 +914,8 @@ class LogFile(object):
             if problem:
                 raise OSError(errno.EPERM, problem)
             uid, gid = self.owner or (None, None)
-            if uid is not None and os.geteuid() == 0 and \
-                    stat.S_ISREG(st.st_mode) and st.st_uid != uid:
+            if (uid is not None and os.geteuid() == 0 and
+                    stat.S_ISREG(st.st_mode) and st.st_uid != uid):
                 # Workers that dropped to `user` reopen it on USR1 (after
                 # logrotate the master creates the new file first).
                 os.fchown(fd, uid, -1 if gid is None else gid)
@@ -1117,15 +1117,15 @@ def resolve_user_group(user, group):
     uid = gid = None
     if user:
         try:
-            pw = pwd.getpwuid(int(user)) if user.isdigit() else \
-                pwd.getpwnam(user)
+            pw = (pwd.getpwuid(int(user)) if user.isdigit() else
+                  pwd.getpwnam(user))
         except (KeyError, ValueError):
             raise ConfigError('user: no such user %r' % user)
         uid, gid = pw.pw_uid, pw.pw_gid
     if group:
         try:
-            gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else \
-                grp.getgrnam(group).gr_gid
+            gid = (grp.getgrgid(int(group)).gr_gid if group.isdigit() else
+                   grp.getgrnam(group).gr_gid)
         except (KeyError, ValueError):
             raise ConfigError('group: no such group %r' % group)
     return uid, gid
@@ -1413,8 +1413,8 @@ def runtime_dir():
         if e.errno != errno.EEXIST:
             raise
     st = os.lstat(d)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or \
-            st.st_mode & 0o077:
+    if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or
+            st.st_mode & 0o077):
         raise HaltServer('%s is not a private directory of ours' % d)
     return d
 
@@ -1871,8 +1871,8 @@ class RedisLeader(object):
         """In a forked child: close the master's Redis connections without
         a word to Redis (a shutdown() would end the master's too)."""
         pool = getattr(self.client, 'connection_pool', None)
-        conns = list(getattr(pool, '_available_connections', ())) + \
-            list(getattr(pool, '_in_use_connections', ()))
+        conns = (list(getattr(pool, '_available_connections', ())) +
+                 list(getattr(pool, '_in_use_connections', ())))
         for conn in conns:
             sock = getattr(conn, '_sock', None)
             if sock is not None:
@@ -1988,8 +1988,8 @@ class Leadership(object):
         its workers so that all are dead before its lease can expire:
         expiry - (grace + margin), grace capped at a third of the TTL."""
         ttl = self.lock.ttl
-        return self.lock.expires - self.step_down_grace() - \
-            min(1.0, ttl / 10.0)
+        return (self.lock.expires - self.step_down_grace() -
+                min(1.0, ttl / 10.0))
 
     def step_down_grace(self):
         return min(self.arbiter.cfg.graceful_timeout, self.lock.ttl / 3.0)
@@ -2175,8 +2175,8 @@ class Scoreboard(object):
 # real-time signal nobody sends by hand: USR2 is the master's upgrade
 # signal, and a `pkill -USR2 -f` that also hits the workers must not kill
 # them (they ignore it).  USR2 where there are no real-time signals.
-DUMP_SIGNAL = signal.SIGRTMIN + 5 if hasattr(signal, 'SIGRTMIN') \
-    else signal.SIGUSR2
+DUMP_SIGNAL = (signal.SIGRTMIN + 5 if hasattr(signal, 'SIGRTMIN')
+               else signal.SIGUSR2)
 
 
 class Worker(object):
@@ -2409,8 +2409,8 @@ class Worker(object):
 
     def _announce_booted(self):
         b, c = self._board, self._cell
-        if self.setting('soft_memory_limit') or \
-                self.setting('hard_memory_limit'):
+        if (self.setting('soft_memory_limit') or
+                self.setting('hard_memory_limit')):
             # What init() left us weighing: the master backs off a slot
             # that is over its limit before any run (celery #4125).
             b.setf(c, Scoreboard.INIT_RSS, rss_mb(self.pid) or 0.0)
@@ -2430,9 +2430,9 @@ class Worker(object):
 
     def serves_sockets(self):
         """True when this worker implements handle() and has listeners."""
-        return bool(self.sockets) and \
-            getattr(type(self).handle, '__func__', type(self).handle) \
-            is not Worker.handle
+        return (bool(self.sockets) and
+                getattr(type(self).handle, '__func__', type(self).handle)
+                is not Worker.handle)
 
     def _loop(self):
         """The sync loop.  It is every job's overhead, so a handled run
@@ -2455,8 +2455,8 @@ class Worker(object):
         watch = RunWatch.start(self)
         n = self.requests
         self._publisher = Publisher(self, n) if watch is None else None
-        upcoming = self._publisher.due if self._publisher else \
-            n + self.CHECKPOINT_RUNS
+        upcoming = (self._publisher.due if self._publisher else
+                    n + self.CHECKPOINT_RUNS)
         try:
             while self.alive:
                 stop_at = n + 1 if slow_path else upcoming
@@ -2470,11 +2470,11 @@ class Worker(object):
                                   'reached, recycling', n)
                     self._exit_reason = Scoreboard.R_MAX_REQUESTS
                     break
-                if self._publisher is not None and \
-                        n >= self._publisher.due:
+                if (self._publisher is not None and
+                        n >= self._publisher.due):
                     self._publisher.publish(n)
-                upcoming = self._publisher.due if self._publisher else \
-                    n + self.CHECKPOINT_RUNS
+                upcoming = (self._publisher.due if self._publisher else
+                            n + self.CHECKPOINT_RUNS)
                 if slow_path and not self._slow_path():
                     break
         finally:
@@ -2656,8 +2656,8 @@ class MemoryCheck(object):
         self.worker = worker
         self.soft = worker.setting('soft_memory_limit')
         self.every = worker.cfg.check_interval
-        self.next = time.monotonic() + self.every if self.soft else \
-            float('inf')
+        self.next = (time.monotonic() + self.every if self.soft else
+                     float('inf'))
 
     def due(self):
         if self.next == float('inf'):
@@ -2854,8 +2854,8 @@ class SyncWorker(Worker):
         Worker._signal_term(self, signum, frame)
         # Only the sync loop runs requests in the main thread, where the
         # SIGALRM handler's exception lands.
-        if self._in_request and not self._runner.concurrent and \
-                hasattr(signal, 'setitimer'):
+        if (self._in_request and not self._runner.concurrent and
+                hasattr(signal, 'setitimer')):
             # Leave the end of graceful_timeout to after_run() and the exit.
             grace = self.setting('graceful_timeout')
             self._term_at = time.monotonic()
@@ -2912,8 +2912,8 @@ class AcceptLock(object):
             try:
                 return fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
-                if e.errno not in (errno.EACCES, errno.EAGAIN) or \
-                        time.monotonic() > deadline:
+                if (e.errno not in (errno.EACCES, errno.EAGAIN) or
+                        time.monotonic() > deadline):
                     raise
             time.sleep(0.002)
 
@@ -3000,9 +3000,9 @@ class ThreadLoop(SyncLoop):
         flight already reach max_requests: a worker never handles more
         than max_requests, whatever its number of threads."""
         with self.lock:
-            if self.max_requests and \
-                    self.worker.requests + self.in_flight >= \
-                    self.max_requests:
+            if (self.max_requests and
+                    self.worker.requests + self.in_flight >=
+                    self.max_requests):
                 return False
             self.in_flight += 1
             return True
@@ -3117,8 +3117,8 @@ class AsyncioLoop(SyncLoop):
         import asyncio
         w = self.worker
         while w.alive:
-            if self.max_requests and \
-                    w.requests + self.in_flight >= self.max_requests:
+            if (self.max_requests and
+                    w.requests + self.in_flight >= self.max_requests):
                 # Never more than max_requests runs per worker: wait for
                 # those in flight (they may not count) or for the stop.
                 try:
@@ -3163,8 +3163,8 @@ class AsyncioLoop(SyncLoop):
         w = self.worker
         w.requests += 1
         w._board.set(w._cell, Scoreboard.REQUESTS, w.requests)
-        if self.max_requests and w.requests >= self.max_requests and \
-                w.alive:
+        if (self.max_requests and w.requests >= self.max_requests and
+                w.alive):
             w.log.info('%d requests handled: max_requests reached, '
                        'recycling', w.requests)
             w._exit_reason = Scoreboard.R_MAX_REQUESTS
@@ -3370,8 +3370,8 @@ def describe_status(status):
             name = signal.Signals(sig).name
         except ValueError:
             rt = getattr(signal, 'SIGRTMIN', 0)
-            name = 'SIGRTMIN+%d' % (sig - rt) if rt and \
-                rt <= sig <= signal.SIGRTMAX else 'signal %d' % sig
+            name = ('SIGRTMIN+%d' % (sig - rt) if rt and
+                    rt <= sig <= signal.SIGRTMAX else 'signal %d' % sig)
         return 'killed by %s' % name
     if os.WIFEXITED(status):
         return 'exit status %d' % os.WEXITSTATUS(status)
@@ -3528,8 +3528,8 @@ class ControlServer(object):
             return {'ok': False, 'error': 'incr %d refused: %d + %d worker(s) '
                     'would exceed the maximum of %d' % (
                         n, a.num_workers, n, MAX_WORKERS)}
-        target = a.num_workers + n if req['cmd'] == 'incr' else \
-            max(1, a.num_workers - n)
+        target = (a.num_workers + n if req['cmd'] == 'incr' else
+                  max(1, a.num_workers - n))
         a.set_num_workers(target, req['cmd'])
         a.manage_workers()
         return {'ok': True, 'number_workers': a.num_workers}
@@ -3582,8 +3582,8 @@ class Metrics(object):
         and classify the exit."""
         board = self.arbiter.board
         n = board.get(proc.cell, Scoreboard.REQUESTS)
-        self.requests_done[proc.slot] = \
-            self.requests_done.get(proc.slot, 0) + n
+        self.requests_done[proc.slot] = (
+            self.requests_done.get(proc.slot, 0) + n)
         self.exits[self.exit_reason(proc, status)] += 1
 
     def exit_reason(self, proc, status):
@@ -3620,8 +3620,8 @@ class Metrics(object):
         for n in a.slots:
             totals.setdefault(n, 0)
         for proc in a.procs.values():
-            totals[proc.slot] = totals.get(proc.slot, 0) + \
-                a.board.get(proc.cell, Scoreboard.REQUESTS)
+            totals[proc.slot] = (totals.get(proc.slot, 0) +
+                                 a.board.get(proc.cell, Scoreboard.REQUESTS))
         return totals
 
     def slot_counts(self, now):
@@ -3981,8 +3981,8 @@ class UpgradeState(object):
         """The record a USR2 re-exec handed over, or None; popped from the
         environment (workers must not see it) unless ``keep``."""
         environ = os.environ if environ is None else environ
-        raw = environ.get(UPGRADE_ENV) if keep else \
-            environ.pop(UPGRADE_ENV, None)
+        raw = (environ.get(UPGRADE_ENV) if keep else
+               environ.pop(UPGRADE_ENV, None))
         if not raw:
             return None
         try:
@@ -4126,12 +4126,12 @@ class Upgrade(object):
 
     def check_deadline(self):
         """Kill a preflight that takes too long (a hung import)."""
-        if self.child is not None and self.deadline is not None and \
-                time.monotonic() >= self.deadline:
+        if (self.child is not None and self.deadline is not None and
+                time.monotonic() >= self.deadline):
             self.deadline = None
             self.arbiter.kill(self.child.pid, signal.SIGKILL)
-            self.reason = 'the preflight did not finish within %gs' % \
-                self.PREFLIGHT_TIMEOUT
+            self.reason = ('the preflight did not finish within %gs' %
+                           self.PREFLIGHT_TIMEOUT)
 
     def preflight_exited(self, status):
         """The preflight was reaped: exec when it passed, else refuse."""
@@ -4147,8 +4147,8 @@ class Upgrade(object):
             return self.reexec()
         lines = [l.strip() for l in self.output.decode(
             'utf-8', 'replace').splitlines() if l.strip()]
-        why = ' | '.join(lines[-3:]) or 'the preflight %s' % \
-            describe_status(status)
+        why = (' | '.join(lines[-3:]) or 'the preflight %s' %
+               describe_status(status))
         self.refused(self.reason if timed_out and self.reason else why)
 
     def record(self):
@@ -4327,13 +4327,13 @@ class Spare(object):
 
     def owns(self, pid):
         """True when ``pid`` is the spare or a discarded one."""
-        return pid in self.dead or self.proc is not None and \
-            pid == self.proc.pid
+        return (pid in self.dead or self.proc is not None and
+                pid == self.proc.pid)
 
     def wanted(self):
         a = self.arbiter
-        return bool(a.cfg.spare_worker) and not a.stopping and \
-            a.active and a.wanted() > 0
+        return (bool(a.cfg.spare_worker) and not a.stopping and
+                a.active and a.wanted() > 0)
 
     def deadline(self, now):
         """When a spare is due after a backoff, or None."""
@@ -4350,8 +4350,8 @@ class Spare(object):
                                   not self.wanted()):
             self.discard('stale' if self.wanted() else 'not needed')
             spare = None
-        if spare is not None or not self.wanted() or \
-                time.monotonic() < self.next_at:
+        if (spare is not None or not self.wanted() or
+                time.monotonic() < self.next_at):
             return
         if any(p.state == State.BOOTING for p in a.procs.values()):
             # Not now: a fork stalls the children that are starting (they
@@ -5275,8 +5275,8 @@ class Arbiter(object):
             slot = self.slots.get(n)
             if slot is not None and slot.finished:
                 continue
-            if slot is None or slot.proc is None or \
-                    slot.proc.state != State.RUNNING:
+            if (slot is None or slot.proc is None or
+                    slot.proc.state != State.RUNNING):
                 return
         self.ready = True
         msg = 'pid %d, %d worker(s) running' % (self.pid, self.wanted())
@@ -5479,8 +5479,8 @@ class Arbiter(object):
                              % (slot.number, why))
         # Loud the first time (or when the reason changes), then quieter:
         # a slot failing for hours must not flood the log.
-        level = logging.ERROR if why != slot.last_error or \
-            slot.failures == 1 else logging.INFO
+        level = (logging.ERROR if why != slot.last_error or
+                 slot.failures == 1 else logging.INFO)
         slot.last_error = why
         log.log(level, 'worker %d failed (%s); attempt %d in %.1fs',
                 slot.number, why, slot.failures + 1, delay)
@@ -5630,8 +5630,8 @@ class Arbiter(object):
         ``is_exit = 'quit'`` (exit status WORKER_EXIT_FINISHED), or any
         exit under Manager(daemon=False), which starts each worker once.
         When every slot is done, the master stops."""
-        quit = os.WIFEXITED(status) and \
-            os.WEXITSTATUS(status) == WORKER_EXIT_FINISHED
+        quit = (os.WIFEXITED(status) and
+                os.WEXITSTATUS(status) == WORKER_EXIT_FINISHED)
         if not (quit or self.run_once):
             return False
         slot.finished = True
@@ -5656,19 +5656,19 @@ class Arbiter(object):
         for proc in list(self.procs.values()):
             if proc.kill_at is not None:
                 if now >= proc.kill_at:
-                    why = proc.stop_reason if proc.timed_out else \
-                        '%s; graceful_timeout %gs' % (proc.stop_reason,
-                                                      proc.graceful_timeout)
+                    why = (proc.stop_reason if proc.timed_out else
+                           '%s; graceful_timeout %gs' % (
+                               proc.stop_reason, proc.graceful_timeout))
                     log.warning('worker %d (pid %d) still alive %.1fs '
                                 'after being asked to stop (%s): KILL',
                                 proc.slot, proc.pid,
                                 now - (proc.stop_requested or now), why)
                     proc.kill_at = None
                     self.kill(proc.pid, signal.SIGKILL)
-            elif proc.state == State.BOOTING and proc.boot_timeout and \
-                    now - proc.spawned > proc.boot_timeout and \
-                    self.board.get(proc.cell, Scoreboard.STATE) != \
-                    Scoreboard.BOOTED:
+            elif (proc.state == State.BOOTING and proc.boot_timeout and
+                    now - proc.spawned > proc.boot_timeout and
+                    self.board.get(proc.cell, Scoreboard.STATE) !=
+                    Scoreboard.BOOTED):
                 self.boot_timeout_worker(proc, now - proc.spawned)
             elif proc.timeout and proc.state == State.RUNNING:
                 started = self.board.getf(proc.cell, Scoreboard.RUN_STARTED)
@@ -5715,8 +5715,8 @@ class Arbiter(object):
             if slot.finished:
                 continue
             proc = slot.proc
-            if proc is not None and proc.generation < self.generation and \
-                    proc.state != State.STOPPING:
+            if (proc is not None and proc.generation < self.generation and
+                    proc.state != State.STOPPING):
                 # Rolling replace: the old one serves until the new is up.
                 # One still booting serves nobody: stop it now, or a storm
                 # of HUPs would pile up a generation per signal.
@@ -5837,8 +5837,8 @@ class Arbiter(object):
                 if slot.backoff_until > now:
                     row['next_attempt_in'] = round(slot.backoff_until - now,
                                                    3)
-                    row['waiting'] = 'backoff after %d failure(s) in a ' \
-                        'row' % slot.failures
+                    row['waiting'] = ('backoff after %d failure(s) in a '
+                                      'row' % slot.failures)
                 rows.append(row)
         known = set(id(p) for s in self.slots.values() for p in s.procs())
         for proc in self.procs.values():
@@ -5922,8 +5922,8 @@ class Manager(object):
         upgrade = UpgradeState.from_env()
         if upgrade is not None and os.environ.get(PREFLIGHT_ENV):
             return EXIT_OK   # a USR2 preflight: the script got this far
-        ready_fd = daemonize(self.cfg) if self.cfg.daemonize and \
-            not upgrade else None
+        ready_fd = (daemonize(self.cfg) if self.cfg.daemonize and
+                    not upgrade else None)
         logger.info('%s starting', self.title)
         # A script that configured logging itself (uliweb's examples call
         # logging.basicConfig) keeps its handlers; else ours, one line each.
@@ -6341,8 +6341,8 @@ class UliwebWorker(Worker):
 
     def _running(self):
         limit = self.max_requests
-        return self.alive and not self.is_exit and \
-            (not limit or self.count <= limit)
+        return (self.alive and not self.is_exit and
+                (not limit or self.count <= limit))
 
     def _loop(self):
         """uliweb's loop, with the run stamps the master's hard timeout
@@ -6455,8 +6455,8 @@ class UliwebManager(Manager):
                 continue
             except ChildProcessError:
                 break
-            self.exit_status = os.WEXITSTATUS(status) if \
-                os.WIFEXITED(status) else 1
+            self.exit_status = (os.WEXITSTATUS(status) if
+                                os.WIFEXITED(status) else 1)
             break
         return self.exit_status
 
@@ -6586,8 +6586,8 @@ def validate_in_child(cfg, reload=False, timeout=None):
     limit = timeout or boot_timeout_of(cfg) or 60.0
     drop = drops_privileges(cfg)
     try:
-        uid, gid = resolve_user_group(cfg.user, cfg.group) if drop \
-            else (None, None)
+        uid, gid = (resolve_user_group(cfg.user, cfg.group) if drop
+                    else (None, None))
     except ConfigError as e:
         return '%s %s' % (cfg.where(), e)
     r, w = os.pipe()
@@ -7075,16 +7075,16 @@ def cmd_reload(cfg, args):
     before = dict((path, last_reload(path)) for n, path, pid in found)
     for n, path, pid in found:
         os.kill(pid, signal.SIGHUP)
-    limit = args.timeout if args.timeout is not None else \
-        max(60.0, cfg.graceful_timeout + 10)
+    limit = (args.timeout if args.timeout is not None else
+             max(60.0, cfg.graceful_timeout + 10))
     status = EXIT_OK
     for n, path, pid in found:
         if before[path] == {}:
             say('reloading (pid %d): this master does not report the '
                 'outcome' % pid)
             continue
-        r = None if before[path] is None else \
-            wait_for_reload(path, before[path]['count'], limit)
+        r = (None if before[path] is None else
+             wait_for_reload(path, before[path]['count'], limit))
         status = max(status, report_reload(pid, r, limit))
     return status
 
@@ -7428,8 +7428,8 @@ def log_file_check(cfg):
     except (OSError, TypeError, ValueError, ConfigError):
         return []
     problem = log_file_problem(st, owner)
-    return ['%s log_file: %s %s' % (cfg.where(), cfg.log_file, problem)] \
-        if problem else []
+    return (['%s log_file: %s %s' % (cfg.where(), cfg.log_file, problem)]
+            if problem else [])
 
 
 def cmd_check(cfg, args):
@@ -7495,8 +7495,8 @@ def path_problems(cfg):
     problems = []
     for key in ('log_file', 'pidfile'):
         path = getattr(cfg, key)
-        if path and path != '-' and \
-                not os.path.isdir(os.path.dirname(path)):
+        if (path and path != '-' and
+                not os.path.isdir(os.path.dirname(path))):
             problems.append('%s %s: folder %s does not exist' % (
                 cfg.where(), key, os.path.dirname(path)))
     if not os.path.isdir(cfg.base_path):
@@ -7515,8 +7515,8 @@ def format_config(cfg):
             return str(v).lower()
         if isinstance(v, list):
             return ','.join(str(x) for x in v)
-        return '' if v is None else str(v).lower() \
-            if s.name == 'log_level' else str(v)
+        return ('' if v is None else str(v).lower()
+                if s.name == 'log_level' else str(v))
     rows = [(s.name, show(s, getattr(cfg, s.name)),
              cfg.sources.get(s.name, 'default')) for s in SETTINGS]
     rows += [(k, v, '%s, passed to workers' % cfg.sources.get(k, 'file'))
@@ -7543,8 +7543,8 @@ def load_start_config(args):
                            problems=args.problems, from_env=env_overrides())
     except ConfigError as e:
         state = UpgradeState.from_env(keep=True)
-        if state is None or not state.config or \
-                os.environ.get(PREFLIGHT_ENV):
+        if (state is None or not state.config or
+                os.environ.get(PREFLIGHT_ENV)):
             raise
         _UPGRADE_PROBLEMS.append('the config no longer loads (%s): running '
                                  'with the previous one' % e)
@@ -7618,8 +7618,8 @@ def master_exec_argv(argv=None):
     this = os.path.abspath(__file__)
     if this.endswith(('.pyc', '.pyo')):
         this = this[:-1]
-    if IS_PYPY or os.environ.get('PROCESSHANDLER_NO_LEAN') or \
-            os.path.realpath(script) != os.path.realpath(this):
+    if (IS_PYPY or os.environ.get('PROCESSHANDLER_NO_LEAN') or
+            os.path.realpath(script) != os.path.realpath(this)):
         return cmd + [script] + argv[1:]
     return cmd + ['-c', LEAN_START, script] + argv[1:]
 
@@ -7636,8 +7636,8 @@ def _main():
     # every worker exit unmaps them (respawn and recycle pay it).  So a
     # master re-executes itself (same pid, args, env and fds) as an import
     # of this module, whose AST is freed right after compiling.
-    if not IS_PYPY and starts_master(sys.argv[1:]) and \
-            not os.environ.get('PROCESSHANDLER_NO_LEAN'):
+    if (not IS_PYPY and starts_master(sys.argv[1:]) and
+            not os.environ.get('PROCESSHANDLER_NO_LEAN')):
         try:
             os.execv(sys.executable, master_exec_argv(
                 [os.path.abspath(__file__)] + sys.argv[1:]))
