@@ -72,7 +72,6 @@ import fcntl
 import gc
 import hashlib
 import importlib
-import itertools
 import json
 import logging
 import mmap
@@ -503,12 +502,6 @@ def boot_timeout_of(cfg):
     return max(60.0, cfg.timeout or 0.0)
 
 
-def not_yet_supported(cfg):
-    """Settings this version parses but cannot honour yet: refused at start
-    and by `check`, never silently ignored."""
-    return []
-
-
 def did_you_mean(word, choices):
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.75)
     return close[0] if close else None
@@ -712,6 +705,22 @@ def interpolation_error(where, key, e):
     return '%s %s: %s' % (where, key, ' '.join(str(e).split()))
 
 
+def set_overrides(parser, section, from_env, overrides):
+    """Put PROCESSHANDLER_SET's and then --set's KEY=VALUE pairs into
+    ``parser``'s ``section``; return {key: where its value comes from}."""
+    sources = {}
+    for pairs, origin in ((from_env, 'environment (%s)' % ENV_SET),
+                          (overrides, '--set')):
+        for key, value in pairs:
+            try:
+                parser.set(section, key, value)
+            except (ValueError, configparser.Error) as e:
+                raise ConfigError('%s %s: %s' % (
+                    '--set' if origin == '--set' else ENV_SET, key, e))
+            sources[parser.optionxform(key)] = origin
+    return sources
+
+
 def load_config(path, section=None, overrides=(), problems=None,
                 from_env=()):
     """Read ``path`` and return the Config of ``section``.
@@ -728,16 +737,7 @@ def load_config(path, section=None, overrides=(), problems=None,
     parser, plain = read_parser(path)
     section = pick_section(parser, section, path)
     where = '%s [%s]' % (path, section)
-    sources = {}
-    for pairs, origin in ((from_env, 'environment (%s)' % ENV_SET),
-                          (overrides, '--set')):
-        for key, value in pairs:
-            try:
-                parser.set(section, key, value)
-            except (ValueError, configparser.Error) as e:
-                raise ConfigError('%s %s: %s' % (
-                    '--set' if origin == '--set' else ENV_SET, key, e))
-            sources[parser.optionxform(key)] = origin
+    sources = set_overrides(parser, section, from_env, overrides)
     values, extras = {}, {}
     for key in parser.options(section):
         try:
@@ -2178,6 +2178,11 @@ class Scoreboard(object):
 DUMP_SIGNAL = (signal.SIGRTMIN + 5 if hasattr(signal, 'SIGRTMIN')
                else signal.SIGUSR2)
 
+# The master's signals that a worker (and the spare) ignores: TTIN/TTOU
+# would *stop* a process by default, HUP and USR2 end it: a `pkill -TTIN`
+# or `pkill -USR2` aimed at the master must not freeze or kill its workers.
+IGNORED_IN_CHILDREN = ('HUP', 'TTIN', 'TTOU', 'WINCH', 'USR2')
+
 
 class Worker(object):
     """Base class of the code that runs in worker processes.
@@ -2328,10 +2333,7 @@ class Worker(object):
         board.set(cell, Scoreboard.PID, self.pid)
 
     def _init_signals(self):
-        for name in ('HUP', 'TTIN', 'TTOU', 'WINCH', 'USR2'):
-            # TTIN/TTOU would *stop* a process by default, HUP and USR2
-            # end it: a `pkill -TTIN` or `pkill -USR2` aimed at the master
-            # must not freeze or kill its workers.
+        for name in IGNORED_IN_CHILDREN:
             signal.signal(getattr(signal, 'SIG' + name), signal.SIG_IGN)
         signal.signal(signal.SIGTERM, self._signal_term)
         # Ctrl-C reaches the whole foreground process group: a worker
@@ -4249,8 +4251,18 @@ class Upgrade(object):
         sd_notify('MAINPID=%d\nREADY=1\nSTATUS=%d workers (upgrade failed)'
                   % (a.pid, a.num_workers))
 
-    def completed(self):
+    def check_completed(self):
+        """After a USR2 exec: done once no adopted worker (generation 0)
+        is left; systemd learns the new MAINPID."""
+        a = self.arbiter
+        if not a.upgrade or a.stopping or any(
+                p.generation == 0 for p in a.procs.values()):
+            return
+        a.upgrade = None
         self.result = 'done'
+        log.info('upgrade complete: every worker runs the new code')
+        sd_notify('MAINPID=%d\nREADY=1\nSTATUS=%d workers'
+                  % (a.pid, a.num_workers))
 
     def adopted(self, pid, number):
         a = self.arbiter
@@ -4465,7 +4477,7 @@ class Spare(object):
             # Until it is a worker it has nothing to finish: a stop signal
             # ends it quietly; the others must not stop or kill it (TTIN's
             # default stops a process).
-            for name in ('HUP', 'TTIN', 'TTOU', 'WINCH', 'USR1', 'USR2'):
+            for name in IGNORED_IN_CHILDREN + ('USR1',):   # not a worker yet
                 signal.signal(getattr(signal, 'SIG' + name), signal.SIG_IGN)
             for name in ('TERM', 'INT', 'QUIT'):
                 signal.signal(getattr(signal, 'SIG' + name),
@@ -4941,6 +4953,22 @@ def pin_cpu(cpu_affinity, number):
                     'CPU', cpus)
 
 
+def log_config_notes(cfg):
+    """Say once what the config asks that will not do what it seems."""
+    if privilege_notes(cfg)[1]:
+        log.warning('%s', privilege_notes(cfg)[1])
+    for key, hint in cfg.unknown_keys():
+        log.info('config key %r is not a setting: passed to the workers '
+                 'as a string%s', key, "; did you mean '%s'?" % hint
+                 if hint else '')
+    if cfg.accept_lock and cfg.worker_type == 'asyncio':
+        log.warning('accept_lock has no effect with worker_type = '
+                    'asyncio (the event loop accepts)')
+    if cfg.accept_lock and cfg.reuse_port:
+        log.warning('accept_lock has no effect with reuse_port = true '
+                    '(each worker has its own listener)')
+
+
 class Arbiter(object):
     """The master: keeps ``number_workers`` worker processes alive.
 
@@ -5086,7 +5114,7 @@ class Arbiter(object):
             _UPGRADE_PROBLEMS.append(h.reason)
         self.metrics.open()
         self.init_signals()
-        self.log_config_notes()
+        log_config_notes(cfg)
         settle_memory()
         log.info('processhandler %s starting: master pid %d, %d %s '
                  'worker(s), config %s [%s]%s', __version__, self.pid,
@@ -5109,22 +5137,6 @@ class Arbiter(object):
             # After a USR2 exec the old image's log is still our stderr.
             _UPGRADE_PROBLEMS.append(why + ' (logging to stderr)')
             self.logfile = LogFile(None)
-
-    def log_config_notes(self):
-        """Say once what the config asks that will not do what it seems."""
-        cfg = self.cfg
-        if privilege_notes(cfg)[1]:
-            log.warning('%s', privilege_notes(cfg)[1])
-        for key, hint in cfg.unknown_keys():
-            log.info('config key %r is not a setting: passed to the workers '
-                     'as a string%s', key, "; did you mean '%s'?" % hint
-                     if hint else '')
-        if cfg.accept_lock and cfg.worker_type == 'asyncio':
-            log.warning('accept_lock has no effect with worker_type = '
-                        'asyncio (the event loop accepts)')
-        if cfg.accept_lock and cfg.reuse_port:
-            log.warning('accept_lock has no effect with reuse_port = true '
-                        '(each worker has its own listener)')
 
     def make_pipe(self):
         r, w = os.pipe()
@@ -5262,13 +5274,7 @@ class Arbiter(object):
                 handler()
 
     def check_ready(self):
-        if self.upgrade and not self.stopping and not any(
-                p.generation == 0 for p in self.procs.values()):
-            self.upgrade = None
-            self.upgrader.completed()
-            log.info('upgrade complete: every worker runs the new code')
-            sd_notify('MAINPID=%d\nREADY=1\nSTATUS=%d workers'
-                      % (self.pid, self.num_workers))
+        self.upgrader.check_completed()
         if self.ready or self.stopping:
             return
         for n in range(1, self.wanted() + 1):
@@ -5308,7 +5314,7 @@ class Arbiter(object):
         """Ctrl-C: the first a graceful stop (current jobs finish, as in
         celery and rq), a second one -- or one during a stop -- quick."""
         if self.stopping:
-            return self.begin_stop(graceful=False)
+            return self.handle_quit()
         self.begin_stop(graceful=True)
         self.tell_terminal('stopping gracefully; Ctrl-C again to quit at once')
 
@@ -5829,9 +5835,11 @@ class Arbiter(object):
             for proc in slot.procs():
                 rows.append(self.proc_row(proc, now))
             if slot.proc is None:
+                state = (State.BACKOFF if slot.backoff_until > now
+                         else State.STOPPED)
                 row = {'slot': slot.number, 'pid': None,
-                       'state': 'backoff' if slot.backoff_until > now
-                       else 'stopped', 'requests': 0, 'rss_mb': None,
+                       'state': State.NAMES[state], 'requests': 0,
+                       'rss_mb': None,
                        'age': None, 'failures': slot.failures,
                        'last_error': slot.last_error}
                 if slot.backoff_until > now:
@@ -5902,8 +5910,6 @@ class Manager(object):
         values.update(settings)
         self.cfg = Config(values, section='manager')
         self.cfg.validate('Manager: ')
-        for problem in not_yet_supported(self.cfg):
-            raise ConfigError(problem)
         if log is not None:
             for w in self.workers:
                 w.log = log
@@ -6894,8 +6900,6 @@ def target_instances(cfg, args):
 def cmd_start(cfg, args):
     if not os.environ.get(UPGRADE_ENV):
         close_inherited_fds()   # a USR2 image's fds are its own
-    for problem in not_yet_supported(cfg):
-        raise ConfigError(problem)
     upgrade = UpgradeState.from_env()
     if upgrade is not None and os.environ.get(PREFLIGHT_ENV):
         return upgrade_preflight(cfg, upgrade)
@@ -7434,7 +7438,6 @@ def log_file_check(cfg):
 
 def cmd_check(cfg, args):
     problems = list(getattr(args, 'problems', None) or [])
-    problems += not_yet_supported(cfg)
     notes = []
     if 'INVALID' not in cfg.sources.get('worker_class', ''):  # said already
         problem = validate_in_child(cfg)
