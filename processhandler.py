@@ -767,6 +767,90 @@ def load_config(path, section=None, overrides=(), problems=None,
     return cfg
 
 
+def inline_comment(value):
+    """' 2   ; two' -> '   ; two': the inline comment of a value, with the
+    blanks before it (configparser's rule: ';' or '#' after whitespace)."""
+    marks = [i for i in range(1, len(value))
+             if value[i] in ';#' and value[i - 1] in ' \t']
+    if not marks:
+        return ''
+    start = marks[0]
+    while start > 0 and value[start - 1] in ' \t':
+        start -= 1
+    return value[start:]
+
+
+def save_number_workers(path, section, n):
+    """Rewrite ``number_workers`` of ``section`` in place, atomically.
+
+    Every other byte of the file stays as it was (comments, order, blank
+    lines, line endings); mode and owner are kept; temp file + rename.
+    A symlinked config is edited at its target (the link stays a link).
+    """
+    # Renaming over the link would replace the link by a regular file and
+    # leave the file it points to unchanged.
+    path = os.path.realpath(path)
+    with open(path, encoding='utf-8', newline='') as f:
+        lines = f.read().splitlines(True)
+    out, in_section, done, insert_at = [], False, False, None
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.startswith('[') and stripped.endswith(']'):
+            if in_section and insert_at is None:
+                insert_at = len(out)
+            in_section = stripped[1:-1].strip() == section
+            if in_section:
+                insert_at = None
+        elif in_section and not done:
+            key, sep, _ = line.partition('=')
+            if not sep:
+                key, sep, _ = line.partition(':')
+            if sep and key.strip().lower() == 'number_workers':
+                eol = line[len(line.rstrip('\r\n')):] or '\n'
+                line = '%s%s %d%s%s' % (key, sep, n, inline_comment(
+                    line[len(key) + len(sep):].rstrip('\r\n')), eol)
+                done = True
+        out.append(line)
+    if not done:
+        eol = '\r\n' if lines and lines[0].endswith('\r\n') else '\n'
+        if insert_at is None:
+            insert_at = len(out)
+            if out and not out[-1].endswith(('\n', '\r')):
+                out[-1] += eol
+        # Put it right after the section's last non-blank line.
+        while insert_at > 0 and not out[insert_at - 1].strip():
+            insert_at -= 1
+        out.insert(insert_at, 'number_workers = %d%s' % (n, eol))
+    replace_file(path, ''.join(out))
+
+
+def replace_file(path, text):
+    """Write ``text`` over ``path`` atomically (temp file + rename),
+    keeping its mode and owner; refuse a read-only file."""
+    st = os.stat(path)
+    if not os.access(path, os.W_OK) or not st.st_mode & 0o222:
+        # The rename below would replace a read-only file: respect it,
+        # also as root (access() says yes to root; the mode bits say no).
+        raise OSError(errno.EACCES, 'the file is read-only')
+    fd, tmp = tempfile.mkstemp(prefix='.%s.' % os.path.basename(path),
+                               dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, stat.S_IMODE(st.st_mode))
+        if os.geteuid() == 0:
+            os.chown(tmp, st.st_uid, st.st_gid)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 ###############################################################################
 # Logging #####################################################################
 ###############################################################################
@@ -1289,7 +1373,9 @@ def stop_orphans(known, grace):
         delay = min(delay * 2, 0.1)
 
 
-# -- pid file and instance lock ------------------------------------------------
+###############################################################################
+# Pid file, instances, daemon #################################################
+###############################################################################
 
 _FLOCK = struct.Struct('hhqqi4x')  # struct flock on LP64 Linux
 
@@ -1582,7 +1668,9 @@ def report_to_launcher(fd, word, text):
     return None
 
 
-# -- listening sockets -------------------------------------------------------------
+###############################################################################
+# Sockets and systemd #########################################################
+###############################################################################
 
 def create_listener(addr, reuse_port=False, listen=True, owner=None):
     """A listening socket for 'host:port', '[v6]:port' or 'unix:/path'.
@@ -1732,7 +1820,7 @@ def close_inherited_fds():
                 pass   # the listing's own descriptor, closed already
 
 
-# -- systemd ---------------------------------------------------------------------
+# -- systemd notify ------------------------------------------------------------
 
 def watchdog_interval():
     """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or 0."""
@@ -3258,6 +3346,236 @@ def build_worker(cls, cfg, ppid, sockets, file_logger=None):
 class AsyncioWorker(Worker):
     """A Worker with ``async def run(self)`` (``threads`` tasks)."""
     worker_type = 'asyncio'
+
+
+###############################################################################
+# Loading worker code #########################################################
+###############################################################################
+
+def load_worker_class(cfg, reload=False):
+    """Import ``cfg.worker_class`` ('module:Class') with base_path on
+    sys.path.  ``reload``: forget the user's modules first (HUP).
+    Raises ConfigError with one line."""
+    if not cfg.worker_class:
+        raise ConfigError('%s worker_class: required (module:Class)'
+                          % cfg.where())
+    module_name, _, class_name = cfg.worker_class.partition(':')
+    install_processhandler_aliases()   # ProcessHandler-era imports
+    if cfg.base_path not in sys.path:
+        sys.path.insert(0, cfg.base_path)
+    saved = {}
+    if reload:
+        saved = forget_user_modules(cfg.base_path)
+    try:
+        module = importlib.import_module(module_name)
+        cls = getattr(module, class_name)
+    except BaseException as e:   # SystemExit, HaltServer... at import too
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        sys.modules.update(saved)
+        if isinstance(e, AttributeError):
+            why = 'module %s has no %s%s' % (module_name, class_name,
+                                             class_hint(module, class_name))
+        elif isinstance(e, SystemExit):
+            why = 'SystemExit(%r) at import' % (e.code,)
+        else:
+            why = '%s: %s' % (type(e).__name__, e)
+        raise ConfigError('%s worker_class: cannot import %s (%s)' % (
+            cfg.where(), cfg.worker_class, ' '.join(str(why).split())))
+    if not (isinstance(cls, type) and issubclass(cls, Worker)):
+        raise ConfigError('%s worker_class: %s is not a subclass of '
+                          'processhandler.Worker' % (cfg.where(),
+                                                     cfg.worker_class))
+    return cls
+
+
+def class_hint(module, name):
+    """"; did you mean 'JobExecute'?" among the module's classes."""
+    classes = [k for k, v in vars(module).items()
+               if isinstance(v, type) and not k.startswith('_')]
+    close = difflib.get_close_matches(name, classes, n=1, cutoff=0.6)
+    if not close:     # case slips: jobexecute for JobExecute
+        close = [c for c in classes if c.lower() == name.lower()]
+    return "; did you mean '%s'?" % close[0] if close else ''
+
+
+def is_coroutine_function(fn):
+    """inspect.iscoroutinefunction without importing inspect, which a
+    child that dropped privileges may no longer be able to read."""
+    code = getattr(getattr(fn, '__func__', fn), '__code__', None)
+    return bool(code is not None and code.co_flags & 0x80)  # CO_COROUTINE
+
+
+def worker_class_problems(cfg, cls):
+    """What makes ``cls`` unable to run under ``cfg``, one line each
+    (refused by start and reported by check)."""
+    problems = []
+    if cfg.worker_type == 'sync':
+        for name in ('run', 'handle'):
+            if is_coroutine_function(getattr(cls, name, None)):
+                problems.append(
+                    "%s worker_type: %s.%s is 'async def' but worker_type "
+                    "is sync (it would never be awaited): set worker_type "
+                    "= asyncio" % (cfg.where(), cls.__name__, name))
+    if cfg.worker_type == 'gevent' and not gevent_available():
+        problems.append('%s worker_type: gevent is not installed for %s '
+                        '(pip install gevent)' % (cfg.where(),
+                                                  sys.executable))
+    return problems + compat_problems(cls, cfg)
+
+
+def gevent_available():
+    """Whether gevent imports, without importing it into the master (it
+    must be imported after fork, to monkey-patch the worker only)."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec('gevent') is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def validate_in_child(cfg, reload=False, timeout=None):
+    """Import and check ``cfg.worker_class`` in a forked child: return
+    None, or the problems, one line each.
+
+    Whatever the import does (raise, SystemExit, hang -- killed after
+    ``timeout``, default the boot timeout --, os._exit) costs the caller
+    nothing.  With ``user`` set under root the child drops privileges
+    first: no user code ever runs as root (gunicorn loads application
+    code in its workers, after the drop).  ``reload``: the caller (a HUP
+    in the master) imported the user's modules already: the child
+    imports them afresh."""
+    limit = timeout or boot_timeout_of(cfg) or 60.0
+    drop = drops_privileges(cfg)
+    try:
+        uid, gid = (resolve_user_group(cfg.user, cfg.group) if drop
+                    else (None, None))
+    except ConfigError as e:
+        return '%s %s' % (cfg.where(), e)
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:   # pragma: no cover (child)
+        try:
+            os.close(r)
+            os.write(w, _import_problems(cfg, reload, drop and (uid, gid))
+                     .encode('utf-8', 'replace')[:8000])
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        out, status = read_child(r, pid, limit)
+    finally:
+        os.close(r)
+    if out:
+        return out.decode('utf-8', 'replace')
+    if status is None:
+        return '%s worker_class: importing %s took longer than %gs' % (
+            cfg.where(), cfg.worker_class, limit)
+    if status != 0:
+        return '%s worker_class: importing %s ended the process (%s)' % (
+            cfg.where(), cfg.worker_class, describe_status(status))
+    return None
+
+
+def _import_problems(cfg, reload, drop_to):
+    """In validate_in_child's child: '' or the problems, one a line."""
+    try:   # in a master: its signals are not ours to wake it for
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+    as_user = ''
+    if drop_to:
+        drop_privileges(*drop_to)
+        as_user = ' (as user %s)' % cfg.user
+    try:
+        cls = load_worker_class(cfg, reload=reload)
+        lines = worker_class_problems(cfg, cls) or gevent_imports(cfg)
+    except ConfigError as e:
+        lines = [str(e) + as_user]
+    except BaseException as e:   # KeyboardInterrupt at import
+        lines = ['%s worker_class: importing %s%s raised %s%s' % (
+            cfg.where(), cfg.worker_class, as_user, type(e).__name__,
+            (': %s' % e) if str(e) else '')]
+    return '\n'.join(lines)
+
+
+def read_child(fd, pid, timeout):
+    """What child ``pid`` writes to ``fd`` until EOF, and its wait status
+    (None, after KILL, when it took longer than ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    out = b''
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return out, None
+        data = os.read(fd, 65536)
+        if not data:
+            return out, os.waitpid(pid, 0)[1]
+        out += data
+
+
+def privilege_notes(cfg):
+    """``user``/``group`` that would not do what they say: (error, warning),
+    each one line or None.  ``group`` alone would leave root workers at uid
+    0 with another group: refused.  ``user`` under a master that is not
+    root cannot be applied: said once, the workers run as the master."""
+    if cfg.group and not cfg.user:
+        return ('%s group: set without user: the workers would keep uid %d; '
+                'set user too' % (cfg.where(), os.geteuid())), None
+    if cfg.user and os.geteuid() != 0:
+        uid, _ = resolve_user_group(cfg.user, None)
+        if uid != os.geteuid():
+            return None, ('%s user: %s not applied: the master runs as uid '
+                          '%d, not root, so the workers run as uid %d too'
+                          % (cfg.where(), cfg.user, os.geteuid(),
+                             os.geteuid()))
+    return None, None
+
+
+def drops_privileges(cfg):
+    """True when workers drop from root to ``user``: then no user code may
+    run with root's privileges, in the master or in a command."""
+    return bool(cfg.user) and os.geteuid() == 0
+
+
+def master_worker_class(cfg, reload=False, isolate=False, timeout=None):
+    """The worker class as a master (or a command) may hold it; raises
+    ConfigError naming every problem.
+
+    When the workers drop to ``user`` from root it is only checked in a
+    child that dropped privileges first, and None is returned (each worker
+    imports it itself, after its drop).  Otherwise it is imported here --
+    after a check in a child first when ``isolate`` (a HUP: an import that
+    exits or hangs must not take the master with it)."""
+    if isolate or drops_privileges(cfg):
+        problem = validate_in_child(cfg, reload=reload, timeout=timeout)
+        if problem:
+            raise ConfigError(problem.replace('\n', '; '))
+    if drops_privileges(cfg):
+        return None
+    cls = load_worker_class(cfg, reload=reload)
+    for problem in worker_class_problems(cfg, cls):
+        raise ConfigError(problem)
+    return cls
+
+
+def forget_user_modules(base_path):
+    """Drop modules loaded from under base_path (not this one) from
+    sys.modules so the next import reads them again; return them."""
+    this = sys.modules.get('processhandler') or sys.modules[__name__]
+    root = os.path.join(os.path.realpath(base_path), '')
+    gone = {}
+    for name, mod in list(sys.modules.items()):
+        f = getattr(mod, '__file__', None)
+        if mod is this or name == '__main__' or not f:
+            continue
+        if os.path.realpath(f).startswith(root):
+            gone[name] = sys.modules.pop(name)
+    return gone
 
 
 ###############################################################################
@@ -6496,232 +6814,6 @@ _alias_module('processhandler.uliweb', ULIWEB_NAMES)
 # Control client ##############################################################
 ###############################################################################
 
-def load_worker_class(cfg, reload=False):
-    """Import ``cfg.worker_class`` ('module:Class') with base_path on
-    sys.path.  ``reload``: forget the user's modules first (HUP).
-    Raises ConfigError with one line."""
-    if not cfg.worker_class:
-        raise ConfigError('%s worker_class: required (module:Class)'
-                          % cfg.where())
-    module_name, _, class_name = cfg.worker_class.partition(':')
-    install_processhandler_aliases()   # ProcessHandler-era imports
-    if cfg.base_path not in sys.path:
-        sys.path.insert(0, cfg.base_path)
-    saved = {}
-    if reload:
-        saved = forget_user_modules(cfg.base_path)
-    try:
-        module = importlib.import_module(module_name)
-        cls = getattr(module, class_name)
-    except BaseException as e:   # SystemExit, HaltServer... at import too
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        sys.modules.update(saved)
-        if isinstance(e, AttributeError):
-            why = 'module %s has no %s%s' % (module_name, class_name,
-                                             class_hint(module, class_name))
-        elif isinstance(e, SystemExit):
-            why = 'SystemExit(%r) at import' % (e.code,)
-        else:
-            why = '%s: %s' % (type(e).__name__, e)
-        raise ConfigError('%s worker_class: cannot import %s (%s)' % (
-            cfg.where(), cfg.worker_class, ' '.join(str(why).split())))
-    if not (isinstance(cls, type) and issubclass(cls, Worker)):
-        raise ConfigError('%s worker_class: %s is not a subclass of '
-                          'processhandler.Worker' % (cfg.where(),
-                                                     cfg.worker_class))
-    return cls
-
-
-def class_hint(module, name):
-    """"; did you mean 'JobExecute'?" among the module's classes."""
-    classes = [k for k, v in vars(module).items()
-               if isinstance(v, type) and not k.startswith('_')]
-    close = difflib.get_close_matches(name, classes, n=1, cutoff=0.6)
-    if not close:     # case slips: jobexecute for JobExecute
-        close = [c for c in classes if c.lower() == name.lower()]
-    return "; did you mean '%s'?" % close[0] if close else ''
-
-
-def is_coroutine_function(fn):
-    """inspect.iscoroutinefunction without importing inspect, which a
-    child that dropped privileges may no longer be able to read."""
-    code = getattr(getattr(fn, '__func__', fn), '__code__', None)
-    return bool(code is not None and code.co_flags & 0x80)  # CO_COROUTINE
-
-
-def worker_class_problems(cfg, cls):
-    """What makes ``cls`` unable to run under ``cfg``, one line each
-    (refused by start and reported by check)."""
-    problems = []
-    if cfg.worker_type == 'sync':
-        for name in ('run', 'handle'):
-            if is_coroutine_function(getattr(cls, name, None)):
-                problems.append(
-                    "%s worker_type: %s.%s is 'async def' but worker_type "
-                    "is sync (it would never be awaited): set worker_type "
-                    "= asyncio" % (cfg.where(), cls.__name__, name))
-    if cfg.worker_type == 'gevent' and not gevent_available():
-        problems.append('%s worker_type: gevent is not installed for %s '
-                        '(pip install gevent)' % (cfg.where(),
-                                                  sys.executable))
-    return problems + compat_problems(cls, cfg)
-
-
-def gevent_available():
-    """Whether gevent imports, without importing it into the master (it
-    must be imported after fork, to monkey-patch the worker only)."""
-    import importlib.util
-    try:
-        return importlib.util.find_spec('gevent') is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def validate_in_child(cfg, reload=False, timeout=None):
-    """Import and check ``cfg.worker_class`` in a forked child: return
-    None, or the problems, one line each.
-
-    Whatever the import does (raise, SystemExit, hang -- killed after
-    ``timeout``, default the boot timeout --, os._exit) costs the caller
-    nothing.  With ``user`` set under root the child drops privileges
-    first: no user code ever runs as root (gunicorn loads application
-    code in its workers, after the drop).  ``reload``: the caller (a HUP
-    in the master) imported the user's modules already: the child
-    imports them afresh."""
-    limit = timeout or boot_timeout_of(cfg) or 60.0
-    drop = drops_privileges(cfg)
-    try:
-        uid, gid = (resolve_user_group(cfg.user, cfg.group) if drop
-                    else (None, None))
-    except ConfigError as e:
-        return '%s %s' % (cfg.where(), e)
-    r, w = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:   # pragma: no cover (child)
-        try:
-            os.close(r)
-            os.write(w, _import_problems(cfg, reload, drop and (uid, gid))
-                     .encode('utf-8', 'replace')[:8000])
-        finally:
-            os._exit(0)
-    os.close(w)
-    try:
-        out, status = read_child(r, pid, limit)
-    finally:
-        os.close(r)
-    if out:
-        return out.decode('utf-8', 'replace')
-    if status is None:
-        return '%s worker_class: importing %s took longer than %gs' % (
-            cfg.where(), cfg.worker_class, limit)
-    if status != 0:
-        return '%s worker_class: importing %s ended the process (%s)' % (
-            cfg.where(), cfg.worker_class, describe_status(status))
-    return None
-
-
-def _import_problems(cfg, reload, drop_to):
-    """In validate_in_child's child: '' or the problems, one a line."""
-    try:   # in a master: its signals are not ours to wake it for
-        signal.set_wakeup_fd(-1)
-    except ValueError:
-        pass
-    as_user = ''
-    if drop_to:
-        drop_privileges(*drop_to)
-        as_user = ' (as user %s)' % cfg.user
-    try:
-        cls = load_worker_class(cfg, reload=reload)
-        lines = worker_class_problems(cfg, cls) or gevent_imports(cfg)
-    except ConfigError as e:
-        lines = [str(e) + as_user]
-    except BaseException as e:   # KeyboardInterrupt at import
-        lines = ['%s worker_class: importing %s%s raised %s%s' % (
-            cfg.where(), cfg.worker_class, as_user, type(e).__name__,
-            (': %s' % e) if str(e) else '')]
-    return '\n'.join(lines)
-
-
-def read_child(fd, pid, timeout):
-    """What child ``pid`` writes to ``fd`` until EOF, and its wait status
-    (None, after KILL, when it took longer than ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    out = b''
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return out, None
-        data = os.read(fd, 65536)
-        if not data:
-            return out, os.waitpid(pid, 0)[1]
-        out += data
-
-
-def privilege_notes(cfg):
-    """``user``/``group`` that would not do what they say: (error, warning),
-    each one line or None.  ``group`` alone would leave root workers at uid
-    0 with another group: refused.  ``user`` under a master that is not
-    root cannot be applied: said once, the workers run as the master."""
-    if cfg.group and not cfg.user:
-        return ('%s group: set without user: the workers would keep uid %d; '
-                'set user too' % (cfg.where(), os.geteuid())), None
-    if cfg.user and os.geteuid() != 0:
-        uid, _ = resolve_user_group(cfg.user, None)
-        if uid != os.geteuid():
-            return None, ('%s user: %s not applied: the master runs as uid '
-                          '%d, not root, so the workers run as uid %d too'
-                          % (cfg.where(), cfg.user, os.geteuid(),
-                             os.geteuid()))
-    return None, None
-
-
-def drops_privileges(cfg):
-    """True when workers drop from root to ``user``: then no user code may
-    run with root's privileges, in the master or in a command."""
-    return bool(cfg.user) and os.geteuid() == 0
-
-
-def master_worker_class(cfg, reload=False, isolate=False, timeout=None):
-    """The worker class as a master (or a command) may hold it; raises
-    ConfigError naming every problem.
-
-    When the workers drop to ``user`` from root it is only checked in a
-    child that dropped privileges first, and None is returned (each worker
-    imports it itself, after its drop).  Otherwise it is imported here --
-    after a check in a child first when ``isolate`` (a HUP: an import that
-    exits or hangs must not take the master with it)."""
-    if isolate or drops_privileges(cfg):
-        problem = validate_in_child(cfg, reload=reload, timeout=timeout)
-        if problem:
-            raise ConfigError(problem.replace('\n', '; '))
-    if drops_privileges(cfg):
-        return None
-    cls = load_worker_class(cfg, reload=reload)
-    for problem in worker_class_problems(cfg, cls):
-        raise ConfigError(problem)
-    return cls
-
-
-def forget_user_modules(base_path):
-    """Drop modules loaded from under base_path (not this one) from
-    sys.modules so the next import reads them again; return them."""
-    this = sys.modules.get('processhandler') or sys.modules[__name__]
-    root = os.path.join(os.path.realpath(base_path), '')
-    gone = {}
-    for name, mod in list(sys.modules.items()):
-        f = getattr(mod, '__file__', None)
-        if mod is this or name == '__main__' or not f:
-            continue
-        if os.path.realpath(f).startswith(root):
-            gone[name] = sys.modules.pop(name)
-    return gone
-
-
 def control_request(pidfile, request, timeout=5.0):
     """Send one JSON request to the master owning ``pidfile``."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -6738,90 +6830,6 @@ def control_request(pidfile, request, timeout=5.0):
     finally:
         s.close()
     return json.loads(buf.decode('utf-8'))
-
-
-def inline_comment(value):
-    """' 2   ; two' -> '   ; two': the inline comment of a value, with the
-    blanks before it (configparser's rule: ';' or '#' after whitespace)."""
-    marks = [i for i in range(1, len(value))
-             if value[i] in ';#' and value[i - 1] in ' \t']
-    if not marks:
-        return ''
-    start = marks[0]
-    while start > 0 and value[start - 1] in ' \t':
-        start -= 1
-    return value[start:]
-
-
-def save_number_workers(path, section, n):
-    """Rewrite ``number_workers`` of ``section`` in place, atomically.
-
-    Every other byte of the file stays as it was (comments, order, blank
-    lines, line endings); mode and owner are kept; temp file + rename.
-    A symlinked config is edited at its target (the link stays a link).
-    """
-    # Renaming over the link would replace the link by a regular file and
-    # leave the file it points to unchanged.
-    path = os.path.realpath(path)
-    with open(path, encoding='utf-8', newline='') as f:
-        lines = f.read().splitlines(True)
-    out, in_section, done, insert_at = [], False, False, None
-    for i, line in enumerate(lines):
-        stripped = line.strip()
-        if stripped.startswith('[') and stripped.endswith(']'):
-            if in_section and insert_at is None:
-                insert_at = len(out)
-            in_section = stripped[1:-1].strip() == section
-            if in_section:
-                insert_at = None
-        elif in_section and not done:
-            key, sep, _ = line.partition('=')
-            if not sep:
-                key, sep, _ = line.partition(':')
-            if sep and key.strip().lower() == 'number_workers':
-                eol = line[len(line.rstrip('\r\n')):] or '\n'
-                line = '%s%s %d%s%s' % (key, sep, n, inline_comment(
-                    line[len(key) + len(sep):].rstrip('\r\n')), eol)
-                done = True
-        out.append(line)
-    if not done:
-        eol = '\r\n' if lines and lines[0].endswith('\r\n') else '\n'
-        if insert_at is None:
-            insert_at = len(out)
-            if out and not out[-1].endswith(('\n', '\r')):
-                out[-1] += eol
-        # Put it right after the section's last non-blank line.
-        while insert_at > 0 and not out[insert_at - 1].strip():
-            insert_at -= 1
-        out.insert(insert_at, 'number_workers = %d%s' % (n, eol))
-    replace_file(path, ''.join(out))
-
-
-def replace_file(path, text):
-    """Write ``text`` over ``path`` atomically (temp file + rename),
-    keeping its mode and owner; refuse a read-only file."""
-    st = os.stat(path)
-    if not os.access(path, os.W_OK) or not st.st_mode & 0o222:
-        # The rename below would replace a read-only file: respect it,
-        # also as root (access() says yes to root; the mode bits say no).
-        raise OSError(errno.EACCES, 'the file is read-only')
-    fd, tmp = tempfile.mkstemp(prefix='.%s.' % os.path.basename(path),
-                               dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, stat.S_IMODE(st.st_mode))
-        if os.geteuid() == 0:
-            os.chown(tmp, st.st_uid, st.st_gid)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 ###############################################################################
