@@ -12,31 +12,35 @@ reloads them without dropping capacity and never leaves a zombie or an orphan.
 Standard library only at import time; psutil, setproctitle, gevent, redis and
 msgpack are used when importable.
 
-Map of this file (sections in dependency order)::
+Map of this file (one line per ``# Banner ####`` section, in order)::
 
     Compat and capability probes   what this interpreter/OS can do, probed once
     Errors and exit codes          ConfigError, HaltServer, EXIT_* constants
     Config                         one table (SETTINGS) -> parsing, validation,
-                                   "did you mean", --set, check, README table
+                                   "did you mean", --set, check, README table;
+                                   save_number_workers (start --save)
     Logging                        one os.write() per record, O_APPEND, reopen
-    Process utilities              titles, prctl, daemonize, instance lock,
-                                   memory (RSS), CPU affinity, children
+    Process utilities              titles, privileges, memory (RSS), CPU
+                                   affinity, children and orphans
+    Pid file, instances, daemon    PidFile (POSIX lock), instance numbers,
+                                   daemonize and the launcher's report
+    Sockets and systemd            listeners (bind, reuse_port, socket
+                                   activation), sd_notify, watchdog
     Leader lock                    FileLeader / RedisLeader, and Leadership:
                                    active/standby, renew, fence, step down
     Scoreboard                     shared mmap: per-worker heartbeat and counts
     Workers                        Worker -> SyncWorker / ThreadWorker /
-                                   GeventWorker / AsyncioWorker
-    Arbiter                        the master: signals -> handle_<name>,
-                                   reap -> murder -> manage, the spare;
-                                   ControlServer: the control socket;
-                                   Upgrade (USR2: preflight child, exec,
-                                   adoption; UpgradeState)
-    Manager                        uliweb-style programmatic front end
+                                   GeventWorker / AsyncioWorker; the loop
+                                   classes and WORKER_TYPES (name -> loop)
+    Loading worker code            load_worker_class, checks in a child
+    Arbiter                        the master and its collaborators (below)
+    Manager (uliweb style)         uliweb-style programmatic front end
     Compatibility with the seeds   ProcessHandler's imports and Arbiter,
                                    uliweb's Worker/Manager semantics
                                    (processhandler.uliweb)
-    Control client                 stop / status / reload / incr / decr
-    CLI and main()
+    Control client                 one request to a master's control socket
+    CLI                            start / stop / status / reload / incr /
+                                   decr / check ..., main()
 
 Class diagram::
 
@@ -46,11 +50,27 @@ Class diagram::
           |-- ThreadWorker    `threads` run loops in threads
           |-- GeventWorker    `threads` run loops in greenlets
           '-- AsyncioWorker   `threads` tasks of ``async def run``
+        SyncLoop -> ThreadLoop -> GeventLoop, SyncLoop -> AsyncioLoop
+                              how a worker process runs; WORKER_TYPES
         Arbiter (master loop) --forks--> one worker process per slot
-                              --forks--> one spare, which becomes the
-                                         next slot's worker when needed
+          |                   --forks--> one spare, which becomes the
+          |                              next slot's worker when needed
+          |   signals -> handle_<name>; each turn: reap -> murder ->
+          |   manage (spawn / stop / kill); it conducts, they own state:
+          |-- WorkerBirth     the child side of a fork (-> the Worker)
+          |-- Spare           the pre-forked spare
+          |-- Reload          HUP as a transaction, its outcome
+          |-- Upgrade         USR2: preflight child, exec (UpgradeState)
+          |-- Leadership      leader lock: active / standby
+          |-- ControlServer   the control socket (CLI requests)
+          |-- Metrics         counters, /metrics, statsd, health
+          |-- MemoryWatch     workers' RSS against their limits
+          '-- Watchdog        systemd's WATCHDOG=1
         Manager(workers) --builds--> Arbiter
           '-- UliwebManager   daemon=False: master forked, join() waits
+
+The supported API is what ``__all__`` lists (and the documented
+attributes and hooks of Worker); every other name may change.
 
 Design notes live in README.md ("Design").
 """
@@ -274,6 +294,12 @@ def _choice(*choices):
     return parse
 
 
+def _worker_type(value):
+    # One table of worker types: WORKER_TYPES (Workers section), read
+    # when a config is parsed, after the module is loaded.
+    return _choice(*WORKER_TYPES)(value)
+
+
 def _string(value):
     # A NUL byte cannot reach the OS (paths, titles, user names): say so
     # here rather than as a ValueError traceback later.
@@ -407,7 +433,7 @@ SETTINGS = [Setting(*row) for row in [
      "'module:Class' of the worker; required from a config file"),
     ('number_workers', _number(int, 1, MAX_WORKERS), 1,
      'workers kept alive'),
-    ('worker_type', _choice('sync', 'thread', 'gevent', 'asyncio'), 'sync',
+    ('worker_type', _worker_type, 'sync',
      'sync, thread, gevent (greenlets) or asyncio'),
     ('threads', _number(int, 1, 100000), 1,
      'concurrent run loops per worker for thread/gevent/asyncio'),
@@ -3017,9 +3043,23 @@ class AcceptLock(object):
 
 class SyncLoop(object):
     """How a worker process runs its run() calls: one class per
-    worker_type (the name -> class dict is WORKER_TYPES)."""
+    worker_type.  A new worker type is a subclass of this plus a row in
+    WORKER_TYPES (name -> class; the setting's choices come from there).
 
-    concurrent = False
+    What the master and the accept lock need to know, as class
+    attributes, and the hook run in the new process:"""
+
+    concurrent = False   # runs overlap (a run's timeout stamp is shared)
+    threaded = False     # threads (or tasks): the accept lock adds a mutex
+    cooperative = False  # greenlets: the accept lock must not block the hub
+    requires = None      # the optional package it needs (start/check say)
+
+    @classmethod
+    def prepare_child(cls):
+        """In the worker process, before the worker code is imported (in
+        the spare: before it is used).  Return True when code imported
+        earlier must be imported afresh (gevent: it was not patched)."""
+        return False
 
     def __init__(self, worker):
         self.worker = worker
@@ -3037,6 +3077,7 @@ class ThreadLoop(SyncLoop):
     scoreboard holds the start of the oldest run in progress."""
 
     concurrent = True
+    threaded = True
 
     def run(self):
         import threading
@@ -3144,6 +3185,14 @@ class GeventLoop(ThreadLoop):
     process right after fork, before the worker code is imported, so the
     thread machinery of ThreadLoop runs on greenlets."""
 
+    cooperative = True
+    requires = 'gevent'
+
+    @classmethod
+    def prepare_child(cls):
+        cls.patch()
+        return True
+
     @staticmethod
     def patch():
         try:
@@ -3161,6 +3210,7 @@ class AsyncioLoop(SyncLoop):
     is cancelled (the master KILLs after graceful_timeout)."""
 
     concurrent = True
+    threaded = True
 
     def run(self):
         import asyncio
@@ -3417,19 +3467,21 @@ def worker_class_problems(cfg, cls):
                     "%s worker_type: %s.%s is 'async def' but worker_type "
                     "is sync (it would never be awaited): set worker_type "
                     "= asyncio" % (cfg.where(), cls.__name__, name))
-    if cfg.worker_type == 'gevent' and not gevent_available():
-        problems.append('%s worker_type: gevent is not installed for %s '
-                        '(pip install gevent)' % (cfg.where(),
-                                                  sys.executable))
+    needs = WORKER_TYPES[cfg.worker_type].requires
+    if needs and not package_available(needs):
+        problems.append('%s worker_type: %s is not installed for %s '
+                        '(pip install %s)' % (cfg.where(), needs,
+                                              sys.executable, needs))
     return problems + compat_problems(cls, cfg)
 
 
-def gevent_available():
-    """Whether gevent imports, without importing it into the master (it
-    must be imported after fork, to monkey-patch the worker only)."""
+def package_available(name):
+    """Whether ``name`` imports, without importing it into the master
+    (gevent must be imported after fork, to monkey-patch the worker
+    only)."""
     import importlib.util
     try:
-        return importlib.util.find_spec('gevent') is not None
+        return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
 
@@ -5156,10 +5208,10 @@ class WorkerBirth(object):
             return WORKER_EXIT_BOOT_ERROR
         worker._accept_lock = None
         if a.accept_fd is not None:
-            wtype = worker.worker_type or a.cfg.worker_type
+            loop = WORKER_TYPES[worker.worker_type or a.cfg.worker_type]
             worker._accept_lock = AcceptLock(
-                a.accept_fd, threaded=wtype != 'sync',
-                cooperative=wtype == 'gevent')
+                a.accept_fd, threaded=loop.threaded,
+                cooperative=loop.cooperative)
         worker._boot(a.cfg, number, a.board, cell, a.boot_w,
                      a.pid, sockets, a.logfile, pdeath, dump_fd)
         return worker._serve()
@@ -5179,19 +5231,19 @@ class WorkerBirth(object):
         """In the worker process: make its worker code ready; return
         Manager mode's template (None in config mode: the class, imported
         here when the master did not -- ``user`` set -- is built by
-        build_worker).  gevent: monkey-patch first, then import the worker
-        code afresh (it was imported unpatched)."""
+        build_worker).  The loop class's prepare_child() first (gevent:
+        monkey-patch, then import the worker code afresh: it was imported
+        unpatched)."""
         a = self.arbiter
         template = a.template(number)
         if template is None and a.worker_class is None:
             a.worker_class = load_worker_class(a.cfg)
         wtype = ((template or a.worker_class).worker_type
                  or a.cfg.worker_type)
-        if wtype == 'gevent':
-            GeventLoop.patch()
-            if template is None:
-                forget_user_modules(a.cfg.base_path)
-                a.worker_class = load_worker_class(a.cfg)
+        fresh = WORKER_TYPES.get(wtype, SyncLoop).prepare_child()
+        if fresh and template is None:
+            forget_user_modules(a.cfg.base_path)
+            a.worker_class = load_worker_class(a.cfg)
         return template
 
     def worker_sockets(self):
@@ -5292,8 +5344,11 @@ class Arbiter(object):
 
     Lifecycle, in the order the methods below read:
     setup -> run loop (wait -> dispatch signals -> reap -> murder -> check
-    memory -> manage -> ready) -> handle_<signal> -> reload / stop ->
-    spawn / stop / kill / reap -> control socket -> status.
+    memory -> manage -> ready) -> handle_<signal> -> scale / stop ->
+    spawn / stop / kill / reap -> murder -> manage -> leaving -> status.
+    It conducts; each responsibility with state of its own is a
+    collaborator it owns (add_collaborators): WorkerBirth, Spare, Reload,
+    Upgrade, Leadership, ControlServer, Metrics, MemoryWatch, Watchdog.
 
     The master runs no thread (a fork taken while another thread holds a
     lock -- the import lock on PyPy -- leaves the child blocked for ever).
@@ -5689,7 +5744,7 @@ class Arbiter(object):
                  'HUP brings them back)')
         self.set_num_workers(0, 'WINCH')
 
-    # -- reload, scale, stop --------------------------------------------------
+    # -- scale, stop ---------------------------------------------------------
 
     def set_num_workers(self, n, why):
         if self.stopping:
