@@ -2298,6 +2298,35 @@ DUMP_SIGNAL = (signal.SIGRTMIN + 5 if hasattr(signal, 'SIGRTMIN')
 IGNORED_IN_CHILDREN = ('HUP', 'TTIN', 'TTOU', 'WINCH', 'USR2')
 
 
+class WorkerRuntime(object):
+    """A worker process's runtime state, kept out of the user's Worker
+    subclass: the loops, RunWatch, Publisher and the master's child side
+    read and write ``worker._ph``, so that no attribute a user gives a
+    subclass can collide with one of theirs (``_ph`` is the one reserved
+    name).  Set by Worker.__init__ and completed by _boot in the child."""
+
+    __slots__ = ('board', 'cell', 'boot_fd', 'logfile', 'dump_fd',
+                 'check_parent', 'exit_reason', 'runner', 'wake_r', 'wake_w',
+                 'accept_lock', 'pausing', 'idle_runs', 'publisher',
+                 'in_request', 'term_at', 'last_failure', 'failure_streak')
+
+    def __init__(self):
+        self.board = self.cell = self.boot_fd = None   # scoreboard cell
+        self.logfile = self.dump_fd = None
+        self.check_parent = False     # no parent-death signal: poll ppid
+        self.exit_reason = Scoreboard.R_NONE
+        self.runner = None            # the worker_type's loop object
+        self.wake_r = self.wake_w = None   # signal wake-up pipe
+        self.accept_lock = None
+        self.pausing = False          # in a sleep of the loop's own
+        self.idle_runs = 0            # runs that handled nothing (RunWatch)
+        self.publisher = None
+        self.in_request = False       # SyncWorker: inside handle_request
+        self.term_at = None           # SyncWorker: when TERM came
+        self.last_failure = 0.0       # _run_failed's pause after failures
+        self.failure_streak = 0
+
+
 class Worker(object):
     """Base class of the code that runs in worker processes.
 
@@ -2371,9 +2400,7 @@ class Worker(object):
         self.requests = 0
         self.alive = True
         self.sockets = []
-        self._pausing = False      # in a sleep of the loop's own
-        self._idle_runs = 0        # runs that handled nothing (RunWatch)
-        self._publisher = None
+        self._ph = WorkerRuntime()   # the runtime's state, not the user's
 
     # -- the API -------------------------------------------------------------
 
@@ -2402,9 +2429,9 @@ class Worker(object):
     def stop(self):
         """Ask the loop to end after the current run (graceful)."""
         self.alive = False
-        runner = getattr(self, '_runner', None)
-        if runner is not None:
-            runner.wake()
+        ph = getattr(self, '_ph', None)
+        if ph is not None and ph.runner is not None:
+            ph.runner.wake()
 
     def handle(self, conn, addr):
         """With ``bind``: serve one accepted connection (closed after).
@@ -2429,19 +2456,21 @@ class Worker(object):
     def _boot(self, cfg, slot, board, cell, boot_fd, ppid, sockets, logfile,
               pdeathsig, dump_fd=None):
         """Set up the forked process; called by the arbiter in the child."""
+        if getattr(self, '_ph', None) is None:   # __init__ not called
+            self._ph = WorkerRuntime()
         self.cfg = cfg
         self.slot = slot
         self.pid = os.getpid()
         self.ppid = ppid
         self.sockets = sockets
-        self._board, self._cell, self._boot_fd = board, cell, boot_fd
-        self._logfile = logfile
-        self._dump_fd = dump_fd
-        self._check_parent = not pdeathsig
-        self._exit_reason = Scoreboard.R_NONE
-        self._runner = WORKER_TYPES[self.worker_type or cfg.worker_type](self)
-        self._wake_r, self._wake_w = os.pipe()
-        for fd in (self._wake_r, self._wake_w):
+        self._ph.board, self._ph.cell, self._ph.boot_fd = board, cell, boot_fd
+        self._ph.logfile = logfile
+        self._ph.dump_fd = dump_fd
+        self._ph.check_parent = not pdeathsig
+        self._ph.exit_reason = Scoreboard.R_NONE
+        self._ph.runner = WORKER_TYPES[self.worker_type or cfg.worker_type](self)
+        self._ph.wake_r, self._ph.wake_w = os.pipe()
+        for fd in (self._ph.wake_r, self._ph.wake_w):
             os.set_blocking(fd, False)
         self._init_signals()
         board.set(cell, Scoreboard.PID, self.pid)
@@ -2457,14 +2486,14 @@ class Worker(object):
         signal.signal(signal.SIGUSR1, self._signal_usr1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(DUMP_SIGNAL, signal.SIG_DFL)
-        if self._dump_fd is not None:
+        if self._ph.dump_fd is not None:
             try:
                 import faulthandler
-                faulthandler.register(DUMP_SIGNAL, file=self._dump_fd,
+                faulthandler.register(DUMP_SIGNAL, file=self._ph.dump_fd,
                                       all_threads=True, chain=True)
             except (ImportError, AttributeError, ValueError, RuntimeError):
                 pass
-        signal.set_wakeup_fd(self._wake_w)
+        signal.set_wakeup_fd(self._ph.wake_w)
 
     def _signal_term(self, signum, frame):
         self.stop()
@@ -2477,7 +2506,7 @@ class Worker(object):
         try:
             for extra in _EXTRA_LOGS:     # make_log / setup_file_logging
                 extra.reopen()
-            self._logfile.reopen()
+            self._ph.logfile.reopen()
         except OSError as e:
             self.log.error('cannot reopen log file: %s', e)
 
@@ -2488,20 +2517,20 @@ class Worker(object):
         except Exception as e:
             self.log.exception('init() failed: worker %d cannot boot',
                                self.slot)
-            self._board.set_text(self._cell, 'init() raised %s: %s' % (
+            self._ph.board.set_text(self._ph.cell, 'init() raised %s: %s' % (
                 type(e).__name__, e))
             return WORKER_EXIT_BOOT_ERROR
         self._announce_booted()
         try:
-            self._runner.run()
+            self._ph.runner.run()
         except Exception as e:
             self.log.exception('worker loop failed')
             self.on_exception(e)
         else:
             self.on_finished()
         self.after_run()
-        if self._exit_reason:
-            self._board.set(self._cell, Scoreboard.REASON, self._exit_reason)
+        if self._ph.exit_reason:
+            self._ph.board.set(self._ph.cell, Scoreboard.REASON, self._ph.exit_reason)
         return WORKER_EXIT_OK
 
     def _run_failed(self, e):
@@ -2517,14 +2546,13 @@ class Worker(object):
         except Exception:
             self.log.exception('on_exception() raised')
         now = time.monotonic()
-        last = getattr(self, '_last_failure', 0.0)
-        streak = getattr(self, '_failure_streak', 0)
-        streak = streak + 1 if now - last < 2.0 else 0
-        self._last_failure, self._failure_streak = now, streak
+        ph = self._ph
+        streak = ph.failure_streak + 1 if now - ph.last_failure < 2.0 else 0
+        ph.last_failure, ph.failure_streak = now, streak
         return 0.0 if not streak else min(1.0, 0.005 * 2 ** min(streak, 8))
 
     def _announce_booted(self):
-        b, c = self._board, self._cell
+        b, c = self._ph.board, self._ph.cell
         if (self.setting('soft_memory_limit') or
                 self.setting('hard_memory_limit')):
             # What init() left us weighing: the master backs off a slot
@@ -2533,7 +2561,7 @@ class Worker(object):
         b.setf(c, Scoreboard.BOOTED_AT, time.monotonic())
         b.set(c, Scoreboard.STATE, Scoreboard.BOOTED)
         try:
-            os.write(self._boot_fd, b'.')   # wakes the master: event, no poll
+            os.write(self._ph.boot_fd, b'.')   # wakes the master: event, no poll
         except OSError:
             pass  # pipe full: the master is already awake
 
@@ -2567,11 +2595,11 @@ class Worker(object):
         loop), and whenever a run handled nothing."""
         run = self._serve_connection if self.serves_sockets() else self.run
         limit = self._max_requests() or 0
-        slow_path = bool(self.setting('interval') or self._check_parent)
+        slow_path = bool(self.setting('interval') or self._ph.check_parent)
         watch = RunWatch.start(self)
         n = self.requests
-        self._publisher = Publisher(self, n) if watch is None else None
-        upcoming = (self._publisher.due if self._publisher else
+        self._ph.publisher = Publisher(self, n) if watch is None else None
+        upcoming = (self._ph.publisher.due if self._ph.publisher else
                     n + self.CHECKPOINT_RUNS)
         try:
             while self.alive:
@@ -2584,19 +2612,19 @@ class Worker(object):
                 if n == limit:
                     self.log.info('%d requests handled: max_requests '
                                   'reached, recycling', n)
-                    self._exit_reason = Scoreboard.R_MAX_REQUESTS
+                    self._ph.exit_reason = Scoreboard.R_MAX_REQUESTS
                     break
-                if (self._publisher is not None and
-                        n >= self._publisher.due):
-                    self._publisher.publish(n)
-                upcoming = (self._publisher.due if self._publisher else
+                if (self._ph.publisher is not None and
+                        n >= self._ph.publisher.due):
+                    self._ph.publisher.publish(n)
+                upcoming = (self._ph.publisher.due if self._ph.publisher else
                             n + self.CHECKPOINT_RUNS)
                 if slow_path and not self._slow_path():
                     break
         finally:
             if watch is not None:
                 watch.stop()
-            self._board.set(self._cell, Scoreboard.REQUESTS, self.requests)
+            self._ph.board.set(self._ph.cell, Scoreboard.REQUESTS, self.requests)
 
     # A range end when nothing else is due: small enough for ints to stay
     # one digit (fast arithmetic), large enough to cost nothing.
@@ -2625,17 +2653,17 @@ class Worker(object):
     def _idle(self, n):
         """After a run that handled nothing (``n`` handled so far): count
         it for RunWatch, publish, and the slow path.  False: stop."""
-        self._idle_runs += 1
-        if self._publisher is not None and self._publisher.shown != n:
-            self._publisher.publish(n)
+        self._ph.idle_runs += 1
+        if self._ph.publisher is not None and self._ph.publisher.shown != n:
+            self._ph.publisher.publish(n)
         return self._slow_path()
 
     def _slow_path(self):
         """Between runs when interval or the parent check is on: False to
         leave the loop."""
-        if self._check_parent and os.getppid() != self.ppid:
+        if self._ph.check_parent and os.getppid() != self.ppid:
             self.log.warning('master %d is gone: exiting', self.ppid)
-            self._exit_reason = Scoreboard.R_ORPHANED
+            self._ph.exit_reason = Scoreboard.R_ORPHANED
             return False
         interval = self.setting('interval')
         if interval and self.alive:
@@ -2647,11 +2675,11 @@ class Worker(object):
         failure): RunWatch must not count it as a run taking long."""
         if not seconds:
             return
-        self._pausing = True
+        self._ph.pausing = True
         try:
             self.sleep(seconds)
         finally:
-            self._pausing = False
+            self._ph.pausing = False
 
     def sleep(self, seconds):
         """Sleep up to ``seconds``; return early when a signal arrives."""
@@ -2661,12 +2689,12 @@ class Worker(object):
             if left <= 0:
                 return
             try:
-                r, _, _ = select.select([self._wake_r], [], [], left)
+                r, _, _ = select.select([self._ph.wake_r], [], [], left)
             except InterruptedError:
                 continue
             if r:
                 try:
-                    while os.read(self._wake_r, 4096):
+                    while os.read(self._ph.wake_r, 4096):
                         pass
                 except OSError:
                     pass
@@ -2686,7 +2714,7 @@ class Worker(object):
         holder waits in accept (no thundering herd); the lock is released
         before handle() runs.
         """
-        lock = self._accept_lock
+        lock = self._ph.accept_lock
         conn = None
         if lock is not None and not lock.acquire(self.accept_timeout):
             return False
@@ -2744,9 +2772,9 @@ class Publisher(object):
     FAST = 0.002
 
     def __init__(self, worker, n):
-        self.board, self.cell = worker._board, worker._cell
-        self.q = worker._board.wq
-        self.i = worker._cell * Scoreboard.FIELDS + Scoreboard.REQUESTS
+        self.board, self.cell = worker._ph.board, worker._ph.cell
+        self.q = worker._ph.board.wq
+        self.i = worker._ph.cell * Scoreboard.FIELDS + Scoreboard.REQUESTS
         self.shown = n
         self.due = n + 1
         self.step = 1
@@ -2836,18 +2864,18 @@ class RunWatch(object):
         # loop stores anyway: a handled run sets requests, another one
         # counts in _idle_runs).
         w = self.worker
-        return (w.requests, w._idle_runs)
+        return (w.requests, w._ph.idle_runs)
 
     def watch(self):
         w = self.worker
-        board, cell = w._board, w._cell
+        board, cell = w._ph.board, w._ph.cell
         last = None
         next_memory = self.memory.next
         while not self.done.wait(self.tick):
             now = time.monotonic()
             if self.timed:
                 mark = self.mark()
-                if w._pausing:
+                if w._ph.pausing:
                     last = None
                     board.setf(cell, Scoreboard.RUN_STARTED, 0.0)
                 elif mark != last:
@@ -2857,17 +2885,17 @@ class RunWatch(object):
             if now >= next_memory:
                 next_memory = now + self.memory.every
                 if w.alive and self.memory.over_soft():
-                    w._exit_reason = Scoreboard.R_MEMORY
+                    w._ph.exit_reason = Scoreboard.R_MEMORY
                     w.stop()
                     try:
-                        os.write(w._wake_w, b'.')   # end a loop pause
+                        os.write(w._ph.wake_w, b'.')   # end a loop pause
                     except OSError:
                         pass
 
     def stop(self):
         self.done.set()
         self.thread.join()
-        self.worker._board.setf(self.worker._cell, Scoreboard.RUN_STARTED,
+        self.worker._ph.board.setf(self.worker._ph.cell, Scoreboard.RUN_STARTED,
                                 0.0)
 
 
@@ -2908,7 +2936,6 @@ class SyncWorker(Worker):
         self.booted = False
         self.rd_fds = None
         self.worker_name = 'worker: %s' % (self.cfg.proc_name or '')
-        self._in_request = False
 
     @classmethod
     def from_config(cls, cfg, file_logger=None, ppid=None, sockets=None):
@@ -2955,12 +2982,12 @@ class SyncWorker(Worker):
     def _request(self, fn, *args):
         """Call handle_request; False if TERM had to interrupt it."""
         try:
-            self._in_request = True
+            self._ph.in_request = True
             fn(*args)
         except RequestInterrupted:
             return False
         finally:
-            self._in_request = False
+            self._ph.in_request = False
         return True
 
     def serves_sockets(self):
@@ -2970,22 +2997,22 @@ class SyncWorker(Worker):
         Worker._signal_term(self, signum, frame)
         # Only the sync loop runs requests in the main thread, where the
         # SIGALRM handler's exception lands.
-        if (self._in_request and not self._runner.concurrent and
+        if (self._ph.in_request and not self._ph.runner.concurrent and
                 hasattr(signal, 'setitimer')):
             # Leave the end of graceful_timeout to after_run() and the exit.
             grace = self.setting('graceful_timeout')
-            self._term_at = time.monotonic()
+            self._ph.term_at = time.monotonic()
             signal.signal(signal.SIGALRM, self._interrupt_request)
             signal.setitimer(signal.ITIMER_REAL,
                              max(0.01, grace - min(0.5, grace / 4.0)))
 
     def _interrupt_request(self, signum, frame):
-        if not self._in_request:
+        if not self._ph.in_request:
             return      # it returned meanwhile: the loop is ending anyway
         self.log.warning(
             'handle_request() still running %.2fs after TERM: interrupting '
             'it so that worker %d stops within graceful_timeout (%gs)',
-            time.monotonic() - self._term_at, self.slot,
+            time.monotonic() - self._ph.term_at, self.slot,
             self.setting('graceful_timeout'))
         raise RequestInterrupted()
 
@@ -3097,7 +3124,7 @@ class ThreadLoop(SyncLoop):
             w.sleep(w.cfg.check_interval)   # woken by signals
             if self.memory.due() and self.memory.over_soft():
                 self.finish(Scoreboard.R_MEMORY)
-            if w._check_parent and os.getppid() != w.ppid:
+            if w._ph.check_parent and os.getppid() != w.ppid:
                 self.finish(Scoreboard.R_ORPHANED)
         for t in threads:
             t.join()
@@ -3114,16 +3141,16 @@ class ThreadLoop(SyncLoop):
         self.stopped.set()
 
     def finish(self, reason):
-        self.worker._exit_reason = reason
+        self.worker._ph.exit_reason = reason
         self.worker.alive = False
         self.wake()
 
     def mark(self, i, value):
-        d = self.worker._board
+        d = self.worker._ph.board
         with self.lock:
             self.starts[i] = value
             active = [x for x in self.starts if x]
-            d.setf(self.worker._cell, Scoreboard.RUN_STARTED,
+            d.setf(self.worker._ph.cell, Scoreboard.RUN_STARTED,
                    min(active) if active else 0.0)
 
     def take_ticket(self):
@@ -3163,7 +3190,7 @@ class ThreadLoop(SyncLoop):
                     self.stopped.wait(self.interval)
         finally:
             try:
-                os.write(w._wake_w, b'x')   # tell the main thread
+                os.write(w._ph.wake_w, b'x')   # tell the main thread
             except OSError:
                 pass
 
@@ -3172,7 +3199,7 @@ class ThreadLoop(SyncLoop):
         with self.lock:
             self.in_flight -= 1
             w.requests += 1
-            w._board.set(w._cell, Scoreboard.REQUESTS, w.requests)
+            w._ph.board.set(w._ph.cell, Scoreboard.REQUESTS, w.requests)
             done = self.max_requests and w.requests >= self.max_requests
         if done and w.alive:
             w.log.info('%d requests handled: max_requests reached, '
@@ -3250,7 +3277,7 @@ class AsyncioLoop(SyncLoop):
         w = self.worker
         self.starts[i] = value
         active = [x for x in self.starts if x]
-        w._board.setf(w._cell, Scoreboard.RUN_STARTED,
+        w._ph.board.setf(w._ph.cell, Scoreboard.RUN_STARTED,
                       min(active) if active else 0.0)
 
     async def body(self, i):
@@ -3302,21 +3329,21 @@ class AsyncioLoop(SyncLoop):
     def count(self):
         w = self.worker
         w.requests += 1
-        w._board.set(w._cell, Scoreboard.REQUESTS, w.requests)
+        w._ph.board.set(w._ph.cell, Scoreboard.REQUESTS, w.requests)
         if (self.max_requests and w.requests >= self.max_requests and
                 w.alive):
             w.log.info('%d requests handled: max_requests reached, '
                        'recycling', w.requests)
-            w._exit_reason = Scoreboard.R_MAX_REQUESTS
+            w._ph.exit_reason = Scoreboard.R_MAX_REQUESTS
             w.stop()
 
     def checks(self):
         w = self.worker
         if self.memory.due() and self.memory.over_soft():
-            w._exit_reason = Scoreboard.R_MEMORY
+            w._ph.exit_reason = Scoreboard.R_MEMORY
             w.stop()
-        if w._check_parent and os.getppid() != w.ppid:
-            w._exit_reason = Scoreboard.R_ORPHANED
+        if w._ph.check_parent and os.getppid() != w.ppid:
+            w._ph.exit_reason = Scoreboard.R_ORPHANED
             w.stop()
 
     async def serve(self):
@@ -5206,10 +5233,10 @@ class WorkerBirth(object):
             a.board.set_text(cell, 'building the worker raised %s: %s'
                              % (type(e).__name__, e))
             return WORKER_EXIT_BOOT_ERROR
-        worker._accept_lock = None
+        worker._ph.accept_lock = None
         if a.accept_fd is not None:
             loop = WORKER_TYPES[worker.worker_type or a.cfg.worker_type]
-            worker._accept_lock = AcceptLock(
+            worker._ph.accept_lock = AcceptLock(
                 a.accept_fd, threaded=loop.threaded,
                 cooperative=loop.cooperative)
         worker._boot(a.cfg, number, a.board, cell, a.boot_w,
@@ -6726,7 +6753,7 @@ class UliwebWorker(Worker):
     def _loop(self):
         """uliweb's loop, with the run stamps the master's hard timeout
         and ``status`` read."""
-        board, cell = self._board, self._cell
+        board, cell = self._ph.board, self._ph.cell
         while self._running():
             board.setf(cell, Scoreboard.RUN_STARTED, time.monotonic())
             try:
@@ -6745,7 +6772,7 @@ class UliwebWorker(Worker):
             if self.check_point and self._running():
                 self._pause(self.check_point)
         if self.max_requests and self.count > self.max_requests:
-            self._exit_reason = Scoreboard.R_MAX_REQUESTS
+            self._ph.exit_reason = Scoreboard.R_MAX_REQUESTS
 
 
 class UliwebManager(Manager):
