@@ -2862,7 +2862,7 @@ class RunWatch(object):
     def mark(self):
         # Every finished run moves one of the two (reads of two ints the
         # loop stores anyway: a handled run sets requests, another one
-        # counts in _idle_runs).
+        # counts in w._ph.idle_runs).
         w = self.worker
         return (w.requests, w._ph.idle_runs)
 
@@ -5389,7 +5389,6 @@ class Arbiter(object):
     EARLY_DEATH = 1.0      # a crash this soon after boot may be a failure:
     EARLY_DEATHS = 3       # when it handled nothing, or this many in a row
     ORPHAN_GRACE = 2.0     # TERM -> KILL for adopted grandchildren at exit
-    IMPORT_TIMEOUT = 30.0  # a HUP's import of the worker code, in a child
 
     def __init__(self, cfg, worker_class=None, templates=None,
                  ready_fd=None, daemonized=False, title=None,
