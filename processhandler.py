@@ -15,7 +15,9 @@ msgpack are used when importable.
 Map of this file (one line per ``# Banner ####`` section, in order)::
 
     Compat and capability probes   what this interpreter/OS can do, probed once
-    Errors and exit codes          ConfigError, HaltServer, EXIT_* constants
+    Errors and exit codes          ConfigError, HaltServer, EXIT_* constants,
+                                   say/complain; how this process was started
+                                   (master_exec_argv, for re-exec)
     Config                         one table (SETTINGS) -> parsing, validation,
                                    "did you mean", --set, check, README table;
                                    save_number_workers (start --save)
@@ -240,6 +242,28 @@ def interpreter_flags():
         return []
 
 
+def master_exec_argv(argv=None):
+    """The argv that re-executes this master (the lean start, and USR2):
+    the same interpreter and flags, and nothing on sys.path ahead of the
+    standard library that the original command did not have (no current
+    directory).  ``argv``: the master's sys.argv (default: as started).
+
+    When argv[0] is this module, on CPython: the lean form (an import of
+    the module, see _main()); otherwise (PyPy, a user's script, a console
+    script) the script itself, which puts only its own folder first, as
+    the original command did."""
+    argv = list(_START['argv'] if argv is None else argv)
+    script = os.path.abspath(os.path.join(_START['cwd'], argv[0]))
+    cmd = [sys.executable] + interpreter_flags()
+    this = os.path.abspath(__file__)
+    if this.endswith(('.pyc', '.pyo')):
+        this = this[:-1]
+    if (IS_PYPY or os.environ.get('PROCESSHANDLER_NO_LEAN') or
+            os.path.realpath(script) != os.path.realpath(this)):
+        return cmd + [script] + argv[1:]
+    return cmd + ['-c', LEAN_START, script] + argv[1:]
+
+
 class ConfigError(Exception):
     """A problem with the configuration or command line: exit 2, one line."""
 
@@ -254,6 +278,14 @@ class HaltServer(BaseException):
         BaseException.__init__(self, reason)
         self.reason = reason
         self.exit_status = exit_status
+
+
+def say(msg):
+    print('processhandler: %s' % msg)
+
+
+def complain(msg):
+    print('processhandler: %s' % msg, file=sys.stderr)
 
 
 ###############################################################################
@@ -984,6 +1016,13 @@ def check_log_target(path):
         raise ConfigError('log_file %s is %s: it must be a regular file or '
                           'a character device such as /dev/null'
                           % (path, file_kind(st.st_mode)))
+
+
+def log_owner(cfg):
+    """(uid, gid) the workers drop to, who must be able to reopen the log
+    (see LogFile), or None."""
+    uid, gid = resolve_user_group(cfg.user, cfg.group)
+    return (uid, gid) if uid is not None else None
 
 
 class LogFile(object):
@@ -6971,14 +7010,6 @@ def build_parser():
     return p
 
 
-def say(msg):
-    print('processhandler: %s' % msg)
-
-
-def complain(msg):
-    print('processhandler: %s' % msg, file=sys.stderr)
-
-
 def target_instances(cfg, args):
     found = instances(cfg)
     if args.instance is not None:
@@ -7506,13 +7537,6 @@ def cmd_decr(cfg, args):
     return cmd_incr(cfg, args, sign=-1)
 
 
-def log_owner(cfg):
-    """(uid, gid) the workers drop to, who must be able to reopen the log
-    (see LogFile), or None."""
-    uid, gid = resolve_user_group(cfg.user, cfg.group)
-    return (uid, gid) if uid is not None else None
-
-
 def log_file_check(cfg):
     """`check`: an existing log_file that start would refuse (owner)."""
     try:
@@ -7692,28 +7716,6 @@ sys.path.insert(0, os.path.dirname(path))
 import processhandler
 processhandler._START['argv'] = list(sys.argv)
 sys.exit(processhandler.main())'''
-
-
-def master_exec_argv(argv=None):
-    """The argv that re-executes this master (the lean start, and USR2):
-    the same interpreter and flags, and nothing on sys.path ahead of the
-    standard library that the original command did not have (no current
-    directory).  ``argv``: the master's sys.argv (default: as started).
-
-    When argv[0] is this module, on CPython: the lean form (an import of
-    the module, see _main()); otherwise (PyPy, a user's script, a console
-    script) the script itself, which puts only its own folder first, as
-    the original command did."""
-    argv = list(_START['argv'] if argv is None else argv)
-    script = os.path.abspath(os.path.join(_START['cwd'], argv[0]))
-    cmd = [sys.executable] + interpreter_flags()
-    this = os.path.abspath(__file__)
-    if this.endswith(('.pyc', '.pyo')):
-        this = this[:-1]
-    if (IS_PYPY or os.environ.get('PROCESSHANDLER_NO_LEAN') or
-            os.path.realpath(script) != os.path.realpath(this)):
-        return cmd + [script] + argv[1:]
-    return cmd + ['-c', LEAN_START, script] + argv[1:]
 
 
 def starts_master(argv):
