@@ -2400,6 +2400,9 @@ class Worker(object):
     max_requests, max_requests_jitter, timeout, graceful_timeout,
     soft_memory_limit, hard_memory_limit, interval (``check_point`` is the
     uliweb name for interval).  Any other keyword lands in ``self.kwargs``.
+
+    Reserved: ``self._ph`` (the runtime's state, see WorkerRuntime) and
+    the methods whose names start with ``_``.
     """
 
     worker_type = None   # None: the config's worker_type; else forced
