@@ -12,31 +12,37 @@ reloads them without dropping capacity and never leaves a zombie or an orphan.
 Standard library only at import time; psutil, setproctitle, gevent, redis and
 msgpack are used when importable.
 
-Map of this file (sections in dependency order)::
+Map of this file (one line per ``# Banner ####`` section, in order)::
 
     Compat and capability probes   what this interpreter/OS can do, probed once
-    Errors and exit codes          ConfigError, HaltServer, EXIT_* constants
+    Errors and exit codes          ConfigError, HaltServer, EXIT_* constants,
+                                   say/complain; how this process was started
+                                   (master_exec_argv, for re-exec)
     Config                         one table (SETTINGS) -> parsing, validation,
-                                   "did you mean", --set, check, README table
+                                   "did you mean", --set, check, README table;
+                                   save_number_workers (start --save)
     Logging                        one os.write() per record, O_APPEND, reopen
-    Process utilities              titles, prctl, daemonize, instance lock,
-                                   memory (RSS), CPU affinity, children
+    Process utilities              titles, privileges, memory (RSS), CPU
+                                   affinity, children and orphans
+    Pid file, instances, daemon    PidFile (POSIX lock), instance numbers,
+                                   daemonize and the launcher's report
+    Sockets and systemd            listeners (bind, reuse_port, socket
+                                   activation), sd_notify, watchdog
     Leader lock                    FileLeader / RedisLeader, and Leadership:
                                    active/standby, renew, fence, step down
     Scoreboard                     shared mmap: per-worker heartbeat and counts
     Workers                        Worker -> SyncWorker / ThreadWorker /
-                                   GeventWorker / AsyncioWorker
-    Arbiter                        the master: signals -> handle_<name>,
-                                   reap -> murder -> manage, the spare;
-                                   ControlServer: the control socket;
-                                   Upgrade (USR2: preflight child, exec,
-                                   adoption; UpgradeState)
-    Manager                        uliweb-style programmatic front end
+                                   GeventWorker / AsyncioWorker; the loop
+                                   classes and WORKER_TYPES (name -> loop)
+    Loading worker code            load_worker_class, checks in a child
+    Arbiter                        the master and its collaborators (below)
+    Manager (uliweb style)         uliweb-style programmatic front end
     Compatibility with the seeds   ProcessHandler's imports and Arbiter,
                                    uliweb's Worker/Manager semantics
                                    (processhandler.uliweb)
-    Control client                 stop / status / reload / incr / decr
-    CLI and main()
+    Control client                 one request to a master's control socket
+    CLI                            start / stop / status / reload / incr /
+                                   decr / check ..., main()
 
 Class diagram::
 
@@ -46,11 +52,28 @@ Class diagram::
           |-- ThreadWorker    `threads` run loops in threads
           |-- GeventWorker    `threads` run loops in greenlets
           '-- AsyncioWorker   `threads` tasks of ``async def run``
+        SyncLoop -> ThreadLoop -> GeventLoop, SyncLoop -> AsyncioLoop
+                              how a worker process runs; WORKER_TYPES
         Arbiter (master loop) --forks--> one worker process per slot
-                              --forks--> one spare, which becomes the
-                                         next slot's worker when needed
+          |                   --forks--> one spare, which becomes the
+          |                              next slot's worker when needed
+          |   signals -> handle_<name>; each turn: reap -> murder ->
+          |   manage (spawn / stop / kill); it conducts, they own state:
+          |-- WorkerBirth     the child side of a fork (-> the Worker)
+          |-- Spare           the pre-forked spare
+          |-- Reload          HUP as a transaction (rollback), its outcome
+          |-- ReloadCheck     a HUP's check of the code, in a child
+          |-- Upgrade         USR2: preflight child, exec (UpgradeState)
+          |-- Leadership      leader lock: active / standby
+          |-- ControlServer   the control socket (CLI requests)
+          |-- Metrics         counters, /metrics, statsd, health
+          |-- MemoryWatch     workers' RSS against their limits
+          '-- Watchdog        systemd's WATCHDOG=1
         Manager(workers) --builds--> Arbiter
           '-- UliwebManager   daemon=False: master forked, join() waits
+
+The supported API is what ``__all__`` lists (and the documented
+attributes and hooks of Worker); every other name may change.
 
 Design notes live in README.md ("Design").
 """
@@ -72,7 +95,6 @@ import fcntl
 import gc
 import hashlib
 import importlib
-import itertools
 import json
 import logging
 import mmap
@@ -221,6 +243,36 @@ def interpreter_flags():
         return []
 
 
+def isolated_path():
+    """True under -I or -P: `python -I script` keeps the script's folder
+    off sys.path, which the lean form would have to put there to import
+    this module (and a folder writable by a worker's user must not be)."""
+    return bool(sys.flags.isolated or getattr(sys.flags, 'safe_path', 0))
+
+
+def master_exec_argv(argv=None):
+    """The argv that re-executes this master (the lean start, and USR2):
+    the same interpreter and flags, and nothing on sys.path ahead of the
+    standard library that the original command did not have (no current
+    directory).  ``argv``: the master's sys.argv (default: as started).
+
+    When argv[0] is this module, on CPython: the lean form (an import of
+    the module, see _main()); otherwise (PyPy, a user's script, a console
+    script) the script itself, which puts only its own folder first, as
+    the original command did."""
+    argv = list(_START['argv'] if argv is None else argv)
+    script = os.path.abspath(os.path.join(_START['cwd'], argv[0]))
+    cmd = [sys.executable] + interpreter_flags()
+    this = os.path.abspath(__file__)
+    if this.endswith(('.pyc', '.pyo')):
+        this = this[:-1]
+    if (IS_PYPY or isolated_path() or
+            os.environ.get('PROCESSHANDLER_NO_LEAN') or
+            os.path.realpath(script) != os.path.realpath(this)):
+        return cmd + [script] + argv[1:]
+    return cmd + ['-c', LEAN_START, script] + argv[1:]
+
+
 class ConfigError(Exception):
     """A problem with the configuration or command line: exit 2, one line."""
 
@@ -235,6 +287,82 @@ class HaltServer(BaseException):
         BaseException.__init__(self, reason)
         self.reason = reason
         self.exit_status = exit_status
+
+
+class StdoutFailed(Exception):
+    """Standard output cannot be written (a full disk): main() says so in
+    one line and exits 1."""
+
+    def __init__(self, error):
+        Exception.__init__(self, error)
+        self.error = error
+
+
+def out(text):
+    """Write ``text`` to standard output now (flushed, so a failure is
+    seen here, inside main(), and not at interpreter exit).  False when the
+    reader went away (`status | head -1`): it had what it wanted, so the
+    command goes on and ends with its own status, as `git log | head`
+    does, its further output discarded (a loop like --watch stops)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return True
+    except BrokenPipeError:  # a socket's EPIPE never gets here: stdout only
+        discard_stdout()
+        return False
+    except OSError as e:
+        raise StdoutFailed(e)
+
+
+def discard_stdout():
+    """fd 1 becomes /dev/null: what is still buffered, and what follows,
+    goes nowhere (the exit's flush would fail again)."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError):
+        pass
+
+
+def stdout_failed(error):
+    """The end of a command whose output cannot be written."""
+    discard_stdout()
+    complain('cannot write to standard output: %s'
+             % (error.strerror or error))
+    return EXIT_FAILURE
+
+
+# C0/C1 controls and DEL, lone surrogates (unencodable), bidi overrides.
+_UNPRINTABLE = ((0, 0x20), (0x7f, 0xa0), (0xd800, 0xe000),
+                (0x202a, 0x202f), (0x2066, 0x206a))
+_ESCAPES = {'\t': '\\t', '\n': '\\n', '\r': '\\r'}
+
+
+def printable(text):
+    """``text`` safe for the operator's terminal: control characters (an
+    escape sequence, a newline forging a line) in what a worker or its
+    exception said are shown escaped, the way repr() shows them."""
+    text = str(text)
+    if text.isprintable():    # the usual case: nothing to escape
+        return text
+    return ''.join(_escaped(c) for c in text)
+
+
+def _escaped(c):
+    n = ord(c)
+    if not any(lo <= n < hi for lo, hi in _UNPRINTABLE):
+        return c
+    return _ESCAPES.get(c) or ('\\x%02x' if n < 0x100 else '\\u%04x') % n
+
+
+def say(msg):
+    out('processhandler: %s\n' % printable(msg))
+
+
+def complain(msg):
+    print('processhandler: %s' % printable(msg), file=sys.stderr)
 
 
 ###############################################################################
@@ -273,6 +401,12 @@ def _choice(*choices):
                              % (', '.join(choices), value))
         return v
     return parse
+
+
+def _worker_type(value):
+    # One table of worker types: WORKER_TYPES (Workers section), read
+    # when a config is parsed, after the module is loaded.
+    return _choice(*WORKER_TYPES)(value)
 
 
 def _string(value):
@@ -408,7 +542,7 @@ SETTINGS = [Setting(*row) for row in [
      "'module:Class' of the worker; required from a config file"),
     ('number_workers', _number(int, 1, MAX_WORKERS), 1,
      'workers kept alive'),
-    ('worker_type', _choice('sync', 'thread', 'gevent', 'asyncio'), 'sync',
+    ('worker_type', _worker_type, 'sync',
      'sync, thread, gevent (greenlets) or asyncio'),
     ('threads', _number(int, 1, 100000), 1,
      'concurrent run loops per worker for thread/gevent/asyncio'),
@@ -503,12 +637,6 @@ def boot_timeout_of(cfg):
     return max(60.0, cfg.timeout or 0.0)
 
 
-def not_yet_supported(cfg):
-    """Settings this version parses but cannot honour yet: refused at start
-    and by `check`, never silently ignored."""
-    return []
-
-
 def did_you_mean(word, choices):
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.75)
     return close[0] if close else None
@@ -537,8 +665,8 @@ class Config(object):
             setattr(self, s.name, list(v) if isinstance(v, list) else v)
         if not self.proc_name:     # unset or `proc_name =`: the section
             self.proc_name = self.section
-        here = os.path.dirname(os.path.abspath(path)) if path else \
-            os.getcwd()
+        here = (os.path.dirname(os.path.abspath(path)) if path else
+                os.getcwd())
         self.base_path = os.path.normpath(os.path.join(
             here, self.base_path or ''))
         for key in ('pidfile', 'log_file'):
@@ -723,11 +851,27 @@ def value_source(plain, section, key):
 
 def interpolation_error(where, key, e):
     ref = getattr(e, 'reference', '') or ''
-    if isinstance(e, configparser.InterpolationMissingOptionError) and \
-            ref.startswith('env_'):
+    if (isinstance(e, configparser.InterpolationMissingOptionError) and
+            ref.startswith('env_')):
         return '%s %s: environment variable %s is not set' % (
             where, key, ref[4:].upper())
     return '%s %s: %s' % (where, key, ' '.join(str(e).split()))
+
+
+def set_overrides(parser, section, from_env, overrides):
+    """Put PROCESSHANDLER_SET's and then --set's KEY=VALUE pairs into
+    ``parser``'s ``section``; return {key: where its value comes from}."""
+    sources = {}
+    for pairs, origin in ((from_env, 'environment (%s)' % ENV_SET),
+                          (overrides, '--set')):
+        for key, value in pairs:
+            try:
+                parser.set(section, key, value)
+            except (ValueError, configparser.Error) as e:
+                raise ConfigError('%s %s: %s' % (
+                    '--set' if origin == '--set' else ENV_SET, key, e))
+            sources[parser.optionxform(key)] = origin
+    return sources
 
 
 def load_config(path, section=None, overrides=(), problems=None,
@@ -746,16 +890,7 @@ def load_config(path, section=None, overrides=(), problems=None,
     parser, plain = read_parser(path)
     section = pick_section(parser, section, path)
     where = '%s [%s]' % (path, section)
-    sources = {}
-    for pairs, origin in ((from_env, 'environment (%s)' % ENV_SET),
-                          (overrides, '--set')):
-        for key, value in pairs:
-            try:
-                parser.set(section, key, value)
-            except (ValueError, configparser.Error) as e:
-                raise ConfigError('%s %s: %s' % (
-                    '--set' if origin == '--set' else ENV_SET, key, e))
-            sources[parser.optionxform(key)] = origin
+    sources = set_overrides(parser, section, from_env, overrides)
     values, extras = {}, {}
     for key in parser.options(section):
         try:
@@ -783,6 +918,107 @@ def load_config(path, section=None, overrides=(), problems=None,
                  sources=dict((k, v) for k, v in sources.items() if v))
     cfg.validate(where + ' ', problems)
     return cfg
+
+
+def inline_comment(value):
+    """' 2   ; two' -> '   ; two': the inline comment of a value, with the
+    blanks before it (configparser's rule: ';' or '#' after whitespace)."""
+    marks = [i for i in range(1, len(value))
+             if value[i] in ';#' and value[i - 1] in ' \t']
+    if not marks:
+        return ''
+    start = marks[0]
+    while start > 0 and value[start - 1] in ' \t':
+        start -= 1
+    return value[start:]
+
+
+def save_number_workers(path, section, n):
+    """Rewrite ``number_workers`` of ``section`` in place, atomically.
+
+    Every other byte of the file stays as it was (comments, order, blank
+    lines, line endings); mode and owner are kept; temp file + rename.
+    A symlinked config is edited at its target (the link stays a link).
+    """
+    # Renaming over the link would replace the link by a regular file and
+    # leave the file it points to unchanged.
+    path = os.path.realpath(path)
+    with open(path, encoding='utf-8', newline='') as f:
+        lines = f.read().splitlines(True)
+    out, in_section, done, insert_at = [], False, False, None
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.startswith('[') and stripped.endswith(']'):
+            if in_section and insert_at is None:
+                insert_at = len(out)
+            in_section = stripped[1:-1].strip() == section
+            if in_section:
+                insert_at = None
+        elif in_section and not done:
+            key, sep, _ = line.partition('=')
+            if not sep:
+                key, sep, _ = line.partition(':')
+            if sep and key.strip().lower() == 'number_workers':
+                eol = line[len(line.rstrip('\r\n')):] or '\n'
+                line = '%s%s %d%s%s' % (key, sep, n, inline_comment(
+                    line[len(key) + len(sep):].rstrip('\r\n')), eol)
+                done = True
+        out.append(line)
+    if not done:
+        eol = '\r\n' if lines and lines[0].endswith('\r\n') else '\n'
+        if insert_at is None:
+            insert_at = len(out)
+            if out and not out[-1].endswith(('\n', '\r')):
+                out[-1] += eol
+        # Put it right after the section's last non-blank line.
+        while insert_at > 0 and not out[insert_at - 1].strip():
+            insert_at -= 1
+        out.insert(insert_at, 'number_workers = %d%s' % (n, eol))
+    replace_file(path, ''.join(out))
+
+
+def replace_file(path, text):
+    """Write ``text`` over ``path`` atomically (temp file + rename),
+    keeping its mode and owner; refuse a read-only file."""
+    st = os.stat(path)
+    if not os.access(path, os.W_OK) or not st.st_mode & 0o222:
+        # The rename below would replace a read-only file: respect it,
+        # also as root (access() says yes to root; the mode bits say no).
+        raise OSError(errno.EACCES, 'the file is read-only')
+    fd, tmp = exclusive_temp(path)
+    try:
+        with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
+            f.write(text)
+            f.flush()
+            # Through the descriptor, never the temp file's path: whoever
+            # can write the folder could swap a symlink in there and get
+            # root's chown/chmod applied to any file (REVIEW 2).
+            os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
+            if os.geteuid() == 0:
+                os.fchown(f.fileno(), st.st_uid, st.st_gid)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def exclusive_temp(path):
+    """(fd, name) of a new file beside ``path``, created O_EXCL|O_NOFOLLOW
+    mode 0600: never an existing file or a planted symlink's target."""
+    folder, base = os.path.split(path)
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL |
+             getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_CLOEXEC', 0))
+    for _ in range(100):
+        tmp = os.path.join(folder, '.%s.%s' % (base, os.urandom(6).hex()))
+        try:
+            return os.open(tmp, flags, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise OSError(errno.EEXIST, 'no free temporary name beside %s' % path)
 
 
 ###############################################################################
@@ -894,6 +1130,13 @@ def check_log_target(path):
                           % (path, file_kind(st.st_mode)))
 
 
+def log_owner(cfg):
+    """(uid, gid) the workers drop to, who must be able to reopen the log
+    (see LogFile), or None."""
+    uid, gid = resolve_user_group(cfg.user, cfg.group)
+    return (uid, gid) if uid is not None else None
+
+
 class LogFile(object):
     """The log target of this process: stderr or a file opened O_APPEND.
 
@@ -928,8 +1171,8 @@ class LogFile(object):
         block the master in open(); it is refused after fstat.  Given to
         ``owner`` only when this call created it: a pre-existing file
         (a hard link to root's 0600 file) is never chowned."""
-        flags = os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | \
-            getattr(os, 'O_CLOEXEC', 0) | getattr(os, 'O_NOFOLLOW', 0)
+        flags = (os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK |
+                 getattr(os, 'O_CLOEXEC', 0) | getattr(os, 'O_NOFOLLOW', 0))
         created = True
         try:
             fd = os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o640)
@@ -945,8 +1188,8 @@ class LogFile(object):
             fcntl.fcntl(fd, fcntl.F_SETFL,
                         fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
             uid, gid = self.owner or (None, None)
-            if created and uid is not None and os.geteuid() == 0 and \
-                    st.st_uid != uid:
+            if (created and uid is not None and os.geteuid() == 0 and
+                    st.st_uid != uid):
                 # Workers that dropped to `user` reopen it on USR1 (after
                 # logrotate the master creates the new file first).
                 os.fchown(fd, uid, -1 if gid is None else gid)
@@ -1168,15 +1411,15 @@ def resolve_user_group(user, group):
     uid = gid = None
     if user:
         try:
-            pw = pwd.getpwuid(int(user)) if user.isdigit() else \
-                pwd.getpwnam(user)
+            pw = (pwd.getpwuid(int(user)) if user.isdigit() else
+                  pwd.getpwnam(user))
         except (KeyError, ValueError):
             raise ConfigError('user: no such user %r' % user)
         uid, gid = pw.pw_uid, pw.pw_gid
     if group:
         try:
-            gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else \
-                grp.getgrnam(group).gr_gid
+            gid = (grp.getgrgid(int(group)).gr_gid if group.isdigit() else
+                   grp.getgrnam(group).gr_gid)
         except (KeyError, ValueError):
             raise ConfigError('group: no such group %r' % group)
     return uid, gid
@@ -1304,7 +1547,45 @@ def child_pids(pid=None):
     return found
 
 
-# -- pid file and instance lock ------------------------------------------------
+def kill_quietly(pid, sig):
+    """os.kill() that ignores a process already gone (its reaper sees it)."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop_orphans(known, grace):
+    """TERM, then KILL after ``grace`` s, the grandchildren that were
+    re-parented to us (we are a child subreaper): our children not in
+    ``known``; reap them."""
+    left = child_pids() - set(known)
+    if not left:
+        return
+    log.info('stopping %d adopted orphan process(es): %s', len(left),
+             ' '.join(map(str, sorted(left))))
+    for pid in left:
+        kill_quietly(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    delay = 0.005
+    while left:
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            break
+        left = child_pids()
+        if time.monotonic() > deadline:
+            for pid in left:
+                kill_quietly(pid, signal.SIGKILL)
+            deadline = float('inf')
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+###############################################################################
+# Pid file, instances, daemon #################################################
+###############################################################################
 
 _FLOCK = struct.Struct('hhqqi4x')  # struct flock on LP64 Linux
 
@@ -1526,8 +1807,8 @@ def runtime_dir():
         if e.errno != errno.EEXIST:
             raise
     st = os.lstat(d)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or \
-            st.st_mode & 0o077:
+    if (not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or
+            st.st_mode & 0o077):
         raise HaltServer('%s is not a private directory of ours' % d)
     return d
 
@@ -1581,6 +1862,35 @@ def instances(cfg):
         if pid:
             found.append((n, path, pid))
     return found
+
+
+def acquire_instance(cfg, upgrade=None):
+    """Take the pidfile lock of the first free instance (or refuse):
+    return (PidFile, instance number).  After a USR2 exec: the lock
+    held already, handed over in ``upgrade`` (UpgradeState)."""
+    if upgrade:
+        # Same pid, same open lock: POSIX locks survive execve.
+        pidfile = PidFile(upgrade.pidfile)
+        pidfile.fd = upgrade.lock_fd
+        # Inheritable only for the execve: not for anything we run.
+        os.set_inheritable(pidfile.fd, False)
+        pidfile.lock_fd = upgrade.instance_lock_fd
+        if pidfile.lock_fd is not None:
+            os.set_inheritable(pidfile.lock_fd, False)
+        elif pidfile.lock_instance():   # an older image had none
+            log.warning('instance lock %s is held by another process',
+                        instance_lock_path(pidfile.path))
+        pidfile.write(os.getpid())
+        return pidfile, upgrade.instance
+    for n in range(1, 1000):
+        pidfile = PidFile(instance_pidfile(cfg, n))
+        holder = pidfile.acquire()
+        if not holder:
+            return pidfile, n
+        if cfg.single_instance:
+            raise HaltServer('already running (pid %s, pidfile %s)'
+                             % (holder, pidfile.path))
+    raise HaltServer('no free instance number below 1000')
 
 
 # -- daemonize ------------------------------------------------------------------
@@ -1673,7 +1983,9 @@ def report_to_launcher(fd, word, text):
     return None
 
 
-# -- listening sockets -------------------------------------------------------------
+###############################################################################
+# Sockets and systemd #########################################################
+###############################################################################
 
 def create_listener(addr, reuse_port=False, listen=True, owner=None):
     """A listening socket for 'host:port', '[v6]:port' or 'unix:/path'.
@@ -1764,6 +2076,41 @@ def systemd_listeners():
     return socks
 
 
+def open_listeners(cfg, upgrade=None, owner=None):
+    """Listeners, opened before any fork and inherited by the workers:
+    systemd's (socket activation) if given, else ``bind`` (unix sockets
+    chowned to ``owner``); after a USR2 exec, the ones handed over in
+    ``upgrade``.  Return (sockets, accept_lock's fd or None)."""
+    accept_fd = None
+    if upgrade:
+        sockets = [socket.socket(fileno=fd) for fd in upgrade.fds]
+        for sock in sockets:
+            sock.setblocking(False)
+            sock.set_inheritable(False)   # see acquire_instance
+        if upgrade.accept_fd is not None:
+            os.set_inheritable(upgrade.accept_fd, False)
+        return sockets, upgrade.accept_fd
+    sockets = systemd_listeners()
+    if sockets:
+        log.info('listening on %s (from systemd)', ', '.join(
+            listener_name(s) for s in sockets))
+    elif cfg.bind:
+        # With reuse_port the master only reserves the addresses (bound,
+        # not listening); each worker opens its own listener.
+        sockets = [create_listener(a, cfg.reuse_port,
+                                   listen=not cfg.reuse_port, owner=owner)
+                   for a in cfg.bind]
+        log.info('listening on %s%s', ', '.join(
+            listener_name(s) for s in sockets),
+            ' (SO_REUSEPORT: one listener per worker)'
+            if cfg.reuse_port else '')
+    if sockets and cfg.accept_lock and not cfg.reuse_port:
+        fd, path = tempfile.mkstemp(prefix='processhandler-accept-')
+        os.unlink(path)
+        accept_fd = fd
+    return sockets, accept_fd
+
+
 def close_inherited_fds():
     """Close every descriptor above 2 that this process inherited (a
     launching shell's `exec 7>file`, a parent's pipes): the daemon and its
@@ -1788,7 +2135,7 @@ def close_inherited_fds():
                 pass   # the listing's own descriptor, closed already
 
 
-# -- systemd ---------------------------------------------------------------------
+# -- systemd notify ------------------------------------------------------------
 
 def watchdog_interval():
     """Seconds between WATCHDOG=1 pings (half of WATCHDOG_USEC), or 0."""
@@ -1919,8 +2266,8 @@ class RedisLeader(object):
         """In a forked child: close the master's Redis connections without
         a word to Redis (a shutdown() would end the master's too)."""
         pool = getattr(self.client, 'connection_pool', None)
-        conns = list(getattr(pool, '_available_connections', ())) + \
-            list(getattr(pool, '_in_use_connections', ()))
+        conns = (list(getattr(pool, '_available_connections', ())) +
+                 list(getattr(pool, '_in_use_connections', ())))
         for conn in conns:
             sock = getattr(conn, '_sock', None)
             if sock is not None:
@@ -2036,8 +2383,8 @@ class Leadership(object):
         its workers so that all are dead before its lease can expire:
         expiry - (grace + margin), grace capped at a third of the TTL."""
         ttl = self.lock.ttl
-        return self.lock.expires - self.step_down_grace() - \
-            min(1.0, ttl / 10.0)
+        return (self.lock.expires - self.step_down_grace() -
+                min(1.0, ttl / 10.0))
 
     def step_down_grace(self):
         return min(self.arbiter.cfg.graceful_timeout, self.lock.ttl / 3.0)
@@ -2223,8 +2570,42 @@ class Scoreboard(object):
 # real-time signal nobody sends by hand: USR2 is the master's upgrade
 # signal, and a `pkill -USR2 -f` that also hits the workers must not kill
 # them (they ignore it).  USR2 where there are no real-time signals.
-DUMP_SIGNAL = signal.SIGRTMIN + 5 if hasattr(signal, 'SIGRTMIN') \
-    else signal.SIGUSR2
+DUMP_SIGNAL = (signal.SIGRTMIN + 5 if hasattr(signal, 'SIGRTMIN')
+               else signal.SIGUSR2)
+
+# The master's signals that a worker (and the spare) ignores: TTIN/TTOU
+# would *stop* a process by default, HUP and USR2 end it: a `pkill -TTIN`
+# or `pkill -USR2` aimed at the master must not freeze or kill its workers.
+IGNORED_IN_CHILDREN = ('HUP', 'TTIN', 'TTOU', 'WINCH', 'USR2')
+
+
+class WorkerRuntime(object):
+    """A worker process's runtime state, kept out of the user's Worker
+    subclass: the loops, RunWatch, Publisher and the master's child side
+    read and write ``worker._ph``, so that no attribute a user gives a
+    subclass can collide with one of theirs (``_ph`` is the one reserved
+    name).  Set by Worker.__init__ and completed by _boot in the child."""
+
+    __slots__ = ('board', 'cell', 'boot_fd', 'logfile', 'dump_fd',
+                 'check_parent', 'exit_reason', 'runner', 'wake_r', 'wake_w',
+                 'accept_lock', 'pausing', 'idle_runs', 'publisher',
+                 'in_request', 'term_at', 'last_failure', 'failure_streak')
+
+    def __init__(self):
+        self.board = self.cell = self.boot_fd = None   # scoreboard cell
+        self.logfile = self.dump_fd = None
+        self.check_parent = False     # no parent-death signal: poll ppid
+        self.exit_reason = Scoreboard.R_NONE
+        self.runner = None            # the worker_type's loop object
+        self.wake_r = self.wake_w = None   # signal wake-up pipe
+        self.accept_lock = None
+        self.pausing = False          # in a sleep of the loop's own
+        self.idle_runs = 0            # runs that handled nothing (RunWatch)
+        self.publisher = None
+        self.in_request = False       # SyncWorker: inside handle_request
+        self.term_at = None           # SyncWorker: when TERM came
+        self.last_failure = 0.0       # _run_failed's pause after failures
+        self.failure_streak = 0
 
 
 class Worker(object):
@@ -2261,6 +2642,9 @@ class Worker(object):
     max_requests, max_requests_jitter, timeout, graceful_timeout,
     soft_memory_limit, hard_memory_limit, interval (``check_point`` is the
     uliweb name for interval).  Any other keyword lands in ``self.kwargs``.
+
+    Reserved: ``self._ph`` (the runtime's state, see WorkerRuntime) and
+    the methods whose names start with ``_``.
     """
 
     worker_type = None   # None: the config's worker_type; else forced
@@ -2300,9 +2684,7 @@ class Worker(object):
         self.requests = 0
         self.alive = True
         self.sockets = []
-        self._pausing = False      # in a sleep of the loop's own
-        self._idle_runs = 0        # runs that handled nothing (RunWatch)
-        self._publisher = None
+        self._ph = WorkerRuntime()   # the runtime's state, not the user's
 
     # -- the API -------------------------------------------------------------
 
@@ -2331,9 +2713,9 @@ class Worker(object):
     def stop(self):
         """Ask the loop to end after the current run (graceful)."""
         self.alive = False
-        runner = getattr(self, '_runner', None)
-        if runner is not None:
-            runner.wake()
+        ph = getattr(self, '_ph', None)
+        if ph is not None and ph.runner is not None:
+            ph.runner.wake()
 
     def handle(self, conn, addr):
         """With ``bind``: serve one accepted connection (closed after).
@@ -2358,28 +2740,27 @@ class Worker(object):
     def _boot(self, cfg, slot, board, cell, boot_fd, ppid, sockets, logfile,
               pdeathsig, dump_fd=None):
         """Set up the forked process; called by the arbiter in the child."""
+        if getattr(self, '_ph', None) is None:   # __init__ not called
+            self._ph = WorkerRuntime()
         self.cfg = cfg
         self.slot = slot
         self.pid = os.getpid()
         self.ppid = ppid
         self.sockets = sockets
-        self._board, self._cell, self._boot_fd = board, cell, boot_fd
-        self._logfile = logfile
-        self._dump_fd = dump_fd
-        self._check_parent = not pdeathsig
-        self._exit_reason = Scoreboard.R_NONE
-        self._runner = WORKER_TYPES[self.worker_type or cfg.worker_type](self)
-        self._wake_r, self._wake_w = os.pipe()
-        for fd in (self._wake_r, self._wake_w):
+        self._ph.board, self._ph.cell, self._ph.boot_fd = board, cell, boot_fd
+        self._ph.logfile = logfile
+        self._ph.dump_fd = dump_fd
+        self._ph.check_parent = not pdeathsig
+        self._ph.exit_reason = Scoreboard.R_NONE
+        self._ph.runner = WORKER_TYPES[self.worker_type or cfg.worker_type](self)
+        self._ph.wake_r, self._ph.wake_w = os.pipe()
+        for fd in (self._ph.wake_r, self._ph.wake_w):
             os.set_blocking(fd, False)
         self._init_signals()
         board.set(cell, Scoreboard.PID, self.pid)
 
     def _init_signals(self):
-        for name in ('HUP', 'TTIN', 'TTOU', 'WINCH', 'USR2'):
-            # TTIN/TTOU would *stop* a process by default, HUP and USR2
-            # end it: a `pkill -TTIN` or `pkill -USR2` aimed at the master
-            # must not freeze or kill its workers.
+        for name in IGNORED_IN_CHILDREN:
             signal.signal(getattr(signal, 'SIG' + name), signal.SIG_IGN)
         signal.signal(signal.SIGTERM, self._signal_term)
         # Ctrl-C reaches the whole foreground process group: a worker
@@ -2389,14 +2770,14 @@ class Worker(object):
         signal.signal(signal.SIGUSR1, self._signal_usr1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(DUMP_SIGNAL, signal.SIG_DFL)
-        if self._dump_fd is not None:
+        if self._ph.dump_fd is not None:
             try:
                 import faulthandler
-                faulthandler.register(DUMP_SIGNAL, file=self._dump_fd,
+                faulthandler.register(DUMP_SIGNAL, file=self._ph.dump_fd,
                                       all_threads=True, chain=True)
             except (ImportError, AttributeError, ValueError, RuntimeError):
                 pass
-        signal.set_wakeup_fd(self._wake_w)
+        signal.set_wakeup_fd(self._ph.wake_w)
 
     def _signal_term(self, signum, frame):
         self.stop()
@@ -2409,7 +2790,7 @@ class Worker(object):
         try:
             for extra in _EXTRA_LOGS:     # make_log / setup_file_logging
                 extra.reopen()
-            self._logfile.reopen()
+            self._ph.logfile.reopen()
         except OSError as e:
             self.log.error('cannot reopen log file: %s', e)
 
@@ -2420,20 +2801,20 @@ class Worker(object):
         except Exception as e:
             self.log.exception('init() failed: worker %d cannot boot',
                                self.slot)
-            self._board.set_text(self._cell, 'init() raised %s: %s' % (
+            self._ph.board.set_text(self._ph.cell, 'init() raised %s: %s' % (
                 type(e).__name__, e))
             return WORKER_EXIT_BOOT_ERROR
         self._announce_booted()
         try:
-            self._runner.run()
+            self._ph.runner.run()
         except Exception as e:
             self.log.exception('worker loop failed')
             self.on_exception(e)
         else:
             self.on_finished()
         self.after_run()
-        if self._exit_reason:
-            self._board.set(self._cell, Scoreboard.REASON, self._exit_reason)
+        if self._ph.exit_reason:
+            self._ph.board.set(self._ph.cell, Scoreboard.REASON, self._ph.exit_reason)
         return WORKER_EXIT_OK
 
     def _run_failed(self, e):
@@ -2449,23 +2830,22 @@ class Worker(object):
         except Exception:
             self.log.exception('on_exception() raised')
         now = time.monotonic()
-        last = getattr(self, '_last_failure', 0.0)
-        streak = getattr(self, '_failure_streak', 0)
-        streak = streak + 1 if now - last < 2.0 else 0
-        self._last_failure, self._failure_streak = now, streak
+        ph = self._ph
+        streak = ph.failure_streak + 1 if now - ph.last_failure < 2.0 else 0
+        ph.last_failure, ph.failure_streak = now, streak
         return 0.0 if not streak else min(1.0, 0.005 * 2 ** min(streak, 8))
 
     def _announce_booted(self):
-        b, c = self._board, self._cell
-        if self.setting('soft_memory_limit') or \
-                self.setting('hard_memory_limit'):
+        b, c = self._ph.board, self._ph.cell
+        if (self.setting('soft_memory_limit') or
+                self.setting('hard_memory_limit')):
             # What init() left us weighing: the master backs off a slot
             # that is over its limit before any run (celery #4125).
             b.setf(c, Scoreboard.INIT_RSS, rss_mb(self.pid) or 0.0)
         b.setf(c, Scoreboard.BOOTED_AT, time.monotonic())
         b.set(c, Scoreboard.STATE, Scoreboard.BOOTED)
         try:
-            os.write(self._boot_fd, b'.')   # wakes the master: event, no poll
+            os.write(self._ph.boot_fd, b'.')   # wakes the master: event, no poll
         except OSError:
             pass  # pipe full: the master is already awake
 
@@ -2478,9 +2858,9 @@ class Worker(object):
 
     def serves_sockets(self):
         """True when this worker implements handle() and has listeners."""
-        return bool(self.sockets) and \
-            getattr(type(self).handle, '__func__', type(self).handle) \
-            is not Worker.handle
+        return (bool(self.sockets) and
+                getattr(type(self).handle, '__func__', type(self).handle)
+                is not Worker.handle)
 
     def _loop(self):
         """The sync loop.  It is every job's overhead, so a handled run
@@ -2499,12 +2879,12 @@ class Worker(object):
         loop), and whenever a run handled nothing."""
         run = self._serve_connection if self.serves_sockets() else self.run
         limit = self._max_requests() or 0
-        slow_path = bool(self.setting('interval') or self._check_parent)
+        slow_path = bool(self.setting('interval') or self._ph.check_parent)
         watch = RunWatch.start(self)
         n = self.requests
-        self._publisher = Publisher(self, n) if watch is None else None
-        upcoming = self._publisher.due if self._publisher else \
-            n + self.CHECKPOINT_RUNS
+        self._ph.publisher = Publisher(self, n) if watch is None else None
+        upcoming = (self._ph.publisher.due if self._ph.publisher else
+                    n + self.CHECKPOINT_RUNS)
         try:
             while self.alive:
                 stop_at = n + 1 if slow_path else upcoming
@@ -2516,19 +2896,19 @@ class Worker(object):
                 if n == limit:
                     self.log.info('%d requests handled: max_requests '
                                   'reached, recycling', n)
-                    self._exit_reason = Scoreboard.R_MAX_REQUESTS
+                    self._ph.exit_reason = Scoreboard.R_MAX_REQUESTS
                     break
-                if self._publisher is not None and \
-                        n >= self._publisher.due:
-                    self._publisher.publish(n)
-                upcoming = self._publisher.due if self._publisher else \
-                    n + self.CHECKPOINT_RUNS
+                if (self._ph.publisher is not None and
+                        n >= self._ph.publisher.due):
+                    self._ph.publisher.publish(n)
+                upcoming = (self._ph.publisher.due if self._ph.publisher else
+                            n + self.CHECKPOINT_RUNS)
                 if slow_path and not self._slow_path():
                     break
         finally:
             if watch is not None:
                 watch.stop()
-            self._board.set(self._cell, Scoreboard.REQUESTS, self.requests)
+            self._ph.board.set(self._ph.cell, Scoreboard.REQUESTS, self.requests)
 
     # A range end when nothing else is due: small enough for ints to stay
     # one digit (fast arithmetic), large enough to cost nothing.
@@ -2557,17 +2937,17 @@ class Worker(object):
     def _idle(self, n):
         """After a run that handled nothing (``n`` handled so far): count
         it for RunWatch, publish, and the slow path.  False: stop."""
-        self._idle_runs += 1
-        if self._publisher is not None and self._publisher.shown != n:
-            self._publisher.publish(n)
+        self._ph.idle_runs += 1
+        if self._ph.publisher is not None and self._ph.publisher.shown != n:
+            self._ph.publisher.publish(n)
         return self._slow_path()
 
     def _slow_path(self):
         """Between runs when interval or the parent check is on: False to
         leave the loop."""
-        if self._check_parent and os.getppid() != self.ppid:
+        if self._ph.check_parent and os.getppid() != self.ppid:
             self.log.warning('master %d is gone: exiting', self.ppid)
-            self._exit_reason = Scoreboard.R_ORPHANED
+            self._ph.exit_reason = Scoreboard.R_ORPHANED
             return False
         interval = self.setting('interval')
         if interval and self.alive:
@@ -2579,11 +2959,11 @@ class Worker(object):
         failure): RunWatch must not count it as a run taking long."""
         if not seconds:
             return
-        self._pausing = True
+        self._ph.pausing = True
         try:
             self.sleep(seconds)
         finally:
-            self._pausing = False
+            self._ph.pausing = False
 
     def sleep(self, seconds):
         """Sleep up to ``seconds``; return early when a signal arrives."""
@@ -2593,12 +2973,12 @@ class Worker(object):
             if left <= 0:
                 return
             try:
-                r, _, _ = select.select([self._wake_r], [], [], left)
+                r, _, _ = select.select([self._ph.wake_r], [], [], left)
             except InterruptedError:
                 continue
             if r:
                 try:
-                    while os.read(self._wake_r, 4096):
+                    while os.read(self._ph.wake_r, 4096):
                         pass
                 except OSError:
                     pass
@@ -2618,7 +2998,7 @@ class Worker(object):
         holder waits in accept (no thundering herd); the lock is released
         before handle() runs.
         """
-        lock = self._accept_lock
+        lock = self._ph.accept_lock
         conn = None
         if lock is not None and not lock.acquire(self.accept_timeout):
             return False
@@ -2676,9 +3056,9 @@ class Publisher(object):
     FAST = 0.002
 
     def __init__(self, worker, n):
-        self.board, self.cell = worker._board, worker._cell
-        self.q = worker._board.wq
-        self.i = worker._cell * Scoreboard.FIELDS + Scoreboard.REQUESTS
+        self.board, self.cell = worker._ph.board, worker._ph.cell
+        self.q = worker._ph.board.wq
+        self.i = worker._ph.cell * Scoreboard.FIELDS + Scoreboard.REQUESTS
         self.shown = n
         self.due = n + 1
         self.step = 1
@@ -2704,8 +3084,8 @@ class MemoryCheck(object):
         self.worker = worker
         self.soft = worker.setting('soft_memory_limit')
         self.every = worker.cfg.check_interval
-        self.next = time.monotonic() + self.every if self.soft else \
-            float('inf')
+        self.next = (time.monotonic() + self.every if self.soft else
+                     float('inf'))
 
     def due(self):
         if self.next == float('inf'):
@@ -2766,20 +3146,20 @@ class RunWatch(object):
     def mark(self):
         # Every finished run moves one of the two (reads of two ints the
         # loop stores anyway: a handled run sets requests, another one
-        # counts in _idle_runs).
+        # counts in w._ph.idle_runs).
         w = self.worker
-        return (w.requests, w._idle_runs)
+        return (w.requests, w._ph.idle_runs)
 
     def watch(self):
         w = self.worker
-        board, cell = w._board, w._cell
+        board, cell = w._ph.board, w._ph.cell
         last = None
         next_memory = self.memory.next
         while not self.done.wait(self.tick):
             now = time.monotonic()
             if self.timed:
                 mark = self.mark()
-                if w._pausing:
+                if w._ph.pausing:
                     last = None
                     board.setf(cell, Scoreboard.RUN_STARTED, 0.0)
                 elif mark != last:
@@ -2789,17 +3169,17 @@ class RunWatch(object):
             if now >= next_memory:
                 next_memory = now + self.memory.every
                 if w.alive and self.memory.over_soft():
-                    w._exit_reason = Scoreboard.R_MEMORY
+                    w._ph.exit_reason = Scoreboard.R_MEMORY
                     w.stop()
                     try:
-                        os.write(w._wake_w, b'.')   # end a loop pause
+                        os.write(w._ph.wake_w, b'.')   # end a loop pause
                     except OSError:
                         pass
 
     def stop(self):
         self.done.set()
         self.thread.join()
-        self.worker._board.setf(self.worker._cell, Scoreboard.RUN_STARTED,
+        self.worker._ph.board.setf(self.worker._ph.cell, Scoreboard.RUN_STARTED,
                                 0.0)
 
 
@@ -2840,7 +3220,6 @@ class SyncWorker(Worker):
         self.booted = False
         self.rd_fds = None
         self.worker_name = 'worker: %s' % (self.cfg.proc_name or '')
-        self._in_request = False
 
     @classmethod
     def from_config(cls, cfg, file_logger=None, ppid=None, sockets=None):
@@ -2887,12 +3266,12 @@ class SyncWorker(Worker):
     def _request(self, fn, *args):
         """Call handle_request; False if TERM had to interrupt it."""
         try:
-            self._in_request = True
+            self._ph.in_request = True
             fn(*args)
         except RequestInterrupted:
             return False
         finally:
-            self._in_request = False
+            self._ph.in_request = False
         return True
 
     def serves_sockets(self):
@@ -2902,22 +3281,22 @@ class SyncWorker(Worker):
         Worker._signal_term(self, signum, frame)
         # Only the sync loop runs requests in the main thread, where the
         # SIGALRM handler's exception lands.
-        if self._in_request and not self._runner.concurrent and \
-                hasattr(signal, 'setitimer'):
+        if (self._ph.in_request and not self._ph.runner.concurrent and
+                hasattr(signal, 'setitimer')):
             # Leave the end of graceful_timeout to after_run() and the exit.
             grace = self.setting('graceful_timeout')
-            self._term_at = time.monotonic()
+            self._ph.term_at = time.monotonic()
             signal.signal(signal.SIGALRM, self._interrupt_request)
             signal.setitimer(signal.ITIMER_REAL,
                              max(0.01, grace - min(0.5, grace / 4.0)))
 
     def _interrupt_request(self, signum, frame):
-        if not self._in_request:
+        if not self._ph.in_request:
             return      # it returned meanwhile: the loop is ending anyway
         self.log.warning(
             'handle_request() still running %.2fs after TERM: interrupting '
             'it so that worker %d stops within graceful_timeout (%gs)',
-            time.monotonic() - self._term_at, self.slot,
+            time.monotonic() - self._ph.term_at, self.slot,
             self.setting('graceful_timeout'))
         raise RequestInterrupted()
 
@@ -2960,8 +3339,8 @@ class AcceptLock(object):
             try:
                 return fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
-                if e.errno not in (errno.EACCES, errno.EAGAIN) or \
-                        time.monotonic() > deadline:
+                if (e.errno not in (errno.EACCES, errno.EAGAIN) or
+                        time.monotonic() > deadline):
                     raise
             time.sleep(0.002)
 
@@ -2975,9 +3354,23 @@ class AcceptLock(object):
 
 class SyncLoop(object):
     """How a worker process runs its run() calls: one class per
-    worker_type (the name -> class dict is WORKER_TYPES)."""
+    worker_type.  A new worker type is a subclass of this plus a row in
+    WORKER_TYPES (name -> class; the setting's choices come from there).
 
-    concurrent = False
+    What the master and the accept lock need to know, as class
+    attributes, and the hook run in the new process:"""
+
+    concurrent = False   # runs overlap (a run's timeout stamp is shared)
+    threaded = False     # threads (or tasks): the accept lock adds a mutex
+    cooperative = False  # greenlets: the accept lock must not block the hub
+    requires = None      # the optional package it needs (start/check say)
+
+    @classmethod
+    def prepare_child(cls):
+        """In the worker process, before the worker code is imported (in
+        the spare: before it is used).  Return True when code imported
+        earlier must be imported afresh (gevent: it was not patched)."""
+        return False
 
     def __init__(self, worker):
         self.worker = worker
@@ -2995,6 +3388,7 @@ class ThreadLoop(SyncLoop):
     scoreboard holds the start of the oldest run in progress."""
 
     concurrent = True
+    threaded = True
 
     def run(self):
         import threading
@@ -3014,7 +3408,7 @@ class ThreadLoop(SyncLoop):
             w.sleep(w.cfg.check_interval)   # woken by signals
             if self.memory.due() and self.memory.over_soft():
                 self.finish(Scoreboard.R_MEMORY)
-            if w._check_parent and os.getppid() != w.ppid:
+            if w._ph.check_parent and os.getppid() != w.ppid:
                 self.finish(Scoreboard.R_ORPHANED)
         for t in threads:
             t.join()
@@ -3031,16 +3425,16 @@ class ThreadLoop(SyncLoop):
         self.stopped.set()
 
     def finish(self, reason):
-        self.worker._exit_reason = reason
+        self.worker._ph.exit_reason = reason
         self.worker.alive = False
         self.wake()
 
     def mark(self, i, value):
-        d = self.worker._board
+        d = self.worker._ph.board
         with self.lock:
             self.starts[i] = value
             active = [x for x in self.starts if x]
-            d.setf(self.worker._cell, Scoreboard.RUN_STARTED,
+            d.setf(self.worker._ph.cell, Scoreboard.RUN_STARTED,
                    min(active) if active else 0.0)
 
     def take_ticket(self):
@@ -3048,9 +3442,9 @@ class ThreadLoop(SyncLoop):
         flight already reach max_requests: a worker never handles more
         than max_requests, whatever its number of threads."""
         with self.lock:
-            if self.max_requests and \
-                    self.worker.requests + self.in_flight >= \
-                    self.max_requests:
+            if (self.max_requests and
+                    self.worker.requests + self.in_flight >=
+                    self.max_requests):
                 return False
             self.in_flight += 1
             return True
@@ -3080,7 +3474,7 @@ class ThreadLoop(SyncLoop):
                     self.stopped.wait(self.interval)
         finally:
             try:
-                os.write(w._wake_w, b'x')   # tell the main thread
+                os.write(w._ph.wake_w, b'x')   # tell the main thread
             except OSError:
                 pass
 
@@ -3089,7 +3483,7 @@ class ThreadLoop(SyncLoop):
         with self.lock:
             self.in_flight -= 1
             w.requests += 1
-            w._board.set(w._cell, Scoreboard.REQUESTS, w.requests)
+            w._ph.board.set(w._ph.cell, Scoreboard.REQUESTS, w.requests)
             done = self.max_requests and w.requests >= self.max_requests
         if done and w.alive:
             w.log.info('%d requests handled: max_requests reached, '
@@ -3101,6 +3495,14 @@ class GeventLoop(ThreadLoop):
     """``threads`` run loops in greenlets.  The arbiter monkey-patches the
     process right after fork, before the worker code is imported, so the
     thread machinery of ThreadLoop runs on greenlets."""
+
+    cooperative = True
+    requires = 'gevent'
+
+    @classmethod
+    def prepare_child(cls):
+        cls.patch()
+        return True
 
     @staticmethod
     def patch():
@@ -3119,6 +3521,7 @@ class AsyncioLoop(SyncLoop):
     is cancelled (the master KILLs after graceful_timeout)."""
 
     concurrent = True
+    threaded = True
 
     def run(self):
         import asyncio
@@ -3158,15 +3561,15 @@ class AsyncioLoop(SyncLoop):
         w = self.worker
         self.starts[i] = value
         active = [x for x in self.starts if x]
-        w._board.setf(w._cell, Scoreboard.RUN_STARTED,
+        w._ph.board.setf(w._ph.cell, Scoreboard.RUN_STARTED,
                       min(active) if active else 0.0)
 
     async def body(self, i):
         import asyncio
         w = self.worker
         while w.alive:
-            if self.max_requests and \
-                    w.requests + self.in_flight >= self.max_requests:
+            if (self.max_requests and
+                    w.requests + self.in_flight >= self.max_requests):
                 # Never more than max_requests runs per worker: wait for
                 # those in flight (they may not count) or for the stop.
                 try:
@@ -3210,21 +3613,21 @@ class AsyncioLoop(SyncLoop):
     def count(self):
         w = self.worker
         w.requests += 1
-        w._board.set(w._cell, Scoreboard.REQUESTS, w.requests)
-        if self.max_requests and w.requests >= self.max_requests and \
-                w.alive:
+        w._ph.board.set(w._ph.cell, Scoreboard.REQUESTS, w.requests)
+        if (self.max_requests and w.requests >= self.max_requests and
+                w.alive):
             w.log.info('%d requests handled: max_requests reached, '
                        'recycling', w.requests)
-            w._exit_reason = Scoreboard.R_MAX_REQUESTS
+            w._ph.exit_reason = Scoreboard.R_MAX_REQUESTS
             w.stop()
 
     def checks(self):
         w = self.worker
         if self.memory.due() and self.memory.over_soft():
-            w._exit_reason = Scoreboard.R_MEMORY
+            w._ph.exit_reason = Scoreboard.R_MEMORY
             w.stop()
-        if w._check_parent and os.getppid() != w.ppid:
-            w._exit_reason = Scoreboard.R_ORPHANED
+        if w._ph.check_parent and os.getppid() != w.ppid:
+            w._ph.exit_reason = Scoreboard.R_ORPHANED
             w.stop()
 
     async def serve(self):
@@ -3304,6 +3707,272 @@ def build_worker(cls, cfg, ppid, sockets, file_logger=None):
 class AsyncioWorker(Worker):
     """A Worker with ``async def run(self)`` (``threads`` tasks)."""
     worker_type = 'asyncio'
+
+
+###############################################################################
+# Loading worker code #########################################################
+###############################################################################
+
+def load_worker_class(cfg, reload=False):
+    """Import ``cfg.worker_class`` ('module:Class') with base_path on
+    sys.path.  ``reload``: forget the user's modules first (HUP).
+    Raises ConfigError with one line."""
+    if not cfg.worker_class:
+        raise ConfigError('%s worker_class: required (module:Class)'
+                          % cfg.where())
+    module_name, _, class_name = cfg.worker_class.partition(':')
+    install_processhandler_aliases()   # ProcessHandler-era imports
+    if cfg.base_path not in sys.path:
+        sys.path.insert(0, cfg.base_path)
+    saved = {}
+    if reload:
+        saved = forget_user_modules(cfg.base_path)
+    try:
+        module = importlib.import_module(module_name)
+        cls = getattr(module, class_name)
+    except BaseException as e:   # SystemExit, HaltServer... at import too
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        sys.modules.update(saved)
+        if isinstance(e, AttributeError):
+            why = 'module %s has no %s%s' % (module_name, class_name,
+                                             class_hint(module, class_name))
+        elif isinstance(e, SystemExit):
+            why = 'SystemExit(%r) at import' % (e.code,)
+        else:
+            why = '%s: %s' % (type(e).__name__, e)
+        raise ConfigError('%s worker_class: cannot import %s (%s)' % (
+            cfg.where(), cfg.worker_class, ' '.join(str(why).split())))
+    if not (isinstance(cls, type) and issubclass(cls, Worker)):
+        raise ConfigError('%s worker_class: %s is not a subclass of '
+                          'processhandler.Worker' % (cfg.where(),
+                                                     cfg.worker_class))
+    return cls
+
+
+def class_hint(module, name):
+    """"; did you mean 'JobExecute'?" among the module's classes."""
+    classes = [k for k, v in vars(module).items()
+               if isinstance(v, type) and not k.startswith('_')]
+    close = difflib.get_close_matches(name, classes, n=1, cutoff=0.6)
+    if not close:     # case slips: jobexecute for JobExecute
+        close = [c for c in classes if c.lower() == name.lower()]
+    return "; did you mean '%s'?" % close[0] if close else ''
+
+
+def is_coroutine_function(fn):
+    """inspect.iscoroutinefunction without importing inspect, which a
+    child that dropped privileges may no longer be able to read."""
+    code = getattr(getattr(fn, '__func__', fn), '__code__', None)
+    return bool(code is not None and code.co_flags & 0x80)  # CO_COROUTINE
+
+
+def worker_class_problems(cfg, cls):
+    """What makes ``cls`` unable to run under ``cfg``, one line each
+    (refused by start and reported by check)."""
+    problems = []
+    if cfg.worker_type == 'sync':
+        for name in ('run', 'handle'):
+            if is_coroutine_function(getattr(cls, name, None)):
+                problems.append(
+                    "%s worker_type: %s.%s is 'async def' but worker_type "
+                    "is sync (it would never be awaited): set worker_type "
+                    "= asyncio" % (cfg.where(), cls.__name__, name))
+    needs = WORKER_TYPES[cfg.worker_type].requires
+    if needs and not package_available(needs):
+        problems.append('%s worker_type: %s is not installed for %s '
+                        '(pip install %s)' % (cfg.where(), needs,
+                                              sys.executable, needs))
+    return problems + compat_problems(cls, cfg)
+
+
+def package_available(name):
+    """Whether ``name`` imports, without importing it into the master
+    (gevent must be imported after fork, to monkey-patch the worker
+    only)."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def validate_in_child(cfg, reload=False, timeout=None):
+    """Import and check ``cfg.worker_class`` in a forked child: return
+    None, or the problems, one line each.
+
+    Whatever the import does (raise, SystemExit, hang -- killed after
+    ``timeout``, default the boot timeout --, os._exit) costs the caller
+    nothing.  With ``user`` set under root the child drops privileges
+    first: no user code ever runs as root (gunicorn loads application
+    code in its workers, after the drop).  ``reload``: the caller (a HUP
+    in the master) imported the user's modules already: the child
+    imports them afresh."""
+    limit = timeout or boot_timeout_of(cfg) or 60.0
+    drop = drops_privileges(cfg)
+    try:
+        uid, gid = (resolve_user_group(cfg.user, cfg.group) if drop
+                    else (None, None))
+    except ConfigError as e:
+        return '%s %s' % (cfg.where(), e)
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:   # pragma: no cover (child)
+        try:
+            os.close(r)
+            isolate_validation_child(w)
+            # The NUL says "I got this far": an import that calls
+            # os._exit(0) must not pass for a clean one.
+            os.write(w, _import_problems(cfg, reload, drop and (uid, gid))
+                     .encode('utf-8', 'replace')[:8000] + b'\0')
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        out, status = read_child(r, pid, limit)
+    finally:
+        os.close(r)
+    reported = out.endswith(b'\0')
+    out = out.rstrip(b'\0')
+    if out:
+        return out.decode('utf-8', 'replace')
+    if status is None:
+        return '%s worker_class: importing %s took longer than %gs' % (
+            cfg.where(), cfg.worker_class, limit)
+    if status != 0 or not reported:
+        return '%s worker_class: importing %s ended the process (%s)' % (
+            cfg.where(), cfg.worker_class, describe_status(status))
+    return None
+
+
+
+def isolate_validation_child(keep):
+    """In validate_in_child's child, before any user code: nothing of the
+    master's but stdio and ``keep`` (the result pipe).  Its pidfile, control
+    socket, selector and pipes must not reach a module running as `user`
+    (it could answer root's commands), nor its signal handlers (TERM must
+    end this child, not be recorded for a master loop that never runs)."""
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:   # not the main thread
+        pass
+    for signum in signal.valid_signals():
+        try:
+            if callable(signal.getsignal(signum)):
+                signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError, RuntimeError):
+            pass   # SIGKILL, SIGSTOP, or one Python does not handle
+    try:   # the highest open descriptor (PyPy's closerange loops)
+        top = max(int(n) for n in os.listdir('/proc/self/fd')) + 1
+    except (OSError, ValueError):
+        top = os.sysconf('SC_OPEN_MAX')
+    os.closerange(3, keep)
+    os.closerange(keep + 1, max(top, keep + 1))
+    # A log file's descriptor is closed now: records go to stderr (the
+    # log too, in a daemon), with a count of failures of their own.
+    for h in logging.getLogger().handlers:
+        if isinstance(h, LogFileHandler) and h.logfile.fd > 2:
+            h.logfile = LogFile()
+
+def _import_problems(cfg, reload, drop_to):
+    """In validate_in_child's child: '' or the problems, one a line."""
+    try:   # in a master: its signals are not ours to wake it for
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+    as_user = ''
+    if drop_to:
+        drop_privileges(*drop_to)
+        as_user = ' (as user %s)' % cfg.user
+    try:
+        cls = load_worker_class(cfg, reload=reload)
+        lines = worker_class_problems(cfg, cls) or gevent_imports(cfg)
+    except ConfigError as e:
+        lines = [str(e) + as_user]
+    except BaseException as e:   # KeyboardInterrupt at import
+        lines = ['%s worker_class: importing %s%s raised %s%s' % (
+            cfg.where(), cfg.worker_class, as_user, type(e).__name__,
+            (': %s' % e) if str(e) else '')]
+    return '\n'.join(lines)
+
+
+def read_child(fd, pid, timeout):
+    """What child ``pid`` writes to ``fd`` until EOF, and its wait status
+    (None, after KILL, when it took longer than ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    out = b''
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return out, None
+        data = os.read(fd, 65536)
+        if not data:
+            return out, os.waitpid(pid, 0)[1]
+        out += data
+
+
+def privilege_notes(cfg):
+    """``user``/``group`` that would not do what they say: (error, warning),
+    each one line or None.  ``group`` alone would leave root workers at uid
+    0 with another group: refused.  ``user`` under a master that is not
+    root cannot be applied: said once, the workers run as the master."""
+    if cfg.group and not cfg.user:
+        return ('%s group: set without user: the workers would keep uid %d; '
+                'set user too' % (cfg.where(), os.geteuid())), None
+    if cfg.user and os.geteuid() != 0:
+        uid, _ = resolve_user_group(cfg.user, None)
+        if uid != os.geteuid():
+            return None, ('%s user: %s not applied: the master runs as uid '
+                          '%d, not root, so the workers run as uid %d too'
+                          % (cfg.where(), cfg.user, os.geteuid(),
+                             os.geteuid()))
+    return None, None
+
+
+def drops_privileges(cfg):
+    """True when workers drop from root to ``user``: then no user code may
+    run with root's privileges, in the master or in a command."""
+    return bool(cfg.user) and os.geteuid() == 0
+
+
+def master_worker_class(cfg, reload=False, isolate=False, timeout=None):
+    """The worker class as a master (or a command) may hold it; raises
+    ConfigError naming every problem.
+
+    When the workers drop to ``user`` from root it is only checked in a
+    child that dropped privileges first, and None is returned (each worker
+    imports it itself, after its drop).  Otherwise it is imported here --
+    after a check in a child first when ``isolate`` (a HUP: an import that
+    exits or hangs must not take the master with it)."""
+    if isolate or drops_privileges(cfg):
+        problem = validate_in_child(cfg, reload=reload, timeout=timeout)
+        if problem:
+            raise ConfigError(problem.replace('\n', '; '))
+    if drops_privileges(cfg):
+        return None
+    cls = load_worker_class(cfg, reload=reload)
+    for problem in worker_class_problems(cfg, cls):
+        raise ConfigError(problem)
+    return cls
+
+
+def forget_user_modules(base_path):
+    """Drop modules loaded from under base_path (not this one) from
+    sys.modules so the next import reads them again; return them."""
+    this = sys.modules.get('processhandler') or sys.modules[__name__]
+    root = os.path.join(os.path.realpath(base_path), '')
+    gone = {}
+    for name, mod in list(sys.modules.items()):
+        f = getattr(mod, '__file__', None)
+        if mod is this or name == '__main__' or not f:
+            continue
+        if os.path.realpath(f).startswith(root):
+            gone[name] = sys.modules.pop(name)
+    return gone
 
 
 ###############################################################################
@@ -3418,8 +4087,8 @@ def describe_status(status):
             name = signal.Signals(sig).name
         except ValueError:
             rt = getattr(signal, 'SIGRTMIN', 0)
-            name = 'SIGRTMIN+%d' % (sig - rt) if rt and \
-                rt <= sig <= signal.SIGRTMAX else 'signal %d' % sig
+            name = ('SIGRTMIN+%d' % (sig - rt) if rt and
+                    rt <= sig <= signal.SIGRTMAX else 'signal %d' % sig)
         return 'killed by %s' % name
     if os.WIFEXITED(status):
         return 'exit status %d' % os.WEXITSTATUS(status)
@@ -3576,8 +4245,8 @@ class ControlServer(object):
             return {'ok': False, 'error': 'incr %d refused: %d + %d worker(s) '
                     'would exceed the maximum of %d' % (
                         n, a.num_workers, n, MAX_WORKERS)}
-        target = a.num_workers + n if req['cmd'] == 'incr' else \
-            max(1, a.num_workers - n)
+        target = (a.num_workers + n if req['cmd'] == 'incr' else
+                  max(1, a.num_workers - n))
         a.set_num_workers(target, req['cmd'])
         a.manage_workers()
         return {'ok': True, 'number_workers': a.num_workers}
@@ -3630,8 +4299,8 @@ class Metrics(object):
         and classify the exit."""
         board = self.arbiter.board
         n = board.get(proc.cell, Scoreboard.REQUESTS)
-        self.requests_done[proc.slot] = \
-            self.requests_done.get(proc.slot, 0) + n
+        self.requests_done[proc.slot] = (
+            self.requests_done.get(proc.slot, 0) + n)
         self.exits[self.exit_reason(proc, status)] += 1
 
     def exit_reason(self, proc, status):
@@ -3668,8 +4337,8 @@ class Metrics(object):
         for n in a.slots:
             totals.setdefault(n, 0)
         for proc in a.procs.values():
-            totals[proc.slot] = totals.get(proc.slot, 0) + \
-                a.board.get(proc.cell, Scoreboard.REQUESTS)
+            totals[proc.slot] = (totals.get(proc.slot, 0) +
+                                 a.board.get(proc.cell, Scoreboard.REQUESTS))
         return totals
 
     def slot_counts(self, now):
@@ -4058,8 +4727,8 @@ class ReloadCheck(object):
         self.pid = self.fd = self.deadline = None
         if out.endswith(b'\0') and status == 0:
             return out.rstrip(b'\0').decode('utf-8', 'replace')
-        return 'the check of the worker code ended (%s)' % \
-            describe_status(status)
+        return ('the check of the worker code ended (%s)' %
+                describe_status(status))
 
     def check_deadline(self):
         if self.deadline is not None and time.monotonic() > self.deadline:
@@ -4101,8 +4770,8 @@ class UpgradeState(object):
         """The record a USR2 re-exec handed over, or None; popped from the
         environment (workers must not see it) unless ``keep``."""
         environ = os.environ if environ is None else environ
-        raw = environ.get(UPGRADE_ENV) if keep else \
-            environ.pop(UPGRADE_ENV, None)
+        raw = (environ.get(UPGRADE_ENV) if keep else
+               environ.pop(UPGRADE_ENV, None))
         if not raw:
             return None
         try:
@@ -4246,12 +4915,12 @@ class Upgrade(object):
 
     def check_deadline(self):
         """Kill a preflight that takes too long (a hung import)."""
-        if self.child is not None and self.deadline is not None and \
-                time.monotonic() >= self.deadline:
+        if (self.child is not None and self.deadline is not None and
+                time.monotonic() >= self.deadline):
             self.deadline = None
             self.arbiter.kill(self.child.pid, signal.SIGKILL)
-            self.reason = 'the preflight did not finish within %gs' % \
-                self.PREFLIGHT_TIMEOUT
+            self.reason = ('the preflight did not finish within %gs' %
+                           self.PREFLIGHT_TIMEOUT)
 
     def preflight_exited(self, status):
         """The preflight was reaped: exec when it passed, else refuse."""
@@ -4270,11 +4939,12 @@ class Upgrade(object):
             return self.reexec()
         lines = [l.strip() for l in self.output.decode(
             'utf-8', 'replace').splitlines() if l.strip()]
-        why = ' | '.join(lines[-3:]) or 'the preflight %s' % \
-            describe_status(status)
+        why = (' | '.join(lines[-3:]) or 'the preflight %s' %
+               describe_status(status))
         if not status and not passed:
-            why = 'the preflight ended (exit status 0) but did not report ' \
-                'success%s' % (': ' + ' | '.join(lines[-3:]) if lines else '')
+            why = ('the preflight ended (exit status 0) but did not report '
+                   'success%s' % (': ' + ' | '.join(lines[-3:])
+                                  if lines else ''))
         self.refused(self.reason if timed_out and self.reason else why)
 
     def record(self):
@@ -4388,14 +5058,24 @@ class Upgrade(object):
         a.generation = 0
         a.upgrade = None
         for slot in a.slots.values():
-            a.restore_slot(slot)   # new workers that booted stay
+            a.reloader.restore_slot(slot)   # new workers that booted stay
         log.error('USR2 upgrade failed after the exec, the old workers keep '
                   'serving: %s', why)
         sd_notify('MAINPID=%d\nREADY=1\nSTATUS=%d workers (upgrade failed)'
                   % (a.pid, a.num_workers))
 
-    def completed(self):
+    def check_completed(self):
+        """After a USR2 exec: done once no adopted worker (generation 0)
+        is left; systemd learns the new MAINPID."""
+        a = self.arbiter
+        if not a.upgrade or a.stopping or any(
+                p.generation == 0 for p in a.procs.values()):
+            return
+        a.upgrade = None
         self.result = 'done'
+        log.info('upgrade complete: every worker runs the new code')
+        sd_notify('MAINPID=%d\nREADY=1\nSTATUS=%d workers'
+                  % (a.pid, a.num_workers))
 
     def adopted(self, pid, number, booted):
         """Record an old image's worker; one still in init() stays
@@ -4475,13 +5155,13 @@ class Spare(object):
 
     def owns(self, pid):
         """True when ``pid`` is the spare or a discarded one."""
-        return pid in self.dead or self.proc is not None and \
-            pid == self.proc.pid
+        return (pid in self.dead or self.proc is not None and
+                pid == self.proc.pid)
 
     def wanted(self):
         a = self.arbiter
-        return bool(a.cfg.spare_worker) and not a.stopping and \
-            a.active and a.wanted() > 0
+        return (bool(a.cfg.spare_worker) and not a.stopping and
+                a.active and a.wanted() > 0)
 
     def deadline(self, now):
         """When a spare is due after a backoff, or None."""
@@ -4498,8 +5178,8 @@ class Spare(object):
                                   not self.wanted()):
             self.discard('stale' if self.wanted() else 'not needed')
             spare = None
-        if spare is not None or not self.wanted() or \
-                time.monotonic() < self.next_at:
+        if (spare is not None or not self.wanted() or
+                time.monotonic() < self.next_at):
             return
         if any(p.state == State.BOOTING for p in a.procs.values()):
             # Not now: a fork stalls the children that are starting (they
@@ -4509,12 +5189,12 @@ class Spare(object):
         r, w = os.pipe()
         # The slot it will serve is not known yet: a dump file if any
         # worker here can time out.
-        dump_fd = a.open_dump_file() if self.may_time_out() else None
+        dump_fd = open_dump_file() if self.may_time_out() else None
         try:
-            a.own_listeners = a.child_listeners()
+            a.birth.open_child_listeners()
             pid = os.fork()
         except (OSError, HaltServer) as e:
-            a.close_child_listeners()
+            a.birth.close_child_listeners()
             for fd in (r, w, dump_fd):
                 if fd is not None:
                     os.close(fd)
@@ -4524,7 +5204,7 @@ class Spare(object):
             return
         if pid == 0:
             self.child(r, w, dump_fd)
-        a.close_child_listeners()
+        a.birth.close_child_listeners()
         os.close(r)
         os.set_inheritable(w, False)
         self.proc = SpareProcess(pid, w, dump_fd, a.generation)
@@ -4609,16 +5289,16 @@ class Spare(object):
 
         def body():
             os.close(w)
-            pdeath = a.child_prepare('spare')
+            pdeath = a.birth.prepare('spare')
             # Until it is a worker it has nothing to finish: a stop signal
             # ends it quietly; the others must not stop or kill it (TTIN's
             # default stops a process).
-            for name in ('HUP', 'TTIN', 'TTOU', 'WINCH', 'USR1', 'USR2'):
+            for name in IGNORED_IN_CHILDREN + ('USR1',):   # not a worker yet
                 signal.signal(getattr(signal, 'SIG' + name), signal.SIG_IGN)
             for name in ('TERM', 'INT', 'QUIT'):
                 signal.signal(getattr(signal, 'SIG' + name),
                               lambda *args: os._exit(0))
-            a.preload_worker_class()
+            a.birth.preload_worker_class()
             data = b''
             while not data.endswith(b'\n'):
                 chunk = os.read(r, 64)
@@ -4629,9 +5309,593 @@ class Spare(object):
             number, cell, keep_dump = [int(x) for x in data.split()]
             if not keep_dump and dump_fd is not None:
                 os.close(dump_fd)
-            return a.become_worker(number, cell,
-                                   dump_fd if keep_dump else None, pdeath)
-        a.child_main(body)
+            return a.birth.become_worker(number, cell,
+                                         dump_fd if keep_dump else None, pdeath)
+        child_main(body)
+
+
+# -- a reaped worker ------------------------------------------------------------
+
+class WorkerExit(object):
+    """What a reaped worker left: its scoreboard cell (read before the
+    cell is released) and its wait status, in the words the log uses."""
+
+    def __init__(self, proc, status, board):
+        cell = proc.cell
+        self.booted = board.get(cell, Scoreboard.STATE) == Scoreboard.BOOTED
+        self.reason = board.get(cell, Scoreboard.REASON)
+        self.text = board.text(cell)
+        self.requests = board.get(cell, Scoreboard.REQUESTS)
+        self.up = time.monotonic() - (board.getf(cell, Scoreboard.BOOTED_AT)
+                                      or proc.spawned)
+        self.init_rss = board.getf(cell, Scoreboard.INIT_RSS)
+        self.how = describe_status(status)
+        self.signaled = os.WIFSIGNALED(status)   # killed from outside?
+        self.name = 'worker %d (pid %d)' % (proc.slot, proc.pid)
+        self.ok_exit = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        self.memory = (self.reason == Scoreboard.R_MEMORY or proc.stop_reason
+                       in ('soft memory limit', 'hard memory limit'))
+
+
+# -- stack dump files -------------------------------------------------------------
+
+def open_dump_file():
+    """An unlinked temp file for a worker's stack dump at timeout.
+
+    faulthandler writes raw lines; the master reads them back at reap
+    and logs them as one record, continuation lines prefixed.
+    """
+    try:
+        fd, path = tempfile.mkstemp(prefix='processhandler-dump-')
+        os.unlink(path)
+        return fd
+    except OSError:
+        return None
+
+
+def close_dump(proc):
+    if proc.dump_fd is not None:
+        os.close(proc.dump_fd)
+        proc.dump_fd = None
+
+
+def read_dump(proc):
+    if proc.dump_fd is None:
+        return ''
+    try:
+        return os.pread(proc.dump_fd, 65536, 0).decode(
+            'utf-8', 'replace').rstrip()
+    except OSError:
+        return ''
+    finally:
+        close_dump(proc)
+
+
+# -- the reload transaction ------------------------------------------------------
+
+class Reload(object):
+    """HUP: re-read config, check the new worker code, rolling replace.
+
+    A transaction: everything that can fail (config, the worker code --
+    checked in a child, ReloadCheck, watched by the loop --, the new log
+    file) is tried before anything changes; a failure leaves the old
+    config, code, log and workers as they were.  Until the new generation
+    runs, ``rollback`` holds what to go back to when one of its workers
+    cannot boot (roll_back).  ``state`` is status's master.reload: the
+    last HUP's result, None (none yet) / checking / pending (until the new
+    generation runs) / done / failed."""
+
+    IMPORT_TIMEOUT = 30.0  # the import of the worker code, in a child
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.state = {'count': 0, 'result': None, 'reason': None,
+                      'generation': None}
+        self.rollback = None   # see transaction() and roll_back()
+
+    def refuse(self, why):
+        """A HUP that cannot run: `reload` waits for an outcome."""
+        self.state['count'] += 1
+        self.state.update(result='failed', generation=None, reason=why)
+
+    def start(self):
+        self.state['count'] += 1
+        sd_notify('RELOADING=1\nMONOTONIC_USEC=%d' % monotonic_usec())
+        check = self.arbiter.reload_check
+        if check.pid is not None:
+            log.info('HUP while the previous one checks the worker code: '
+                     'checking again once it ends')
+            check.again = True
+            return
+        self.begin()
+
+    def begin(self):
+        """Read the config; check the worker code in the background
+        (ReloadCheck) or, with nothing to import, commit at once."""
+        a = self.arbiter
+        try:
+            new = self.new_config()
+        except ConfigError as e:
+            return self.failed(str(e))
+        if a.cfg.path is None or a.templates:
+            return self.commit(new, None)
+        self.state.update(result='checking', reason=None, generation=None)
+        a.reload_check.start(new, self.IMPORT_TIMEOUT)
+
+    def checked(self, problem):
+        """The ReloadCheck's verdict: commit, fail, or check again."""
+        a = self.arbiter
+        new = a.reload_check.cfg
+        if a.stopping:
+            return self.done('failed', 'the master is stopping')
+        if a.reload_check.again:
+            return self.begin()
+        if problem:
+            return self.failed(problem.replace('\n', '; '))
+        # Nothing of the new code is imported here (that would block the
+        # loop): forget the old modules, the spare and the workers import
+        # the new ones (after their privilege drop).
+        forget_user_modules(new.base_path)
+        self.commit(new, None, fresh=True)
+
+    def failed(self, why):
+        log.error('reload failed, still running the previous config and '
+                  'code: %s', why)
+        self.state['generation'] = None
+        self.done('failed', why)
+
+    def commit(self, new, worker_class, fresh=False):
+        """Switch to ``new`` (``fresh``: the workers import the code)."""
+        a = self.arbiter
+        try:
+            before = self.transaction()
+            self.apply(new, worker_class)
+        except HaltServer as e:
+            return self.failed(e.reason)
+        if fresh:
+            a.worker_class = None
+        self.rollback = before
+        a.generation += 1
+        a.metrics.reloaded()
+        self.state.update(result='pending', reason=None,
+                          generation=a.generation)
+        for slot in a.slots.values():
+            # The user changed something: try the new code/config now, not
+            # when a backoff earned by the old one ends (up to 30 s).
+            slot.backoff_until = 0.0
+        log.info('reloaded: generation %d, %d worker(s); new workers start '
+                 'before old ones stop', a.generation, a.num_workers)
+
+    def new_config(self):
+        """Return the new Config (the running one when there is no
+        file); change nothing.  The worker code is checked by
+        ReloadCheck, in a child: an import that calls os._exit(), hangs
+        or takes seconds must not take or block the master."""
+        a = self.arbiter
+        if a.cfg.path is None:
+            return a.cfg
+        new = load_config(a.cfg.path, a.cfg.section,
+                          ['%s=%s' % kv for kv in a.cfg.overrides])
+        self.keep_restart_only(new)
+        return new
+
+    def transaction(self):
+        """What a reload changes, to put it back (roll_back)."""
+        a = self.arbiter
+        return {'cfg': a.cfg, 'worker_class': a.worker_class,
+                'num_workers': a.num_workers,
+                'generation': a.generation,
+                'log_file': a.logfile.path}
+
+    def roll_back(self, why):
+        """A worker of the pending reload cannot boot: the transaction
+        failed.  The old config, code and generation become current again,
+        so the old workers keep serving and are replaced from the old
+        template when they exit (max_requests, a crash, a kill); workers
+        of the new generation are stopped."""
+        a = self.arbiter
+        before, self.rollback = self.rollback, None
+        if before['log_file'] != a.logfile.path:
+            try:
+                self.switch_log(before['log_file'])
+            except HaltServer as e:
+                log.error('rollback: %s; the log stays %s', e.reason,
+                          a.logfile.path)
+        if before['cfg'].umask != a.cfg.umask:
+            os.umask(before['cfg'].umask)
+        a.cfg = before['cfg']
+        a.worker_class = before['worker_class']
+        setup_logging(a.cfg, a.logfile)
+        a.num_workers = before['num_workers']
+        a.generation = before['generation']
+        a.spare.discard('reload rolled back')
+        for slot in a.slots.values():
+            self.restore_slot(slot, 'reload rolled back')
+            slot.failures = slot.early_deaths = 0
+            slot.backoff_until = 0.0
+        why = '%s; rolled back to generation %d' % (why, a.generation)
+        if self.state['result'] != 'pending':   # else done() says it
+            log.error('reload failed: %s', why)
+        self.done('failed', why)
+
+    def restore_slot(self, slot, why=None):
+        """Make the slot's newest live worker of the current generation
+        (or older) its worker again; with ``why``, stop newer ones."""
+        a = self.arbiter
+        if (why and slot.proc is not None and
+                slot.proc.generation > a.generation):
+            newer, slot.proc = slot.proc, None
+            slot.old.append(newer)
+            a.stop_worker(newer, why)
+        live = [p for p in slot.old if p.state != State.STOPPING and
+                p.generation <= a.generation]
+        if slot.proc is None and live:
+            slot.proc = live[-1]
+            slot.old.remove(live[-1])
+
+    def keep_restart_only(self, new):
+        """Put the running values of the restart-only keys into ``new``
+        before anything uses it: the validation child drops to ``user``
+        from the running config (a HUP that removes ``user`` must not run
+        worker code as root)."""
+        cfg = self.arbiter.cfg
+        for key in RESTART_ONLY:
+            if getattr(new, key) != getattr(cfg, key):
+                log.warning('%s changed: it takes effect on restart only',
+                            key)
+                setattr(new, key, getattr(cfg, key))
+
+    def apply(self, new, worker_class):
+        """Commit a reload; only switch_log() may fail, and first."""
+        a = self.arbiter
+        old = a.cfg
+        if new.log_file != a.logfile.path:
+            self.switch_log(new.log_file)
+        if new.umask != old.umask:
+            os.umask(new.umask)   # inherited by the workers forked next
+            log.info('umask changed: %04o for new workers', new.umask)
+        a.cfg = new
+        if worker_class is not None:
+            a.worker_class = worker_class
+        setup_logging(new, a.logfile)
+        if not a.templates:
+            a.num_workers = new.number_workers
+
+    def switch_log(self, path):
+        """Log to ``path`` from now on; HaltServer, with the old log kept,
+        when it cannot be opened (a folder, no folder, no permission)."""
+        try:   # the checks of start and `check` (a block device, a FIFO)
+            check_log_target(path)
+        except ConfigError as e:
+            raise HaltServer('cannot open %s' % e)
+        logfile = self.arbiter.logfile
+        old = logfile.path
+        logfile.path = path
+        try:
+            logfile.reopen()
+        except OSError as e:
+            logfile.path = old
+            raise HaltServer('cannot open log_file %s: %s'
+                             % (path, e.strerror or e))
+
+    def progress(self):
+        """A pending reload is done once every wanted slot runs a worker
+        of the new generation (a failed one too, when its retry made it).
+        """
+        a, r = self.arbiter, self.state
+        if r['generation'] != a.generation or r['result'] == 'done':
+            return
+        if a.stopping:
+            if r['result'] == 'pending':
+                self.done('failed', 'the master is stopping')
+            return
+        for n in range(1, a.wanted() + 1):
+            slot = a.slots.get(n)
+            proc = slot and slot.proc
+            if (proc is None or proc.generation != a.generation
+                    or proc.state != State.RUNNING):
+                return
+        self.done('done', None)
+
+    def done(self, result, why):
+        """Record the outcome; tell systemd once (READY=1 ends RELOADING)."""
+        was = self.state['result']
+        self.state.update(result=result, reason=why)
+        if result == 'done':
+            self.rollback = None   # the new generation runs: no way back
+        if result == 'failed' and was == 'pending':
+            log.error('reload failed: %s; the previous workers keep serving',
+                      why)
+        if was != 'failed' or result == 'failed':
+            sd_notify('READY=1\nSTATUS=%d workers%s' % (
+                self.arbiter.num_workers, '' if result == 'done' else
+                ' (reload failed)'))
+
+
+# -- memory limits, systemd watchdog ---------------------------------------------
+
+class MemoryWatch(object):
+    """The master's side of the memory limits: every check_interval, the
+    RSS of each worker that has a limit; over hard: KILL, over soft: a
+    graceful stop (the worker also checks its own soft limit)."""
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.next_check = 0.0
+
+    def wanted(self):
+        return any(p.soft_limit or p.hard_limit
+                   for p in self.arbiter.procs.values())
+
+    def deadline(self):
+        return self.next_check if self.wanted() else None
+
+    def check(self):
+        a = self.arbiter
+        now = time.monotonic()
+        if now < self.next_check or not self.wanted():
+            return
+        self.next_check = now + a.cfg.check_interval
+        for proc in list(a.procs.values()):
+            if (proc.state not in (State.RUNNING, State.STOPPING)
+                    or proc.kill_at is None and proc.state == State.STOPPING):
+                continue
+            rss = rss_mb(proc.pid)
+            if rss is not None:
+                self.enforce(proc, rss)
+
+    def enforce(self, proc, rss):
+        a = self.arbiter
+        if proc.over_limit('hard', rss):
+            log.error('worker %d (pid %d) RSS %.1f MB is over '
+                      'hard_memory_limit %g MB: KILL', proc.slot,
+                      proc.pid, rss, proc.hard_limit)
+            a.set_state(proc, State.STOPPING)
+            proc.stop_reason = 'hard memory limit'
+            proc.kill_at = None
+            a.kill(proc.pid, signal.SIGKILL)
+        elif proc.over_limit('soft', rss) and proc.state == State.RUNNING:
+            log.warning('worker %d (pid %d) RSS %.1f MB is over '
+                        'soft_memory_limit %g MB: asking it to exit',
+                        proc.slot, proc.pid, rss, proc.soft_limit)
+            a.stop_worker(proc, 'soft memory limit')
+
+
+class Watchdog(object):
+    """systemd's watchdog: WATCHDOG=1 at half of WATCHDOG_USEC, from the
+    master loop itself: a master stuck anywhere stops feeding it and
+    systemd restarts it.  ``interval`` 0: no watchdog asked for."""
+
+    def __init__(self):
+        self.interval = watchdog_interval()
+        self.next = 0.0
+
+    def deadline(self):
+        return self.next if self.interval else None
+
+    def feed(self):
+        if not self.interval:
+            return
+        now = time.monotonic()
+        if now >= self.next:
+            sd_notify('WATCHDOG=1')
+            self.next = now + self.interval
+
+
+# -- the child side of a fork ----------------------------------------------------
+
+class WorkerBirth(object):
+    """What a child forked by the master (a worker, or the spare) does
+    before its worker runs: reset the master's signals and descriptors,
+    drop privileges, set the parent-death signal, import the worker code,
+    build and run the worker.  Always ends in os._exit() (child_main).
+    ``own_listeners``: with reuse_port, the next child's listeners."""
+
+    def __init__(self, arbiter):
+        self.arbiter = arbiter
+        self.own_listeners = None
+
+    # -- in the master, around the fork
+
+    def open_child_listeners(self):
+        """reuse_port: the listeners of the child about to be forked (a
+        worker, or the spare), bound here by the master -- before any
+        privilege drop, so ports below 1024 work with ``user`` -- but not
+        listening: an idle spare must not take connections.  None when
+        the listeners are shared.  Raises HaltServer (cannot bind)."""
+        a = self.arbiter
+        self.own_listeners = None
+        if not (a.cfg.reuse_port and a.cfg.bind and a.sockets):
+            return
+        self.own_listeners = [create_listener(listener_name(s),
+                                              reuse_port=True, listen=False)
+                              for s in a.sockets]
+
+    def close_child_listeners(self):
+        """In the master, after the fork: they are the child's."""
+        for sock in self.own_listeners or ():
+            sock.close()
+        self.own_listeners = None
+
+    # -- in the child
+
+    def worker_process(self, number, cell, dump_fd=None):
+        """Child half of spawn_worker()."""
+        def body():
+            pdeath = self.prepare('worker %d' % number)
+            return self.become_worker(number, cell, dump_fd, pdeath)
+        child_main(body)
+
+    def prepare(self, tag):
+        """In a new child: every step of a worker's start that does not
+        depend on its slot (a spare does these before it is needed)."""
+        a = self.arbiter
+        _process_tag[0] = tag
+        signal.set_wakeup_fd(-1)
+        for name in a.SIGNALS:
+            signal.signal(getattr(signal, 'SIG' + name), signal.SIG_DFL)
+        self.close_master_fds()
+        line_buffered_stdio()
+        set_proc_title('%s: %s' % (a.cfg.proc_name, tag))
+        drop_privileges(a.uid, a.gid)
+        # Die with the master even if it is KILLed (supervisor #199).
+        pdeath = prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != a.pid:
+            raise SystemExit(WORKER_EXIT_ORPHANED)  # master died before prctl
+        return pdeath
+
+    def become_worker(self, number, cell, dump_fd, pdeath):
+        """The slot-dependent rest of a worker's start; runs the worker and
+        returns its exit status."""
+        a = self.arbiter
+        tag = 'worker %d' % number
+        if _process_tag[0] != tag:   # a spare becoming this worker
+            _process_tag[0] = tag
+            set_proc_title('%s: %s' % (a.cfg.proc_name, tag))
+        if a.cfg.cpu_affinity:
+            pin_cpu(a.cfg.cpu_affinity, number)
+        try:
+            template = self.load_worker_code(number)
+            sockets = self.worker_sockets()
+            worker = template if template is not None else build_worker(
+                a.worker_class, a.cfg, a.pid, sockets)
+        except Exception as e:
+            # Import or __init__ failed: a boot failure, like init().
+            log.exception('worker %d cannot be built', number)
+            a.board.set_text(cell, 'building the worker raised %s: %s'
+                             % (type(e).__name__, e))
+            return WORKER_EXIT_BOOT_ERROR
+        worker._ph.accept_lock = None
+        if a.accept_fd is not None:
+            loop = WORKER_TYPES[worker.worker_type or a.cfg.worker_type]
+            worker._ph.accept_lock = AcceptLock(
+                a.accept_fd, threaded=loop.threaded,
+                cooperative=loop.cooperative)
+        worker._boot(a.cfg, number, a.board, cell, a.boot_w,
+                     a.pid, sockets, a.logfile, pdeath, dump_fd)
+        return worker._serve()
+
+    def preload_worker_class(self):
+        """In the spare, after the privilege drop: import the worker code
+        while waiting, so becoming a worker only builds the object.  A
+        failure is reported when it is used (worker_object)."""
+        a = self.arbiter
+        if not a.templates and a.worker_class is None:
+            try:
+                a.worker_class = load_worker_class(a.cfg)
+            except BaseException:   # SystemExit at import too: said later
+                pass
+
+    def load_worker_code(self, number):
+        """In the worker process: make its worker code ready; return
+        Manager mode's template (None in config mode: the class, imported
+        here when the master did not -- ``user`` set -- is built by
+        build_worker).  The loop class's prepare_child() first (gevent:
+        monkey-patch, then import the worker code afresh: it was imported
+        unpatched)."""
+        a = self.arbiter
+        template = a.template(number)
+        if template is None and a.worker_class is None:
+            a.worker_class = load_worker_class(a.cfg)
+        wtype = ((template or a.worker_class).worker_type
+                 or a.cfg.worker_type)
+        fresh = WORKER_TYPES.get(wtype, SyncLoop).prepare_child()
+        if fresh and template is None:
+            forget_user_modules(a.cfg.base_path)
+            a.worker_class = load_worker_class(a.cfg)
+        return template
+
+    def worker_sockets(self):
+        """In a worker: the listeners it accepts on (its own with
+        reuse_port: listen() needs no privilege, bind did)."""
+        own = self.own_listeners
+        if own is None:
+            return list(self.arbiter.sockets)
+        for sock in own:
+            sock.listen(min(2048, socket.SOMAXCONN))
+        for sock in self.arbiter.sockets:
+            sock.close()
+        return own
+
+    def close_master_fds(self):
+        a = self.arbiter
+        try:
+            a.selector.close()
+        except Exception:
+            pass
+        for fd in a._pipes:
+            if fd != a.boot_w:
+                os.close(fd)
+        if a.control is not None:
+            a.control.close()
+        for fd in (a.pidfile.fd, a.pidfile.lock_fd, a.ready_fd):
+            if fd is not None:
+                os.close(fd)
+        a.pidfile.fd = a.pidfile.lock_fd = a.ready_fd = None
+        for proc in a.procs.values():   # siblings' dump files
+            close_dump(proc)
+        a.spare.close_in_child()
+        if getattr(a.leader, 'fd', None) is not None:
+            os.close(a.leader.fd)
+        a.metrics.close(child=True)
+        if hasattr(a.leader, 'close_in_child'):
+            a.leader.close_in_child()   # the master's Redis connection
+
+
+def child_main(body):
+    """Run a forked child's ``body``; always ends in os._exit() with
+    the status it returns (never returns into the master's code)."""
+    status = EXIT_FAILURE
+    try:
+        status = body()
+    except SystemExit as e:
+        status = (e.code if isinstance(e.code, int) else
+                  (0 if e.code is None else 1))
+    except BaseException:
+        try:
+            log.exception('%s crashed', _process_tag[0])
+        except BaseException:
+            pass
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(status)
+
+
+def pin_cpu(cpu_affinity, number):
+    """In worker ``number``: pin it to its CPUs of ``cpu_affinity``."""
+    cpus = affinity_for_slot(cpu_affinity, number, get_affinity())
+    if not cpus:
+        return
+    try:
+        done = set_affinity(cpus)
+    except (OSError, ValueError, OverflowError) as e:
+        log.warning('cannot pin to CPU %s: %s', cpus,
+                    getattr(e, 'strerror', None) or e)
+        return
+    if done:
+        log.debug('pinned to CPU %s', cpus)
+    else:   # the ctypes / psutil paths report failure, not raise
+        log.warning('cannot pin to CPU %s: not permitted or no such '
+                    'CPU', cpus)
+
+
+def log_config_notes(cfg):
+    """Say once what the config asks that will not do what it seems."""
+    if privilege_notes(cfg)[1]:
+        log.warning('%s', privilege_notes(cfg)[1])
+    for key, hint in cfg.unknown_keys():
+        log.info('config key %r is not a setting: passed to the workers '
+                 'as a string%s', key, "; did you mean '%s'?" % hint
+                 if hint else '')
+    if cfg.accept_lock and cfg.worker_type == 'asyncio':
+        log.warning('accept_lock has no effect with worker_type = '
+                    'asyncio (the event loop accepts)')
+    if cfg.accept_lock and cfg.reuse_port:
+        log.warning('accept_lock has no effect with reuse_port = true '
+                    '(each worker has its own listener)')
 
 
 class Arbiter(object):
@@ -4639,8 +5903,11 @@ class Arbiter(object):
 
     Lifecycle, in the order the methods below read:
     setup -> run loop (wait -> dispatch signals -> reap -> murder -> check
-    memory -> manage -> ready) -> handle_<signal> -> reload / stop ->
-    spawn / stop / kill / reap -> control socket -> status.
+    memory -> manage -> ready) -> handle_<signal> -> scale / stop ->
+    spawn / stop / kill / reap -> murder -> manage -> leaving -> status.
+    It conducts; each responsibility with state of its own is a
+    collaborator it owns (add_collaborators): WorkerBirth, Spare, Reload,
+    Upgrade, Leadership, ControlServer, Metrics, MemoryWatch, Watchdog.
 
     The master runs no thread (a fork taken while another thread holds a
     lock -- the import lock on PyPy -- leaves the child blocked for ever).
@@ -4654,7 +5921,6 @@ class Arbiter(object):
     EARLY_DEATH = 1.0      # a crash this soon after boot may be a failure:
     EARLY_DEATHS = 3       # when it handled nothing, or this many in a row
     ORPHAN_GRACE = 2.0     # TERM -> KILL for adopted grandchildren at exit
-    IMPORT_TIMEOUT = 30.0  # a HUP's import of the worker code, in a child
 
     def __init__(self, cfg, worker_class=None, templates=None,
                  ready_fd=None, daemonized=False, title=None,
@@ -4674,7 +5940,6 @@ class Arbiter(object):
         self.keep_user_logging = keep_user_logging
         self.save_on_signal = save_on_signal
         self.upgrade = upgrade     # UpgradeState handed over by USR2
-        self.upgrader = Upgrade(self, upgrade)
         self.run_once = False      # uliweb Manager(daemon=False): no restarts
         self.strict_boot = True    # a boot failure before ready halts
         self.halt_reason = None    # why run() failed (HaltServer), if it did
@@ -4689,32 +5954,32 @@ class Arbiter(object):
         self.graceful = True
         self.ready = False
         self.started = time.monotonic()
-        self.next_memory_check = 0.0
-        self.watchdog = watchdog_interval()   # systemd WATCHDOG_USEC / 2
-        self.next_watchdog = 0.0
-        self.leadership = None     # Leadership, with leader_lock set
         self.pidfile = None
         self.instance = 1
         self.logfile = None
         self.board = None
         self.selector = None
-        self.control_server = ControlServer(self)
         self.sockets = []          # listeners shared by every worker
         self.accept_fd = None      # accept_lock's file
-        self.own_listeners = None  # reuse_port: the next child's listeners
         self.uid = self.gid = None
         self._pipes = []
         self.handlers = {}         # signum -> handle_<name>
         self.later_logs = []       # worker_exited()'s lines, see flush_logs
+        self.add_collaborators(upgrade)
+
+    def add_collaborators(self, upgrade):
+        """The parts this conductor owns, one responsibility each."""
+        self.upgrader = Upgrade(self, upgrade)
+        self.leadership = None     # Leadership, with leader_lock set
+        self.control_server = ControlServer(self)
         self.spare = Spare(self)   # the pre-forked spare, see Spare
         self.reload_check = ReloadCheck(self)   # a HUP's code check
         self.metrics = Metrics(self)   # counters, /metrics, statsd, health
-        # The last HUP: result None (none yet) / pending / done / failed.
-        self.reloads = {'count': 0, 'result': None, 'reason': None,
-                        'generation': None}
-        # While a reload is pending: what to go back to when its first
-        # worker cannot boot (see roll_back).
-        self.rollback = None
+        self.reloader = Reload(self)
+        self.reloads = self.reloader.state   # the last HUP, for status
+        self.birth = WorkerBirth(self)   # the child side of each fork
+        self.memory = MemoryWatch(self)
+        self.watchdog = Watchdog()
 
     @property
     def control(self):
@@ -4745,8 +6010,9 @@ class Arbiter(object):
         self.open_log()
         if not self.keep_user_logging:
             setup_logging(cfg, self.logfile)
-        self.acquire_instance()
-        self.open_sockets()
+        self.pidfile, self.instance = acquire_instance(cfg, self.upgrade)
+        self.sockets, self.accept_fd = open_listeners(
+            cfg, self.upgrade, (self.uid, self.gid))
         lock = make_leader(cfg)
         if lock is not None:
             self.leadership = Leadership(self, lock)
@@ -4780,7 +6046,7 @@ class Arbiter(object):
             _UPGRADE_PROBLEMS.append(h.reason)
         self.metrics.open()
         self.init_signals()
-        self.log_config_notes()
+        log_config_notes(cfg)
         settle_memory()
         log.info('processhandler %s starting: master pid %d, %d %s '
                  'worker(s), config %s [%s]%s', __version__, self.pid,
@@ -4803,113 +6069,6 @@ class Arbiter(object):
             # After a USR2 exec the old image's log is still our stderr.
             _UPGRADE_PROBLEMS.append(why + ' (logging to stderr)')
             self.logfile = LogFile(None)
-
-    def log_config_notes(self):
-        """Say once what the config asks that will not do what it seems."""
-        cfg = self.cfg
-        if privilege_notes(cfg)[1]:
-            log.warning('%s', privilege_notes(cfg)[1])
-        for key, hint in cfg.unknown_keys():
-            log.info('config key %r is not a setting: passed to the workers '
-                     'as a string%s', key, "; did you mean '%s'?" % hint
-                     if hint else '')
-        if cfg.accept_lock and cfg.worker_type == 'asyncio':
-            log.warning('accept_lock has no effect with worker_type = '
-                        'asyncio (the event loop accepts)')
-        if cfg.accept_lock and cfg.reuse_port:
-            log.warning('accept_lock has no effect with reuse_port = true '
-                        '(each worker has its own listener)')
-
-    def acquire_instance(self):
-        """Take the pidfile lock of the first free instance (or refuse)."""
-        if self.upgrade:
-            # Same pid, same open lock: POSIX locks survive execve.
-            self.pidfile = PidFile(self.upgrade.pidfile)
-            self.pidfile.fd = self.upgrade.lock_fd
-            # Inheritable only for the execve: not for anything we run.
-            os.set_inheritable(self.pidfile.fd, False)
-            self.pidfile.lock_fd = self.upgrade.instance_lock_fd
-            if self.pidfile.lock_fd is not None:
-                os.set_inheritable(self.pidfile.lock_fd, False)
-            elif self.pidfile.lock_instance():   # an older image had none
-                log.warning('instance lock %s is held by another process',
-                            instance_lock_path(self.pidfile.path))
-            self.pidfile.write(os.getpid())
-            self.instance = self.upgrade.instance
-            return
-        for n in range(1, 1000):
-            pidfile = PidFile(instance_pidfile(self.cfg, n))
-            holder = pidfile.acquire()
-            if not holder:
-                self.pidfile, self.instance = pidfile, n
-                return
-            if self.cfg.single_instance:
-                raise HaltServer('already running (pid %s, pidfile %s)'
-                                 % (holder, pidfile.path))
-        raise HaltServer('no free instance number below 1000')
-
-    def open_sockets(self):
-        """Listeners, opened before any fork and inherited by the workers:
-        systemd's (socket activation) if given, else ``bind``."""
-        cfg = self.cfg
-        if self.upgrade:
-            self.sockets = [socket.socket(fileno=fd)
-                            for fd in self.upgrade.fds]
-            for sock in self.sockets:
-                sock.setblocking(False)
-                sock.set_inheritable(False)   # see acquire_instance
-            self.accept_fd = self.upgrade.accept_fd
-            if self.accept_fd is not None:
-                os.set_inheritable(self.accept_fd, False)
-            return
-        self.sockets = systemd_listeners()
-        if self.sockets:
-            log.info('listening on %s (from systemd)', ', '.join(
-                listener_name(s) for s in self.sockets))
-        elif cfg.bind:
-            # With reuse_port the master only reserves the addresses (bound,
-            # not listening); each worker opens its own listener.
-            self.sockets = [create_listener(a, cfg.reuse_port,
-                                            listen=not cfg.reuse_port,
-                                            owner=(self.uid, self.gid))
-                            for a in cfg.bind]
-            log.info('listening on %s%s', ', '.join(
-                listener_name(s) for s in self.sockets),
-                ' (SO_REUSEPORT: one listener per worker)'
-                if cfg.reuse_port else '')
-        if self.sockets and cfg.accept_lock and not cfg.reuse_port:
-            fd, path = tempfile.mkstemp(prefix='processhandler-accept-')
-            os.unlink(path)
-            self.accept_fd = fd
-
-    def child_listeners(self):
-        """reuse_port: the listeners of the child about to be forked (a
-        worker, or the spare), bound here by the master -- before any
-        privilege drop, so ports below 1024 work with ``user`` -- but not
-        listening: an idle spare must not take connections.  None when
-        the listeners are shared.  Raises HaltServer (cannot bind)."""
-        if not (self.cfg.reuse_port and self.cfg.bind and self.sockets):
-            return None
-        return [create_listener(listener_name(s), reuse_port=True,
-                                listen=False) for s in self.sockets]
-
-    def close_child_listeners(self):
-        """In the master, after the fork: they are the child's."""
-        for sock in self.own_listeners or ():
-            sock.close()
-        self.own_listeners = None
-
-    def worker_sockets(self):
-        """In a worker: the listeners it accepts on (its own with
-        reuse_port: listen() needs no privilege, bind did)."""
-        own = self.own_listeners
-        if own is None:
-            return list(self.sockets)
-        for sock in own:
-            sock.listen(min(2048, socket.SOMAXCONN))
-        for sock in self.sockets:
-            sock.close()
-        return own
 
     def make_pipe(self):
         r, w = os.pipe()
@@ -4979,14 +6138,14 @@ class Arbiter(object):
                 self.flush_logs()
                 return
             self.murder_workers()
-            self.check_memory()
+            self.memory.check()
             if self.leadership is not None:
                 self.leadership.tend()
             self.manage_workers()
             self.flush_logs()
             self.check_ready()
-            self.reload_progress()
-            self.feed_watchdog()
+            self.reloader.progress()
+            self.watchdog.feed()
             self.spare.keep()
             self.metrics.tick()
             self.upgrader.check_deadline()
@@ -5011,20 +6170,18 @@ class Arbiter(object):
         for slot in self.slots.values():
             if slot.proc is None and slot.backoff_until > now:
                 deadlines.append(slot.backoff_until)
-        if self.memory_limited():
-            deadlines.append(self.next_memory_check)
         if self.spare.deadline(now) is not None:
             deadlines.append(self.spare.deadline(now))
-        if self.watchdog:
-            deadlines.append(self.next_watchdog)
+        deadlines.append(self.memory.deadline())
+        deadlines.append(self.watchdog.deadline())
         if self.leadership is not None:
             deadlines.extend(self.leadership.deadlines())
         deadlines.append(self.metrics.due())
         if self.upgrader.deadline is not None:
             deadlines.append(self.upgrader.deadline)
-        if self.reload_check.deadline is not None:
-            deadlines.append(self.reload_check.deadline)
-        deadlines = [d for d in deadlines if d != float('inf')]
+        deadlines.append(self.reload_check.deadline)
+        deadlines = [d for d in deadlines
+                     if d is not None and d != float('inf')]
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - now)
@@ -5051,21 +6208,15 @@ class Arbiter(object):
                 handler()
 
     def check_ready(self):
-        if self.upgrade and not self.stopping and not any(
-                p.generation == 0 for p in self.procs.values()):
-            self.upgrade = None
-            self.upgrader.completed()
-            log.info('upgrade complete: every worker runs the new code')
-            sd_notify('MAINPID=%d\nREADY=1\nSTATUS=%d workers'
-                      % (self.pid, self.num_workers))
+        self.upgrader.check_completed()
         if self.ready or self.stopping:
             return
         for n in range(1, self.wanted() + 1):
             slot = self.slots.get(n)
             if slot is not None and slot.finished:
                 continue
-            if slot is None or slot.proc is None or \
-                    slot.proc.state != State.RUNNING:
+            if (slot is None or slot.proc is None or
+                    slot.proc.state != State.RUNNING):
                 return
         self.ready = True
         msg = 'pid %d, %d worker(s) running' % (self.pid, self.wanted())
@@ -5077,16 +6228,6 @@ class Arbiter(object):
         sd_notify('READY=1\nSTATUS=%d workers\nMAINPID=%d'
                   % (self.num_workers, self.pid))
 
-    def feed_watchdog(self):
-        """WATCHDOG=1 at half of WATCHDOG_USEC, from the loop itself: a
-        master stuck anywhere stops feeding it and systemd restarts it."""
-        if not self.watchdog:
-            return
-        now = time.monotonic()
-        if now >= self.next_watchdog:
-            sd_notify('WATCHDOG=1')
-            self.next_watchdog = now + self.watchdog
-
     # -- signal handlers --------------------------------------------------------
 
     def handle_chld(self):
@@ -5095,11 +6236,9 @@ class Arbiter(object):
     def handle_hup(self):
         """Reload config and worker code; replace workers, keep capacity."""
         if not self.stopping:
-            self.reload()
-        else:   # `reload` waits for an outcome: give it one
-            self.reloads['count'] += 1
-            self.reloads.update(result='failed', generation=None,
-                                reason='the master is stopping')
+            self.reloader.start()
+        else:
+            self.reloader.refuse('the master is stopping')
 
     def handle_term(self):
         """Graceful stop: workers finish their run; KILL after the grace."""
@@ -5109,7 +6248,7 @@ class Arbiter(object):
         """Ctrl-C: the first a graceful stop (current jobs finish, as in
         celery and rq), a second one -- or one during a stop -- quick."""
         if self.stopping:
-            return self.begin_stop(graceful=False)
+            return self.handle_quit()
         self.begin_stop(graceful=True)
         self.tell_terminal('stopping gracefully; Ctrl-C again to quit at once')
 
@@ -5166,7 +6305,7 @@ class Arbiter(object):
                  'HUP brings them back)')
         self.set_num_workers(0, 'WINCH')
 
-    # -- reload, scale, stop --------------------------------------------------
+    # -- scale, stop ---------------------------------------------------------
 
     def set_num_workers(self, n, why):
         if self.stopping:
@@ -5190,215 +6329,6 @@ class Arbiter(object):
             log.error('cannot save number_workers to %s: %s (the running '
                       'count is %d)', self.cfg.path,
                       getattr(e, 'strerror', None) or e, self.num_workers)
-
-    def reload(self):
-        """HUP: re-read config, re-import worker code, rolling replace.
-
-        A transaction: everything that can fail (config, import, the new
-        log file) is tried before anything changes; a failure leaves the
-        old config, code, log and workers as they were.  The outcome is
-        in status (master.reload): pending until the new generation runs,
-        then done, or failed when one of its workers cannot boot."""
-        self.reloads['count'] += 1
-        sd_notify('RELOADING=1\nMONOTONIC_USEC=%d' % monotonic_usec())
-        if self.reload_check.pid is not None:
-            log.info('HUP while the previous one checks the worker code: '
-                     'checking again once it ends')
-            self.reload_check.again = True
-            return
-        self.begin_reload()
-
-    def begin_reload(self):
-        """Read the config; check the worker code in the background
-        (ReloadCheck) or, with nothing to import, commit at once."""
-        try:
-            new = self.reload_config()
-        except ConfigError as e:
-            return self.reload_failed(str(e))
-        if self.cfg.path is None or self.templates:
-            return self.commit_reload(new, None)
-        self.reloads.update(result='checking', reason=None, generation=None)
-        self.reload_check.start(new, self.IMPORT_TIMEOUT)
-
-    def reload_checked(self, problem):
-        """The ReloadCheck's verdict: commit, fail, or check again."""
-        new = self.reload_check.cfg
-        if self.stopping:
-            return self.reload_done('failed', 'the master is stopping')
-        if self.reload_check.again:
-            return self.begin_reload()
-        if problem:
-            return self.reload_failed(problem.replace('\n', '; '))
-        # Nothing of the new code is imported here (that would block the
-        # loop): forget the old modules, the spare and the workers import
-        # the new ones (after their privilege drop).
-        forget_user_modules(new.base_path)
-        self.commit_reload(new, None, fresh=True)
-
-    def reload_failed(self, why):
-        log.error('reload failed, still running the previous config and '
-                  'code: %s', why)
-        self.reloads['generation'] = None
-        self.reload_done('failed', why)
-
-    def commit_reload(self, new, worker_class, fresh=False):
-        """Switch to ``new`` (``fresh``: the workers import the code)."""
-        try:
-            before = self.transaction()
-            self.apply_config(new, worker_class)
-        except HaltServer as e:
-            return self.reload_failed(e.reason)
-        if fresh:
-            self.worker_class = None
-        self.rollback = before
-        self.generation += 1
-        self.metrics.reloaded()
-        self.reloads.update(result='pending', reason=None,
-                            generation=self.generation)
-        for slot in self.slots.values():
-            # The user changed something: try the new code/config now, not
-            # when a backoff earned by the old one ends (up to 30 s).
-            slot.backoff_until = 0.0
-        log.info('reloaded: generation %d, %d worker(s); new workers start '
-                 'before old ones stop', self.generation, self.num_workers)
-
-    def reload_config(self):
-        """Return the new Config (the running one when there is no
-        file); change nothing.  The worker code is checked by
-        ReloadCheck, in a child: an import that calls os._exit(), hangs
-        or takes seconds must not take or block the master."""
-        if self.cfg.path is None:
-            return self.cfg
-        new = load_config(self.cfg.path, self.cfg.section,
-                          ['%s=%s' % kv for kv in self.cfg.overrides])
-        self.keep_restart_only(new)
-        return new
-
-    def transaction(self):
-        """What a reload changes, to put it back (roll_back)."""
-        return {'cfg': self.cfg, 'worker_class': self.worker_class,
-                'num_workers': self.num_workers,
-                'generation': self.generation,
-                'log_file': self.logfile.path}
-
-    def roll_back(self, why):
-        """A worker of the pending reload cannot boot: the transaction
-        failed.  The old config, code and generation become current again,
-        so the old workers keep serving and are replaced from the old
-        template when they exit (max_requests, a crash, a kill); workers
-        of the new generation are stopped."""
-        before, self.rollback = self.rollback, None
-        if before['log_file'] != self.logfile.path:
-            try:
-                self.switch_log(before['log_file'])
-            except HaltServer as e:
-                log.error('rollback: %s; the log stays %s', e.reason,
-                          self.logfile.path)
-        if before['cfg'].umask != self.cfg.umask:
-            os.umask(before['cfg'].umask)
-        self.cfg = before['cfg']
-        self.worker_class = before['worker_class']
-        setup_logging(self.cfg, self.logfile)
-        self.num_workers = before['num_workers']
-        self.generation = before['generation']
-        self.spare.discard('reload rolled back')
-        for slot in self.slots.values():
-            self.restore_slot(slot, 'reload rolled back')
-            slot.failures = slot.early_deaths = 0
-            slot.backoff_until = 0.0
-        why = '%s; rolled back to generation %d' % (why, self.generation)
-        if self.reloads['result'] != 'pending':   # else reload_done says it
-            log.error('reload failed: %s', why)
-        self.reload_done('failed', why)
-
-    def restore_slot(self, slot, why=None):
-        """Make the slot's newest live worker of the current generation
-        (or older) its worker again; with ``why``, stop newer ones."""
-        if why and slot.proc is not None and \
-                slot.proc.generation > self.generation:
-            newer, slot.proc = slot.proc, None
-            slot.old.append(newer)
-            self.stop_worker(newer, why)
-        live = [p for p in slot.old if p.state != State.STOPPING and
-                p.generation <= self.generation]
-        if slot.proc is None and live:
-            slot.proc = live[-1]
-            slot.old.remove(live[-1])
-
-    def keep_restart_only(self, new):
-        """Put the running values of the restart-only keys into ``new``
-        before anything uses it: the validation child drops to ``user``
-        from the running config (a HUP that removes ``user`` must not run
-        worker code as root)."""
-        for key in RESTART_ONLY:
-            if getattr(new, key) != getattr(self.cfg, key):
-                log.warning('%s changed: it takes effect on restart only',
-                            key)
-                setattr(new, key, getattr(self.cfg, key))
-
-    def apply_config(self, new, worker_class):
-        """Commit a reload; only switch_log() may fail, and first."""
-        old = self.cfg
-        if new.log_file != self.logfile.path:
-            self.switch_log(new.log_file)
-        if new.umask != old.umask:
-            os.umask(new.umask)   # inherited by the workers forked next
-            log.info('umask changed: %04o for new workers', new.umask)
-        self.cfg = new
-        if worker_class is not None:
-            self.worker_class = worker_class
-        setup_logging(new, self.logfile)
-        if not self.templates:
-            self.num_workers = new.number_workers
-
-    def switch_log(self, path):
-        """Log to ``path`` from now on; HaltServer, with the old log kept,
-        when it cannot be opened (a folder, no folder, no permission)."""
-        try:   # the checks of start and `check` (a block device, a FIFO)
-            check_log_target(path)
-        except ConfigError as e:
-            raise HaltServer('cannot open %s' % e)
-        old = self.logfile.path
-        self.logfile.path = path
-        try:
-            self.logfile.reopen()
-        except OSError as e:
-            self.logfile.path = old
-            raise HaltServer('cannot open log_file %s: %s'
-                             % (path, e.strerror or e))
-
-    def reload_progress(self):
-        """A pending reload is done once every wanted slot runs a worker
-        of the new generation (a failed one too, when its retry made it).
-        """
-        r = self.reloads
-        if r['generation'] != self.generation or r['result'] == 'done':
-            return
-        if self.stopping:
-            if r['result'] == 'pending':
-                self.reload_done('failed', 'the master is stopping')
-            return
-        for n in range(1, self.wanted() + 1):
-            slot = self.slots.get(n)
-            proc = slot and slot.proc
-            if proc is None or proc.generation != self.generation or \
-                    proc.state != State.RUNNING:
-                return
-        self.reload_done('done', None)
-
-    def reload_done(self, result, why):
-        """Record the outcome; tell systemd once (READY=1 ends RELOADING)."""
-        was = self.reloads['result']
-        self.reloads.update(result=result, reason=why)
-        if result == 'done':
-            self.rollback = None   # the new generation runs: no way back
-        if result == 'failed' and was == 'pending':
-            log.error('reload failed: %s; the previous workers keep serving',
-                      why)
-        if was != 'failed' or result == 'failed':
-            sd_notify('READY=1\nSTATUS=%d workers%s' % (
-                self.num_workers, '' if result == 'done' else
-                ' (reload failed)'))
 
     def begin_stop(self, graceful):
         if self.stopping and (graceful or not self.graceful):
@@ -5458,197 +6388,25 @@ class Arbiter(object):
         pid = self.spare.hand_to(proc)
         if pid is None:
             if proc.timeout:
-                proc.dump_fd = self.open_dump_file()
+                proc.dump_fd = open_dump_file()
             try:
-                self.own_listeners = self.child_listeners()
+                self.birth.open_child_listeners()
                 pid = os.fork()
             except (OSError, HaltServer) as e:
-                self.close_child_listeners()
+                self.birth.close_child_listeners()
                 self.board.release(cell)
-                self.close_dump(proc)
+                close_dump(proc)
                 return self.slot_failed(slot, 'fork failed: %s' % e.strerror
                                         if isinstance(e, OSError) else e.reason)
             if pid == 0:
-                self.worker_process(slot.number, cell, proc.dump_fd)
-            self.close_child_listeners()
+                self.birth.worker_process(slot.number, cell, proc.dump_fd)
+            self.birth.close_child_listeners()
         proc.pid = pid
         self.procs[pid] = proc
         slot.proc = proc
         self.spawns += 1
         log.debug('worker %d spawned: pid %d (generation %d)', slot.number,
                   pid, self.generation)
-
-    def open_dump_file(self):
-        """An unlinked temp file for a worker's stack dump at timeout.
-
-        faulthandler writes raw lines; the master reads them back at reap
-        and logs them as one record, continuation lines prefixed.
-        """
-        try:
-            fd, path = tempfile.mkstemp(prefix='processhandler-dump-')
-            os.unlink(path)
-            return fd
-        except OSError:
-            return None
-
-    def close_dump(self, proc):
-        if proc.dump_fd is not None:
-            os.close(proc.dump_fd)
-            proc.dump_fd = None
-
-    def read_dump(self, proc):
-        if proc.dump_fd is None:
-            return ''
-        try:
-            return os.pread(proc.dump_fd, 65536, 0).decode(
-                'utf-8', 'replace').rstrip()
-        except OSError:
-            return ''
-        finally:
-            self.close_dump(proc)
-
-    def worker_process(self, number, cell, dump_fd=None):
-        """Child half of spawn_worker()."""
-        def body():
-            pdeath = self.child_prepare('worker %d' % number)
-            return self.become_worker(number, cell, dump_fd, pdeath)
-        self.child_main(body)
-
-    def child_main(self, body):
-        """Run a forked child's ``body``; always ends in os._exit() with
-        the status it returns (never returns into the master's code)."""
-        status = EXIT_FAILURE
-        try:
-            status = body()
-        except SystemExit as e:
-            status = e.code if isinstance(e.code, int) else \
-                (0 if e.code is None else 1)
-        except BaseException:
-            try:
-                log.exception('%s crashed', _process_tag[0])
-            except BaseException:
-                pass
-        finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(status)
-
-    def child_prepare(self, tag):
-        """In a new child: every step of a worker's start that does not
-        depend on its slot (a spare does these before it is needed)."""
-        _process_tag[0] = tag
-        signal.set_wakeup_fd(-1)
-        for name in self.SIGNALS:
-            signal.signal(getattr(signal, 'SIG' + name), signal.SIG_DFL)
-        self.close_master_fds()
-        line_buffered_stdio()
-        set_proc_title('%s: %s' % (self.cfg.proc_name, tag))
-        drop_privileges(self.uid, self.gid)
-        # Die with the master even if it is KILLed (supervisor #199).
-        pdeath = prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != self.pid:
-            raise SystemExit(WORKER_EXIT_ORPHANED)  # master died before prctl
-        return pdeath
-
-    def become_worker(self, number, cell, dump_fd, pdeath):
-        """The slot-dependent rest of a worker's start; runs the worker and
-        returns its exit status."""
-        tag = 'worker %d' % number
-        if _process_tag[0] != tag:   # a spare becoming this worker
-            _process_tag[0] = tag
-            set_proc_title('%s: %s' % (self.cfg.proc_name, tag))
-        if self.cfg.cpu_affinity:
-            self.pin_cpu(number)
-        try:
-            template = self.load_worker_code(number)
-            sockets = self.worker_sockets()
-            worker = template if template is not None else build_worker(
-                self.worker_class, self.cfg, self.pid, sockets)
-        except Exception as e:
-            # Import or __init__ failed: a boot failure, like init().
-            log.exception('worker %d cannot be built', number)
-            self.board.set_text(cell, 'building the worker raised %s: %s'
-                                % (type(e).__name__, e))
-            return WORKER_EXIT_BOOT_ERROR
-        worker._accept_lock = None
-        if self.accept_fd is not None:
-            wtype = worker.worker_type or self.cfg.worker_type
-            worker._accept_lock = AcceptLock(
-                self.accept_fd, threaded=wtype != 'sync',
-                cooperative=wtype == 'gevent')
-        worker._boot(self.cfg, number, self.board, cell, self.boot_w,
-                     self.pid, sockets, self.logfile, pdeath, dump_fd)
-        return worker._serve()
-
-    def preload_worker_class(self):
-        """In the spare, after the privilege drop: import the worker code
-        while waiting, so becoming a worker only builds the object.  A
-        failure is reported when it is used (worker_object)."""
-        if not self.templates and self.worker_class is None:
-            try:
-                self.worker_class = load_worker_class(self.cfg)
-            except BaseException:   # SystemExit at import too: said later
-                pass
-
-    def load_worker_code(self, number):
-        """In the worker process: make its worker code ready; return
-        Manager mode's template (None in config mode: the class, imported
-        here when the master did not -- ``user`` set -- is built by
-        build_worker).  gevent: monkey-patch first, then import the worker
-        code afresh (it was imported unpatched)."""
-        template = self.template(number)
-        if template is None and self.worker_class is None:
-            self.worker_class = load_worker_class(self.cfg)
-        wtype = (template or self.worker_class).worker_type or \
-            self.cfg.worker_type
-        if wtype == 'gevent':
-            GeventLoop.patch()
-            if template is None:
-                forget_user_modules(self.cfg.base_path)
-                self.worker_class = load_worker_class(self.cfg)
-        return template
-
-    def close_master_fds(self):
-        try:
-            self.selector.close()
-        except Exception:
-            pass
-        for fd in self._pipes:
-            if fd != self.boot_w:
-                os.close(fd)
-        if self.control is not None:
-            self.control.close()
-        for fd in (self.pidfile.fd, self.pidfile.lock_fd, self.ready_fd):
-            if fd is not None:
-                os.close(fd)
-        self.pidfile.fd = self.pidfile.lock_fd = self.ready_fd = None
-        for proc in self.procs.values():   # siblings' dump files
-            self.close_dump(proc)
-        self.spare.close_in_child()
-        if getattr(self.leader, 'fd', None) is not None:
-            os.close(self.leader.fd)
-        self.metrics.close(child=True)
-        if hasattr(self.leader, 'close_in_child'):
-            self.leader.close_in_child()   # the master's Redis connection
-
-    def pin_cpu(self, number):
-        cpus = affinity_for_slot(self.cfg.cpu_affinity, number,
-                                 get_affinity())
-        if not cpus:
-            return
-        try:
-            done = set_affinity(cpus)
-        except (OSError, ValueError, OverflowError) as e:
-            log.warning('cannot pin to CPU %s: %s', cpus,
-                        getattr(e, 'strerror', None) or e)
-            return
-        if done:
-            log.debug('pinned to CPU %s', cpus)
-        else:   # the ctypes / psutil paths report failure, not raise
-            log.warning('cannot pin to CPU %s: not permitted or no such '
-                        'CPU', cpus)
 
     def slot_failed(self, slot, why, verdict=False):
         """A boot failure or an early death: back off, exponentially.
@@ -5665,22 +6423,23 @@ class Arbiter(object):
                              % (slot.number, why))
         # Loud the first time (or when the reason changes), then quieter:
         # a slot failing for hours must not flood the log.
-        level = logging.ERROR if why != slot.last_error or \
-            slot.failures == 1 else logging.INFO
+        level = (logging.ERROR if why != slot.last_error or
+                 slot.failures == 1 else logging.INFO)
         slot.last_error = why
         log.log(level, 'worker %d failed (%s); attempt %d in %.1fs',
                 slot.number, why, slot.failures + 1, delay)
-        if self.rollback and verdict:   # a reload's code cannot boot
-            self.roll_back('worker %d: %s' % (slot.number, why))
+        reloader = self.reloader
+        if reloader.rollback and verdict:   # a reload's code cannot boot
+            reloader.roll_back('worker %d: %s' % (slot.number, why))
         elif self.reloads['result'] == 'pending':
-            self.reload_done('failed', 'worker %d: %s' % (slot.number, why))
+            reloader.done('failed', 'worker %d: %s' % (slot.number, why))
         elif self.upgrade and not verdict:
             pass   # retried with backoff; the adopted worker keeps serving
         elif self.upgrade:
             self.upgrader.fall_back('worker %d of the new image: %s'
                                     % (slot.number, why))
         else:   # after a failed upgrade: the adopted worker keeps its slot
-            self.restore_slot(slot)
+            reloader.restore_slot(slot)
 
     def stop_worker(self, proc, why, graceful=True):
         """Ask one worker to stop: TERM (graceful) or QUIT (quick)."""
@@ -5694,10 +6453,7 @@ class Arbiter(object):
         self.kill(proc.pid, signal.SIGTERM if graceful else signal.SIGQUIT)
 
     def kill(self, pid, sig):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass  # already gone; the reaper will see it
+        kill_quietly(pid, sig)
 
     def reap_workers(self):
         while True:
@@ -5715,7 +6471,7 @@ class Arbiter(object):
                 self.upgrader.preflight_exited(status)
                 continue
             if proc is None and self.reload_check.owns(pid):
-                self.reload_checked(self.reload_check.exited(status))
+                self.reloader.checked(self.reload_check.exited(status))
                 continue
             if proc is None:
                 # An orphaned grandchild that came to us (we are a child
@@ -5731,61 +6487,68 @@ class Arbiter(object):
         The lines for the usual cases wait in later_logs until the loop
         has started the replacement: formatting and writing a record is
         the slowest thing here (a cold master takes ~0.3 ms for one)."""
-        board, cell = self.board, proc.cell
-        booted = board.get(cell, Scoreboard.STATE) == Scoreboard.BOOTED
-        reason = board.get(cell, Scoreboard.REASON)
-        text = board.text(cell)
-        requests = board.get(cell, Scoreboard.REQUESTS)
-        up = time.monotonic() - (board.getf(cell, Scoreboard.BOOTED_AT) or
-                                 proc.spawned)
-        init_rss = board.getf(cell, Scoreboard.INIT_RSS)
-        self.metrics.worker_exited(proc, status)
-        board.release(cell)
-        if not (proc.timed_out or proc.boot_timed_out):
-            self.close_dump(proc)
         was = proc.state
+        ex = WorkerExit(proc, status, self.board)
+        self.metrics.worker_exited(proc, status)
+        slot = self.release_proc(proc)
+        replace = (slot is not None and slot.proc is None
+                   and not self.stopping and proc.slot <= self.wanted())
+        if proc.timed_out or proc.boot_timed_out:
+            self.log_timeout_exit(proc, ex)
+        elif was == State.STOPPING and not (ex.memory and replace):
+            self.later(log.info, '%s stopped (%s): %s', ex.name,
+                       proc.stop_reason, ex.how)
+            return
+        if not replace:
+            return   # an older generation, a retired slot, or shutting down
+        if self.slot_finished(slot, status, ex.name, ex.how):
+            return
+        self.judge_exit(slot, proc, ex)
+        if slot.proc is None and slot.backoff_until <= time.monotonic():
+            # Replace it now rather than at the end of the loop turn: this
+            # is the respawn latency users see.
+            self.spawn_worker(slot)
+
+    def release_proc(self, proc):
+        """Free a reaped worker's cell and dump file, forget it in its
+        slot (dropping a retired, empty slot); return the slot or None."""
+        self.board.release(proc.cell)
+        if not (proc.timed_out or proc.boot_timed_out):
+            close_dump(proc)
         self.set_state(proc, State.EXITED)
         slot = self.slots.get(proc.slot)
         if slot is not None:
             slot.forget(proc)
             if proc.slot > self.wanted() and not slot.procs():
                 del self.slots[proc.slot]
-        how = describe_status(status)
-        name = 'worker %d (pid %d)' % (proc.slot, proc.pid)
-        ok_exit = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        memory = reason == Scoreboard.R_MEMORY or \
-            proc.stop_reason in ('soft memory limit', 'hard memory limit')
-        replace = slot is not None and slot.proc is None and \
-            not self.stopping and proc.slot <= self.wanted()
-        later = self.later
+        return slot
+
+    def log_timeout_exit(self, proc, ex):
+        """A worker killed for its timeout or boot_timeout: its stack."""
+        dump = read_dump(proc)
         if proc.timed_out:
-            dump = self.read_dump(proc)
-            later(log.error, '%s killed after timeout (%s); its stack at '
-                  'the timeout:\n%s', name, how, dump or '(no stack: it did '
-                  'not answer the dump signal)')
-        elif proc.boot_timed_out:
-            dump = self.read_dump(proc)
-            if dump:
-                later(log.error, '%s stack when its boot timed out:\n%s',
-                      name, dump)
-            booted = False
-            text = 'did not boot within %gs (boot_timeout; %s)' % (
-                proc.boot_timeout, how)
-        elif was == State.STOPPING and not (memory and replace):
-            later(log.info, '%s stopped (%s): %s', name, proc.stop_reason,
-                  how)
+            self.later(log.error, '%s killed after timeout (%s); its stack '
+                       'at the timeout:\n%s', ex.name, ex.how, dump or
+                       '(no stack: it did not answer the dump signal)')
             return
-        if not replace:
-            return   # an older generation, a retired slot, or shutting down
-        if self.slot_finished(slot, status, name, how):
-            return
-        if not booted:
+        if dump:
+            self.later(log.error, '%s stack when its boot timed out:\n%s',
+                       ex.name, dump)
+        ex.booted = False
+        ex.text = 'did not boot within %gs (boot_timeout; %s)' % (
+            proc.boot_timeout, ex.how)
+
+    def judge_exit(self, slot, proc, ex):
+        """A replaced slot's worker exited: a failure (backoff), a
+        recycle (limits, uliweb's is_exit), or a crash of a working one."""
+        if not ex.booted:
             # Its own verdict (init() raised, a boot timeout, an exit): the
             # new code cannot boot.  Killed by a signal from outside: maybe
             # not its fault, retried with backoff.
-            self.slot_failed(slot, text or 'died while booting (%s)' % how,
-                             verdict=bool(text) or not os.WIFSIGNALED(status))
-        elif memory and (requests == 0 or init_rss > (
+            why = ex.text or 'died while booting (%s)' % ex.how
+            self.slot_failed(slot, why,
+                             verdict=bool(ex.text) or not ex.signaled)
+        elif ex.memory and (ex.requests == 0 or ex.init_rss > (
                 proc.soft_limit or proc.hard_limit or float('inf'))):
             # Over the limit before doing anything: recycling it after
             # every run would be a loop (celery #4125).  Back off instead.
@@ -5793,21 +6556,20 @@ class Arbiter(object):
             self.slot_failed(slot, 'over its memory limit (%g MB) right '
                              'after init()' % (proc.soft_limit or
                                                proc.hard_limit), verdict=True)
-        elif memory or (ok_exit and reason):
-            later(log.info, '%s exited after %d requests: %s', name,
-                  requests, proc.stop_reason if memory and proc.stop_reason
-                  else Scoreboard.R_NAMES.get(reason, 'reason %d' % reason))
+        elif ex.memory or (ex.ok_exit and ex.reason):
+            self.later(log.info, '%s exited after %d requests: %s', ex.name,
+                       ex.requests, proc.stop_reason
+                       if ex.memory and proc.stop_reason else
+                       Scoreboard.R_NAMES.get(ex.reason,
+                                              'reason %d' % ex.reason))
             slot.failures = slot.early_deaths = 0
-        elif proc.timed_out or up >= self.EARLY_DEATH:
+        elif proc.timed_out or ex.up >= self.EARLY_DEATH:
             if not proc.timed_out:
-                later(log.error, '%s died after %.1fs: %s', name, up, how)
+                self.later(log.error, '%s died after %.1fs: %s', ex.name,
+                           ex.up, ex.how)
             slot.failures = slot.early_deaths = 0
         else:
-            self.early_death(slot, name, up, how, requests)
-        if slot.proc is None and slot.backoff_until <= time.monotonic():
-            # Replace it now rather than at the end of the loop turn: this
-            # is the respawn latency users see.
-            self.spawn_worker(slot)
+            self.early_death(slot, ex.name, ex.up, ex.how, ex.requests)
 
     def early_death(self, slot, name, up, how, requests):
         """A worker died soon after its boot.  One that handled nothing
@@ -5828,8 +6590,8 @@ class Arbiter(object):
         ``is_exit = 'quit'`` (exit status WORKER_EXIT_FINISHED), or any
         exit under Manager(daemon=False), which starts each worker once.
         When every slot is done, the master stops."""
-        quit = os.WIFEXITED(status) and \
-            os.WEXITSTATUS(status) == WORKER_EXIT_FINISHED
+        quit = (os.WIFEXITED(status) and
+                os.WEXITSTATUS(status) == WORKER_EXIT_FINISHED)
         if not (quit or self.run_once):
             return False
         slot.finished = True
@@ -5854,19 +6616,19 @@ class Arbiter(object):
         for proc in list(self.procs.values()):
             if proc.kill_at is not None:
                 if now >= proc.kill_at:
-                    why = proc.stop_reason if proc.timed_out else \
-                        '%s; graceful_timeout %gs' % (proc.stop_reason,
-                                                      proc.graceful_timeout)
+                    why = (proc.stop_reason if proc.timed_out else
+                           '%s; graceful_timeout %gs' % (
+                               proc.stop_reason, proc.graceful_timeout))
                     log.warning('worker %d (pid %d) still alive %.1fs '
                                 'after being asked to stop (%s): KILL',
                                 proc.slot, proc.pid,
                                 now - (proc.stop_requested or now), why)
                     proc.kill_at = None
                     self.kill(proc.pid, signal.SIGKILL)
-            elif proc.state == State.BOOTING and proc.boot_timeout and \
-                    now - proc.spawned > proc.boot_timeout and \
-                    self.board.get(proc.cell, Scoreboard.STATE) != \
-                    Scoreboard.BOOTED:
+            elif (proc.state == State.BOOTING and proc.boot_timeout and
+                    now - proc.spawned > proc.boot_timeout and
+                    self.board.get(proc.cell, Scoreboard.STATE) !=
+                    Scoreboard.BOOTED):
                 self.boot_timeout_worker(proc, now - proc.spawned)
             elif proc.timeout and proc.state == State.RUNNING:
                 started = self.board.getf(proc.cell, Scoreboard.RUN_STARTED)
@@ -5899,36 +6661,6 @@ class Arbiter(object):
         self.kill(proc.pid, DUMP_SIGNAL if proc.dump_fd is not None
                   else signal.SIGKILL)
 
-    def memory_limited(self):
-        return any(p.soft_limit or p.hard_limit for p in self.procs.values())
-
-    def check_memory(self):
-        now = time.monotonic()
-        if now < self.next_memory_check or not self.memory_limited():
-            return
-        self.next_memory_check = now + self.cfg.check_interval
-        for proc in list(self.procs.values()):
-            if proc.state not in (State.RUNNING, State.STOPPING) or \
-                    proc.kill_at is None and proc.state == State.STOPPING:
-                continue
-            rss = rss_mb(proc.pid)
-            if rss is None:
-                continue
-            if proc.over_limit('hard', rss):
-                log.error('worker %d (pid %d) RSS %.1f MB is over '
-                          'hard_memory_limit %g MB: KILL', proc.slot,
-                          proc.pid, rss, proc.hard_limit)
-                self.set_state(proc, State.STOPPING)
-                proc.stop_reason = 'hard memory limit'
-                proc.kill_at = None
-                self.kill(proc.pid, signal.SIGKILL)
-            elif proc.over_limit('soft', rss) and \
-                    proc.state == State.RUNNING:
-                log.warning('worker %d (pid %d) RSS %.1f MB is over '
-                            'soft_memory_limit %g MB: asking it to exit',
-                            proc.slot, proc.pid, rss, proc.soft_limit)
-                self.stop_worker(proc, 'soft memory limit')
-
     def manage_workers(self):
         """Spawn missing slots, finish rolling replaces, retire surplus."""
         if self.stopping:
@@ -5943,8 +6675,8 @@ class Arbiter(object):
             if slot.finished:
                 continue
             proc = slot.proc
-            if proc is not None and proc.generation < self.generation and \
-                    proc.state != State.STOPPING:
+            if (proc is not None and proc.generation < self.generation and
+                    proc.state != State.STOPPING):
                 # Rolling replace: the old one serves until the new is up.
                 # One still booting serves nobody: stop it now, or a storm
                 # of HUPs would pile up a generation per signal.
@@ -5981,31 +6713,6 @@ class Arbiter(object):
 
     # -- leaving ----------------------------------------------------------------
 
-    def stop_orphans(self):
-        """TERM, then KILL, the grandchildren that were re-parented to us."""
-        left = child_pids() - set(self.procs)
-        if not left:
-            return
-        log.info('stopping %d adopted orphan process(es): %s', len(left),
-                 ' '.join(map(str, sorted(left))))
-        for pid in left:
-            self.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.ORPHAN_GRACE
-        delay = 0.005
-        while left:
-            try:
-                while os.waitpid(-1, os.WNOHANG)[0]:
-                    pass
-            except ChildProcessError:
-                break
-            left = child_pids()
-            if time.monotonic() > deadline:
-                for pid in left:
-                    self.kill(pid, signal.SIGKILL)
-                deadline = float('inf')
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)
-
     def cleanup(self):
         if self.leader is not None and self.active and not self.procs:
             # The standby takes over at once.  Compare-and-delete: a key
@@ -6021,7 +6728,7 @@ class Arbiter(object):
                             'now, left alone', self.leader.holder())
         if self.board is not None and self.pidfile is not None:
             try:
-                self.stop_orphans()
+                stop_orphans(self.procs, self.ORPHAN_GRACE)
             except OSError:
                 pass
         self.close_control()
@@ -6082,17 +6789,19 @@ class Arbiter(object):
             for proc in slot.procs():
                 rows.append(self.proc_row(proc, now))
             if slot.proc is None:
+                state = (State.BACKOFF if slot.backoff_until > now
+                         else State.STOPPED)
                 row = {'slot': slot.number, 'pid': None,
-                       'state': 'backoff' if slot.backoff_until > now
-                       else 'stopped', 'requests': 0, 'rss_mb': None,
+                       'state': State.NAMES[state], 'requests': 0,
+                       'rss_mb': None,
                        'age': None, 'failures': slot.failures,
                        'generation': None,     # no process, no generation
                        'last_error': slot.last_error}
                 if slot.backoff_until > now:
                     row['next_attempt_in'] = round(slot.backoff_until - now,
                                                    3)
-                    row['waiting'] = 'backoff after %d failure(s) in a ' \
-                        'row' % slot.failures
+                    row['waiting'] = ('backoff after %d failure(s) in a '
+                                      'row' % slot.failures)
                 rows.append(row)
         known = set(id(p) for s in self.slots.values() for p in s.procs())
         for proc in self.procs.values():
@@ -6156,8 +6865,6 @@ class Manager(object):
         values.update(settings)
         self.cfg = Config(values, section='manager')
         self.cfg.validate('Manager: ')
-        for problem in not_yet_supported(self.cfg):
-            raise ConfigError(problem)
         if log is not None:
             for w in self.workers:
                 w.log = log
@@ -6176,8 +6883,8 @@ class Manager(object):
         upgrade = UpgradeState.from_env()
         if upgrade is not None and os.environ.get(PREFLIGHT_ENV):
             return EXIT_OK   # a USR2 preflight: the script got this far
-        ready_fd = daemonize(self.cfg) if self.cfg.daemonize and \
-            not upgrade else None
+        ready_fd = (daemonize(self.cfg) if self.cfg.daemonize and
+                    not upgrade else None)
         logger.info('%s starting', self.title)
         # A script that configured logging itself (uliweb's examples call
         # logging.basicConfig) keeps its handlers; else ours, one line each.
@@ -6610,13 +7317,13 @@ class UliwebWorker(Worker):
 
     def _running(self):
         limit = self.max_requests
-        return self.alive and not self.is_exit and \
-            (not limit or self.count <= limit)
+        return (self.alive and not self.is_exit and
+                (not limit or self.count <= limit))
 
     def _loop(self):
         """uliweb's loop, with the run stamps the master's hard timeout
         and ``status`` read."""
-        board, cell = self._board, self._cell
+        board, cell = self._ph.board, self._ph.cell
         while self._running():
             board.setf(cell, Scoreboard.RUN_STARTED, time.monotonic())
             try:
@@ -6635,7 +7342,7 @@ class UliwebWorker(Worker):
             if self.check_point and self._running():
                 self._pause(self.check_point)
         if self.max_requests and self.count > self.max_requests:
-            self._exit_reason = Scoreboard.R_MAX_REQUESTS
+            self._ph.exit_reason = Scoreboard.R_MAX_REQUESTS
 
 
 class UliwebManager(Manager):
@@ -6724,8 +7431,8 @@ class UliwebManager(Manager):
                 continue
             except ChildProcessError:
                 break
-            self.exit_status = os.WEXITSTATUS(status) if \
-                os.WIFEXITED(status) else 1
+            self.exit_status = (os.WEXITSTATUS(status) if
+                                os.WIFEXITED(status) else 1)
             break
         return self.exit_status
 
@@ -6759,266 +7466,6 @@ _alias_module('processhandler.uliweb', ULIWEB_NAMES)
 # Control client ##############################################################
 ###############################################################################
 
-def load_worker_class(cfg, reload=False):
-    """Import ``cfg.worker_class`` ('module:Class') with base_path on
-    sys.path.  ``reload``: forget the user's modules first (HUP).
-    Raises ConfigError with one line."""
-    if not cfg.worker_class:
-        raise ConfigError('%s worker_class: required (module:Class)'
-                          % cfg.where())
-    module_name, _, class_name = cfg.worker_class.partition(':')
-    install_processhandler_aliases()   # ProcessHandler-era imports
-    if cfg.base_path not in sys.path:
-        sys.path.insert(0, cfg.base_path)
-    saved = {}
-    if reload:
-        saved = forget_user_modules(cfg.base_path)
-    try:
-        module = importlib.import_module(module_name)
-        cls = getattr(module, class_name)
-    except BaseException as e:   # SystemExit, HaltServer... at import too
-        if isinstance(e, KeyboardInterrupt):
-            raise
-        sys.modules.update(saved)
-        if isinstance(e, AttributeError):
-            why = 'module %s has no %s%s' % (module_name, class_name,
-                                             class_hint(module, class_name))
-        elif isinstance(e, SystemExit):
-            why = 'SystemExit(%r) at import' % (e.code,)
-        else:
-            why = '%s: %s' % (type(e).__name__, e)
-        raise ConfigError('%s worker_class: cannot import %s (%s)' % (
-            cfg.where(), cfg.worker_class, ' '.join(str(why).split())))
-    if not (isinstance(cls, type) and issubclass(cls, Worker)):
-        raise ConfigError('%s worker_class: %s is not a subclass of '
-                          'processhandler.Worker' % (cfg.where(),
-                                                     cfg.worker_class))
-    return cls
-
-
-def class_hint(module, name):
-    """"; did you mean 'JobExecute'?" among the module's classes."""
-    classes = [k for k, v in vars(module).items()
-               if isinstance(v, type) and not k.startswith('_')]
-    close = difflib.get_close_matches(name, classes, n=1, cutoff=0.6)
-    if not close:     # case slips: jobexecute for JobExecute
-        close = [c for c in classes if c.lower() == name.lower()]
-    return "; did you mean '%s'?" % close[0] if close else ''
-
-
-def is_coroutine_function(fn):
-    """inspect.iscoroutinefunction without importing inspect, which a
-    child that dropped privileges may no longer be able to read."""
-    code = getattr(getattr(fn, '__func__', fn), '__code__', None)
-    return bool(code is not None and code.co_flags & 0x80)  # CO_COROUTINE
-
-
-def worker_class_problems(cfg, cls):
-    """What makes ``cls`` unable to run under ``cfg``, one line each
-    (refused by start and reported by check)."""
-    problems = []
-    if cfg.worker_type == 'sync':
-        for name in ('run', 'handle'):
-            if is_coroutine_function(getattr(cls, name, None)):
-                problems.append(
-                    "%s worker_type: %s.%s is 'async def' but worker_type "
-                    "is sync (it would never be awaited): set worker_type "
-                    "= asyncio" % (cfg.where(), cls.__name__, name))
-    if cfg.worker_type == 'gevent' and not gevent_available():
-        problems.append('%s worker_type: gevent is not installed for %s '
-                        '(pip install gevent)' % (cfg.where(),
-                                                  sys.executable))
-    return problems + compat_problems(cls, cfg)
-
-
-def gevent_available():
-    """Whether gevent imports, without importing it into the master (it
-    must be imported after fork, to monkey-patch the worker only)."""
-    import importlib.util
-    try:
-        return importlib.util.find_spec('gevent') is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def validate_in_child(cfg, reload=False, timeout=None):
-    """Import and check ``cfg.worker_class`` in a forked child: return
-    None, or the problems, one line each.
-
-    Whatever the import does (raise, SystemExit, hang -- killed after
-    ``timeout``, default the boot timeout --, os._exit) costs the caller
-    nothing.  With ``user`` set under root the child drops privileges
-    first: no user code ever runs as root (gunicorn loads application
-    code in its workers, after the drop).  ``reload``: the caller (a HUP
-    in the master) imported the user's modules already: the child
-    imports them afresh."""
-    limit = timeout or boot_timeout_of(cfg) or 60.0
-    drop = drops_privileges(cfg)
-    try:
-        uid, gid = resolve_user_group(cfg.user, cfg.group) if drop \
-            else (None, None)
-    except ConfigError as e:
-        return '%s %s' % (cfg.where(), e)
-    r, w = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:   # pragma: no cover (child)
-        try:
-            os.close(r)
-            isolate_validation_child(w)
-            # The NUL says "I got this far": an import that calls
-            # os._exit(0) must not pass for a clean one.
-            os.write(w, _import_problems(cfg, reload, drop and (uid, gid))
-                     .encode('utf-8', 'replace')[:8000] + b'\0')
-        finally:
-            os._exit(0)
-    os.close(w)
-    try:
-        out, status = read_child(r, pid, limit)
-    finally:
-        os.close(r)
-    reported = out.endswith(b'\0')
-    out = out.rstrip(b'\0')
-    if out:
-        return out.decode('utf-8', 'replace')
-    if status is None:
-        return '%s worker_class: importing %s took longer than %gs' % (
-            cfg.where(), cfg.worker_class, limit)
-    if status != 0 or not reported:
-        return '%s worker_class: importing %s ended the process (%s)' % (
-            cfg.where(), cfg.worker_class, describe_status(status))
-    return None
-
-
-def isolate_validation_child(keep):
-    """In validate_in_child's child, before any user code: nothing of the
-    master's but stdio and ``keep`` (the result pipe).  Its pidfile, control
-    socket, selector and pipes must not reach a module running as `user`
-    (it could answer root's commands), nor its signal handlers (TERM must
-    end this child, not be recorded for a master loop that never runs)."""
-    try:
-        signal.set_wakeup_fd(-1)
-    except ValueError:   # not the main thread
-        pass
-    for signum in signal.valid_signals():
-        try:
-            if callable(signal.getsignal(signum)):
-                signal.signal(signum, signal.SIG_DFL)
-        except (OSError, ValueError, RuntimeError):
-            pass   # SIGKILL, SIGSTOP, or one Python does not handle
-    try:   # the highest open descriptor (PyPy's closerange loops)
-        top = max(int(n) for n in os.listdir('/proc/self/fd')) + 1
-    except (OSError, ValueError):
-        top = os.sysconf('SC_OPEN_MAX')
-    os.closerange(3, keep)
-    os.closerange(keep + 1, max(top, keep + 1))
-    # A log file's descriptor is closed now: records go to stderr (the
-    # log too, in a daemon), with a count of failures of their own.
-    for h in logging.getLogger().handlers:
-        if isinstance(h, LogFileHandler) and h.logfile.fd > 2:
-            h.logfile = LogFile()
-
-
-def _import_problems(cfg, reload, drop_to):
-    """In validate_in_child's child: '' or the problems, one a line."""
-    try:   # in a master: its signals are not ours to wake it for
-        signal.set_wakeup_fd(-1)
-    except ValueError:
-        pass
-    as_user = ''
-    if drop_to:
-        drop_privileges(*drop_to)
-        as_user = ' (as user %s)' % cfg.user
-    try:
-        cls = load_worker_class(cfg, reload=reload)
-        lines = worker_class_problems(cfg, cls) or gevent_imports(cfg)
-    except ConfigError as e:
-        lines = [str(e) + as_user]
-    except BaseException as e:   # KeyboardInterrupt at import
-        lines = ['%s worker_class: importing %s%s raised %s%s' % (
-            cfg.where(), cfg.worker_class, as_user, type(e).__name__,
-            (': %s' % e) if str(e) else '')]
-    return '\n'.join(lines)
-
-
-def read_child(fd, pid, timeout):
-    """What child ``pid`` writes to ``fd`` until EOF, and its wait status
-    (None, after KILL, when it took longer than ``timeout``)."""
-    deadline = time.monotonic() + timeout
-    out = b''
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return out, None
-        data = os.read(fd, 65536)
-        if not data:
-            return out, os.waitpid(pid, 0)[1]
-        out += data
-
-
-def privilege_notes(cfg):
-    """``user``/``group`` that would not do what they say: (error, warning),
-    each one line or None.  ``group`` alone would leave root workers at uid
-    0 with another group: refused.  ``user`` under a master that is not
-    root cannot be applied: said once, the workers run as the master."""
-    if cfg.group and not cfg.user:
-        return ('%s group: set without user: the workers would keep uid %d; '
-                'set user too' % (cfg.where(), os.geteuid())), None
-    if cfg.user and os.geteuid() != 0:
-        uid, _ = resolve_user_group(cfg.user, None)
-        if uid != os.geteuid():
-            return None, ('%s user: %s not applied: the master runs as uid '
-                          '%d, not root, so the workers run as uid %d too'
-                          % (cfg.where(), cfg.user, os.geteuid(),
-                             os.geteuid()))
-    return None, None
-
-
-def drops_privileges(cfg):
-    """True when workers drop from root to ``user``: then no user code may
-    run with root's privileges, in the master or in a command."""
-    return bool(cfg.user) and os.geteuid() == 0
-
-
-def master_worker_class(cfg, reload=False, isolate=False, timeout=None):
-    """The worker class as a master (or a command) may hold it; raises
-    ConfigError naming every problem.
-
-    When the workers drop to ``user`` from root it is only checked in a
-    child that dropped privileges first, and None is returned (each worker
-    imports it itself, after its drop).  Otherwise it is imported here --
-    after a check in a child first when ``isolate`` (a HUP: an import that
-    exits or hangs must not take the master with it)."""
-    if isolate or drops_privileges(cfg):
-        problem = validate_in_child(cfg, reload=reload, timeout=timeout)
-        if problem:
-            raise ConfigError(problem.replace('\n', '; '))
-    if drops_privileges(cfg):
-        return None
-    cls = load_worker_class(cfg, reload=reload)
-    for problem in worker_class_problems(cfg, cls):
-        raise ConfigError(problem)
-    return cls
-
-
-def forget_user_modules(base_path):
-    """Drop modules loaded from under base_path (not this one) from
-    sys.modules so the next import reads them again; return them."""
-    this = sys.modules.get('processhandler') or sys.modules[__name__]
-    root = os.path.join(os.path.realpath(base_path), '')
-    gone = {}
-    for name, mod in list(sys.modules.items()):
-        f = getattr(mod, '__file__', None)
-        if mod is this or name == '__main__' or not f:
-            continue
-        if os.path.realpath(f).startswith(root):
-            gone[name] = sys.modules.pop(name)
-    return gone
-
-
 class ControlDenied(Exception):
     """The control socket of the master owning ``pidfile`` refused us (a
     master of another user).  Not an OSError on purpose: the commands'
@@ -7049,107 +7496,6 @@ def control_request(pidfile, request, timeout=5.0):
     finally:
         s.close()
     return json.loads(buf.decode('utf-8'))
-
-
-def inline_comment(value):
-    """' 2   ; two' -> '   ; two': the inline comment of a value, with the
-    blanks before it (configparser's rule: ';' or '#' after whitespace)."""
-    marks = [i for i in range(1, len(value))
-             if value[i] in ';#' and value[i - 1] in ' \t']
-    if not marks:
-        return ''
-    start = marks[0]
-    while start > 0 and value[start - 1] in ' \t':
-        start -= 1
-    return value[start:]
-
-
-def save_number_workers(path, section, n):
-    """Rewrite ``number_workers`` of ``section`` in place, atomically.
-
-    Every other byte of the file stays as it was (comments, order, blank
-    lines, line endings); mode and owner are kept; temp file + rename.
-    A symlinked config is edited at its target (the link stays a link).
-    """
-    # Renaming over the link would replace the link by a regular file and
-    # leave the file it points to unchanged.
-    path = os.path.realpath(path)
-    with open(path, encoding='utf-8', newline='') as f:
-        lines = f.read().splitlines(True)
-    out, in_section, done, insert_at = [], False, False, None
-    for i, line in enumerate(lines):
-        stripped = line.strip()
-        if stripped.startswith('[') and stripped.endswith(']'):
-            if in_section and insert_at is None:
-                insert_at = len(out)
-            in_section = stripped[1:-1].strip() == section
-            if in_section:
-                insert_at = None
-        elif in_section and not done:
-            key, sep, _ = line.partition('=')
-            if not sep:
-                key, sep, _ = line.partition(':')
-            if sep and key.strip().lower() == 'number_workers':
-                eol = line[len(line.rstrip('\r\n')):] or '\n'
-                line = '%s%s %d%s%s' % (key, sep, n, inline_comment(
-                    line[len(key) + len(sep):].rstrip('\r\n')), eol)
-                done = True
-        out.append(line)
-    if not done:
-        eol = '\r\n' if lines and lines[0].endswith('\r\n') else '\n'
-        if insert_at is None:
-            insert_at = len(out)
-            if out and not out[-1].endswith(('\n', '\r')):
-                out[-1] += eol
-        # Put it right after the section's last non-blank line.
-        while insert_at > 0 and not out[insert_at - 1].strip():
-            insert_at -= 1
-        out.insert(insert_at, 'number_workers = %d%s' % (n, eol))
-    replace_file(path, ''.join(out))
-
-
-def replace_file(path, text):
-    """Write ``text`` over ``path`` atomically (temp file + rename),
-    keeping its mode and owner; refuse a read-only file."""
-    st = os.stat(path)
-    if not os.access(path, os.W_OK) or not st.st_mode & 0o222:
-        # The rename below would replace a read-only file: respect it,
-        # also as root (access() says yes to root; the mode bits say no).
-        raise OSError(errno.EACCES, 'the file is read-only')
-    fd, tmp = exclusive_temp(path)
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
-            f.write(text)
-            f.flush()
-            # Through the descriptor, never the temp file's path: whoever
-            # can write the folder could swap a symlink in there and get
-            # root's chown/chmod applied to any file (REVIEW 2).
-            os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
-            if os.geteuid() == 0:
-                os.fchown(f.fileno(), st.st_uid, st.st_gid)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def exclusive_temp(path):
-    """(fd, name) of a new file beside ``path``, created O_EXCL|O_NOFOLLOW
-    mode 0600: never an existing file or a planted symlink's target."""
-    folder, base = os.path.split(path)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | \
-        getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_CLOEXEC', 0)
-    for _ in range(100):
-        tmp = os.path.join(folder, '.%s.%s' % (base, os.urandom(6).hex()))
-        try:
-            return os.open(tmp, flags, 0o600), tmp
-        except FileExistsError:
-            continue
-    raise OSError(errno.EEXIST, 'no free temporary name beside %s' % path)
 
 
 ###############################################################################
@@ -7212,82 +7558,6 @@ def build_parser():
     return p
 
 
-class StdoutFailed(Exception):
-    """Standard output cannot be written (a full disk): main() says so in
-    one line and exits 1."""
-
-    def __init__(self, error):
-        Exception.__init__(self, error)
-        self.error = error
-
-
-def out(text):
-    """Write ``text`` to standard output now (flushed, so a failure is
-    seen here, inside main(), and not at interpreter exit).  False when the
-    reader went away (`status | head -1`): it had what it wanted, so the
-    command goes on and ends with its own status, as `git log | head`
-    does, its further output discarded (a loop like --watch stops)."""
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return True
-    except BrokenPipeError:  # a socket's EPIPE never gets here: stdout only
-        discard_stdout()
-        return False
-    except OSError as e:
-        raise StdoutFailed(e)
-
-
-def discard_stdout():
-    """fd 1 becomes /dev/null: what is still buffered, and what follows,
-    goes nowhere (the exit's flush would fail again)."""
-    try:
-        fd = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(fd, sys.stdout.fileno())
-        os.close(fd)
-    except (OSError, ValueError):
-        pass
-
-
-def stdout_failed(error):
-    """The end of a command whose output cannot be written."""
-    discard_stdout()
-    complain('cannot write to standard output: %s'
-             % (error.strerror or error))
-    return EXIT_FAILURE
-
-
-# C0/C1 controls and DEL, lone surrogates (unencodable), bidi overrides.
-_UNPRINTABLE = ((0, 0x20), (0x7f, 0xa0), (0xd800, 0xe000),
-                (0x202a, 0x202f), (0x2066, 0x206a))
-_ESCAPES = {'\t': '\\t', '\n': '\\n', '\r': '\\r'}
-
-
-def printable(text):
-    """``text`` safe for the operator's terminal: control characters (an
-    escape sequence, a newline forging a line) in what a worker or its
-    exception said are shown escaped, the way repr() shows them."""
-    text = str(text)
-    if text.isprintable():    # the usual case: nothing to escape
-        return text
-    return ''.join(_escaped(c) for c in text)
-
-
-def _escaped(c):
-    n = ord(c)
-    if not any(lo <= n < hi for lo, hi in _UNPRINTABLE):
-        return c
-    return _ESCAPES.get(c) or ('\\x%02x' if n < 0x100 else '\\u%04x') % n
-
-
-def say(msg):
-    out('processhandler: %s\n' % printable(msg))
-
-
-def complain(msg):
-    print('processhandler: %s' % printable(msg), file=sys.stderr)
-
-
 def target_instances(cfg, args):
     found = instances(cfg)
     if args.instance is not None:
@@ -7298,8 +7568,6 @@ def target_instances(cfg, args):
 def cmd_start(cfg, args):
     if not os.environ.get(UPGRADE_ENV):
         close_inherited_fds()   # a USR2 image's fds are its own
-    for problem in not_yet_supported(cfg):
-        raise ConfigError(problem)
     upgrade = UpgradeState.from_env()
     if upgrade is not None and os.environ.get(PREFLIGHT_ENV):
         return upgrade_preflight(cfg, upgrade)
@@ -7382,8 +7650,8 @@ def cmd_stop(cfg, args):
             os.kill(pid, signal.SIGTERM)
         except PermissionError:
             return not_permitted(pid, path)
-    limit = args.timeout if args.timeout is not None else \
-        cfg.graceful_timeout + 10
+    limit = (args.timeout if args.timeout is not None else
+             cfg.graceful_timeout + 10)
     began = time.monotonic()
     # Gone means: lock released AND process exited (it releases the lock
     # a moment before its interpreter is done).
@@ -7546,16 +7814,16 @@ def cmd_reload(cfg, args):
             return not_permitted(pid, path)
         except ProcessLookupError:   # gone since we looked
             found = [f for f in found if f[2] != pid]
-    limit = args.timeout if args.timeout is not None else \
-        max(60.0, cfg.graceful_timeout + 10)
+    limit = (args.timeout if args.timeout is not None else
+             max(60.0, cfg.graceful_timeout + 10))
     status = EXIT_OK
     for n, path, pid in found:
         if before[path] == {}:
             say('reloading (pid %d): this master does not report the '
                 'outcome' % pid)
             continue
-        r = None if before[path] is None else \
-            wait_for_reload(path, before[path]['count'], limit)
+        r = (None if before[path] is None else
+             wait_for_reload(path, before[path]['count'], limit))
         status = max(status, report_reload(pid, r, limit))
     return status
 
@@ -7718,8 +7986,8 @@ def status_table(workers):
         if w.get('pid') and w.get('generation') is not None:
             gens.setdefault(w['slot'], set()).add(w['generation'])
     rolling = any(len(g) > 1 for g in gens.values())
-    fmt = '%-5s ' + ('%-4s ' if rolling else '%.0s') + \
-        '%-8s %-9s %9s %8s %9s%s'
+    fmt = ('%-5s ' + ('%-4s ' if rolling else '%.0s') +
+           '%-8s %-9s %9s %8s %9s%s')
     lines = [fmt % ('slot', 'gen', 'pid', 'state', 'requests', 'rss_mb',
                     'age', '')]
     for w in workers:
@@ -7885,8 +8153,8 @@ def cmd_incr(cfg, args, sign=1):
         status = save_count(cfg, new)
         if status != EXIT_OK:
             return status
-    limit = args.timeout if args.timeout is not None else \
-        max(boot_timeout_of(cfg) or 60.0, cfg.graceful_timeout) + 5
+    limit = (args.timeout if args.timeout is not None else
+             max(boot_timeout_of(cfg) or 60.0, cfg.graceful_timeout) + 5)
     deadline = time.monotonic() + limit
     status = EXIT_OK
     for path, pid, before, want in asked:
@@ -8011,13 +8279,6 @@ def cmd_decr(cfg, args):
     return cmd_incr(cfg, args, sign=-1)
 
 
-def log_owner(cfg):
-    """(uid, gid) the workers drop to, who must be able to reopen the log
-    (see LogFile), or None."""
-    uid, gid = resolve_user_group(cfg.user, cfg.group)
-    return (uid, gid) if uid is not None else None
-
-
 def log_file_check(cfg):
     """`check`: an existing log_file that start would refuse (owner)."""
     try:
@@ -8030,13 +8291,12 @@ def log_file_check(cfg):
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)):
         return []   # its type: check_log_target's line
     problem = log_file_problem(st, owner)
-    return ['%s log_file: %s %s' % (cfg.where(), cfg.log_file, problem)] \
-        if problem else []
+    return (['%s log_file: %s %s' % (cfg.where(), cfg.log_file, problem)]
+            if problem else [])
 
 
 def cmd_check(cfg, args):
     problems = list(getattr(args, 'problems', None) or [])
-    problems += not_yet_supported(cfg)
     notes = []
     if 'INVALID' not in cfg.sources.get('worker_class', ''):  # said already
         problem = validate_in_child(cfg)
@@ -8097,8 +8357,8 @@ def path_problems(cfg):
     problems = []
     for key in ('log_file', 'pidfile'):
         path = getattr(cfg, key)
-        if path and path != '-' and \
-                not os.path.isdir(os.path.dirname(path)):
+        if (path and path != '-' and
+                not os.path.isdir(os.path.dirname(path))):
             problems.append('%s %s: folder %s does not exist' % (
                 cfg.where(), key, os.path.dirname(path)))
         elif path and path != '-' and os.path.islink(path):
@@ -8123,8 +8383,8 @@ def format_config(cfg):
             return str(v).lower()
         if isinstance(v, list):
             return ','.join(str(x) for x in v)
-        return '' if v is None else str(v).lower() \
-            if s.name == 'log_level' else str(v)
+        return ('' if v is None else str(v).lower()
+                if s.name == 'log_level' else str(v))
     rows = [(s.name, show(s, getattr(cfg, s.name)),
              cfg.sources.get(s.name, 'default')) for s in SETTINGS]
     rows += [(k, v, '%s, passed to workers' % cfg.sources.get(k, 'file'))
@@ -8151,8 +8411,8 @@ def load_start_config(args):
                            problems=args.problems, from_env=env_overrides())
     except ConfigError as e:
         state = UpgradeState.from_env(keep=True)
-        if state is None or not state.config or \
-                os.environ.get(PREFLIGHT_ENV):
+        if (state is None or not state.config or
+                os.environ.get(PREFLIGHT_ENV)):
             raise
         _UPGRADE_PROBLEMS.append('the config no longer loads (%s): running '
                                  'with the previous one' % e)
@@ -8216,36 +8476,6 @@ processhandler._START['argv'] = list(sys.argv)
 sys.exit(processhandler.main())'''
 
 
-def isolated_path():
-    """True under -I or -P: `python -I script` keeps the script's folder
-    off sys.path, which the lean form would have to put there to import
-    this module (and a folder writable by a worker's user must not be)."""
-    return bool(sys.flags.isolated or getattr(sys.flags, 'safe_path', 0))
-
-
-def master_exec_argv(argv=None):
-    """The argv that re-executes this master (the lean start, and USR2):
-    the same interpreter and flags, and nothing on sys.path ahead of the
-    standard library that the original command did not have (no current
-    directory).  ``argv``: the master's sys.argv (default: as started).
-
-    When argv[0] is this module, on CPython: the lean form (an import of
-    the module, see _main()); otherwise (PyPy, a user's script, a console
-    script) the script itself, which puts only its own folder first, as
-    the original command did."""
-    argv = list(_START['argv'] if argv is None else argv)
-    script = os.path.abspath(os.path.join(_START['cwd'], argv[0]))
-    cmd = [sys.executable] + interpreter_flags()
-    this = os.path.abspath(__file__)
-    if this.endswith(('.pyc', '.pyo')):
-        this = this[:-1]
-    if IS_PYPY or isolated_path() or \
-            os.environ.get('PROCESSHANDLER_NO_LEAN') or \
-            os.path.realpath(script) != os.path.realpath(this):
-        return cmd + [script] + argv[1:]
-    return cmd + ['-c', LEAN_START, script] + argv[1:]
-
-
 def starts_master(argv):
     words = [a for a in argv if a in COMMANDS]
     return not words or words[0] in MASTER_COMMANDS
@@ -8258,9 +8488,9 @@ def _main():
     # every worker exit unmaps them (respawn and recycle pay it).  So a
     # master re-executes itself (same pid, args, env and fds) as an import
     # of this module, whose AST is freed right after compiling.
-    if not IS_PYPY and starts_master(sys.argv[1:]) and \
-            not isolated_path() and \
-            not os.environ.get('PROCESSHANDLER_NO_LEAN'):
+    if (not IS_PYPY and starts_master(sys.argv[1:]) and
+            not isolated_path() and
+            not os.environ.get('PROCESSHANDLER_NO_LEAN')):
         try:
             os.execv(sys.executable, master_exec_argv(
                 [os.path.abspath(__file__)] + sys.argv[1:]))

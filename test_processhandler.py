@@ -9391,3 +9391,85 @@ def test_a_strangers_read_lock_on_the_pidfile_is_no_master(open_proj):
     finally:
         locker.kill()
         locker.wait()
+
+
+# ==== restructure: the Arbiter's collaborators, the worker's runtime (issue 13) ====
+
+OWN_NAMES_WORKER = '''
+import time
+import processhandler
+
+# Names the runtime used to keep on the worker object itself: a user's
+# attribute of the same name broke the worker silently.
+CLASHING = ('_board', '_cell', '_publisher', '_runner', '_exit_reason',
+            '_pausing', '_idle_runs', '_check_parent', '_accept_lock',
+            '_wake_r', '_wake_w', '_logfile', '_boot_fd', '_dump_fd')
+
+
+class Mine(processhandler.Worker):
+    def init(self):
+        for name in CLASHING:
+            setattr(self, name, 'the user wrote this')
+
+    def run(self):
+        time.sleep(0.01)
+        return True
+'''
+
+
+def test_user_attributes_named_like_the_runtime_do_not_break_a_worker(proj):
+    proj.write_module('ownnames', OWN_NAMES_WORKER)
+    proj.write_config(worker_class='ownnames:Mine', number_workers=1,
+                      max_requests=20)
+    proj.start_daemon()
+    first = proj.wait_running(1)[1]
+    # It counts, publishes and recycles at max_requests like any worker.
+    wait_for(lambda: (proj.running_workers(1) or {1: first})[1] != first,
+             DEADLINE, 'a recycle after max_requests')
+    assert 'exited after 20 requests: max_requests' in proj.log_text()
+    assert 'Traceback' not in proj.log_text(), proj.log_text()
+
+
+def test_worker_type_choices_come_from_the_loop_table():
+    parse = processhandler.SETTINGS_BY_NAME['worker_type'].parse
+    assert [parse(t) for t in processhandler.WORKER_TYPES] == list(
+        processhandler.WORKER_TYPES)
+    with pytest.raises(ValueError, match='expected one of sync, thread'):
+        parse('fork')
+
+    class OtherLoop(processhandler.SyncLoop):
+        threaded = True
+
+    processhandler.WORKER_TYPES['other'] = OtherLoop
+    try:
+        assert parse(' Other ') == 'other'
+    finally:
+        del processhandler.WORKER_TYPES['other']
+    loops = processhandler.WORKER_TYPES
+    assert not loops['sync'].threaded and loops['thread'].threaded
+    assert loops['gevent'].cooperative and loops['gevent'].requires == 'gevent'
+    assert not any(loops[t].prepare_child() for t in ('sync', 'thread',
+                                                      'asyncio'))
+
+
+def test_collaborators_stand_on_their_own():
+    """Each collaborator is built from an Arbiter and used without its
+    loop: here the ones that only read the Arbiter's records."""
+    a = processhandler.Arbiter(processhandler.Config(
+        {'soft_memory_limit': 100.0}))
+    assert a.memory.deadline() is None          # no worker has a limit yet
+    a.memory.check()                            # nothing to check: no-op
+    if 'WATCHDOG_USEC' not in os.environ:
+        assert a.watchdog.deadline() is None
+    a.reloader.refuse('the master is stopping')
+    assert a.reloads == {'count': 1, 'result': 'failed', 'generation': None,
+                         'reason': 'the master is stopping'}
+    board = processhandler.Scoreboard(4)
+    cell = board.alloc()
+    board.set(cell, processhandler.Scoreboard.REQUESTS, 7)
+    proc = processhandler.WorkerProcess(os.getpid(), 2, cell, 1, {}, a.cfg)
+    ex = processhandler.WorkerExit(proc, 0, board)
+    assert (ex.requests, ex.booted, ex.ok_exit, ex.how) == (
+        7, False, True, 'exit status 0')
+    assert ex.name == 'worker 2 (pid %d)' % os.getpid()
+    board.close()
