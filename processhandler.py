@@ -93,13 +93,11 @@ import difflib
 import errno
 import fcntl
 import gc
-import hashlib
 import importlib
 import json
 import logging
 import mmap
 import os
-import platform
 import random
 import select
 import selectors
@@ -128,7 +126,7 @@ __all__ = ['Worker', 'SyncWorker', 'ThreadWorker', 'GeventWorker',
 # Compat and capability probes ################################################
 ###############################################################################
 
-IS_PYPY = platform.python_implementation() == 'PyPy'
+IS_PYPY = sys.implementation.name == 'pypy'
 IS_LINUX = sys.platform.startswith('linux')
 
 try:  # optional: memory and affinity; psutil 7 does not import on PyPy 7.3
@@ -140,6 +138,11 @@ try:  # optional: process titles (we have a C-free fallback below)
     import setproctitle as _setproctitle
 except Exception:
     _setproctitle = None
+
+try:  # SHA-1 without hashlib, whose OpenSSL binding takes ~90 ms to import
+    from _sha1 import sha1 as _sha1     # on PyPy: more than the rest of a
+except ImportError:                     # CLI call's imports together
+    from hashlib import sha1 as _sha1
 
 HAS_SCHED_SETAFFINITY = hasattr(os, 'sched_setaffinity')
 PAGE_SIZE = mmap.PAGESIZE
@@ -1813,6 +1816,11 @@ def runtime_dir():
     return d
 
 
+def sha1_hex(text):
+    """The hex SHA-1 of ``text``, for names derived from paths."""
+    return _sha1(text.encode('utf-8')).hexdigest()
+
+
 def base_pidfile(cfg):
     """The pidfile of instance 1 (configured, or derived from config+section).
     """
@@ -1821,7 +1829,7 @@ def base_pidfile(cfg):
     # Manager mode has no config file: the script is what identifies it.
     origin = cfg.path or os.path.abspath(sys.argv[0] or 'python')
     key = '%s\0%s' % (origin, cfg.section)
-    digest = hashlib.sha1(key.encode('utf-8')).hexdigest()[:10]
+    digest = sha1_hex(key)[:10]
     return os.path.join(runtime_dir(), '%s-%s.pid' % (cfg.section, digest))
 
 
@@ -1839,7 +1847,7 @@ def control_path(pidfile):
     path = pidfile + '.sock'
     if len(path.encode()) < 100:
         return path
-    digest = hashlib.sha1(pidfile.encode('utf-8')).hexdigest()[:16]
+    digest = sha1_hex(pidfile)[:16]
     return os.path.join(runtime_dir(), digest + '.sock')
 
 
