@@ -9518,3 +9518,224 @@ def test_collaborators_stand_on_their_own():
         7, False, True, 'exit status 0')
     assert ex.name == 'worker 2 (pid %d)' % os.getpid()
     board.close()
+
+
+# ==== Collaborators on their own (issue 13 item 1) ===========================
+# Each collaborator of the Arbiter, driven from a test without the loop: an
+# Arbiter built from a Config that never ran setup() gets only what the
+# collaborator reads (a scoreboard, a selector, a PidFile path, a log file),
+# and the test calls what the loop would call.  Real sockets, files, pipes
+# and forked children; nothing of the OS or the clock is faked.
+
+import logging     # noqa: E402  (this banner's own imports)
+import selectors   # noqa: E402
+
+SB = processhandler.Scoreboard
+PHState = processhandler.State
+
+
+@pytest.fixture
+def bare(tmp_path):
+    """make(**keys) -> an Arbiter that never ran, with a Scoreboard, a
+    selector and an (unlocked) PidFile in tmp_path; all closed after."""
+    made = []
+
+    def make(**keys):
+        keys.setdefault('pidfile', str(tmp_path / 'ph.pid'))
+        cfg = keys.pop('cfg', None) or processhandler.Config(keys)
+        a = processhandler.Arbiter(cfg)
+        a.board = SB(16)
+        a.selector = selectors.DefaultSelector()
+        a.pidfile = processhandler.PidFile(a.cfg.pidfile)
+        made.append(a)
+        return a
+    yield make
+    for a in made:
+        a.control_server.close()
+        a.metrics.close()
+        a.selector.close()
+
+
+@pytest.fixture
+def keep_logging():
+    """Reload.commit() routes the root logger to the Arbiter's log file,
+    as in a master: put this process's logging back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(level)
+
+
+def forked(fn):
+    """Fork a child that runs ``fn()`` and exits with what it returns (an
+    int; 70 when it raised); the child always ends in os._exit."""
+    pid = os.fork()
+    if pid == 0:   # pragma: no cover (child)
+        code = 70
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            code = fn() or 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def reap(pid):
+    """The wait status of child ``pid`` (polled to the deadline)."""
+    def done():
+        got, status = os.waitpid(pid, os.WNOHANG)
+        return (status,) if got else None
+    return wait_for(done, what='child %d to exit' % pid)[0]
+
+
+def wait_status(code=0, sig=None):
+    """A real waitpid() status: a child that exits ``code`` or dies of
+    ``sig``."""
+    return reap(forked(lambda: os.kill(os.getpid(), sig) if sig else code))
+
+
+class IdleChild(object):
+    """A forked child that stands in for a worker: it blocks on a pipe and
+    exits with the number written to it (or dies of a signal)."""
+
+    def __init__(self):
+        r, self.w = os.pipe()
+
+        def body():
+            os.close(self.w)
+            data = os.read(r, 16)
+            return int(data) if data.strip() else 0
+        self.pid = forked(body)
+        os.close(r)
+
+    def exit(self, code):
+        os.write(self.w, b'%d' % code)
+        return self.reap()
+
+    def reap(self):
+        status = reap(self.pid)
+        os.close(self.w)
+        return status
+
+
+@pytest.fixture
+def idle_children():
+    """make() -> an IdleChild; every one still running is KILLed and
+    reaped after the test."""
+    made = []
+
+    def make():
+        made.append(IdleChild())
+        return made[-1]
+    yield make
+    for child in made:
+        try:
+            os.kill(child.pid, signal.SIGKILL)
+            os.waitpid(child.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        try:
+            os.close(child.w)
+        except OSError:
+            pass
+
+
+def add_worker(a, number, pid, requests=0, booted=True, generation=None,
+               options=None):
+    """The master's record of a worker in slot ``number`` (a scoreboard
+    cell, a WorkerProcess in procs and in its Slot), as spawn_worker and
+    update_booted leave it."""
+    cell = a.board.alloc()
+    proc = processhandler.WorkerProcess(
+        pid, number, cell, a.generation if generation is None else generation,
+        options or {}, a.cfg)
+    a.board.set(cell, SB.REQUESTS, requests)
+    if booted:
+        a.board.set(cell, SB.STATE, SB.BOOTED)
+        a.set_state(proc, PHState.RUNNING)
+    slot = a.slots.setdefault(number, processhandler.Slot(number))
+    if slot.proc is not None:
+        slot.old.append(slot.proc)
+    slot.proc = proc
+    a.procs[pid] = proc
+    return proc
+
+
+# -- UpgradeState ---------------------------------------------------------------
+
+_json_scalars = (st.none() | st.booleans() | st.integers() |
+                 st.floats(allow_nan=False) | st.text(max_size=20))
+_json_values = st.recursive(
+    _json_scalars, lambda inner: st.lists(inner, max_size=4) |
+    st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.fixed_dictionaries(dict(
+    (name, _json_values) for name in processhandler.UpgradeState.FIELDS)))
+def test_upgrade_state_env_round_trip(values):
+    """Every field crosses execve() (JSON in the environment) unchanged;
+    from_env pops the record unless asked to keep it."""
+    env = processhandler.UpgradeState(**values).to_env({'PATH': '/bin'})
+    kept = processhandler.UpgradeState.from_env(env, keep=True)
+    assert processhandler.UPGRADE_ENV in env
+    back = processhandler.UpgradeState.from_env(env)
+    assert processhandler.UPGRADE_ENV not in env and env == {'PATH': '/bin'}
+    for state in (kept, back):
+        assert dict((n, getattr(state, n)) for n in state.FIELDS) == values
+    assert processhandler.UpgradeState.from_env(env) is None
+
+
+@pytest.mark.parametrize('raw', [None, '', 'not json', '{"pidfile": ',
+                                 '[1, 2]', '"text"', '42', 'null'])
+def test_upgrade_state_from_env_refuses_garbage(raw):
+    env = {} if raw is None else {processhandler.UPGRADE_ENV: raw}
+    assert processhandler.UpgradeState.from_env(env, keep=True) is None
+    assert processhandler.UpgradeState.from_env(env) is None
+    assert processhandler.UPGRADE_ENV not in env   # popped all the same
+
+
+def test_upgrade_state_from_env_missing_fields_are_none():
+    env = {processhandler.UPGRADE_ENV: '{"pidfile": "/x.pid"}'}
+    state = processhandler.UpgradeState.from_env(env)
+    assert state.pidfile == '/x.pid'
+    assert all(getattr(state, n) is None for n in state.FIELDS
+               if n != 'pidfile')
+
+
+def test_upgrade_state_previous_config_is_the_same_config(tmp_path):
+    """The old image's config, rebuilt in the new one from the record
+    (after a JSON trip), equals the original in every setting, its
+    extras, path, section and --set overrides."""
+    (tmp_path / 'ph.ini').write_text(textwrap.dedent('''\
+        [job]
+        worker_class = mod:Job
+        number_workers = 3
+        bind = 127.0.0.1:0, unix:ph.sock
+        cpu_affinity = 0,2-3
+        umask = 027
+        timeout = 2.5
+        log_file = logs/ph.log
+        queue_name = jobs
+        '''))
+    cfg = processhandler.load_config(
+        str(tmp_path / 'ph.ini'), 'job',
+        ['graceful_timeout=1.5', 'pidfile=run/ph.pid', 'colour=blue'])
+    record = processhandler.UpgradeState(
+        config=processhandler.UpgradeState.config_record(cfg))
+    env = record.to_env({})
+    old = processhandler.UpgradeState.from_env(env).previous_config()
+    for s in processhandler.SETTINGS:
+        assert getattr(old, s.name) == getattr(cfg, s.name), s.name
+    assert (old.extras, old.path, old.section, old.overrides) == (
+        cfg.extras, cfg.path, cfg.section, cfg.overrides)
+    assert old.extras == {'queue_name': 'jobs', 'colour': 'blue'}
+    assert old.overrides == [('graceful_timeout', '1.5'),
+                             ('pidfile', 'run/ph.pid'), ('colour', 'blue')]
+    assert old.umask == 0o027 and old.cpu_affinity == [0, 2, 3]
+    assert old.pidfile == str(tmp_path / 'run' / 'ph.pid')
