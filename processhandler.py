@@ -4193,7 +4193,11 @@ class ControlServer(object):
         self.arbiter.selector.unregister(conn)
         self.buffers.pop(conn, None)
         if b'\n' not in buf:
-            conn.close()
+            if data:   # 64 KiB and no end of line: say so, not just close
+                self.reply(conn, {'ok': False, 'error': 'request too long '
+                                  '(over %d bytes)' % (len(buf) - 1)})
+            else:      # the client left before its request ended
+                conn.close()
             return
         reply = self.handle(buf.split(b'\n', 1)[0], conn)
         if reply is not None:
