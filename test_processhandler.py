@@ -9921,3 +9921,79 @@ def test_control_server_refuses_another_uid(bare, tmp_path):
     assert a.control_server.buffers == {}
     s = control_client(a.control_server.path, b'{"cmd": "status"}\n')
     assert control_reply(a, s)['master']['pid'] == os.getpid()
+
+
+# -- Leadership, FileLeader ---------------------------------------------------------
+
+def test_file_leader_excludes_another_process(tmp_path):
+    """fcntl locks are per process: the second leader is a forked child."""
+    path = str(tmp_path / 'leader.lock')
+    first = processhandler.FileLeader(path)
+    assert first.acquire()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    # (Not read here: closing any descriptor of the file would drop this
+    # process's lock.  The child's holder() reads it.)
+    assert first.holder() == first.token
+
+    def second():
+        other = processhandler.FileLeader(path)
+        return 10 * (other.holder() == first.token) + int(other.acquire())
+    assert os.WEXITSTATUS(reap(forked(second))) == 10   # sees it, held
+    assert first.release() and first.fd is None
+    assert first.holder() is None          # nobody holds it now
+    assert os.WEXITSTATUS(reap(forked(second))) == 1    # free: taken
+    assert first.acquire()                 # the child's lock died with it
+    first.release()
+
+
+def test_file_leader_check_mode_and_symlink(tmp_path):
+    path = tmp_path / 'leader.lock'
+    path.write_text('')
+    os.chmod(str(path), 0o644)
+    processhandler.FileLeader(str(path)).check()
+    assert stat.S_IMODE(os.stat(str(path)).st_mode) == 0o600
+    link = tmp_path / 'link.lock'
+    os.symlink(str(path), str(link))
+    with pytest.raises(processhandler.HaltServer) as e:
+        processhandler.FileLeader(str(link)).check()
+    assert 'symbolic link' in e.value.reason
+
+
+def test_leadership_stands_by_until_the_lock_is_free(bare, tmp_path):
+    """A standby master wants no workers while another process holds the
+    lock, and becomes active once the holder is gone."""
+    a = bare(number_workers=2,
+             leader_lock='file:' + str(tmp_path / 'leader.lock'))
+    lock = processhandler.make_leader(a.cfg)
+    a.leadership = processhandler.Leadership(a, lock)
+    held_r, held_w = os.pipe()
+    go_r, go_w = os.pipe()
+
+    def holder():
+        os.close(held_r)
+        os.close(go_w)
+        taken = processhandler.FileLeader(lock.path).acquire()
+        os.write(held_w, b'1' if taken else b'0')
+        os.read(go_r, 1)   # until the test closes its end
+    pid = forked(holder)
+    os.close(held_w)
+    os.close(go_r)
+    try:
+        assert os.read(held_r, 1) == b'1'
+        a.leadership.tend()
+        assert not a.active and a.wanted() == 0
+        assert a.leadership.deadlines() == [a.leadership.next_at]
+        assert a.leadership.next_at > time.monotonic()
+        healthy, why = a.metrics.health()
+        assert healthy and why.startswith('standby: the leader lock file:')
+        assert a.status()['master']['state'] == 'standby'
+    finally:
+        os.close(go_w)     # the holder exits: the kernel drops its lock
+        os.close(held_r)
+        reap(pid)
+    wait_for(lambda: a.leadership.tend() or a.active, what='active')
+    assert a.wanted() == 2 and lock.holder() == lock.token
+    assert a.leadership.deadlines() == [a.leadership.next_at, float('inf')]
+    a.stopping = True            # stopping with no worker left: untended
+    assert a.leadership.deadlines() == []
+    lock.release()
