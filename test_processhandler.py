@@ -9997,3 +9997,165 @@ def test_leadership_stands_by_until_the_lock_is_free(bare, tmp_path):
     a.stopping = True            # stopping with no worker left: untended
     assert a.leadership.deadlines() == []
     lock.release()
+
+
+# -- Metrics --------------------------------------------------------------------------
+
+def counters(fams):
+    """{(sample name, labels): value} of the *_total samples."""
+    return dict(((name, key), v) for name, samples in fams.items()
+                if name.endswith('_total') for key, v in samples.items())
+
+
+def assert_grew(before, after):
+    for key, value in before.items():
+        assert after.get(key, 0) >= value, (key, value, after.get(key))
+
+
+def test_metrics_exposition_parses_and_counters_only_grow(bare,
+                                                          idle_children):
+    """Three live workers (real processes: their RSS is read), then three
+    exits of different kinds: the text parses with prometheus_client's
+    parser at every step and no counter ever goes down, requests of a
+    reaped worker included."""
+    a = bare(number_workers=3)
+    kids = [idle_children() for _ in range(3)]
+    procs = [add_worker(a, n, kid.pid, requests=10 * n, booted=n < 3)
+             for n, kid in enumerate(kids, 1)]
+    a.spawns = 3
+    fams = families(a.metrics.exposition())
+    slot = lambda n: (('slot', str(n)),)   # noqa: E731
+    assert fams['processhandler_requests_total'] == {
+        slot(1): 10.0, slot(2): 20.0, slot(3): 30.0}
+    assert fams['processhandler_workers_running'] == {(): 2.0}
+    assert fams['processhandler_workers_wanted'] == {(): 3.0}
+    assert fams['processhandler_worker_spawns_total'] == {(): 3.0}
+    rss = fams['processhandler_worker_rss_bytes']
+    assert set(rss) == {slot(1), slot(2), slot(3)} and min(rss.values()) > 0
+    seen = counters(fams)
+    for proc, status in [(procs[0], kids[0].exit(0)),
+                         (procs[1], (os.kill(kids[1].pid, signal.SIGKILL),
+                                     kids[1].reap())[1]),
+                         (procs[2], kids[2].exit(3))]:
+        del a.procs[proc.pid]   # what reap_workers does, then:
+        a.metrics.worker_exited(proc, status)
+        a.release_proc(proc)    # the cell is free: its count is kept
+        now = counters(families(a.metrics.exposition()))
+        assert_grew(seen, now)
+        seen = now
+    fresh = add_worker(a, 1, os.getpid(), requests=5)   # slot 1's next one
+    exits = 'processhandler_worker_exits_total'
+    now = counters(families(a.metrics.exposition()))
+    assert_grew(seen, now)
+    assert now[('processhandler_requests_total', slot(1))] == 15.0
+    assert now[('processhandler_requests_total', slot(3))] == 30.0
+    assert dict((k[1][0][1], v) for k, v in now.items() if k[0] == exits) == {
+        'max_requests': 0, 'memory': 0, 'timeout': 0, 'crash': 0,
+        'boot_failure': 1, 'signal': 1, 'stopped': 0, 'exited': 1}
+    assert fresh.cell == procs[2].cell      # reused, and zeroed first
+
+
+def test_metrics_exit_reasons(bare):
+    """How Metrics classifies an exit, from real wait statuses."""
+    a = bare()
+    ok, three = wait_status(0), wait_status(3)
+    killed = wait_status(sig=signal.SIGKILL)
+
+    def reason(status, booted=True, board_reason=0, **attrs):
+        proc = add_worker(a, 1, 10 ** 6, booted=booted)
+        a.board.set(proc.cell, SB.REASON, board_reason)
+        for k, v in attrs.items():
+            setattr(proc, k, v)
+        try:
+            return a.metrics.exit_reason(proc, status)
+        finally:
+            a.release_proc(proc)
+            del a.procs[proc.pid]
+    assert reason(ok) == 'exited'
+    assert reason(three) == 'crash'
+    assert reason(killed) == 'signal'
+    assert reason(three, booted=False) == 'boot_failure'
+    assert reason(killed, booted=False) == 'boot_failure'
+    assert reason(ok, board_reason=SB.R_MAX_REQUESTS) == 'max_requests'
+    assert reason(ok, board_reason=SB.R_MEMORY) == 'memory'
+    assert reason(killed, stop_reason='hard memory limit',
+                  state=PHState.STOPPING) == 'memory'
+    assert reason(killed, timed_out=True, state=PHState.STOPPING) == 'timeout'
+    assert reason(ok, state=PHState.STOPPING) == 'stopped'
+
+
+def statsd_lines(rx, flush):
+    """The packets one flush sends (a marker sent after it ends them:
+    loopback delivers in order)."""
+    flush()
+    mark = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    mark.sendto(b'--', rx.getsockname())
+    mark.close()
+    lines = []
+    while True:
+        data = rx.recv(4096).decode('ascii')
+        if data == '--':
+            return lines
+        lines.append(data)
+
+
+def test_metrics_statsd_lines(bare):
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(('127.0.0.1', 0))
+    rx.settimeout(DEADLINE)
+    try:
+        a = bare(number_workers=2, statsd_prefix='.svc.app.',
+                 statsd_host='127.0.0.1:%d' % rx.getsockname()[1])
+        a.metrics.open()
+        first = statsd_lines(rx, a.metrics.flush_statsd)
+        for line in first:
+            assert re.match(r'^svc\.app\.processhandler\.[a-z_.]+:\d+\|[gc]$',
+                            line), line
+        gauges = dict(line[len('svc.app.processhandler.'):].split('|')[0]
+                      .split(':') for line in first)
+        assert set(gauges) == {'workers', 'workers.wanted', 'backoff',
+                               'generation', 'active', 'uptime'}
+        assert (gauges['workers.wanted'], gauges['generation'],
+                gauges['active']) == ('2', '1', '1')
+        a.spawns += 2                                 # counters as deltas
+        a.metrics.slot_failed(processhandler.Slot(1))
+        second = [x for x in statsd_lines(rx, a.metrics.flush_statsd)
+                  if x.endswith('|c')]
+        assert sorted(second) == ['svc.app.processhandler.backoffs:1|c',
+                                  'svc.app.processhandler.spawns:2|c']
+        third = statsd_lines(rx, a.metrics.flush_statsd)
+        assert len(third) == 6 and not [x for x in third if x.endswith('|c')]
+    finally:
+        rx.close()
+
+
+def test_metrics_http_outlet(bare):
+    """GET /metrics through the master's own non-blocking responder."""
+    a = bare(number_workers=1, metrics_bind='127.0.0.1:0')
+    a.metrics.open()
+    addr = a.metrics.http.getsockname()
+
+    def get(request):
+        c = socket.create_connection(addr, timeout=DEADLINE)
+        c.sendall(request)
+        serve_control(a, lambda: readable(c), 'the response')
+        data = b''
+        while True:
+            chunk = c.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            serve_control(a, lambda: True, 'a turn')
+        c.close()
+        return data
+    data = get(b'GET /metrics HTTP/1.0\r\n\r\n')
+    head, _, body = data.partition(b'\r\n\r\n')
+    assert head.startswith(b'HTTP/1.0 200 OK')
+    assert families(body.decode())['processhandler_workers_wanted'] == {
+        (): 1.0}
+    assert get(b'GET /nope HTTP/1.0\r\n\r\n').startswith(b'HTTP/1.0 404')
+    assert get(b'POST /metrics HTTP/1.0\r\n\r\n').startswith(b'HTTP/1.0 405')
+    assert get(b'nonsense\r\n\r\n').startswith(b'HTTP/1.0 400')
+    head = get(b'HEAD /metrics HTTP/1.0\r\n\r\n')
+    assert head.startswith(b'HTTP/1.0 200') and head.endswith(b'\r\n\r\n')
+    serve_control(a, lambda: not a.metrics.conns, 'scrapes dropped')
