@@ -10159,3 +10159,123 @@ def test_metrics_http_outlet(bare):
     head = get(b'HEAD /metrics HTTP/1.0\r\n\r\n')
     assert head.startswith(b'HTTP/1.0 200') and head.endswith(b'\r\n\r\n')
     serve_control(a, lambda: not a.metrics.conns, 'scrapes dropped')
+
+
+# -- Reload ---------------------------------------------------------------------------
+
+RELOAD_INI = '''\
+[processhandler]
+worker_class = {module}:Job
+number_workers = {n}
+pidfile = ph.pid
+log_file = ph.log
+'''
+RELOAD_JOB = '''\
+import processhandler
+{extra}
+
+class Job(processhandler.Worker):
+    def run(self):
+        pass
+'''
+
+
+def reload_project(bare, tmp_path, n=2, module='rjob'):
+    """An Arbiter of a config file, with its log open (what a HUP needs)."""
+    ini = tmp_path / 'ph.ini'
+    ini.write_text(RELOAD_INI.format(module=module, n=n))
+    (tmp_path / (module + '.py')).write_text(RELOAD_JOB.format(extra=''))
+    a = bare(cfg=processhandler.load_config(str(ini)))
+    a.logfile = processhandler.LogFile(a.cfg.log_file)
+    return a, ini
+
+
+def reload_checked(a):
+    """Reap the ReloadCheck's child and hand its verdict over, as
+    reap_workers does."""
+    check = a.reload_check
+    status = reap(check.pid)
+    a.reloader.checked(check.exited(status))
+
+
+def test_reload_commits_and_finishes(bare, tmp_path, keep_logging,
+                                     idle_children):
+    a, ini = reload_project(bare, tmp_path)
+    old_cfg = a.cfg
+    ini.write_text(ini.read_text().replace('number_workers = 2',
+                                           'number_workers = 3'))
+    a.reloader.start()
+    assert a.reloads == {'count': 1, 'result': 'checking', 'reason': None,
+                         'generation': None}
+    assert a.reload_check.pid is not None and a.generation == 1
+    reload_checked(a)
+    assert a.reloads == {'count': 1, 'result': 'pending', 'reason': None,
+                         'generation': 2}
+    assert a.generation == 2 and a.num_workers == 3
+    assert a.cfg is not old_cfg and a.cfg.number_workers == 3
+    assert a.reloader.rollback['cfg'] is old_cfg
+    assert a.reload_check.pid is None
+    for n in (1, 2):                       # not every slot runs gen 2 yet
+        add_worker(a, n, idle_children().pid)
+    a.reloader.progress()
+    assert a.reloads['result'] == 'pending'
+    add_worker(a, 3, idle_children().pid)
+    a.reloader.progress()
+    assert a.reloads['result'] == 'done' and a.reloader.rollback is None
+
+
+def test_reload_rolls_back_and_stops_the_new_generation(
+        bare, tmp_path, keep_logging, idle_children):
+    a, ini = reload_project(bare, tmp_path)
+    old_cfg = a.cfg
+    olds = [add_worker(a, n, idle_children().pid) for n in (1, 2)]
+    a.reloader.start()
+    reload_checked(a)
+    assert a.reloads['result'] == 'pending' and a.generation == 2
+    new = add_worker(a, 1, idle_children().pid, booted=False)
+    assert a.slots[1].old == [olds[0]]
+    a.reloader.roll_back('worker 1: boom')
+    assert a.reloads['result'] == 'failed'
+    assert a.reloads['reason'] == ('worker 1: boom; rolled back to '
+                                   'generation 1')
+    assert a.cfg is old_cfg and a.generation == 1
+    assert a.slots[1].proc is olds[0] and a.slots[1].old == [new]
+    assert new.state == PHState.STOPPING and new.kill_at is not None
+    status = reap(new.pid)     # it was sent TERM
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    assert all(alive(p.pid) for p in olds)
+
+
+def test_reload_fails_on_the_new_code_or_config(bare, tmp_path,
+                                               keep_logging):
+    a, ini = reload_project(bare, tmp_path)
+    old_cfg = a.cfg
+    (tmp_path / 'rjob.py').write_text(RELOAD_JOB.format(extra='1 / 0'))
+    a.reloader.start()
+    reload_checked(a)
+    assert a.reloads['result'] == 'failed'
+    assert 'ZeroDivisionError' in a.reloads['reason']
+    assert a.cfg is old_cfg and a.generation == 1 and a.num_workers == 2
+    ini.write_text(ini.read_text() + 'number_workers_x = 1\ntimeout = x\n')
+    a.reloader.start()           # a bad file fails at once, no check forked
+    assert a.reload_check.pid is None
+    assert a.reloads['count'] == 2 and a.reloads['result'] == 'failed'
+    assert 'timeout' in a.reloads['reason']
+    assert a.cfg is old_cfg and a.generation == 1
+
+
+def test_reload_coalesces_and_refuses_when_stopping(bare, tmp_path,
+                                                   keep_logging):
+    a, ini = reload_project(bare, tmp_path)
+    a.reloader.start()
+    first = a.reload_check.pid
+    a.reloader.start()            # a HUP during the check: check again
+    assert a.reload_check.again and a.reload_check.pid == first
+    reload_checked(a)             # the first verdict is dropped
+    assert a.reloads['result'] == 'checking' and a.generation == 1
+    assert a.reload_check.pid not in (None, first)
+    a.stopping = True             # the master stops meanwhile
+    reload_checked(a)
+    assert a.reloads == {'count': 2, 'result': 'failed', 'generation': None,
+                         'reason': 'the master is stopping'}
+    assert a.generation == 1
