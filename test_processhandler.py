@@ -9527,7 +9527,8 @@ def test_collaborators_stand_on_their_own():
 # and the test calls what the loop would call.  Real sockets, files, pipes
 # and forked children; nothing of the OS or the clock is faked.
 
-import logging     # noqa: E402  (this banner's own imports)
+import errno       # noqa: E402  (this banner's own imports)
+import logging     # noqa: E402
 import select      # noqa: E402
 import selectors   # noqa: E402
 
@@ -10279,3 +10280,185 @@ def test_reload_coalesces_and_refuses_when_stopping(bare, tmp_path,
     assert a.reloads == {'count': 2, 'result': 'failed', 'generation': None,
                          'reason': 'the master is stopping'}
     assert a.generation == 1
+
+
+# -- WorkerExit, and the Arbiter's judgement of it ---------------------------
+
+def test_worker_exit_reads_status_and_cell(bare):
+    a = bare()
+    killed, three = wait_status(sig=signal.SIGKILL), wait_status(3)
+    proc = add_worker(a, 2, 4242, requests=7)
+    a.board.setf(proc.cell, SB.BOOTED_AT, time.monotonic() - 5.0)
+    a.board.setf(proc.cell, SB.INIT_RSS, 12.5)
+    ex = processhandler.WorkerExit(proc, killed, a.board)
+    assert (ex.booted, ex.signaled, ex.ok_exit, ex.how, ex.requests) == (
+        True, True, False, 'killed by SIGKILL', 7)
+    assert ex.name == 'worker 2 (pid 4242)' and ex.init_rss == 12.5
+    assert 5.0 <= ex.up < 5.0 + DEADLINE and not ex.memory
+    proc.stop_reason = 'hard memory limit'
+    assert processhandler.WorkerExit(proc, killed, a.board).memory
+    early = add_worker(a, 3, 4343, booted=False)
+    a.board.set_text(early.cell, 'init() raised ValueError: no db')
+    ex = processhandler.WorkerExit(early, three, a.board)
+    assert (ex.booted, ex.signaled, ex.ok_exit, ex.how, ex.text) == (
+        False, False, False, 'exit status 3',
+        'init() raised ValueError: no db')
+    assert 0 <= ex.up < DEADLINE          # from the spawn: it never booted
+    a.board.set(early.cell, SB.REASON, SB.R_MEMORY)
+    assert processhandler.WorkerExit(early, three, a.board).memory
+    if hasattr(signal, 'SIGRTMIN'):       # CPython 3.11; not PyPy 3.9
+        rt = wait_status(sig=signal.SIGRTMIN + 2)
+        assert processhandler.describe_status(rt) == 'killed by SIGRTMIN+2'
+
+
+def judged(a, status, booted=True, text='', requests=0, up=5.0, reason=0,
+           **attrs):
+    """The slot after the Arbiter judged a replaced worker's exit."""
+    slot = a.slots[1] = processhandler.Slot(1)
+    proc = add_worker(a, 1, 10 ** 6, booted=booted, requests=requests)
+    a.board.set_text(proc.cell, text)
+    a.board.set(proc.cell, SB.REASON, reason)
+    if booted:
+        a.board.setf(proc.cell, SB.BOOTED_AT, time.monotonic() - up)
+    for k, v in attrs.items():
+        setattr(proc, k, v)
+    ex = processhandler.WorkerExit(proc, status, a.board)
+    del a.procs[proc.pid]
+    a.release_proc(proc)
+    a.judge_exit(slot, proc, ex)
+    return slot
+
+
+def test_worker_exit_judged_boot_failure_or_not(bare):
+    """Boot failures back off (their own, or killed while booting);
+    a recycle or a worker that served a while does not; an early death
+    of one that handled nothing does."""
+    a = bare()
+    a.ready = True     # past the start: a failure backs off, not halts
+    ok, three = wait_status(0), wait_status(3)
+    killed = wait_status(sig=signal.SIGKILL)
+    slot = judged(a, three, booted=False, text='init() raised KeyError: x')
+    assert slot.failures == 1 and slot.last_error == 'init() raised KeyError: x'
+    assert slot.backoff_until > time.monotonic()
+    slot = judged(a, killed, booted=False)
+    assert slot.last_error == 'died while booting (killed by SIGKILL)'
+    slot = judged(a, three, up=0.1)
+    assert slot.failures == 1 and slot.last_error.startswith('died 0.1')
+    assert slot.last_error.endswith('after boot: exit status 3')
+    slot = judged(a, killed, up=0.1, requests=3)   # busy: replaced at once
+    assert slot.failures == 0 and slot.early_deaths == 1
+    slot = judged(a, three, up=30.0, requests=3)   # served a while: crash
+    assert slot.failures == 0 and slot.backoff_until == 0.0
+    slot = judged(a, ok, up=0.1, requests=100, reason=SB.R_MAX_REQUESTS)
+    assert (slot.failures, slot.early_deaths) == (0, 0)   # a recycle
+    a.cfg.soft_memory_limit = 50.0
+    slot = judged(a, ok, stop_reason='soft memory limit', soft_limit=50.0)
+    assert slot.failures == 1 and 'over its memory limit (50 MB)' in (
+        slot.last_error)
+    assert a.metrics.backoffs == 4
+
+
+# -- MemoryWatch, Watchdog ------------------------------------------------------
+
+def test_memory_watch_enforces_limits_on_real_processes(bare,
+                                                        idle_children):
+    """Over soft: TERM (a graceful stop); over hard: KILL; no limit:
+    left alone.  The next check is check_interval later."""
+    a = bare(check_interval=30.0)
+    assert a.memory.deadline() is None              # no limit anywhere
+    soft = add_worker(a, 1, idle_children().pid,
+                      options={'soft_memory_limit': 1.0})
+    hard = add_worker(a, 2, idle_children().pid,
+                      options={'soft_memory_limit': 1.0,
+                               'hard_memory_limit': 2.0})
+    free = add_worker(a, 3, idle_children().pid)
+    assert a.memory.deadline() == 0.0               # due now
+    a.memory.check()
+    assert time.monotonic() < a.memory.deadline() <= time.monotonic() + 30
+    assert (soft.state, soft.stop_reason) == (PHState.STOPPING,
+                                              'soft memory limit')
+    assert soft.kill_at is not None                 # graceful: KILL later
+    assert (hard.state, hard.stop_reason, hard.kill_at) == (
+        PHState.STOPPING, 'hard memory limit', None)
+    assert free.state == PHState.RUNNING and alive(free.pid)
+    for proc, sig in ((soft, signal.SIGTERM), (hard, signal.SIGKILL)):
+        status = reap(proc.pid)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == sig
+    a.memory.check()          # not due: nothing more happens
+    assert free.state == PHState.RUNNING
+
+
+def test_worker_process_over_limit_hook(bare):
+    """uliweb's reached_*_memory_limit decides; when it raises, the
+    number does."""
+    a = bare(hard_memory_limit=100.0)
+    proc = processhandler.WorkerProcess(1, 1, 0, 1, {}, a.cfg)
+    assert proc.over_limit('hard', 101) and not proc.over_limit('hard', 99)
+    assert not proc.over_limit('soft', 10 ** 6)     # no soft limit
+    proc.reached = lambda kind, rss: kind == 'soft'
+    assert proc.over_limit('soft', 1) and not proc.over_limit('hard', 10 ** 6)
+    proc.reached = lambda kind, rss: 1 / 0
+    assert proc.over_limit('hard', 101) and not proc.over_limit('hard', 99)
+
+
+def test_watchdog_feeds_systemd_at_half_the_interval(tmp_path, monkeypatch):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / 'notify'))
+    sock.setblocking(False)
+    try:
+        monkeypatch.setenv('NOTIFY_SOCKET', str(tmp_path / 'notify'))
+        monkeypatch.setenv('WATCHDOG_USEC', '4000000')
+        monkeypatch.delenv('WATCHDOG_PID', raising=False)
+        dog = processhandler.Watchdog()
+        assert dog.interval == 2.0 and dog.deadline() == 0.0
+        dog.feed()
+        assert sock.recv(100) == b'WATCHDOG=1'
+        assert time.monotonic() < dog.deadline() <= time.monotonic() + 2.0
+        dog.feed()                               # not due yet: silent
+        with pytest.raises(BlockingIOError):
+            sock.recv(100)
+        monkeypatch.setenv('WATCHDOG_PID', str(dead_pid()))   # not ours
+        other = processhandler.Watchdog()
+        assert other.interval == 0 and other.deadline() is None
+        other.feed()
+        monkeypatch.setenv('WATCHDOG_PID', str(os.getpid()))
+        monkeypatch.setenv('WATCHDOG_USEC', 'soon')
+        assert processhandler.Watchdog().deadline() is None
+        with pytest.raises(BlockingIOError):
+            sock.recv(100)
+    finally:
+        sock.close()
+
+
+# -- Scoreboard --------------------------------------------------------------------
+
+def test_scoreboard_cells_shared_full_and_reused_clean():
+    board = SB(3)
+    try:
+        cells = [board.alloc() for _ in range(3)]
+        assert sorted(cells) == [0, 1, 2]
+        with pytest.raises(OSError) as e:
+            board.alloc()
+        assert e.value.errno == errno.ENOSPC
+        c = cells[1]
+
+        def worker():     # writes as a worker does, in its own process
+            board.wq[c * SB.FIELDS + SB.REQUESTS] = 123
+            board.setf(c, SB.RUN_STARTED, 1.5)
+            board.set(c, SB.STATE, SB.BOOTED)
+            board.set_text(c, u'\xe9' * 200)     # 400 bytes of UTF-8
+        assert reap(forked(worker)) == 0
+        assert board.get(c, SB.REQUESTS) == 123
+        assert board.getf(c, SB.RUN_STARTED) == 1.5
+        assert board.get(c, SB.STATE) == SB.BOOTED
+        text = board.text(c)
+        assert len(text.encode('utf-8', 'replace')) <= SB.TEXT + 2
+        assert text.rstrip(u'\ufffd') == u'\xe9' * 119   # cut, not spilled
+        assert board.text(cells[2]) == ''            # the next cell intact
+        board.release(c)
+        assert board.alloc() == c                    # reused first...
+        assert [board.get(c, f) for f in range(SB.FIELDS)] == [
+            0, SB.BOOTING, 0, 0, 0, 0, 0, 0]          # ...and zeroed
+        assert board.text(c) == ''
+    finally:
+        board.close()
