@@ -150,6 +150,37 @@ PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 
 _libc_cache = []
+_peercred_cache = []
+
+
+def peercred_option():
+    """SO_PEERCRED, or None where a unix socket's peer cannot be asked.
+
+    PyPy 3.9's socket module does not name it (the control socket's uid
+    check would then let anyone in): on Linux its value (17; 21 on POWER)
+    is probed once on a socketpair, which must report ourselves."""
+    if not _peercred_cache:
+        opt = getattr(socket, 'SO_PEERCRED', None)
+        if opt is None and IS_LINUX:
+            opt = next((n for n in (17, 21) if _peercred_works(n)), None)
+        _peercred_cache.append(opt)
+    return _peercred_cache[0]
+
+
+def _peercred_works(opt):
+    try:
+        a, b = socket.socketpair()
+    except OSError:
+        return False
+    try:
+        raw = a.getsockopt(socket.SOL_SOCKET, opt, struct.calcsize('3i'))
+        return struct.unpack('3i', raw) == (os.getpid(), os.geteuid(),
+                                            os.getegid())
+    except (OSError, struct.error):
+        return False
+    finally:
+        a.close()
+        b.close()
 
 
 def libc():
@@ -4168,8 +4199,8 @@ class ControlServer(object):
         self.buffers[conn] = b''
 
     def peer_allowed(self, conn):
-        cred = getattr(socket, 'SO_PEERCRED', None)
-        if cred is None:
+        cred = peercred_option()
+        if cred is None:   # not Linux: the socket's mode 0600 guards it
             return True
         try:
             raw = conn.getsockopt(socket.SOL_SOCKET, cred,

@@ -9676,10 +9676,10 @@ _json_scalars = (st.none() | st.booleans() | st.integers() |
                  st.floats(allow_nan=False) | st.text(max_size=20))
 _json_values = st.recursive(
     _json_scalars, lambda inner: st.lists(inner, max_size=4) |
-    st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=8)
+    st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=5)
 
 
-@settings(max_examples=40, deadline=None,
+@settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.fixed_dictionaries(dict(
     (name, _json_values) for name in processhandler.UpgradeState.FIELDS)))
@@ -9895,6 +9895,7 @@ def test_control_server_refuses_another_uid(bare, tmp_path):
     """SO_PEERCRED: a client of another uid is refused even when the
     socket's mode would let it in; root, the same request, is answered."""
     nobody = pwd.getpwnam('nobody')
+    assert processhandler.peercred_option() is not None   # PyPy 3.9 too
     d = tmp_path / 'ctl'
     d.mkdir()
     os.chmod(str(d), 0o711)
@@ -10462,3 +10463,114 @@ def test_scoreboard_cells_shared_full_and_reused_clean():
         assert board.text(c) == ''
     finally:
         board.close()
+
+
+# -- Spare (the master's half), WorkerBirth (around the fork) ---------------------
+# Spare.keep() forks a real spare, whose child half (WorkerBirth.prepare:
+# close the master's descriptors, drop privileges, become a worker) needs
+# an Arbiter after setup(); a child that does what a waiting spare does
+# with its pipe stands in for it here.
+
+class SpareStandIn(object):
+    """A child that reads "slot cell keep_dump\\n" from the spare's pipe as
+    the spare does, sends it back on ``back`` and exits 0 (5: discarded)."""
+
+    def __init__(self):
+        r, self.w = os.pipe()
+        self.back, back_w = os.pipe()
+
+        def body():
+            os.close(self.w)
+            os.close(self.back)
+            data = b''
+            while not data.endswith(b'\n'):
+                chunk = os.read(r, 64)
+                if not chunk:
+                    return 5
+                data += chunk
+            os.write(back_w, data)
+        self.pid = forked(body)
+        os.close(r)
+        os.close(back_w)
+
+    def record(self, generation, dump_fd=None):
+        return processhandler.SpareProcess(self.pid, self.w, dump_fd,
+                                           generation)
+
+    def told(self):
+        try:
+            return os.read(self.back, 64)
+        finally:
+            os.close(self.back)
+
+
+def test_spare_hand_to_discard_and_backoff(bare):
+    a = bare(number_workers=2, timeout=5.0)
+    spare = a.spare
+    assert spare.wanted() and spare.pid is None
+    kid, dump = SpareStandIn(), processhandler.open_dump_file()
+    spare.proc = kid.record(a.generation, dump)
+    assert spare.owns(kid.pid) and spare.deadline(time.monotonic()) is None
+    proc = processhandler.WorkerProcess(0, 2, 5, a.generation, {}, a.cfg)
+    assert spare.hand_to(proc) == kid.pid and spare.proc is None
+    assert kid.told() == b'2 5 1\n' and proc.dump_fd == dump   # may time out
+    assert reap(kid.pid) == 0
+    processhandler.close_dump(proc)
+    # One from before a reload is not used; discarded, it is KILLed.
+    kid = SpareStandIn()
+    spare.proc = kid.record(a.generation - 1)
+    assert spare.hand_to(proc) is None and spare.proc is not None
+    spare.discard('stale')
+    assert spare.proc is None and spare.owns(kid.pid)
+    spare.reap_dead()
+    assert not spare.owns(kid.pid) and kid.told() == b''
+    # One that died unseen: hand_to says so (the caller forks).
+    kid = SpareStandIn()
+    spare.proc = kid.record(a.generation)
+    os.kill(kid.pid, signal.SIGKILL)
+    wait_for(lambda: proc_state(kid.pid) == 'Z', what='a zombie')
+    assert spare.hand_to(proc) is None and spare.owns(kid.pid)
+    spare.reap_dead()
+    kid.told()
+    # Spares dying on their own: the next one waits, longer each time.
+    for delay in (0.5, 1.0):
+        kid = SpareStandIn()
+        spare.proc = kid.record(a.generation)
+        os.kill(kid.pid, signal.SIGKILL)
+        spare.exited(kid.pid, reap(kid.pid))
+        kid.told()
+        now = time.monotonic()
+        assert spare.proc is None and not spare.owns(kid.pid)
+        assert now < spare.next_at <= now + delay
+        assert spare.deadline(now) == spare.next_at
+    a.stopping = True
+    assert not spare.wanted() and spare.deadline(time.monotonic()) is None
+
+
+def test_worker_birth_own_listeners_with_reuse_port(bare):
+    a = bare(reuse_port=True, bind=['127.0.0.1:0'])
+    a.sockets = [processhandler.create_listener('127.0.0.1:0',
+                                                reuse_port=True)]
+    try:
+        name = processhandler.listener_name(a.sockets[0])
+        a.birth.open_child_listeners()
+        own = a.birth.own_listeners
+        assert [processhandler.listener_name(s) for s in own] == [name]
+        accepting = lambda s: s.getsockopt(   # noqa: E731
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        assert not accepting(own[0])      # bound, not taking connections
+
+        def worker():
+            socks = a.birth.worker_sockets()
+            return 10 + (socks == own and accepting(own[0]) == 1 and
+                         a.sockets[0].fileno() == -1)
+        assert os.WEXITSTATUS(reap(forked(worker))) == 11
+        assert accepting(a.sockets[0])    # the master's own: untouched
+        a.birth.close_child_listeners()
+        assert a.birth.own_listeners is None and own[0].fileno() == -1
+        a.cfg.reuse_port = False          # shared listeners: none of its own
+        a.birth.open_child_listeners()
+        assert a.birth.own_listeners is None
+        assert a.birth.worker_sockets() == a.sockets
+    finally:
+        a.sockets[0].close()
