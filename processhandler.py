@@ -2576,7 +2576,10 @@ class Scoreboard(object):
         return self.capacity * self.cell_bytes + cell * self.TEXT
 
     def set_text(self, cell, text):
-        data = text.encode('utf-8', 'replace')[:self.TEXT - 1]
+        # Cut on a character boundary: a reason in status must not end
+        # in half a character (U+FFFD when read back).
+        data = text.encode('utf-8', 'replace')[:self.TEXT - 1].decode(
+            'utf-8', 'ignore').encode('utf-8')
         off = self._text_offset(cell)
         self.mm[off:off + self.TEXT] = data + b'\0' * (self.TEXT - len(data))
 

@@ -9674,9 +9674,8 @@ def add_worker(a, number, pid, requests=0, booted=True, generation=None,
 
 _json_scalars = (st.none() | st.booleans() | st.integers() |
                  st.floats(allow_nan=False) | st.text(max_size=20))
-_json_values = st.recursive(
-    _json_scalars, lambda inner: st.lists(inner, max_size=4) |
-    st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=5)
+_json_values = _json_scalars | st.lists(_json_scalars, max_size=3) | (
+    st.dictionaries(st.text(max_size=8), _json_scalars, max_size=3))
 
 
 @settings(max_examples=30, deadline=None,
@@ -9869,7 +9868,7 @@ def test_control_server_handle_never_raises(bare, line):
     if cmd in ('incr', 'decr'):
         return
     reply = a.control_server.handle(line, None)
-    assert isinstance(reply, dict) and 'ok' in reply or 'master' in reply
+    assert isinstance(reply, dict) and ('ok' in reply or 'master' in reply)
 
 
 def test_control_server_replaces_a_stale_socket_refuses_a_folder(bare,
@@ -9961,9 +9960,11 @@ def test_file_leader_check_mode_and_symlink(tmp_path):
     assert 'symbolic link' in e.value.reason
 
 
-def test_leadership_stands_by_until_the_lock_is_free(bare, tmp_path):
+def test_leadership_stands_by_until_the_lock_is_free(bare, tmp_path,
+                                                     idle_children):
     """A standby master wants no workers while another process holds the
-    lock, and becomes active once the holder is gone."""
+    lock, and becomes active once the holder is gone; stepping down
+    stops its workers within the grace."""
     a = bare(number_workers=2,
              leader_lock='file:' + str(tmp_path / 'leader.lock'))
     lock = processhandler.make_leader(a.cfg)
@@ -9996,6 +9997,15 @@ def test_leadership_stands_by_until_the_lock_is_free(bare, tmp_path):
     wait_for(lambda: a.leadership.tend() or a.active, what='active')
     assert a.wanted() == 2 and lock.holder() == lock.token
     assert a.leadership.deadlines() == [a.leadership.next_at, float('inf')]
+    workers = [add_worker(a, n, idle_children().pid) for n in (1, 2)]
+    a.leadership.step_down('a test')
+    assert not a.active and a.wanted() == 0
+    for proc in workers:
+        assert proc.state == PHState.STOPPING
+        assert proc.kill_at <= time.monotonic() + a.cfg.graceful_timeout
+        status = reap(proc.pid)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+        del a.procs[proc.pid]
     a.stopping = True            # stopping with no worker left: untended
     assert a.leadership.deadlines() == []
     lock.release()
@@ -10452,9 +10462,7 @@ def test_scoreboard_cells_shared_full_and_reused_clean():
         assert board.get(c, SB.REQUESTS) == 123
         assert board.getf(c, SB.RUN_STARTED) == 1.5
         assert board.get(c, SB.STATE) == SB.BOOTED
-        text = board.text(c)
-        assert len(text.encode('utf-8', 'replace')) <= SB.TEXT + 2
-        assert text.rstrip(u'\ufffd') == u'\xe9' * 119   # cut, not spilled
+        assert board.text(c) == u'\xe9' * 119   # cut between characters
         assert board.text(cells[2]) == ''            # the next cell intact
         board.release(c)
         assert board.alloc() == c                    # reused first...
