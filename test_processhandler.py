@@ -9556,6 +9556,9 @@ def bare(tmp_path):
         a.control_server.close()
         a.metrics.close()
         a.selector.close()
+        a.board.close()
+        if a.logfile is not None:
+            a.logfile.close()
 
 
 @pytest.fixture
@@ -9670,7 +9673,7 @@ def add_worker(a, number, pid, requests=0, booted=True, generation=None,
     return proc
 
 
-# -- UpgradeState ---------------------------------------------------------------
+# -- UpgradeState -------------------------------------------------------------
 
 _json_scalars = (st.none() | st.booleans() | st.integers() |
                  st.floats(allow_nan=False) | st.text(max_size=20))
@@ -9745,7 +9748,7 @@ def test_upgrade_state_previous_config_is_the_same_config(tmp_path):
     assert old.pidfile == str(tmp_path / 'run' / 'ph.pid')
 
 
-# -- ControlServer ----------------------------------------------------------------
+# -- ControlServer ------------------------------------------------------------
 
 def serve_control(a, until, what):
     """Turn the Arbiter's selector as its loop does (accept, read, reply)
@@ -9924,7 +9927,7 @@ def test_control_server_refuses_another_uid(bare, tmp_path):
     assert control_reply(a, s)['master']['pid'] == os.getpid()
 
 
-# -- Leadership, FileLeader ---------------------------------------------------------
+# -- Leadership, FileLeader ---------------------------------------------------
 
 def test_file_leader_excludes_another_process(tmp_path):
     """fcntl locks are per process: the second leader is a forked child."""
@@ -10011,7 +10014,7 @@ def test_leadership_stands_by_until_the_lock_is_free(bare, tmp_path,
     lock.release()
 
 
-# -- Metrics --------------------------------------------------------------------------
+# -- Metrics ------------------------------------------------------------------
 
 def counters(fams):
     """{(sample name, labels): value} of the *_total samples."""
@@ -10173,7 +10176,7 @@ def test_metrics_http_outlet(bare):
     serve_control(a, lambda: not a.metrics.conns, 'scrapes dropped')
 
 
-# -- Reload ---------------------------------------------------------------------------
+# -- Reload -------------------------------------------------------------------
 
 RELOAD_INI = '''\
 [processhandler]
@@ -10291,9 +10294,33 @@ def test_reload_coalesces_and_refuses_when_stopping(bare, tmp_path,
     assert a.reloads == {'count': 2, 'result': 'failed', 'generation': None,
                          'reason': 'the master is stopping'}
     assert a.generation == 1
+    a.reloader.refuse('the master is stopping')   # a HUP from now on
+    assert a.reloads['count'] == 3 and a.reloads['result'] == 'failed'
 
 
-# -- WorkerExit, and the Arbiter's judgement of it ---------------------------
+def test_reload_check_cancelled(bare, tmp_path, keep_logging):
+    """A check that is KILLed (too slow, or the master stops) is a
+    failed reload that says so; the old config stays."""
+    a, ini = reload_project(bare, tmp_path)
+    (tmp_path / 'rjob.py').write_text(RELOAD_JOB.format(
+        extra='import time\ntime.sleep(60)'))
+    a.reloader.start()
+    check = a.reload_check.pid
+    importer = wait_for(lambda: descendants(check), what='the import child')
+    try:
+        a.reload_check.cancel()
+        reload_checked(a)
+    finally:
+        # Orphans now (a master, a subreaper, stops them at its exit).
+        for pid in importer:
+            processhandler.kill_quietly(pid, signal.SIGKILL)
+    assert a.reloads['result'] == 'failed' and a.generation == 1
+    assert a.reloads['reason'] == ('the check of the worker code ended '
+                                   '(killed by SIGKILL)')
+    wait_for(lambda: not any(alive(p) for p in importer), what='gone')
+
+
+# -- WorkerExit, and the Arbiter's judgement of it ----------------------------
 
 def test_worker_exit_reads_status_and_cell(bare):
     a = bare()
@@ -10349,7 +10376,8 @@ def test_worker_exit_judged_boot_failure_or_not(bare):
     ok, three = wait_status(0), wait_status(3)
     killed = wait_status(sig=signal.SIGKILL)
     slot = judged(a, three, booted=False, text='init() raised KeyError: x')
-    assert slot.failures == 1 and slot.last_error == 'init() raised KeyError: x'
+    assert slot.failures == 1
+    assert slot.last_error == 'init() raised KeyError: x'
     assert slot.backoff_until > time.monotonic()
     slot = judged(a, killed, booted=False)
     assert slot.last_error == 'died while booting (killed by SIGKILL)'
@@ -10369,7 +10397,7 @@ def test_worker_exit_judged_boot_failure_or_not(bare):
     assert a.metrics.backoffs == 4
 
 
-# -- MemoryWatch, Watchdog ------------------------------------------------------
+# -- MemoryWatch, Watchdog ----------------------------------------------------
 
 def test_memory_watch_enforces_limits_on_real_processes(bare,
                                                         idle_children):
@@ -10441,7 +10469,7 @@ def test_watchdog_feeds_systemd_at_half_the_interval(tmp_path, monkeypatch):
         sock.close()
 
 
-# -- Scoreboard --------------------------------------------------------------------
+# -- Scoreboard ---------------------------------------------------------------
 
 def test_scoreboard_cells_shared_full_and_reused_clean():
     board = SB(3)
@@ -10473,7 +10501,7 @@ def test_scoreboard_cells_shared_full_and_reused_clean():
         board.close()
 
 
-# -- Spare (the master's half), WorkerBirth (around the fork) ---------------------
+# -- Spare (the master's half), WorkerBirth (around the fork) -----------------
 # Spare.keep() forks a real spare, whose child half (WorkerBirth.prepare:
 # close the master's descriptors, drop privileges, become a worker) needs
 # an Arbiter after setup(); a child that does what a waiting spare does
