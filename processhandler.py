@@ -153,6 +153,37 @@ PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 
 _libc_cache = []
+_peercred_cache = []
+
+
+def peercred_option():
+    """SO_PEERCRED, or None where a unix socket's peer cannot be asked.
+
+    PyPy 3.9's socket module does not name it (the control socket's uid
+    check would then let anyone in): on Linux its value (17; 21 on POWER)
+    is probed once on a socketpair, which must report ourselves."""
+    if not _peercred_cache:
+        opt = getattr(socket, 'SO_PEERCRED', None)
+        if opt is None and IS_LINUX:
+            opt = next((n for n in (17, 21) if _peercred_works(n)), None)
+        _peercred_cache.append(opt)
+    return _peercred_cache[0]
+
+
+def _peercred_works(opt):
+    try:
+        a, b = socket.socketpair()
+    except OSError:
+        return False
+    try:
+        raw = a.getsockopt(socket.SOL_SOCKET, opt, struct.calcsize('3i'))
+        return struct.unpack('3i', raw) == (os.getpid(), os.geteuid(),
+                                            os.getegid())
+    except (OSError, struct.error):
+        return False
+    finally:
+        a.close()
+        b.close()
 
 
 def libc():
@@ -2553,7 +2584,10 @@ class Scoreboard(object):
         return self.capacity * self.cell_bytes + cell * self.TEXT
 
     def set_text(self, cell, text):
-        data = text.encode('utf-8', 'replace')[:self.TEXT - 1]
+        # Cut on a character boundary: a reason in status must not end
+        # in half a character (U+FFFD when read back).
+        data = text.encode('utf-8', 'replace')[:self.TEXT - 1].decode(
+            'utf-8', 'ignore').encode('utf-8')
         off = self._text_offset(cell)
         self.mm[off:off + self.TEXT] = data + b'\0' * (self.TEXT - len(data))
 
@@ -4176,8 +4210,8 @@ class ControlServer(object):
         self.buffers[conn] = b''
 
     def peer_allowed(self, conn):
-        cred = getattr(socket, 'SO_PEERCRED', None)
-        if cred is None:
+        cred = peercred_option()
+        if cred is None:   # not Linux: the socket's mode 0600 guards it
             return True
         try:
             raw = conn.getsockopt(socket.SOL_SOCKET, cred,
@@ -4201,7 +4235,11 @@ class ControlServer(object):
         self.arbiter.selector.unregister(conn)
         self.buffers.pop(conn, None)
         if b'\n' not in buf:
-            conn.close()
+            if data:   # 64 KiB and no end of line: say so, not just close
+                self.reply(conn, {'ok': False, 'error': 'request too long '
+                                  '(over %d bytes)' % (len(buf) - 1)})
+            else:      # the client left before its request ended
+                conn.close()
             return
         reply = self.handle(buf.split(b'\n', 1)[0], conn)
         if reply is not None:

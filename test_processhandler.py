@@ -9543,3 +9543,1095 @@ def test_collaborators_stand_on_their_own():
         7, False, True, 'exit status 0')
     assert ex.name == 'worker 2 (pid %d)' % os.getpid()
     board.close()
+
+
+# ==== Collaborators on their own (issue 13 item 1) ===========================
+# Each collaborator of the Arbiter, driven from a test without the loop: an
+# Arbiter built from a Config that never ran setup() gets only what the
+# collaborator reads (a scoreboard, a selector, a PidFile path, a log file),
+# and the test calls what the loop would call.  Real sockets, files, pipes
+# and forked children; nothing of the OS or the clock is faked.
+
+import errno       # noqa: E402  (this banner's own imports)
+import logging     # noqa: E402
+import select      # noqa: E402
+import selectors   # noqa: E402
+
+SB = processhandler.Scoreboard
+PHState = processhandler.State
+
+
+@pytest.fixture
+def bare(tmp_path):
+    """make(**keys) -> an Arbiter that never ran, with a Scoreboard, a
+    selector and an (unlocked) PidFile in tmp_path; all closed after."""
+    made = []
+
+    def make(**keys):
+        keys.setdefault('pidfile', str(tmp_path / 'ph.pid'))
+        cfg = keys.pop('cfg', None) or processhandler.Config(keys)
+        a = processhandler.Arbiter(cfg)
+        a.board = SB(16)
+        a.selector = selectors.DefaultSelector()
+        a.pidfile = processhandler.PidFile(a.cfg.pidfile)
+        made.append(a)
+        return a
+    yield make
+    for a in made:
+        a.control_server.close()
+        a.metrics.close()
+        a.selector.close()
+        a.board.close()
+        if a.logfile is not None:
+            a.logfile.close()
+
+
+@pytest.fixture
+def keep_logging():
+    """Reload.commit() routes the root logger to the Arbiter's log file,
+    as in a master: put this process's logging back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(level)
+
+
+def forked(fn):
+    """Fork a child that runs ``fn()`` and exits with what it returns (an
+    int; 70 when it raised); the child always ends in os._exit."""
+    pid = os.fork()
+    if pid == 0:   # pragma: no cover (child)
+        code = 70
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            code = fn() or 0
+        except BaseException:
+            import traceback
+            traceback.print_exc()   # shown with the failing test's output
+        finally:
+            os._exit(code)
+    return pid
+
+
+def reap(pid):
+    """The wait status of child ``pid`` (polled to the deadline)."""
+    def done():
+        got, status = os.waitpid(pid, os.WNOHANG)
+        return (status,) if got else None
+    return wait_for(done, what='child %d to exit' % pid)[0]
+
+
+def wait_status(code=0, sig=None):
+    """A real waitpid() status: a child that exits ``code`` or dies of
+    ``sig``."""
+    return reap(forked(lambda: os.kill(os.getpid(), sig) if sig else code))
+
+
+class IdleChild(object):
+    """A forked child that stands in for a worker: it blocks on a pipe and
+    exits with the number written to it (or dies of a signal)."""
+
+    def __init__(self):
+        r, self.w = os.pipe()
+
+        def body():
+            os.close(self.w)
+            data = os.read(r, 16)
+            return int(data) if data.strip() else 0
+        self.pid = forked(body)
+        os.close(r)
+
+    def exit(self, code):
+        os.write(self.w, b'%d' % code)
+        return self.reap()
+
+    def reap(self):
+        status = reap(self.pid)
+        os.close(self.w)
+        return status
+
+
+@pytest.fixture
+def idle_children():
+    """make() -> an IdleChild; every one still running is KILLed and
+    reaped after the test."""
+    made = []
+
+    def make():
+        made.append(IdleChild())
+        return made[-1]
+    yield make
+    for child in made:
+        try:
+            os.kill(child.pid, signal.SIGKILL)
+            os.waitpid(child.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        try:
+            os.close(child.w)
+        except OSError:
+            pass
+
+
+def add_worker(a, number, pid, requests=0, booted=True, generation=None,
+               options=None):
+    """The master's record of a worker in slot ``number`` (a scoreboard
+    cell, a WorkerProcess in procs and in its Slot), as spawn_worker and
+    update_booted leave it."""
+    cell = a.board.alloc()
+    proc = processhandler.WorkerProcess(
+        pid, number, cell, a.generation if generation is None else generation,
+        options or {}, a.cfg)
+    a.board.set(cell, SB.REQUESTS, requests)
+    if booted:
+        a.board.set(cell, SB.STATE, SB.BOOTED)
+        a.set_state(proc, PHState.RUNNING)
+    slot = a.slots.setdefault(number, processhandler.Slot(number))
+    if slot.proc is not None:
+        slot.old.append(slot.proc)
+    slot.proc = proc
+    a.procs[pid] = proc
+    return proc
+
+
+# -- UpgradeState -------------------------------------------------------------
+
+_json_scalars = (st.none() | st.booleans() | st.integers() |
+                 st.floats(allow_nan=False) | st.text(max_size=20))
+_json_values = _json_scalars | st.lists(_json_scalars, max_size=3) | (
+    st.dictionaries(st.text(max_size=8), _json_scalars, max_size=3))
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.fixed_dictionaries(dict(
+    (name, _json_values) for name in processhandler.UpgradeState.FIELDS)))
+def test_upgrade_state_env_round_trip(values):
+    """Every field crosses execve() (JSON in the environment) unchanged;
+    from_env pops the record unless asked to keep it."""
+    env = processhandler.UpgradeState(**values).to_env({'PATH': '/bin'})
+    kept = processhandler.UpgradeState.from_env(env, keep=True)
+    assert processhandler.UPGRADE_ENV in env
+    back = processhandler.UpgradeState.from_env(env)
+    assert processhandler.UPGRADE_ENV not in env and env == {'PATH': '/bin'}
+    for state in (kept, back):
+        assert dict((n, getattr(state, n)) for n in state.FIELDS) == values
+    assert processhandler.UpgradeState.from_env(env) is None
+
+
+@pytest.mark.parametrize('raw', [None, '', 'not json', '{"pidfile": ',
+                                 '[1, 2]', '"text"', '42', 'null'])
+def test_upgrade_state_from_env_refuses_garbage(raw):
+    env = {} if raw is None else {processhandler.UPGRADE_ENV: raw}
+    assert processhandler.UpgradeState.from_env(env, keep=True) is None
+    assert processhandler.UpgradeState.from_env(env) is None
+    assert processhandler.UPGRADE_ENV not in env   # popped all the same
+
+
+def test_upgrade_state_from_env_missing_fields_are_none():
+    env = {processhandler.UPGRADE_ENV: '{"pidfile": "/x.pid"}'}
+    state = processhandler.UpgradeState.from_env(env)
+    assert state.pidfile == '/x.pid'
+    assert all(getattr(state, n) is None for n in state.FIELDS
+               if n != 'pidfile')
+
+
+def test_upgrade_state_previous_config_is_the_same_config(tmp_path):
+    """The old image's config, rebuilt in the new one from the record
+    (after a JSON trip), equals the original in every setting, its
+    extras, path, section and --set overrides."""
+    (tmp_path / 'ph.ini').write_text(textwrap.dedent('''\
+        [job]
+        worker_class = mod:Job
+        number_workers = 3
+        bind = 127.0.0.1:0, unix:ph.sock
+        cpu_affinity = 0,2-3
+        umask = 027
+        timeout = 2.5
+        log_file = logs/ph.log
+        queue_name = jobs
+        '''))
+    cfg = processhandler.load_config(
+        str(tmp_path / 'ph.ini'), 'job',
+        ['graceful_timeout=1.5', 'pidfile=run/ph.pid', 'colour=blue'])
+    record = processhandler.UpgradeState(
+        config=processhandler.UpgradeState.config_record(cfg))
+    env = record.to_env({})
+    old = processhandler.UpgradeState.from_env(env).previous_config()
+    for s in processhandler.SETTINGS:
+        assert getattr(old, s.name) == getattr(cfg, s.name), s.name
+    assert (old.extras, old.path, old.section, old.overrides) == (
+        cfg.extras, cfg.path, cfg.section, cfg.overrides)
+    assert old.extras == {'queue_name': 'jobs', 'colour': 'blue'}
+    assert old.overrides == [('graceful_timeout', '1.5'),
+                             ('pidfile', 'run/ph.pid'), ('colour', 'blue')]
+    assert old.umask == 0o027 and old.cpu_affinity == [0, 2, 3]
+    assert old.pidfile == str(tmp_path / 'run' / 'ph.pid')
+
+
+# -- ControlServer ------------------------------------------------------------
+
+def serve_control(a, until, what):
+    """Turn the Arbiter's selector as its loop does (accept, read, reply)
+    until ``until()`` holds."""
+    def turn():
+        for key, _ in a.selector.select(0.05):
+            key.data(key.fileobj)
+        return until()
+    return wait_for(turn, what=what)
+
+
+def control_client(path, payload):
+    """A client that has connected to the control socket and sent
+    ``payload``: the connection waits in the listen backlog, so the test
+    drives the server from the same thread."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(DEADLINE)
+    s.connect(path)
+    if payload:
+        s.sendall(payload)
+    return s
+
+
+def readable(s):
+    return bool(select.select([s], [], [], 0)[0])
+
+
+def control_reply(a, s):
+    """Serve until ``s`` has its answer; the reply (None: closed without
+    one)."""
+    serve_control(a, lambda: readable(s), 'the control reply')
+    buf = b''
+    try:
+        while not buf.endswith(b'\n'):
+            data = s.recv(65536)
+            if not data:
+                break
+            buf += data
+    finally:
+        s.close()
+    return json.loads(buf.decode()) if buf else None
+
+
+@pytest.fixture
+def control(bare):
+    a = bare(number_workers=2)
+    a.control_server.open()
+    return a
+
+
+def test_control_server_socket_and_status(control, tmp_path):
+    a = control
+    path = a.control_server.path
+    assert path == str(tmp_path / 'ph.pid.sock')
+    st_ = os.lstat(path)
+    assert stat.S_ISSOCK(st_.st_mode) and stat.S_IMODE(st_.st_mode) == 0o600
+    doc = control_reply(a, control_client(path, b'{"cmd": "status"}\n'))
+    assert doc['master']['pid'] == os.getpid()
+    assert doc['master']['number_workers'] == 2
+    assert doc['master']['pidfile'] == str(tmp_path / 'ph.pid')
+    assert doc['workers'] == []
+    health = control_reply(a, control_client(path, b'{"cmd": "health"}\n'))
+    assert health['healthy'] is False
+    assert health['reason'].startswith('0/2 running; slot 1 not started')
+    # A request in pieces is put together before it is answered.
+    s = control_client(path, b'{"cmd": "sta')
+    serve_control(a, lambda: a.control_server.buffers, 'the first piece')
+    s.sendall(b'tus"}\n')
+    assert control_reply(a, s)['master']['pid'] == os.getpid()
+    assert a.control_server.buffers == {}
+    a.control_server.close()
+    assert not os.path.exists(path) and a.control is None
+
+
+@pytest.mark.parametrize('payload, error', [
+    (b'{"cmd": "frobnicate"}\n', "unknown command 'frobnicate'"),
+    (b'not json\n', 'bad request'),
+    (b'\xff\xfe\n', 'bad request'),
+    (b'[1, 2]\n', 'bad request'),
+    (b'"status"\n', 'bad request'),
+    (b'{}\n', 'bad request'),
+    (b'{"cmd": ["status"]}\n', 'bad request'),
+    (b'{"cmd": "incr", "n": 0}\n', 'N must be a positive number'),
+    (b'{"cmd": "decr", "n": "2"}\n', 'N must be a positive number'),
+    (b'{"cmd": "incr", "n": 5000}\n', 'would exceed the maximum of 2000'),
+    (b'{' + b' ' * 70000, 'request too long'),
+])
+def test_control_server_answers_bad_requests(control, payload, error):
+    """Unknown, malformed and oversize requests get an error reply; the
+    server never raises and keeps nothing of the connection."""
+    a = control
+    reply = control_reply(a, control_client(a.control_server.path, payload))
+    assert reply['ok'] is False and error in reply['error'], reply
+    assert a.num_workers == 2 and a.slots == {}   # nothing changed
+    assert a.control_server.buffers == {}
+    assert len(a.selector.get_map()) == 1          # only the listener
+
+
+def test_control_server_client_gone_without_a_request(control):
+    a = control
+    s = control_client(a.control_server.path, b'{"cmd": "stat')
+    s.shutdown(socket.SHUT_WR)
+    assert control_reply(a, s) is None
+    assert a.control_server.buffers == {}
+    assert len(a.selector.get_map()) == 1
+
+
+@settings(max_examples=80, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(line=st.binary(max_size=200) | st.builds(
+    lambda v: json.dumps(v).encode(), _json_values))
+def test_control_server_handle_never_raises(bare, line):
+    """Any request line gets a reply document (the scaling commands,
+    which fork workers, aside)."""
+    a = bare(number_workers=2)
+    try:
+        cmd = json.loads(line.decode())['cmd']
+    except Exception:
+        cmd = None
+    if cmd in ('incr', 'decr'):
+        return
+    reply = a.control_server.handle(line, None)
+    assert isinstance(reply, dict) and ('ok' in reply or 'master' in reply)
+
+
+def test_control_server_replaces_a_stale_socket_refuses_a_folder(bare,
+                                                                tmp_path):
+    a = bare()
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(tmp_path / 'ph.pid.sock'))   # a dead master's socket
+    stale.close()
+    a.control_server.open()
+    s = control_client(a.control_server.path, b'{"cmd": "status"}\n')
+    assert control_reply(a, s)['master']['pid'] == os.getpid()
+    a.control_server.close()
+    b = bare(pidfile=str(tmp_path / 'other.pid'))
+    os.mkdir(str(tmp_path / 'other.pid.sock'))
+    with pytest.raises(processhandler.HaltServer) as e:
+        b.control_server.open()
+    assert 'cannot create control socket' in e.value.reason
+    assert b.control is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason='needs root (setuid)')
+def test_control_server_refuses_another_uid(bare, tmp_path):
+    """SO_PEERCRED: a client of another uid is refused even when the
+    socket's mode would let it in; root, the same request, is answered."""
+    nobody = pwd.getpwnam('nobody')
+    assert processhandler.peercred_option() is not None   # PyPy 3.9 too
+    d = tmp_path / 'ctl'
+    d.mkdir()
+    os.chmod(str(d), 0o711)
+    a = bare(pidfile=str(d / 'ph.pid'))
+    a.control_server.open()
+    os.chmod(a.control_server.path, 0o666)   # only the peer check is left
+
+    def client():
+        os.chdir(str(d))   # tmp_path's parents are closed to nobody
+        os.setgroups([])
+        os.setgid(nobody.pw_gid)
+        os.setuid(nobody.pw_uid)
+        s = control_client('ph.pid.sock', None)   # connected: not EACCES
+        try:
+            s.sendall(b'{"cmd": "status"}\n')
+            data = s.recv(65536)
+        except (BrokenPipeError, ConnectionResetError):
+            data = b''   # closed at once, the request unread
+        return 10 if data == b'' else 11   # refused, or answered
+    pid = forked(client)
+    done = []
+    serve_control(a, lambda: done or done.extend(
+        [x for x in [os.waitpid(pid, os.WNOHANG)] if x[0]]), 'the client')
+    assert os.WIFEXITED(done[0][1]) and os.WEXITSTATUS(done[0][1]) == 10
+    assert a.control_server.buffers == {}
+    s = control_client(a.control_server.path, b'{"cmd": "status"}\n')
+    assert control_reply(a, s)['master']['pid'] == os.getpid()
+
+
+# -- Leadership, FileLeader ---------------------------------------------------
+
+def test_file_leader_excludes_another_process(tmp_path):
+    """fcntl locks are per process: the second leader is a forked child."""
+    path = str(tmp_path / 'leader.lock')
+    first = processhandler.FileLeader(path)
+    assert first.acquire()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    # (Not read here: closing any descriptor of the file would drop this
+    # process's lock.  The child's holder() reads it.)
+    assert first.holder() == first.token
+
+    def second():
+        other = processhandler.FileLeader(path)
+        return 10 * (other.holder() == first.token) + int(other.acquire())
+    assert os.WEXITSTATUS(reap(forked(second))) == 10   # sees it, held
+    assert first.release() and first.fd is None
+    assert first.holder() is None          # nobody holds it now
+    assert os.WEXITSTATUS(reap(forked(second))) == 1    # free: taken
+    assert first.acquire()                 # the child's lock died with it
+    first.release()
+
+
+def test_file_leader_check_mode_and_symlink(tmp_path):
+    path = tmp_path / 'leader.lock'
+    path.write_text('')
+    os.chmod(str(path), 0o644)
+    processhandler.FileLeader(str(path)).check()
+    assert stat.S_IMODE(os.stat(str(path)).st_mode) == 0o600
+    link = tmp_path / 'link.lock'
+    os.symlink(str(path), str(link))
+    with pytest.raises(processhandler.HaltServer) as e:
+        processhandler.FileLeader(str(link)).check()
+    assert 'symbolic link' in e.value.reason
+
+
+def test_leadership_stands_by_until_the_lock_is_free(bare, tmp_path,
+                                                     idle_children):
+    """A standby master wants no workers while another process holds the
+    lock, and becomes active once the holder is gone; stepping down
+    stops its workers within the grace."""
+    a = bare(number_workers=2,
+             leader_lock='file:' + str(tmp_path / 'leader.lock'))
+    lock = processhandler.make_leader(a.cfg)
+    a.leadership = processhandler.Leadership(a, lock)
+    held_r, held_w = os.pipe()
+    go_r, go_w = os.pipe()
+
+    def holder():
+        os.close(held_r)
+        os.close(go_w)
+        taken = processhandler.FileLeader(lock.path).acquire()
+        os.write(held_w, b'1' if taken else b'0')
+        os.read(go_r, 1)   # until the test closes its end
+    pid = forked(holder)
+    os.close(held_w)
+    os.close(go_r)
+    try:
+        assert os.read(held_r, 1) == b'1'
+        a.leadership.tend()
+        assert not a.active and a.wanted() == 0
+        assert a.leadership.deadlines() == [a.leadership.next_at]
+        assert a.leadership.next_at > time.monotonic()
+        healthy, why = a.metrics.health()
+        assert healthy and why.startswith('standby: the leader lock file:')
+        assert a.status()['master']['state'] == 'standby'
+    finally:
+        os.close(go_w)     # the holder exits: the kernel drops its lock
+        os.close(held_r)
+        reap(pid)
+    wait_for(lambda: a.leadership.tend() or a.active, what='active')
+    assert a.wanted() == 2 and lock.holder() == lock.token
+    assert a.leadership.deadlines() == [a.leadership.next_at, float('inf')]
+    workers = [add_worker(a, n, idle_children().pid) for n in (1, 2)]
+    a.leadership.step_down('a test')
+    assert not a.active and a.wanted() == 0
+    for proc in workers:
+        assert proc.state == PHState.STOPPING
+        assert proc.kill_at <= time.monotonic() + a.cfg.graceful_timeout
+        status = reap(proc.pid)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+        del a.procs[proc.pid]
+    a.stopping = True            # stopping with no worker left: untended
+    assert a.leadership.deadlines() == []
+    lock.release()
+
+
+# -- Metrics ------------------------------------------------------------------
+
+def counters(fams):
+    """{(sample name, labels): value} of the *_total samples."""
+    return dict(((name, key), v) for name, samples in fams.items()
+                if name.endswith('_total') for key, v in samples.items())
+
+
+def assert_grew(before, after):
+    for key, value in before.items():
+        assert after.get(key, 0) >= value, (key, value, after.get(key))
+
+
+def test_metrics_exposition_parses_and_counters_only_grow(bare,
+                                                          idle_children):
+    """Three live workers (real processes: their RSS is read), then three
+    exits of different kinds: the text parses with prometheus_client's
+    parser at every step and no counter ever goes down, requests of a
+    reaped worker included."""
+    a = bare(number_workers=3)
+    kids = [idle_children() for _ in range(3)]
+    procs = [add_worker(a, n, kid.pid, requests=10 * n, booted=n < 3)
+             for n, kid in enumerate(kids, 1)]
+    a.spawns = 3
+    fams = families(a.metrics.exposition())
+    slot = lambda n: (('slot', str(n)),)   # noqa: E731
+    assert fams['processhandler_requests_total'] == {
+        slot(1): 10.0, slot(2): 20.0, slot(3): 30.0}
+    assert fams['processhandler_workers_running'] == {(): 2.0}
+    assert fams['processhandler_workers_wanted'] == {(): 3.0}
+    assert fams['processhandler_worker_spawns_total'] == {(): 3.0}
+    rss = fams['processhandler_worker_rss_bytes']
+    assert set(rss) == {slot(1), slot(2), slot(3)} and min(rss.values()) > 0
+    seen = counters(fams)
+    for proc, status in [(procs[0], kids[0].exit(0)),
+                         (procs[1], (os.kill(kids[1].pid, signal.SIGKILL),
+                                     kids[1].reap())[1]),
+                         (procs[2], kids[2].exit(3))]:
+        del a.procs[proc.pid]   # what reap_workers does, then:
+        a.metrics.worker_exited(proc, status)
+        a.release_proc(proc)    # the cell is free: its count is kept
+        now = counters(families(a.metrics.exposition()))
+        assert_grew(seen, now)
+        seen = now
+    fresh = add_worker(a, 1, os.getpid(), requests=5)   # slot 1's next one
+    exits = 'processhandler_worker_exits_total'
+    now = counters(families(a.metrics.exposition()))
+    assert_grew(seen, now)
+    assert now[('processhandler_requests_total', slot(1))] == 15.0
+    assert now[('processhandler_requests_total', slot(3))] == 30.0
+    assert dict((k[1][0][1], v) for k, v in now.items() if k[0] == exits) == {
+        'max_requests': 0, 'memory': 0, 'timeout': 0, 'crash': 0,
+        'boot_failure': 1, 'signal': 1, 'stopped': 0, 'exited': 1}
+    assert fresh.cell == procs[2].cell      # reused, and zeroed first
+
+
+def test_metrics_exit_reasons(bare):
+    """How Metrics classifies an exit, from real wait statuses."""
+    a = bare()
+    ok, three = wait_status(0), wait_status(3)
+    killed = wait_status(sig=signal.SIGKILL)
+
+    def reason(status, booted=True, board_reason=0, **attrs):
+        proc = add_worker(a, 1, 10 ** 6, booted=booted)
+        a.board.set(proc.cell, SB.REASON, board_reason)
+        for k, v in attrs.items():
+            setattr(proc, k, v)
+        try:
+            return a.metrics.exit_reason(proc, status)
+        finally:
+            a.release_proc(proc)
+            del a.procs[proc.pid]
+    assert reason(ok) == 'exited'
+    assert reason(three) == 'crash'
+    assert reason(killed) == 'signal'
+    assert reason(three, booted=False) == 'boot_failure'
+    assert reason(killed, booted=False) == 'boot_failure'
+    assert reason(ok, board_reason=SB.R_MAX_REQUESTS) == 'max_requests'
+    assert reason(ok, board_reason=SB.R_MEMORY) == 'memory'
+    assert reason(killed, stop_reason='hard memory limit',
+                  state=PHState.STOPPING) == 'memory'
+    assert reason(killed, timed_out=True, state=PHState.STOPPING) == 'timeout'
+    assert reason(ok, state=PHState.STOPPING) == 'stopped'
+
+
+def statsd_lines(rx, flush):
+    """The packets one flush sends (a marker sent after it ends them:
+    loopback delivers in order)."""
+    flush()
+    mark = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    mark.sendto(b'--', rx.getsockname())
+    mark.close()
+    lines = []
+    while True:
+        data = rx.recv(4096).decode('ascii')
+        if data == '--':
+            return lines
+        lines.append(data)
+
+
+def test_metrics_statsd_lines(bare):
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(('127.0.0.1', 0))
+    rx.settimeout(DEADLINE)
+    try:
+        a = bare(number_workers=2, statsd_prefix='.svc.app.',
+                 statsd_host='127.0.0.1:%d' % rx.getsockname()[1])
+        a.metrics.open()
+        first = statsd_lines(rx, a.metrics.flush_statsd)
+        for line in first:
+            assert re.match(r'^svc\.app\.processhandler\.[a-z_.]+:\d+\|[gc]$',
+                            line), line
+        gauges = dict(line[len('svc.app.processhandler.'):].split('|')[0]
+                      .split(':') for line in first)
+        assert set(gauges) == {'workers', 'workers.wanted', 'backoff',
+                               'generation', 'active', 'uptime'}
+        assert (gauges['workers.wanted'], gauges['generation'],
+                gauges['active']) == ('2', '1', '1')
+        a.spawns += 2                                 # counters as deltas
+        a.metrics.slot_failed(processhandler.Slot(1))
+        second = [x for x in statsd_lines(rx, a.metrics.flush_statsd)
+                  if x.endswith('|c')]
+        assert sorted(second) == ['svc.app.processhandler.backoffs:1|c',
+                                  'svc.app.processhandler.spawns:2|c']
+        third = statsd_lines(rx, a.metrics.flush_statsd)
+        assert len(third) == 6 and not [x for x in third if x.endswith('|c')]
+    finally:
+        rx.close()
+
+
+def test_metrics_http_outlet(bare):
+    """GET /metrics through the master's own non-blocking responder."""
+    a = bare(number_workers=1, metrics_bind='127.0.0.1:0')
+    a.metrics.open()
+    addr = a.metrics.http.getsockname()
+
+    def get(request):
+        c = socket.create_connection(addr, timeout=DEADLINE)
+        c.sendall(request)
+        serve_control(a, lambda: readable(c), 'the response')
+        data = b''
+        while True:
+            chunk = c.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+            serve_control(a, lambda: True, 'a turn')
+        c.close()
+        return data
+    data = get(b'GET /metrics HTTP/1.0\r\n\r\n')
+    head, _, body = data.partition(b'\r\n\r\n')
+    assert head.startswith(b'HTTP/1.0 200 OK')
+    assert families(body.decode())['processhandler_workers_wanted'] == {
+        (): 1.0}
+    assert get(b'GET /nope HTTP/1.0\r\n\r\n').startswith(b'HTTP/1.0 404')
+    assert get(b'POST /metrics HTTP/1.0\r\n\r\n').startswith(b'HTTP/1.0 405')
+    assert get(b'nonsense\r\n\r\n').startswith(b'HTTP/1.0 400')
+    head = get(b'HEAD /metrics HTTP/1.0\r\n\r\n')
+    assert head.startswith(b'HTTP/1.0 200') and head.endswith(b'\r\n\r\n')
+    serve_control(a, lambda: not a.metrics.conns, 'scrapes dropped')
+
+
+# -- Reload -------------------------------------------------------------------
+
+RELOAD_INI = '''\
+[processhandler]
+worker_class = {module}:Job
+number_workers = {n}
+pidfile = ph.pid
+log_file = ph.log
+'''
+RELOAD_JOB = '''\
+import processhandler
+{extra}
+
+class Job(processhandler.Worker):
+    def run(self):
+        pass
+'''
+
+
+def reload_project(bare, tmp_path, n=2, module='rjob'):
+    """An Arbiter of a config file, with its log open (what a HUP needs)."""
+    ini = tmp_path / 'ph.ini'
+    ini.write_text(RELOAD_INI.format(module=module, n=n))
+    (tmp_path / (module + '.py')).write_text(RELOAD_JOB.format(extra=''))
+    a = bare(cfg=processhandler.load_config(str(ini)))
+    a.logfile = processhandler.LogFile(a.cfg.log_file)
+    return a, ini
+
+
+def reload_checked(a):
+    """Reap the ReloadCheck's child and hand its verdict over, as
+    reap_workers does."""
+    check = a.reload_check
+    status = reap(check.pid)
+    a.reloader.checked(check.exited(status))
+
+
+def test_reload_commits_and_finishes(bare, tmp_path, keep_logging,
+                                     idle_children):
+    a, ini = reload_project(bare, tmp_path)
+    old_cfg = a.cfg
+    ini.write_text(ini.read_text().replace('number_workers = 2',
+                                           'number_workers = 3'))
+    a.reloader.start()
+    assert a.reloads == {'count': 1, 'result': 'checking', 'reason': None,
+                         'generation': None}
+    assert a.reload_check.pid is not None and a.generation == 1
+    reload_checked(a)
+    assert a.reloads == {'count': 1, 'result': 'pending', 'reason': None,
+                         'generation': 2}
+    assert a.generation == 2 and a.num_workers == 3
+    assert a.cfg is not old_cfg and a.cfg.number_workers == 3
+    assert a.reloader.rollback['cfg'] is old_cfg
+    assert a.reload_check.pid is None
+    for n in (1, 2):                       # not every slot runs gen 2 yet
+        add_worker(a, n, idle_children().pid)
+    a.reloader.progress()
+    assert a.reloads['result'] == 'pending'
+    add_worker(a, 3, idle_children().pid)
+    a.reloader.progress()
+    assert a.reloads['result'] == 'done' and a.reloader.rollback is None
+
+
+def test_reload_rolls_back_and_stops_the_new_generation(
+        bare, tmp_path, keep_logging, idle_children):
+    a, ini = reload_project(bare, tmp_path)
+    old_cfg = a.cfg
+    olds = [add_worker(a, n, idle_children().pid) for n in (1, 2)]
+    a.reloader.start()
+    reload_checked(a)
+    assert a.reloads['result'] == 'pending' and a.generation == 2
+    new = add_worker(a, 1, idle_children().pid, booted=False)
+    assert a.slots[1].old == [olds[0]]
+    a.reloader.roll_back('worker 1: boom')
+    assert a.reloads['result'] == 'failed'
+    assert a.reloads['reason'] == ('worker 1: boom; rolled back to '
+                                   'generation 1')
+    assert a.cfg is old_cfg and a.generation == 1
+    assert a.slots[1].proc is olds[0] and a.slots[1].old == [new]
+    assert new.state == PHState.STOPPING and new.kill_at is not None
+    status = reap(new.pid)     # it was sent TERM
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    assert all(alive(p.pid) for p in olds)
+
+
+def test_reload_fails_on_the_new_code_or_config(bare, tmp_path,
+                                               keep_logging):
+    a, ini = reload_project(bare, tmp_path)
+    old_cfg = a.cfg
+    (tmp_path / 'rjob.py').write_text(RELOAD_JOB.format(extra='1 / 0'))
+    a.reloader.start()
+    reload_checked(a)
+    assert a.reloads['result'] == 'failed'
+    assert 'ZeroDivisionError' in a.reloads['reason']
+    assert a.cfg is old_cfg and a.generation == 1 and a.num_workers == 2
+    ini.write_text(ini.read_text() + 'number_workers_x = 1\ntimeout = x\n')
+    a.reloader.start()           # a bad file fails at once, no check forked
+    assert a.reload_check.pid is None
+    assert a.reloads['count'] == 2 and a.reloads['result'] == 'failed'
+    assert 'timeout' in a.reloads['reason']
+    assert a.cfg is old_cfg and a.generation == 1
+
+
+def test_reload_coalesces_and_refuses_when_stopping(bare, tmp_path,
+                                                   keep_logging):
+    a, ini = reload_project(bare, tmp_path)
+    a.reloader.start()
+    first = a.reload_check.pid
+    a.reloader.start()            # a HUP during the check: check again
+    assert a.reload_check.again and a.reload_check.pid == first
+    reload_checked(a)             # the first verdict is dropped
+    assert a.reloads['result'] == 'checking' and a.generation == 1
+    assert a.reload_check.pid not in (None, first)
+    a.stopping = True             # the master stops meanwhile
+    reload_checked(a)
+    assert a.reloads == {'count': 2, 'result': 'failed', 'generation': None,
+                         'reason': 'the master is stopping'}
+    assert a.generation == 1
+    a.reloader.refuse('the master is stopping')   # a HUP from now on
+    assert a.reloads['count'] == 3 and a.reloads['result'] == 'failed'
+
+
+def test_reload_check_cancelled(bare, tmp_path, keep_logging):
+    """A check that is KILLed (too slow, or the master stops) is a
+    failed reload that says so; the old config stays."""
+    a, ini = reload_project(bare, tmp_path)
+    (tmp_path / 'rjob.py').write_text(RELOAD_JOB.format(
+        extra='import time\ntime.sleep(60)'))
+    a.reloader.start()
+    check = a.reload_check.pid
+    importer = wait_for(lambda: descendants(check), what='the import child')
+    try:
+        a.reload_check.cancel()
+        reload_checked(a)
+    finally:
+        # Orphans now (a master, a subreaper, stops them at its exit).
+        for pid in importer:
+            processhandler.kill_quietly(pid, signal.SIGKILL)
+    assert a.reloads['result'] == 'failed' and a.generation == 1
+    assert a.reloads['reason'] == ('the check of the worker code ended '
+                                   '(killed by SIGKILL)')
+    wait_for(lambda: not any(alive(p) for p in importer), what='gone')
+
+
+# -- WorkerExit, and the Arbiter's judgement of it ----------------------------
+
+def test_worker_exit_reads_status_and_cell(bare):
+    a = bare()
+    killed, three = wait_status(sig=signal.SIGKILL), wait_status(3)
+    proc = add_worker(a, 2, 4242, requests=7)
+    a.board.setf(proc.cell, SB.BOOTED_AT, time.monotonic() - 5.0)
+    a.board.setf(proc.cell, SB.INIT_RSS, 12.5)
+    ex = processhandler.WorkerExit(proc, killed, a.board)
+    assert (ex.booted, ex.signaled, ex.ok_exit, ex.how, ex.requests) == (
+        True, True, False, 'killed by SIGKILL', 7)
+    assert ex.name == 'worker 2 (pid 4242)' and ex.init_rss == 12.5
+    assert 5.0 <= ex.up < 5.0 + DEADLINE and not ex.memory
+    proc.stop_reason = 'hard memory limit'
+    assert processhandler.WorkerExit(proc, killed, a.board).memory
+    early = add_worker(a, 3, 4343, booted=False)
+    a.board.set_text(early.cell, 'init() raised ValueError: no db')
+    ex = processhandler.WorkerExit(early, three, a.board)
+    assert (ex.booted, ex.signaled, ex.ok_exit, ex.how, ex.text) == (
+        False, False, False, 'exit status 3',
+        'init() raised ValueError: no db')
+    assert 0 <= ex.up < DEADLINE          # from the spawn: it never booted
+    a.board.set(early.cell, SB.REASON, SB.R_MEMORY)
+    assert processhandler.WorkerExit(early, three, a.board).memory
+    if hasattr(signal, 'SIGRTMIN'):       # CPython 3.11; not PyPy 3.9
+        rt = wait_status(sig=signal.SIGRTMIN + 2)
+        assert processhandler.describe_status(rt) == 'killed by SIGRTMIN+2'
+
+
+def judged(a, status, booted=True, text='', requests=0, up=5.0, reason=0,
+           **attrs):
+    """The slot after the Arbiter judged a replaced worker's exit."""
+    slot = a.slots[1] = processhandler.Slot(1)
+    proc = add_worker(a, 1, 10 ** 6, booted=booted, requests=requests)
+    a.board.set_text(proc.cell, text)
+    a.board.set(proc.cell, SB.REASON, reason)
+    if booted:
+        a.board.setf(proc.cell, SB.BOOTED_AT, time.monotonic() - up)
+    for k, v in attrs.items():
+        setattr(proc, k, v)
+    ex = processhandler.WorkerExit(proc, status, a.board)
+    del a.procs[proc.pid]
+    a.release_proc(proc)
+    a.judge_exit(slot, proc, ex)
+    return slot
+
+
+def test_worker_exit_judged_boot_failure_or_not(bare):
+    """Boot failures back off (their own, or killed while booting);
+    a recycle or a worker that served a while does not; an early death
+    of one that handled nothing does."""
+    a = bare()
+    a.ready = True     # past the start: a failure backs off, not halts
+    ok, three = wait_status(0), wait_status(3)
+    killed = wait_status(sig=signal.SIGKILL)
+    slot = judged(a, three, booted=False, text='init() raised KeyError: x')
+    assert slot.failures == 1
+    assert slot.last_error == 'init() raised KeyError: x'
+    assert slot.backoff_until > time.monotonic()
+    slot = judged(a, killed, booted=False)
+    assert slot.last_error == 'died while booting (killed by SIGKILL)'
+    slot = judged(a, three, up=0.1)
+    assert slot.failures == 1 and slot.last_error.startswith('died 0.1')
+    assert slot.last_error.endswith('after boot: exit status 3')
+    slot = judged(a, killed, up=0.1, requests=3)   # busy: replaced at once
+    assert slot.failures == 0 and slot.early_deaths == 1
+    slot = judged(a, three, up=30.0, requests=3)   # served a while: crash
+    assert slot.failures == 0 and slot.backoff_until == 0.0
+    slot = judged(a, ok, up=0.1, requests=100, reason=SB.R_MAX_REQUESTS)
+    assert (slot.failures, slot.early_deaths) == (0, 0)   # a recycle
+    a.cfg.soft_memory_limit = 50.0
+    slot = judged(a, ok, stop_reason='soft memory limit', soft_limit=50.0)
+    assert slot.failures == 1 and 'over its memory limit (50 MB)' in (
+        slot.last_error)
+    assert a.metrics.backoffs == 4
+
+
+# -- MemoryWatch, Watchdog ----------------------------------------------------
+
+def test_memory_watch_enforces_limits_on_real_processes(bare,
+                                                        idle_children):
+    """Over soft: TERM (a graceful stop); over hard: KILL; no limit:
+    left alone.  The next check is check_interval later."""
+    a = bare(check_interval=30.0)
+    assert a.memory.deadline() is None              # no limit anywhere
+    soft = add_worker(a, 1, idle_children().pid,
+                      options={'soft_memory_limit': 1.0})
+    hard = add_worker(a, 2, idle_children().pid,
+                      options={'soft_memory_limit': 1.0,
+                               'hard_memory_limit': 2.0})
+    free = add_worker(a, 3, idle_children().pid)
+    assert a.memory.deadline() == 0.0               # due now
+    a.memory.check()
+    assert time.monotonic() < a.memory.deadline() <= time.monotonic() + 30
+    assert (soft.state, soft.stop_reason) == (PHState.STOPPING,
+                                              'soft memory limit')
+    assert soft.kill_at is not None                 # graceful: KILL later
+    assert (hard.state, hard.stop_reason, hard.kill_at) == (
+        PHState.STOPPING, 'hard memory limit', None)
+    assert free.state == PHState.RUNNING and alive(free.pid)
+    for proc, sig in ((soft, signal.SIGTERM), (hard, signal.SIGKILL)):
+        status = reap(proc.pid)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == sig
+    a.memory.check()          # not due: nothing more happens
+    assert free.state == PHState.RUNNING
+
+
+def test_worker_process_over_limit_hook(bare):
+    """uliweb's reached_*_memory_limit decides; when it raises, the
+    number does."""
+    a = bare(hard_memory_limit=100.0)
+    proc = processhandler.WorkerProcess(1, 1, 0, 1, {}, a.cfg)
+    assert proc.over_limit('hard', 101) and not proc.over_limit('hard', 99)
+    assert not proc.over_limit('soft', 10 ** 6)     # no soft limit
+    proc.reached = lambda kind, rss: kind == 'soft'
+    assert proc.over_limit('soft', 1) and not proc.over_limit('hard', 10 ** 6)
+    proc.reached = lambda kind, rss: 1 / 0
+    assert proc.over_limit('hard', 101) and not proc.over_limit('hard', 99)
+
+
+def test_watchdog_feeds_systemd_at_half_the_interval(tmp_path, monkeypatch):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / 'notify'))
+    sock.setblocking(False)
+    try:
+        monkeypatch.setenv('NOTIFY_SOCKET', str(tmp_path / 'notify'))
+        monkeypatch.setenv('WATCHDOG_USEC', '4000000')
+        monkeypatch.delenv('WATCHDOG_PID', raising=False)
+        dog = processhandler.Watchdog()
+        assert dog.interval == 2.0 and dog.deadline() == 0.0
+        dog.feed()
+        assert sock.recv(100) == b'WATCHDOG=1'
+        assert time.monotonic() < dog.deadline() <= time.monotonic() + 2.0
+        dog.feed()                               # not due yet: silent
+        with pytest.raises(BlockingIOError):
+            sock.recv(100)
+        monkeypatch.setenv('WATCHDOG_PID', str(dead_pid()))   # not ours
+        other = processhandler.Watchdog()
+        assert other.interval == 0 and other.deadline() is None
+        other.feed()
+        monkeypatch.setenv('WATCHDOG_PID', str(os.getpid()))
+        monkeypatch.setenv('WATCHDOG_USEC', 'soon')
+        assert processhandler.Watchdog().deadline() is None
+        with pytest.raises(BlockingIOError):
+            sock.recv(100)
+    finally:
+        sock.close()
+
+
+# -- Scoreboard ---------------------------------------------------------------
+
+def test_scoreboard_cells_shared_full_and_reused_clean():
+    board = SB(3)
+    try:
+        cells = [board.alloc() for _ in range(3)]
+        assert sorted(cells) == [0, 1, 2]
+        with pytest.raises(OSError) as e:
+            board.alloc()
+        assert e.value.errno == errno.ENOSPC
+        c = cells[1]
+
+        def worker():     # writes as a worker does, in its own process
+            board.wq[c * SB.FIELDS + SB.REQUESTS] = 123
+            board.setf(c, SB.RUN_STARTED, 1.5)
+            board.set(c, SB.STATE, SB.BOOTED)
+            board.set_text(c, u'\xe9' * 200)     # 400 bytes of UTF-8
+        assert reap(forked(worker)) == 0
+        assert board.get(c, SB.REQUESTS) == 123
+        assert board.getf(c, SB.RUN_STARTED) == 1.5
+        assert board.get(c, SB.STATE) == SB.BOOTED
+        assert board.text(c) == u'\xe9' * 119   # cut between characters
+        assert board.text(cells[2]) == ''            # the next cell intact
+        board.release(c)
+        assert board.alloc() == c                    # reused first...
+        assert [board.get(c, f) for f in range(SB.FIELDS)] == [
+            0, SB.BOOTING, 0, 0, 0, 0, 0, 0]          # ...and zeroed
+        assert board.text(c) == ''
+    finally:
+        board.close()
+
+
+# -- Spare (the master's half), WorkerBirth (around the fork) -----------------
+# Spare.keep() forks a real spare, whose child half (WorkerBirth.prepare:
+# close the master's descriptors, drop privileges, become a worker) needs
+# an Arbiter after setup(); a child that does what a waiting spare does
+# with its pipe stands in for it here.
+
+class SpareStandIn(object):
+    """A child that reads "slot cell keep_dump\\n" from the spare's pipe as
+    the spare does, sends it back on ``back`` and exits 0 (5: discarded)."""
+
+    def __init__(self):
+        r, self.w = os.pipe()
+        self.back, back_w = os.pipe()
+
+        def body():
+            os.close(self.w)
+            os.close(self.back)
+            data = b''
+            while not data.endswith(b'\n'):
+                chunk = os.read(r, 64)
+                if not chunk:
+                    return 5
+                data += chunk
+            os.write(back_w, data)
+        self.pid = forked(body)
+        os.close(r)
+        os.close(back_w)
+
+    def record(self, generation, dump_fd=None):
+        return processhandler.SpareProcess(self.pid, self.w, dump_fd,
+                                           generation)
+
+    def told(self):
+        try:
+            return os.read(self.back, 64)
+        finally:
+            os.close(self.back)
+
+
+def test_spare_hand_to_discard_and_backoff(bare):
+    a = bare(number_workers=2, timeout=5.0)
+    spare = a.spare
+    assert spare.wanted() and spare.pid is None
+    kid, dump = SpareStandIn(), processhandler.open_dump_file()
+    spare.proc = kid.record(a.generation, dump)
+    assert spare.owns(kid.pid) and spare.deadline(time.monotonic()) is None
+    proc = processhandler.WorkerProcess(0, 2, 5, a.generation, {}, a.cfg)
+    assert spare.hand_to(proc) == kid.pid and spare.proc is None
+    assert kid.told() == b'2 5 1\n' and proc.dump_fd == dump   # may time out
+    assert reap(kid.pid) == 0
+    processhandler.close_dump(proc)
+    # One from before a reload is not used; discarded, it is KILLed.
+    kid = SpareStandIn()
+    spare.proc = kid.record(a.generation - 1)
+    assert spare.hand_to(proc) is None and spare.proc is not None
+    spare.discard('stale')
+    assert spare.proc is None and spare.owns(kid.pid)
+    spare.reap_dead()
+    assert not spare.owns(kid.pid) and kid.told() == b''
+    # One that died unseen: hand_to says so (the caller forks).
+    kid = SpareStandIn()
+    spare.proc = kid.record(a.generation)
+    os.kill(kid.pid, signal.SIGKILL)
+    wait_for(lambda: proc_state(kid.pid) == 'Z', what='a zombie')
+    assert spare.hand_to(proc) is None and spare.owns(kid.pid)
+    spare.reap_dead()
+    kid.told()
+    # Spares dying on their own: the next one waits, longer each time.
+    for delay in (0.5, 1.0):
+        kid = SpareStandIn()
+        spare.proc = kid.record(a.generation)
+        os.kill(kid.pid, signal.SIGKILL)
+        spare.exited(kid.pid, reap(kid.pid))
+        kid.told()
+        now = time.monotonic()
+        assert spare.proc is None and not spare.owns(kid.pid)
+        assert now < spare.next_at <= now + delay
+        assert spare.deadline(now) == spare.next_at
+    a.stopping = True
+    assert not spare.wanted() and spare.deadline(time.monotonic()) is None
+
+
+def test_worker_birth_own_listeners_with_reuse_port(bare):
+    a = bare(reuse_port=True, bind=['127.0.0.1:0'])
+    a.sockets = [processhandler.create_listener('127.0.0.1:0',
+                                                reuse_port=True)]
+    try:
+        name = processhandler.listener_name(a.sockets[0])
+        a.birth.open_child_listeners()
+        own = a.birth.own_listeners
+        assert [processhandler.listener_name(s) for s in own] == [name]
+        accepting = lambda s: s.getsockopt(   # noqa: E731
+            socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        assert not accepting(own[0])      # bound, not taking connections
+
+        def worker():
+            socks = a.birth.worker_sockets()
+            return 10 + (socks == own and accepting(own[0]) == 1 and
+                         a.sockets[0].fileno() == -1)
+        assert os.WEXITSTATUS(reap(forked(worker))) == 11
+        assert accepting(a.sockets[0])    # the master's own: untouched
+        a.birth.close_child_listeners()
+        assert a.birth.own_listeners is None and own[0].fileno() == -1
+        a.cfg.reuse_port = False          # shared listeners: none of its own
+        a.birth.open_child_listeners()
+        assert a.birth.own_listeners is None
+        assert a.birth.worker_sockets() == a.sockets
+    finally:
+        a.sockets[0].close()
