@@ -1616,6 +1616,41 @@ def lock_holder(fd):
         return 0
 
 
+def read_locker(fd):
+    """Pid of a process holding a READ lock on ``fd``'s file, or 0.
+
+    No master ever holds one (they write-lock), so it is a stranger who
+    could open the file (one created readable by others by an older
+    version or by hand) and keeps every master from locking it.
+    """
+    try:
+        res = fcntl.fcntl(fd, fcntl.F_GETLK,
+                          _FLOCK.pack(fcntl.F_WRLCK, 0, 0, 0, 0))
+        l_type, _, _, _, l_pid = _FLOCK.unpack(res[:_FLOCK.size])
+    except (OSError, struct.error):
+        return 0
+    return l_pid if l_type == fcntl.F_RDLCK else 0
+
+
+def read_lock_refusal(what, path, pid):
+    """The one line refusing a lock file a stranger read-locks.
+
+    We do not replace the file to get past the lock: only the holder of
+    the write lock may unlink or replace a lock file (see unlock_instance);
+    replacing it without that lock could leave two masters each holding a
+    lock on a different inode, both active.  A clear refusal is safer, and
+    the file is 0600 by now, so it cannot happen again.
+    """
+    try:
+        uid = ' (uid %d)' % os.stat('/proc/%d' % pid).st_uid
+    except OSError:
+        uid = ''
+    return ('%s %s is read-locked by pid %d%s, which is no master: no '
+            'master can lock it while it does; stop that process or remove '
+            'the file (it is 0600 now: others cannot open it again)'
+            % (what, path, pid, uid))
+
+
 def running_pid(path):
     """Pid of the master of pidfile ``path``, or 0: the write-lock holder
     of its instance lock file, else (a caller who may not read that 0600
@@ -1696,7 +1731,11 @@ class PidFile(object):
                     os.close(fd)
                     raise
                 holder = lock_holder(fd)
+                stranger = 0 if holder else read_locker(fd)
                 os.close(fd)
+                if stranger:
+                    raise HaltServer(read_lock_refusal('instance lock',
+                                                       path, stranger))
                 return holder or -1
             if same_file(fd, path):   # not unlinked by a releasing master
                 self.lock_fd = fd
@@ -1789,13 +1828,34 @@ def open_lock_file(path, what, mode):
         raise HaltServer('cannot open %s %s: %s (directory %s)' % (
             what, path, e.strerror, os.path.dirname(path)))
     st = os.fstat(fd)
-    problem = foreign_file(st, what, path)
+    problem = foreign_file(st, what, path) or tighten(fd, st, what, path,
+                                                      mode)
     if problem:
         os.close(fd)
         raise HaltServer(problem)
-    if stat.S_IMODE(st.st_mode) & ~mode:
-        os.fchmod(fd, mode)
     return fd
+
+
+def tighten(fd, st, what, path, mode):
+    """Make an existing lock file ``mode`` (0600) when it is broader: a
+    file others may open is a file they may read-lock for ever.  Through
+    the open descriptor (fchmod), never by path: the path may be swapped
+    in between.  Returns why it cannot be used, or None.
+
+    A root-owned file that a non-root master may open but not chmod: fine
+    when only a group may read it (shared on purpose), refused when every
+    user may (as sshd's StrictModes would): the admin must chmod it.
+    """
+    if not stat.S_IMODE(st.st_mode) & ~mode:
+        return None
+    if st.st_uid == os.geteuid():
+        os.fchmod(fd, mode)
+        return None
+    if st.st_mode & 0o006:
+        return ('%s %s is owned by uid %d and open to every user (mode '
+                '%04o): any of them could lock it; chmod 600 it or remove '
+                'it' % (what, path, st.st_uid, stat.S_IMODE(st.st_mode)))
+    return None
 
 
 def runtime_dir():
@@ -2197,9 +2257,14 @@ class FileLeader(object):
         """At start: refuse a lock file we must not use (HaltServer), as
         the pidfile's: otherwise every master stands by for ever."""
         try:
-            self.discard(self.open())
+            fd = self.open()
+            stranger = read_locker(fd)
+            self.discard(fd)
         except LeaderError as e:
             raise HaltServer('leader_lock: %s' % e)
+        if stranger:
+            raise HaltServer('leader_lock: %s' % read_lock_refusal(
+                'lock file', self.path, stranger))
 
     def open(self):
         # 0600: whoever may open it could hold a read lock on it, and keep
@@ -2220,7 +2285,11 @@ class FileLeader(object):
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            stranger = read_locker(fd)
             os.close(fd)
+            if stranger:   # said once by Leadership, not on every poll
+                raise LeaderError(read_lock_refusal('lock file', self.path,
+                                                    stranger))
             return False
         os.ftruncate(fd, 0)
         os.pwrite(fd, (self.token + '\n').encode(), 0)

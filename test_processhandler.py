@@ -9518,3 +9518,116 @@ def test_collaborators_stand_on_their_own():
         7, False, True, 'exit status 0')
     assert ex.name == 'worker 2 (pid %d)' % os.getpid()
     board.close()
+
+
+# ==== harden: lock files, foreign instances, script folder, stderr, USR1 ====
+
+# Run as nobody (preexec_fn=become_nobody): hold a READ lock on each of
+# argv[1:] (opened read-only) until killed.
+HOLD_READ_LOCKS = '''
+import fcntl, os, sys, time
+fds = [os.open(path, os.O_RDONLY) for path in sys.argv[1:]]
+for fd in fds:
+    fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+print('locked', flush=True)
+time.sleep(600)
+'''
+
+
+def hold_read_locks(*paths):
+    """A nobody process read-locking ``paths``, once it holds the locks."""
+    locker = subprocess.Popen([python_for_nobody(), '-c', HOLD_READ_LOCKS]
+                              + list(paths), preexec_fn=become_nobody,
+                              stdout=subprocess.PIPE, universal_newlines=True)
+    if locker.stdout.readline().strip() != 'locked':
+        locker.kill()
+        locker.wait()
+        raise AssertionError('nobody could not read-lock %s' % (paths,))
+    return locker
+
+
+def stop_locker(locker):
+    locker.kill()
+    locker.wait()
+    locker.stdout.close()
+
+
+@NEEDS_ROOT
+def test_a_strangers_read_lock_on_a_preexisting_lock_file_is_refused(
+        open_proj):
+    """A leader lock file, or a <pidfile>.lock, made 0644 by an older
+    version or by hand, read-locked by nobody before the master starts:
+    start exits 1 with one line naming the file and nobody's pid (no
+    master could ever lock it; we do not unlink a lock we do not hold),
+    the file is 0600 afterwards, and once the stranger is gone the
+    master starts and is active."""
+    proj = open_proj
+    leader = os.path.join(proj.path, 'leader.lock')
+    instance = proj.pidfile + '.lock'
+    proj.write_config(number_workers=1, leader_lock='file:' + leader)
+    for path in (instance, leader):
+        with open(path, 'w'):
+            pass
+        os.chmod(path, 0o644)
+        locker = hold_read_locks(path)
+        try:
+            res = proj.ph('start', '-d', timeout=DEADLINE * 3)
+            track_started(proj)
+            assert res.returncode == 1, (res.stdout, res.stderr)
+            line = one_line(res)
+            assert path in line and 'pid %d' % locker.pid in line, line
+            assert 'no master' in line, line
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+            assert locker.poll() is None, 'the stranger was signalled'
+        finally:
+            stop_locker(locker)
+    master = proj.start_daemon()
+    proj.wait_running(1)
+    assert proj.status()['master']['state'] == 'active'
+    assert proj.ph('stop').returncode == 0
+    assert not alive(master)
+
+
+@NEEDS_ROOT
+def test_file_leader_read_locked_by_a_stranger_is_a_leader_error(open_proj):
+    """At run time (a standby polling) the same refusal is a LeaderError,
+    which Leadership logs once; a world-readable lock file we own is made
+    0600 through the descriptor."""
+    path = os.path.join(open_proj.path, 'leader.lock')
+    with open(path, 'w'):
+        pass
+    os.chmod(path, 0o644)
+    locker = hold_read_locks(path)
+    try:
+        lock = processhandler.FileLeader(path)
+        with pytest.raises(processhandler.LeaderError,
+                           match='read-locked by pid %d' % locker.pid):
+            lock.acquire()
+        assert lock.fd is None
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    finally:
+        stop_locker(locker)
+    assert processhandler.FileLeader(path).acquire()
+
+
+@NEEDS_ROOT
+def test_lock_file_of_root_open_to_all_refused_for_a_non_root_master(
+        open_proj):
+    """A root-owned 0666 lock file a non-root master may open but not
+    chmod: refused in one line (any user could lock it), no traceback."""
+    path = os.path.join(open_proj.path, 'leader.lock')
+    with open(path, 'w'):
+        pass
+    os.chmod(path, 0o666)
+    code = ('import processhandler, sys\n'
+            'try:\n'
+            '    processhandler.FileLeader(sys.argv[1]).check()\n'
+            'except processhandler.HaltServer as e:\n'
+            '    print(e.reason)\n')
+    res = subprocess.run([python_for_nobody(), '-c', code, path],
+                         cwd=HERE, preexec_fn=become_nobody,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, timeout=60)
+    assert res.returncode == 0 and not res.stderr, res
+    assert 'open to every user (mode 0666)' in res.stdout, res.stdout
+    assert 'chmod 600' in res.stdout
