@@ -130,6 +130,8 @@ __all__ = ['Worker', 'SyncWorker', 'ThreadWorker', 'GeventWorker',
 
 IS_PYPY = platform.python_implementation() == 'PyPy'
 IS_LINUX = sys.platform.startswith('linux')
+# PyPy 3.9's socket module lacks the name; the option is 17 on Linux.
+SO_PEERCRED = getattr(socket, 'SO_PEERCRED', 17 if IS_LINUX else None)
 
 try:  # optional: memory and affinity; psutil 7 does not import on PyPy 7.3
     import psutil
@@ -1651,10 +1653,36 @@ def read_lock_refusal(what, path, pid):
             % (what, path, pid, uid))
 
 
+_SAID_UNTRUSTED = set()
+
+
+def trusted_owner(uid, pidfile, what):
+    """Whether a pidfile, lock file or control socket peer of uid ``uid``
+    may be believed: the caller's, root's, or those of the owner of the
+    pidfile's folder (who controls its entries anyway: a master started
+    as that user).  Anyone else's was planted (a shared, sticky folder):
+    its lock holder may be any process of theirs, a setuid one included,
+    and its socket may say anything.  Said once per file on stderr."""
+    if uid in (os.geteuid(), 0):
+        return True
+    try:
+        if os.stat(os.path.dirname(pidfile) or '.').st_uid == uid:
+            return True
+    except OSError:
+        pass
+    if (what, pidfile) not in _SAID_UNTRUSTED:
+        _SAID_UNTRUSTED.add((what, pidfile))
+        complain('ignoring %s of %s: owned by uid %d, not by you, root or '
+                 'the owner of its folder (planted by another user?)'
+                 % (what, pidfile, uid))
+    return False
+
+
 def running_pid(path):
     """Pid of the master of pidfile ``path``, or 0: the write-lock holder
     of its instance lock file, else (a caller who may not read that 0600
-    file, or a master of an older version) of the pidfile itself."""
+    file, or a master of an older version) of the pidfile itself.  A file
+    of an untrusted owner (trusted_owner) names nobody."""
     for name in (instance_lock_path(path), path):
         try:
             fd = os.open(name, os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0) |
@@ -1662,9 +1690,14 @@ def running_pid(path):
         except OSError:
             continue
         try:
-            holder = lock_holder(fd)
+            # fstat of what we opened: no window to swap the file in.
+            what = 'the lock file' if name != path else 'the pidfile'
+            ok = trusted_owner(os.fstat(fd).st_uid, path, what)
+            holder = lock_holder(fd) if ok else 0
         finally:
             os.close(fd)
+        if not ok:
+            return 0
         if holder:
             return holder
     return 0
@@ -4237,7 +4270,7 @@ class ControlServer(object):
         self.buffers[conn] = b''
 
     def peer_allowed(self, conn):
-        cred = getattr(socket, 'SO_PEERCRED', None)
+        cred = SO_PEERCRED
         if cred is None:
             return True
         try:
@@ -7546,6 +7579,21 @@ class ControlDenied(Exception):
         self.pidfile = pidfile
 
 
+def trusted_peer(sock, pidfile):
+    """Whether the process behind a connected control socket is one whose
+    answers we may believe (trusted_owner): SO_PEERCRED, not the socket
+    file's owner, so a socket swapped in after any check is caught too."""
+    cred = SO_PEERCRED
+    if cred is None:
+        return True
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, cred, struct.calcsize('3i'))
+    except OSError:
+        return False
+    return trusted_owner(struct.unpack('3i', raw)[1], pidfile,
+                         'the control socket')
+
+
 def control_request(pidfile, request, timeout=5.0):
     """Send one JSON request to the master owning ``pidfile``."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -7555,6 +7603,9 @@ def control_request(pidfile, request, timeout=5.0):
             s.connect(control_path(pidfile))
         except PermissionError:
             raise ControlDenied(pidfile)
+        if not trusted_peer(s, pidfile):
+            raise ConnectionRefusedError(errno.ECONNREFUSED,
+                                         'untrusted control socket')
         s.sendall(json.dumps(request).encode('utf-8') + b'\n')
         buf = b''
         while b'\n' not in buf:

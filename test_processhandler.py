@@ -9631,3 +9631,75 @@ def test_lock_file_of_root_open_to_all_refused_for_a_non_root_master(
     assert res.returncode == 0 and not res.stderr, res
     assert 'open to every user (mode 0666)' in res.stdout, res.stdout
     assert 'chmod 600' in res.stdout
+
+
+# Run as nobody: plant instance 7 of pidfile argv[1] (pidfile and lock
+# write-locked, a control socket answering a made-up status) until killed.
+PLANT_INSTANCE = '''
+import fcntl, json, os, socket, sys, time
+base = sys.argv[1] + '.7'
+for path in (base, base + '.lock'):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    os.write(fd, b'%d\\n' % os.getpid())
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(base + '.sock')
+os.chmod(base + '.sock', 0o777)
+srv.listen(8)
+print('planted', flush=True)
+fake = {'master': {'pid': os.getpid(), 'state': 'active', 'uptime': 1.0,
+                   'number_workers': 1}, 'workers': []}
+while True:
+    conn, _ = srv.accept()
+    try:
+        conn.recv(65536)
+        conn.sendall(json.dumps(fake).encode() + b'\\n')
+    except OSError:
+        pass
+    conn.close()
+'''
+
+
+@NEEDS_ROOT
+def test_instances_planted_by_another_user_are_ignored(open_proj):
+    """single_instance = false, pidfiles in a sticky world-writable
+    folder: nobody plants svc.pid.7 (+ .lock write-locked, + a .sock
+    answering a made-up status).  status and stop (run by root) warn
+    once on stderr naming it, never list, ask or signal it; the real
+    master is listed and stopped."""
+    proj = open_proj
+    shared = os.path.join(proj.path, 'run')
+    os.mkdir(shared)
+    os.chmod(shared, 0o1777)
+    proj.pidfile = os.path.join(shared, 'svc.pid')
+    proj.write_config(number_workers=1, single_instance='false')
+    master = proj.start_daemon()
+    proj.wait_running(1)
+    planter = subprocess.Popen(
+        [python_for_nobody(), '-c', PLANT_INSTANCE, proj.pidfile],
+        preexec_fn=become_nobody, stdout=subprocess.PIPE,
+        universal_newlines=True)
+    try:
+        assert planter.stdout.readline().strip() == 'planted'
+        planted = proj.pidfile + '.7'
+        res = proj.ph('status', '--json')
+        assert res.returncode == 0, (res.stdout, res.stderr)
+        assert str(planter.pid) not in res.stdout, res.stdout
+        assert str(master) in res.stdout, res.stdout
+        warning = one_line(res)
+        assert planted in warning and 'uid %d' % pwd.getpwnam(
+            'nobody').pw_uid in warning, warning
+        res = proj.ph('status', '-i', '7')
+        assert res.returncode == 3, (res.stdout, res.stderr)
+        assert str(planter.pid) not in res.stdout, res.stdout
+        with pytest.raises(OSError):
+            processhandler.control_request(planted, {'cmd': 'status'})
+        res = proj.ph('stop')
+        assert res.returncode == 0, (res.stdout, res.stderr)
+        assert planted in res.stderr and 'Traceback' not in res.stderr
+        assert not alive(master)
+        assert planter.poll() is None, "nobody's process was signalled"
+    finally:
+        planter.kill()
+        planter.wait()
+        planter.stdout.close()
