@@ -4035,6 +4035,47 @@ def privilege_notes(cfg):
     return None, None
 
 
+def unsafe_import_folders(cfg):
+    """One line per folder a root master imports from that another user
+    may write: processhandler.py's own (on sys.path[0] when a USR2 or a
+    lean re-exec runs it by path, unless python -I) and base_path (put on
+    sys.path first for the worker module).  A module planted there (a
+    json.py, say) would run as root at the next upgrade or preflight."""
+    if os.geteuid() != 0:
+        return []
+    folders = [] if sys.flags.isolated else [
+        ('processhandler.py', os.path.dirname(os.path.abspath(__file__)),
+         ', or run python -I')]
+    if cfg.base_path:
+        folders.append(('the worker code (base_path)', cfg.base_path, ''))
+    lines = []
+    for what, folder, hint in folders:
+        who = writable_by_others(folder)
+        if who:
+            lines.append('%s %s, the folder of %s, is writable by %s: a '
+                         'USR2 upgrade or re-exec of the root master would '
+                         'import what is planted there; keep it in a '
+                         'root-owned folder others cannot write%s'
+                         % (cfg.where(), folder, what, who, hint))
+    return lines
+
+
+def writable_by_others(folder):
+    """Who besides root may create files in ``folder`` (a description),
+    or None."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    if st.st_uid not in (0, os.geteuid()):
+        return 'its owner, uid %d' % st.st_uid
+    if st.st_mode & 0o002:
+        return 'every user'
+    if st.st_mode & 0o020 and st.st_gid != 0:
+        return 'group %d' % st.st_gid
+    return None
+
+
 def drops_privileges(cfg):
     """True when workers drop from root to ``user``: then no user code may
     run with root's privileges, in the master or in a command."""
@@ -5988,6 +6029,8 @@ def log_config_notes(cfg):
     """Say once what the config asks that will not do what it seems."""
     if privilege_notes(cfg)[1]:
         log.warning('%s', privilege_notes(cfg)[1])
+    for line in unsafe_import_folders(cfg):
+        log.warning('%s', line)
     for key, hint in cfg.unknown_keys():
         log.info('config key %r is not a setting: passed to the workers '
                  'as a string%s', key, "; did you mean '%s'?" % hint
@@ -8446,6 +8489,11 @@ def cmd_check(cfg, args):
     except ConfigError as e:
         problems.append('%s %s' % (cfg.where(), e))
     problems += path_problems(cfg) + log_file_check(cfg)
+    for line in unsafe_import_folders(cfg):   # as for unknown keys
+        if args.strict:
+            problems.append(line)
+        else:
+            complain('warning: ' + line)
     problems = list(dict.fromkeys(problems))   # one line per problem
     if args.print_config:
         out(format_config(cfg) + '\n')

@@ -9703,3 +9703,49 @@ def test_instances_planted_by_another_user_are_ignored(open_proj):
         planter.kill()
         planter.wait()
         planter.stdout.close()
+
+
+@NEEDS_ROOT
+@pytest.mark.parametrize('which', ['script', 'base_path'])
+def test_folder_others_may_write_is_said_by_check_and_master(proj, tmp_path,
+                                                             which):
+    """A root master whose processhandler.py folder (run by path, no -I)
+    or base_path another user may write: check warns in one line (exit
+    0), check --strict fails (exit 2), the master logs it at start; with
+    both folders safe, check says nothing."""
+    app = str(tmp_path / 'app')
+    os.mkdir(app, 0o755)
+    shutil.copy(PH, app)
+    script = os.path.join(app, 'processhandler.py')
+    proj.write_config(number_workers=1)
+    folder = app if which == 'script' else proj.path
+
+    def ph(*args):
+        return subprocess.run([PY, script, '-c', proj.config] + list(args),
+                              stdin=subprocess.DEVNULL, cwd=proj.path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=60)
+    os.chmod(proj.path, 0o755)
+    res = ph('check')
+    assert res.returncode == 0 and not res.stderr, (res.stdout, res.stderr)
+    os.chmod(folder, 0o1777)
+    try:
+        res = ph('check')
+        assert res.returncode == 0, (res.stdout, res.stderr)
+        line = one_line(res)
+        assert line.startswith('processhandler: warning: ') and (
+            folder + ', the folder of') in line, line
+        assert 'every user' in line and 'root-owned' in line, line
+        assert ('python -I' in line) == (which == 'script'), line
+        assert_one_line_error(ph('check', '--strict'), folder, 'every user')
+        res = ph('start', '-d')
+        track_started(proj)
+        assert res.returncode == 0, (res.stdout, res.stderr)
+        proj.masters.add(proj.master_pid())
+        proj.wait_running(1)
+        warned = [l for l in proj.log_text().splitlines()
+                  if 'WARNING' in l and folder + ', the folder of' in l]
+        assert len(warned) == 1, proj.log_text()
+        assert ph('stop').returncode == 0
+    finally:
+        os.chmod(folder, 0o755)
