@@ -317,15 +317,37 @@ def out(text):
         raise StdoutFailed(e)
 
 
-def discard_stdout():
-    """fd 1 becomes /dev/null: what is still buffered, and what follows,
-    goes nowhere (the exit's flush would fail again)."""
+def discard_stdout(stream=None):
+    """fd 1 (or ``stream``'s) becomes /dev/null: what is still buffered,
+    and what follows, goes nowhere (the exit's flush would fail again, and
+    the interpreter would turn the exit status into 120)."""
     try:
         fd = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(fd, sys.stdout.fileno())
+        os.dup2(fd, (stream or sys.stdout).fileno())
         os.close(fd)
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         pass
+
+
+def ensure_stdio():
+    """Open /dev/null on any of fds 0-2 found closed (`cmd >&-`).  Else
+    the next file or pipe opened takes that number, and what is written
+    "to stdout" lands in it (daemonize's pipe to the launcher would become
+    fd 1, then be replaced by /dev/null: the start fails).  Python made
+    the missing streams None at start-up: they get real objects again."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stdout is None:
+        sys.stdout = open(1, 'w', closefd=False)
+    if sys.stderr is None:
+        sys.stderr = open(2, 'w', buffering=1, closefd=False,
+                          errors='backslashreplace')
 
 
 def stdout_failed(error):
@@ -363,8 +385,29 @@ def say(msg):
     out('processhandler: %s\n' % printable(msg))
 
 
+def say_done(msg):
+    """say() for a command whose exit status is its outcome (start -d,
+    stop): the daemon runs (or is gone) whether or not the line can be
+    written, so a stdout that fails loses the line, not the exit 0 (a
+    script seeing 1 would retry a start, and fail as "already running")."""
+    try:
+        say(msg)
+    except StdoutFailed:
+        discard_stdout()
+
+
 def complain(msg):
-    print('processhandler: %s' % printable(msg), file=sys.stderr)
+    """One line on stderr.  Never raises: a stderr that cannot be written
+    (a full disk, closed) loses the line and the command still ends with
+    its own exit status; it then goes to /dev/null (see discard_stdout)."""
+    err = sys.stderr
+    if err is None:      # print(file=None) would write to stdout
+        return
+    try:
+        print('processhandler: %s' % printable(msg), file=err)
+        err.flush()
+    except (OSError, ValueError):   # ValueError: a closed stream
+        discard_stdout(err)
 
 
 ###############################################################################
@@ -2046,19 +2089,18 @@ def _daemon_launcher(r, pid, limit):
             break
     else:
         os.close(r)
-        print('processhandler: failed to start: no word from the daemon '
-              'within %gs (it may still be starting; see the log)' % limit,
-              file=sys.stderr)
+        complain('failed to start: no word from the daemon within %gs (it '
+                 'may still be starting; see the log)' % limit)
         return EXIT_FAILURE
     os.close(r)
     # (The reason may be a worker's init() exception: escaped, see say().)
-    msg = printable(b''.join(chunks).decode('utf-8', 'replace').strip())
+    msg = b''.join(chunks).decode('utf-8', 'replace').strip()
     if msg.startswith('ready'):
-        print('processhandler: started, %s' % msg[6:])
+        say_done('started, %s' % msg[6:])
         return EXIT_OK
-    print('processhandler: failed to start: %s' % (
+    complain('failed to start: %s' % (
         msg[6:] if msg.startswith('error') else
-        'the daemon exited without a word (see the log)'), file=sys.stderr)
+        'the daemon exited without a word (see the log)'))
     return EXIT_FAILURE
 
 
@@ -7666,6 +7708,15 @@ def control_request(pidfile, request, timeout=5.0):
 ###############################################################################
 
 class ArgumentParser(argparse.ArgumentParser):
+    def _print_message(self, message, file=None):
+        # Python 3.9's argparse lets a stderr on a full disk raise: the
+        # usage error would end as a traceback (exit 1), not exit 2.
+        try:
+            argparse.ArgumentParser._print_message(self, message, file)
+            (file or sys.stderr).flush()
+        except (OSError, ValueError, AttributeError):
+            discard_stdout(file or sys.stderr)
+
     def error(self, message):
         # One line, exit 2: the usage block is one -h away.
         self.exit(EXIT_USAGE, 'processhandler: %s (see --help)\n' % message)
@@ -7806,7 +7857,7 @@ def start_upgraded(cfg, args, upgrade):
 def cmd_stop(cfg, args):
     found = target_instances(cfg, args)
     if not found:
-        say('not running')
+        say_done('not running')
         return EXIT_OK
     for n, path, pid in found:
         try:
@@ -7826,7 +7877,7 @@ def cmd_stop(cfg, args):
         if (n, path, pid) in left:
             complain('pid %d did not stop within %gs' % (pid, limit))
         else:
-            say('stopped (pid %d) in %.1f s' % (pid, took))
+            say_done('stopped (pid %d) in %.1f s' % (pid, took))
     return EXIT_FAILURE if left else EXIT_OK
 
 
@@ -8589,6 +8640,7 @@ def load_start_config(args):
 
 def main(argv=None):
     """Command-line entry point; returns the exit status."""
+    ensure_stdio()
     words = sys.argv[1:] if argv is None else list(argv)
     if words[:1] == ['compat-shim']:     # needs no config: see its section
         return cmd_compat_shim(words[1:])

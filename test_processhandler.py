@@ -9749,3 +9749,74 @@ def test_folder_others_may_write_is_said_by_check_and_master(proj, tmp_path,
         assert ph('stop').returncode == 0
     finally:
         os.chmod(folder, 0o755)
+
+
+def run_ph_redirected(proj, args, stdout, stderr):
+    """The CLI with stdout/stderr each 'full' (/dev/full), 'closed' (the
+    descriptor closed, as `>&-`) or a path; returns the exit status."""
+    shell = 'exec "$@"'
+    files = []
+    for fd, where in ((1, stdout), (2, stderr)):
+        if where == 'closed':
+            shell += ' %d>&-' % fd
+        else:
+            files.append(open('/dev/full' if where == 'full' else where,
+                              'w'))
+    kw = {}
+    if stdout != 'closed':
+        kw['stdout'] = files.pop(0)
+    if stderr != 'closed':
+        kw['stderr'] = files.pop(0)
+    try:
+        return subprocess.run(['sh', '-c', shell, 'sh', PY, PH, '-c',
+                               proj.config] + list(args),
+                              stdin=subprocess.DEVNULL, cwd=proj.path,
+                              timeout=DEADLINE * 3, **kw).returncode
+    finally:
+        for f in kw.values():
+            f.close()
+
+
+def test_start_with_stdout_and_stderr_full_or_closed(proj):
+    """`start -d >/dev/full 2>/dev/full`, and with both closed: the daemon
+    starts and the command exits 0 (the lost "started" line changes
+    nothing); a second start exits 1, a usage error 2, a config error 2
+    (never a traceback's 1 or the interpreter's 120); `status` with
+    stdout full says so in one line on stderr, exit 1; with stdout
+    closed, exit 0."""
+    proj.write_config(number_workers=1)
+    err = os.path.join(proj.path, 'err.txt')
+    for how in ('full', 'closed'):
+        assert run_ph_redirected(proj, ['start', '-d'], how, how) == 0, how
+        master = proj.master_pid()
+        proj.masters.add(master)
+        proj.wait_running(1)
+        assert run_ph_redirected(proj, ['start', '-d'], how, how) == 1
+        assert run_ph_redirected(proj, ['bogus'], how, how) == 2
+        assert run_ph_redirected(proj, ['status'], 'closed', err) == 0
+        assert run_ph_redirected(proj, ['status'], 'full', err) == 1
+        line = one_line(subprocess.CompletedProcess([], 1, '', read_text(
+            err)))
+        assert 'cannot write to standard output' in line, line
+        assert run_ph_redirected(proj, ['stop'], how, how) == 0
+        assert not alive(master)
+    assert run_ph_redirected(proj, ['status', '--set', 'timeout=x'],
+                             'full', 'full') == 2
+
+
+def test_complain_never_raises():
+    """complain() to a stderr that fails (full, closed, None) returns."""
+    saved = sys.stderr
+    full = open('/dev/full', 'w')
+    closed = open(os.devnull, 'w')
+    closed.close()
+    fd2 = os.dup(2)
+    try:
+        for stream in (full, closed, None):
+            sys.stderr = stream
+            processhandler.complain('a line nobody reads')
+    finally:
+        sys.stderr = saved
+        os.dup2(fd2, 2)      # complain() sent the failing fd to /dev/null
+        os.close(fd2)
+        full.close()
