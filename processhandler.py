@@ -1074,6 +1074,31 @@ def exclusive_temp(path):
 # process sets its own after fork.
 _process_tag = ['master']
 
+# A USR1 (reopen logs) that reached a new worker before it had its own
+# handler: replayed by Worker._init_signals.
+_USR1_DEFERRED = [False]
+
+
+def _defer_usr1(signum, frame):
+    _USR1_DEFERRED[0] = True
+
+
+def fork_deferring_usr1():
+    """os.fork() for a worker, USR1 blocked across it: in the child it
+    stays pending until prepare() has installed _defer_usr1 (a USR1 sent
+    just after the fork would otherwise meet the master's handler, which
+    only records it, and the worker would keep the rotated log)."""
+    usr1 = [signal.SIGUSR1]
+    signal.pthread_sigmask(signal.SIG_BLOCK, usr1)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, usr1)
+        raise
+    if pid:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, usr1)
+    return pid
+
 
 class LineFormatter(logging.Formatter):
     """One line per record; continuation lines (tracebacks, multi-line
@@ -2912,6 +2937,9 @@ class Worker(object):
         signal.signal(signal.SIGINT, self._signal_term)
         signal.signal(signal.SIGQUIT, self._signal_quit)
         signal.signal(signal.SIGUSR1, self._signal_usr1)
+        if _USR1_DEFERRED[0]:    # one came while booting (see prepare())
+            _USR1_DEFERRED[0] = False
+            self._signal_usr1(signal.SIGUSR1, None)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(DUMP_SIGNAL, signal.SIG_DFL)
         if self._ph.dump_fd is not None:
@@ -5919,6 +5947,10 @@ class WorkerBirth(object):
         signal.set_wakeup_fd(-1)
         for name in a.SIGNALS:
             signal.signal(getattr(signal, 'SIG' + name), signal.SIG_DFL)
+        # USR1's default would kill a worker still importing or building
+        # (a logrotate must never do that): noted until _init_signals.
+        signal.signal(signal.SIGUSR1, _defer_usr1)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])
         self.close_master_fds()
         line_buffered_stdio()
         set_proc_title('%s: %s' % (a.cfg.proc_name, tag))
@@ -6578,7 +6610,7 @@ class Arbiter(object):
                 proc.dump_fd = open_dump_file()
             try:
                 self.birth.open_child_listeners()
-                pid = os.fork()
+                pid = fork_deferring_usr1()
             except (OSError, HaltServer) as e:
                 self.birth.close_child_listeners()
                 self.board.release(cell)

@@ -9820,3 +9820,58 @@ def test_complain_never_raises():
         os.dup2(fd2, 2)      # complain() sent the failing fd to /dev/null
         os.close(fd2)
         full.close()
+
+
+# testworker's Job whose object takes BUILD_TIME seconds to build (the
+# window between the fork and the worker's own signal handlers; self.cfg
+# is not there yet in __init__).
+SLOW_BUILD_WORKER = '''
+import time
+from testworker import Job
+
+BUILD_TIME = %s
+
+
+class SlowBuild(Job):
+    def __init__(self, *args, **kwargs):
+        Job.__init__(self, *args, **kwargs)
+        time.sleep(BUILD_TIME)
+'''
+
+
+@pytest.mark.parametrize('slow', ['init', '__init__'])
+def test_usr1_never_kills_a_booting_worker(proj, slow):
+    """USR1 sent to the master again and again while a replacement worker
+    (no spare) is still booting -- a slow init(), or a slow __init__
+    before the worker has its own handlers: the booting worker survives
+    and boots (same pid), and the log is reopened."""
+    proj.write_module('slowbuild', SLOW_BUILD_WORKER % (
+        0 if slow == 'init' else 1.5))
+    proj.write_config(number_workers=1, spare_worker='false',
+                      worker_class='slowbuild:SlowBuild',
+                      init_mode='slow' if slow == 'init' else '',
+                      init_time=1.5, run_mode='log', lines=1, width=1)
+    master = proj.start_daemon()
+    first = proj.wait_running(1)[1]
+    os.kill(first, signal.SIGKILL)
+
+    def booting():
+        doc = proj.query()
+        rows = [w for w in (doc or {}).get('workers', ())
+                if w['pid'] and w['pid'] != first]
+        return rows[0]['pid'] if rows and rows[0]['state'] == 'booting' \
+            else None
+    second = wait_for(booting, what='a booting replacement')
+    rotated = proj.log + '.1'
+    os.rename(proj.log, rotated)
+    for _ in range(15):
+        os.kill(master, signal.SIGUSR1)
+        time.sleep(0.1)
+    assert alive(second), 'USR1 killed the booting worker'
+    assert wait_for(lambda: proj.running_workers(1)) == {1: second}
+    assert 'log file reopened' in proj.log_text()
+    # Forked before the rotation, it writes to the new file: the USR1 that
+    # came while it booted was replayed, not lost.
+    wait_for(lambda: 'line 0 x' in proj.log_text(), what='its log lines')
+    assert 'failed' not in proj.log_text(), proj.log_text()
+    assert proj.ph('stop').returncode == 0
