@@ -1022,14 +1022,20 @@ def save_number_workers(path, section, n):
     replace_file(path, ''.join(out))
 
 
-def replace_file(path, text):
-    """Write ``text`` over ``path`` atomically (temp file + rename),
-    keeping its mode and owner; refuse a read-only file."""
-    st = os.stat(path)
-    if not os.access(path, os.W_OK) or not st.st_mode & 0o222:
-        # The rename below would replace a read-only file: respect it,
-        # also as root (access() says yes to root; the mode bits say no).
-        raise OSError(errno.EACCES, 'the file is read-only')
+def replace_file(path, text, mode=None):
+    """Write ``text`` over ``path`` atomically (temp file + rename).
+    Without ``mode``: keep the existing file's mode and owner, refuse a
+    read-only file.  With ``mode``: a new file of ours whatever is at the
+    path (a symlink planted there is replaced, its target never read or
+    written)."""
+    st = None
+    if mode is None:
+        st = os.stat(path)
+        if not os.access(path, os.W_OK) or not st.st_mode & 0o222:
+            # The rename below would replace a read-only file: respect it,
+            # also as root (access() says yes to root; the mode bits no).
+            raise OSError(errno.EACCES, 'the file is read-only')
+        mode = stat.S_IMODE(st.st_mode)
     fd, tmp = exclusive_temp(path)
     try:
         with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
@@ -1038,8 +1044,8 @@ def replace_file(path, text):
             # Through the descriptor, never the temp file's path: whoever
             # can write the folder could swap a symlink in there and get
             # root's chown/chmod applied to any file (REVIEW 2).
-            os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
-            if os.geteuid() == 0:
+            os.fchmod(f.fileno(), mode)
+            if st is not None and os.geteuid() == 0:
                 os.fchown(f.fileno(), st.st_uid, st.st_gid)
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -7322,20 +7328,10 @@ def write_compat_shim(folder):
                       'follow it' % package)
     path = os.path.join(package, '__init__.py')
     here = os.path.dirname(os.path.abspath(__file__))
-    # A new file renamed over the old: a symlink planted at the path is
-    # replaced, its target never written (as root, any file).
-    fd, tmp = exclusive_temp(path)
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            f.write(COMPAT_SHIM % here)
-            os.fchmod(f.fileno(), 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    # A new file renamed over the old (O_EXCL|O_NOFOLLOW temp file): a
+    # symlink planted at the path is replaced, its target never written
+    # (as root, any file).
+    replace_file(path, COMPAT_SHIM % here, mode=0o644)
     return path
 
 
