@@ -1715,7 +1715,7 @@ def read_lock_refusal(what, path, pid):
     the write lock may unlink or replace a lock file (see unlock_instance);
     replacing it without that lock could leave two masters each holding a
     lock on a different inode, both active.  A clear refusal is safer, and
-    the file is 0600 by now, so it cannot happen again.
+    a file of ours is 0600 by now (tighten), so it cannot happen again.
     """
     try:
         uid = ' (uid %d)' % os.stat('/proc/%d' % pid).st_uid
@@ -1723,7 +1723,7 @@ def read_lock_refusal(what, path, pid):
         uid = ''
     return ('%s %s is read-locked by pid %d%s, which is no master: no '
             'master can lock it while it does; stop that process or remove '
-            'the file (it is 0600 now: others cannot open it again)'
+            'the file (once 0600, others cannot open it again)'
             % (what, path, pid, uid))
 
 
