@@ -349,15 +349,37 @@ def out(text):
         raise StdoutFailed(e)
 
 
-def discard_stdout():
-    """fd 1 becomes /dev/null: what is still buffered, and what follows,
-    goes nowhere (the exit's flush would fail again)."""
+def discard_stdout(stream=None):
+    """fd 1 (or ``stream``'s) becomes /dev/null: what is still buffered,
+    and what follows, goes nowhere (the exit's flush would fail again, and
+    the interpreter would turn the exit status into 120)."""
     try:
         fd = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(fd, sys.stdout.fileno())
+        os.dup2(fd, (stream or sys.stdout).fileno())
         os.close(fd)
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         pass
+
+
+def ensure_stdio():
+    """Open /dev/null on any of fds 0-2 found closed (`cmd >&-`).  Else
+    the next file or pipe opened takes that number, and what is written
+    "to stdout" lands in it (daemonize's pipe to the launcher would become
+    fd 1, then be replaced by /dev/null: the start fails).  Python made
+    the missing streams None at start-up: they get real objects again."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stdout is None:
+        sys.stdout = open(1, 'w', closefd=False)
+    if sys.stderr is None:
+        sys.stderr = open(2, 'w', buffering=1, closefd=False,
+                          errors='backslashreplace')
 
 
 def stdout_failed(error):
@@ -395,8 +417,29 @@ def say(msg):
     out('processhandler: %s\n' % printable(msg))
 
 
+def say_done(msg):
+    """say() for a command whose exit status is its outcome (start -d,
+    stop): the daemon runs (or is gone) whether or not the line can be
+    written, so a stdout that fails loses the line, not the exit 0 (a
+    script seeing 1 would retry a start, and fail as "already running")."""
+    try:
+        say(msg)
+    except StdoutFailed:
+        discard_stdout()
+
+
 def complain(msg):
-    print('processhandler: %s' % printable(msg), file=sys.stderr)
+    """One line on stderr.  Never raises: a stderr that cannot be written
+    (a full disk, closed) loses the line and the command still ends with
+    its own exit status; it then goes to /dev/null (see discard_stdout)."""
+    err = sys.stderr
+    if err is None:      # print(file=None) would write to stdout
+        return
+    try:
+        print('processhandler: %s' % printable(msg), file=err)
+        err.flush()
+    except (OSError, ValueError):   # ValueError: a closed stream
+        discard_stdout(err)
 
 
 ###############################################################################
@@ -1011,14 +1054,20 @@ def save_number_workers(path, section, n):
     replace_file(path, ''.join(out))
 
 
-def replace_file(path, text):
-    """Write ``text`` over ``path`` atomically (temp file + rename),
-    keeping its mode and owner; refuse a read-only file."""
-    st = os.stat(path)
-    if not os.access(path, os.W_OK) or not st.st_mode & 0o222:
-        # The rename below would replace a read-only file: respect it,
-        # also as root (access() says yes to root; the mode bits say no).
-        raise OSError(errno.EACCES, 'the file is read-only')
+def replace_file(path, text, mode=None):
+    """Write ``text`` over ``path`` atomically (temp file + rename).
+    Without ``mode``: keep the existing file's mode and owner, refuse a
+    read-only file.  With ``mode``: a new file of ours whatever is at the
+    path (a symlink planted there is replaced, its target never read or
+    written)."""
+    st = None
+    if mode is None:
+        st = os.stat(path)
+        if not os.access(path, os.W_OK) or not st.st_mode & 0o222:
+            # The rename below would replace a read-only file: respect it,
+            # also as root (access() says yes to root; the mode bits no).
+            raise OSError(errno.EACCES, 'the file is read-only')
+        mode = stat.S_IMODE(st.st_mode)
     fd, tmp = exclusive_temp(path)
     try:
         with os.fdopen(fd, 'w', encoding='utf-8', newline='') as f:
@@ -1027,8 +1076,8 @@ def replace_file(path, text):
             # Through the descriptor, never the temp file's path: whoever
             # can write the folder could swap a symlink in there and get
             # root's chown/chmod applied to any file (REVIEW 2).
-            os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
-            if os.geteuid() == 0:
+            os.fchmod(f.fileno(), mode)
+            if st is not None and os.geteuid() == 0:
                 os.fchown(f.fileno(), st.st_uid, st.st_gid)
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1062,6 +1111,31 @@ def exclusive_temp(path):
 # "master" or "worker 3": the process tag put into every record.  Each
 # process sets its own after fork.
 _process_tag = ['master']
+
+# A USR1 (reopen logs) that reached a new worker before it had its own
+# handler: replayed by Worker._init_signals.
+_USR1_DEFERRED = [False]
+
+
+def _defer_usr1(signum, frame):
+    _USR1_DEFERRED[0] = True
+
+
+def fork_deferring_usr1():
+    """os.fork() for a worker, USR1 blocked across it: in the child it
+    stays pending until prepare() has installed _defer_usr1 (a USR1 sent
+    just after the fork would otherwise meet the master's handler, which
+    only records it, and the worker would keep the rotated log)."""
+    usr1 = [signal.SIGUSR1]
+    signal.pthread_sigmask(signal.SIG_BLOCK, usr1)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, usr1)
+        raise
+    if pid:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, usr1)
+    return pid
 
 
 class LineFormatter(logging.Formatter):
@@ -1650,10 +1724,71 @@ def lock_holder(fd):
         return 0
 
 
+def read_locker(fd):
+    """Pid of a process holding a READ lock on ``fd``'s file, or 0.
+
+    No master ever holds one (they write-lock), so it is a stranger who
+    could open the file (one created readable by others by an older
+    version or by hand) and keeps every master from locking it.
+    """
+    try:
+        res = fcntl.fcntl(fd, fcntl.F_GETLK,
+                          _FLOCK.pack(fcntl.F_WRLCK, 0, 0, 0, 0))
+        l_type, _, _, _, l_pid = _FLOCK.unpack(res[:_FLOCK.size])
+    except (OSError, struct.error):
+        return 0
+    return l_pid if l_type == fcntl.F_RDLCK else 0
+
+
+def read_lock_refusal(what, path, pid):
+    """The one line refusing a lock file a stranger read-locks.
+
+    We do not replace the file to get past the lock: only the holder of
+    the write lock may unlink or replace a lock file (see unlock_instance);
+    replacing it without that lock could leave two masters each holding a
+    lock on a different inode, both active.  A clear refusal is safer, and
+    a file of ours is 0600 by now (tighten), so it cannot happen again.
+    """
+    try:
+        uid = ' (uid %d)' % os.stat('/proc/%d' % pid).st_uid
+    except OSError:
+        uid = ''
+    return ('%s %s is read-locked by pid %d%s, which is no master: no '
+            'master can lock it while it does; stop that process or remove '
+            'the file (once 0600, others cannot open it again)'
+            % (what, path, pid, uid))
+
+
+_SAID_UNTRUSTED = set()
+
+
+def trusted_owner(uid, pidfile, what):
+    """Whether a pidfile, lock file or control socket peer of uid ``uid``
+    may be believed: the caller's, root's, or those of the owner of the
+    pidfile's folder (who controls its entries anyway: a master started
+    as that user).  Anyone else's was planted (a shared, sticky folder):
+    its lock holder may be any process of theirs, a setuid one included,
+    and its socket may say anything.  Said once per file on stderr."""
+    if uid in (os.geteuid(), 0):
+        return True
+    try:
+        if os.stat(os.path.dirname(pidfile) or '.').st_uid == uid:
+            return True
+    except OSError:
+        pass
+    if (what, pidfile) not in _SAID_UNTRUSTED:
+        _SAID_UNTRUSTED.add((what, pidfile))
+        complain('ignoring %s of %s: owned by uid %d, not by you, root or '
+                 'the owner of its folder (planted by another user?)'
+                 % (what, pidfile, uid))
+    return False
+
+
 def running_pid(path):
     """Pid of the master of pidfile ``path``, or 0: the write-lock holder
     of its instance lock file, else (a caller who may not read that 0600
-    file, or a master of an older version) of the pidfile itself."""
+    file, or a master of an older version) of the pidfile itself.  A file
+    of an untrusted owner (trusted_owner) names nobody."""
     for name in (instance_lock_path(path), path):
         try:
             fd = os.open(name, os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0) |
@@ -1661,9 +1796,14 @@ def running_pid(path):
         except OSError:
             continue
         try:
-            holder = lock_holder(fd)
+            # fstat of what we opened: no window to swap the file in.
+            what = 'the lock file' if name != path else 'the pidfile'
+            ok = trusted_owner(os.fstat(fd).st_uid, path, what)
+            holder = lock_holder(fd) if ok else 0
         finally:
             os.close(fd)
+        if not ok:
+            return 0
         if holder:
             return holder
     return 0
@@ -1730,7 +1870,11 @@ class PidFile(object):
                     os.close(fd)
                     raise
                 holder = lock_holder(fd)
+                stranger = 0 if holder else read_locker(fd)
                 os.close(fd)
+                if stranger:
+                    raise HaltServer(read_lock_refusal('instance lock',
+                                                       path, stranger))
                 return holder or -1
             if same_file(fd, path):   # not unlinked by a releasing master
                 self.lock_fd = fd
@@ -1823,13 +1967,34 @@ def open_lock_file(path, what, mode):
         raise HaltServer('cannot open %s %s: %s (directory %s)' % (
             what, path, e.strerror, os.path.dirname(path)))
     st = os.fstat(fd)
-    problem = foreign_file(st, what, path)
+    problem = foreign_file(st, what, path) or tighten(fd, st, what, path,
+                                                      mode)
     if problem:
         os.close(fd)
         raise HaltServer(problem)
-    if stat.S_IMODE(st.st_mode) & ~mode:
-        os.fchmod(fd, mode)
     return fd
+
+
+def tighten(fd, st, what, path, mode):
+    """Make an existing lock file ``mode`` (0600) when it is broader: a
+    file others may open is a file they may read-lock for ever.  Through
+    the open descriptor (fchmod), never by path: the path may be swapped
+    in between.  Returns why it cannot be used, or None.
+
+    A root-owned file that a non-root master may open but not chmod: fine
+    when only a group may read it (shared on purpose), refused when every
+    user may (as sshd's StrictModes would): the admin must chmod it.
+    """
+    if not stat.S_IMODE(st.st_mode) & ~mode:
+        return None
+    if st.st_uid == os.geteuid():
+        os.fchmod(fd, mode)
+        return None
+    if st.st_mode & 0o006:
+        return ('%s %s is owned by uid %d and open to every user (mode '
+                '%04o): any of them could lock it; chmod 600 it or remove '
+                'it' % (what, path, st.st_uid, stat.S_IMODE(st.st_mode)))
+    return None
 
 
 def runtime_dir():
@@ -1992,19 +2157,18 @@ def _daemon_launcher(r, pid, limit):
             break
     else:
         os.close(r)
-        print('processhandler: failed to start: no word from the daemon '
-              'within %gs (it may still be starting; see the log)' % limit,
-              file=sys.stderr)
+        complain('failed to start: no word from the daemon within %gs (it '
+                 'may still be starting; see the log)' % limit)
         return EXIT_FAILURE
     os.close(r)
     # (The reason may be a worker's init() exception: escaped, see say().)
-    msg = printable(b''.join(chunks).decode('utf-8', 'replace').strip())
+    msg = b''.join(chunks).decode('utf-8', 'replace').strip()
     if msg.startswith('ready'):
-        print('processhandler: started, %s' % msg[6:])
+        say_done('started, %s' % msg[6:])
         return EXIT_OK
-    print('processhandler: failed to start: %s' % (
+    complain('failed to start: %s' % (
         msg[6:] if msg.startswith('error') else
-        'the daemon exited without a word (see the log)'), file=sys.stderr)
+        'the daemon exited without a word (see the log)'))
     return EXIT_FAILURE
 
 
@@ -2236,9 +2400,14 @@ class FileLeader(object):
         """At start: refuse a lock file we must not use (HaltServer), as
         the pidfile's: otherwise every master stands by for ever."""
         try:
-            self.discard(self.open())
+            fd = self.open()
+            stranger = read_locker(fd)
+            self.discard(fd)
         except LeaderError as e:
             raise HaltServer('leader_lock: %s' % e)
+        if stranger:
+            raise HaltServer('leader_lock: %s' % read_lock_refusal(
+                'lock file', self.path, stranger))
 
     def open(self):
         # 0600: whoever may open it could hold a read lock on it, and keep
@@ -2259,7 +2428,11 @@ class FileLeader(object):
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
+            stranger = read_locker(fd)
             os.close(fd)
+            if stranger:   # said once by Leadership, not on every poll
+                raise LeaderError(read_lock_refusal('lock file', self.path,
+                                                    stranger))
             return False
         os.ftruncate(fd, 0)
         os.pwrite(fd, (self.token + '\n').encode(), 0)
@@ -2810,6 +2983,9 @@ class Worker(object):
         signal.signal(signal.SIGINT, self._signal_term)
         signal.signal(signal.SIGQUIT, self._signal_quit)
         signal.signal(signal.SIGUSR1, self._signal_usr1)
+        if _USR1_DEFERRED[0]:    # one came while booting (see prepare())
+            _USR1_DEFERRED[0] = False
+            self._signal_usr1(signal.SIGUSR1, None)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(DUMP_SIGNAL, signal.SIG_DFL)
         if self._ph.dump_fd is not None:
@@ -3973,6 +4149,47 @@ def privilege_notes(cfg):
                           % (cfg.where(), cfg.user, os.geteuid(),
                              os.geteuid()))
     return None, None
+
+
+def unsafe_import_folders(cfg):
+    """One line per folder a root master imports from that another user
+    may write: processhandler.py's own (on sys.path[0] when a USR2 or a
+    lean re-exec runs it by path, unless python -I) and base_path (put on
+    sys.path first for the worker module).  A module planted there (a
+    json.py, say) would run as root at the next upgrade or preflight."""
+    if os.geteuid() != 0:
+        return []
+    folders = [] if sys.flags.isolated else [
+        ('processhandler.py', os.path.dirname(os.path.abspath(__file__)),
+         ', or run python -I')]
+    if cfg.base_path:
+        folders.append(('the worker code (base_path)', cfg.base_path, ''))
+    lines = []
+    for what, folder, hint in folders:
+        who = writable_by_others(folder)
+        if who:
+            lines.append('%s %s, the folder of %s, is writable by %s: a '
+                         'USR2 upgrade or re-exec of the root master would '
+                         'import what is planted there; keep it in a '
+                         'root-owned folder others cannot write%s'
+                         % (cfg.where(), folder, what, who, hint))
+    return lines
+
+
+def writable_by_others(folder):
+    """Who besides root may create files in ``folder`` (a description),
+    or None."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    if st.st_uid not in (0, os.geteuid()):
+        return 'its owner, uid %d' % st.st_uid
+    if st.st_mode & 0o002:
+        return 'every user'
+    if st.st_mode & 0o020 and st.st_gid != 0:
+        return 'group %d' % st.st_gid
+    return None
 
 
 def drops_privileges(cfg):
@@ -5780,6 +5997,10 @@ class WorkerBirth(object):
         signal.set_wakeup_fd(-1)
         for name in a.SIGNALS:
             signal.signal(getattr(signal, 'SIG' + name), signal.SIG_DFL)
+        # USR1's default would kill a worker still importing or building
+        # (a logrotate must never do that): noted until _init_signals.
+        signal.signal(signal.SIGUSR1, _defer_usr1)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])
         self.close_master_fds()
         line_buffered_stdio()
         set_proc_title('%s: %s' % (a.cfg.proc_name, tag))
@@ -5932,6 +6153,8 @@ def log_config_notes(cfg):
     """Say once what the config asks that will not do what it seems."""
     if privilege_notes(cfg)[1]:
         log.warning('%s', privilege_notes(cfg)[1])
+    for line in unsafe_import_folders(cfg):
+        log.warning('%s', line)
     for key, hint in cfg.unknown_keys():
         log.info('config key %r is not a setting: passed to the workers '
                  'as a string%s', key, "; did you mean '%s'?" % hint
@@ -6437,7 +6660,7 @@ class Arbiter(object):
                 proc.dump_fd = open_dump_file()
             try:
                 self.birth.open_child_listeners()
-                pid = os.fork()
+                pid = fork_deferring_usr1()
             except (OSError, HaltServer) as e:
                 self.birth.close_child_listeners()
                 self.board.release(cell)
@@ -7149,20 +7372,10 @@ def write_compat_shim(folder):
                       'follow it' % package)
     path = os.path.join(package, '__init__.py')
     here = os.path.dirname(os.path.abspath(__file__))
-    # A new file renamed over the old: a symlink planted at the path is
-    # replaced, its target never written (as root, any file).
-    fd, tmp = exclusive_temp(path)
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            f.write(COMPAT_SHIM % here)
-            os.fchmod(f.fileno(), 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    # A new file renamed over the old (O_EXCL|O_NOFOLLOW temp file): a
+    # symlink planted at the path is replaced, its target never written
+    # (as root, any file).
+    replace_file(path, COMPAT_SHIM % here, mode=0o644)
     return path
 
 
@@ -7523,6 +7736,21 @@ class ControlDenied(Exception):
         self.pidfile = pidfile
 
 
+def trusted_peer(sock, pidfile):
+    """Whether the process behind a connected control socket is one whose
+    answers we may believe (trusted_owner): SO_PEERCRED, not the socket
+    file's owner, so a socket swapped in after any check is caught too."""
+    cred = peercred_option()
+    if cred is None:
+        return True
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, cred, struct.calcsize('3i'))
+    except OSError:
+        return False
+    return trusted_owner(struct.unpack('3i', raw)[1], pidfile,
+                         'the control socket')
+
+
 def control_request(pidfile, request, timeout=5.0):
     """Send one JSON request to the master owning ``pidfile``."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -7532,6 +7760,9 @@ def control_request(pidfile, request, timeout=5.0):
             s.connect(control_path(pidfile))
         except PermissionError:
             raise ControlDenied(pidfile)
+        if not trusted_peer(s, pidfile):
+            raise ConnectionRefusedError(errno.ECONNREFUSED,
+                                         'untrusted control socket')
         s.sendall(json.dumps(request).encode('utf-8') + b'\n')
         buf = b''
         while b'\n' not in buf:
@@ -7549,6 +7780,15 @@ def control_request(pidfile, request, timeout=5.0):
 ###############################################################################
 
 class ArgumentParser(argparse.ArgumentParser):
+    def _print_message(self, message, file=None):
+        # Python 3.9's argparse lets a stderr on a full disk raise: the
+        # usage error would end as a traceback (exit 1), not exit 2.
+        try:
+            argparse.ArgumentParser._print_message(self, message, file)
+            (file or sys.stderr).flush()
+        except (OSError, ValueError, AttributeError):
+            discard_stdout(file or sys.stderr)
+
     def error(self, message):
         # One line, exit 2: the usage block is one -h away.
         self.exit(EXIT_USAGE, 'processhandler: %s (see --help)\n' % message)
@@ -7689,7 +7929,7 @@ def start_upgraded(cfg, args, upgrade):
 def cmd_stop(cfg, args):
     found = target_instances(cfg, args)
     if not found:
-        say('not running')
+        say_done('not running')
         return EXIT_OK
     for n, path, pid in found:
         try:
@@ -7709,7 +7949,7 @@ def cmd_stop(cfg, args):
         if (n, path, pid) in left:
             complain('pid %d did not stop within %gs' % (pid, limit))
         else:
-            say('stopped (pid %d) in %.1f s' % (pid, took))
+            say_done('stopped (pid %d) in %.1f s' % (pid, took))
     return EXIT_FAILURE if left else EXIT_OK
 
 
@@ -8372,6 +8612,11 @@ def cmd_check(cfg, args):
     except ConfigError as e:
         problems.append('%s %s' % (cfg.where(), e))
     problems += path_problems(cfg) + log_file_check(cfg)
+    for line in unsafe_import_folders(cfg):   # as for unknown keys
+        if args.strict:
+            problems.append(line)
+        else:
+            complain('warning: ' + line)
     problems = list(dict.fromkeys(problems))   # one line per problem
     if args.print_config:
         out(format_config(cfg) + '\n')
@@ -8467,6 +8712,7 @@ def load_start_config(args):
 
 def main(argv=None):
     """Command-line entry point; returns the exit status."""
+    ensure_stdio()
     words = sys.argv[1:] if argv is None else list(argv)
     if words[:1] == ['compat-shim']:     # needs no config: see its section
         return cmd_compat_shim(words[1:])

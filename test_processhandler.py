@@ -10635,3 +10635,360 @@ def test_worker_birth_own_listeners_with_reuse_port(bare):
         assert a.birth.worker_sockets() == a.sockets
     finally:
         a.sockets[0].close()
+
+
+# ==== harden: lock files, foreign instances, script folder, stderr, USR1 ====
+
+# Run as nobody (preexec_fn=become_nobody): hold a READ lock on each of
+# argv[1:] (opened read-only) until killed.
+HOLD_READ_LOCKS = '''
+import fcntl, os, sys, time
+fds = [os.open(path, os.O_RDONLY) for path in sys.argv[1:]]
+for fd in fds:
+    fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+print('locked', flush=True)
+time.sleep(600)
+'''
+
+
+def hold_read_locks(*paths):
+    """A nobody process read-locking ``paths``, once it holds the locks."""
+    locker = subprocess.Popen([python_for_nobody(), '-c', HOLD_READ_LOCKS]
+                              + list(paths), preexec_fn=become_nobody,
+                              stdout=subprocess.PIPE, universal_newlines=True)
+    if locker.stdout.readline().strip() != 'locked':
+        locker.kill()
+        locker.wait()
+        raise AssertionError('nobody could not read-lock %s' % (paths,))
+    return locker
+
+
+def stop_locker(locker):
+    locker.kill()
+    locker.wait()
+    locker.stdout.close()
+
+
+@NEEDS_ROOT
+def test_a_strangers_read_lock_on_a_preexisting_lock_file_is_refused(
+        open_proj):
+    """A leader lock file, or a <pidfile>.lock, made 0644 by an older
+    version or by hand, read-locked by nobody before the master starts:
+    start exits 1 with one line naming the file and nobody's pid (no
+    master could ever lock it; we do not unlink a lock we do not hold),
+    the file is 0600 afterwards, and once the stranger is gone the
+    master starts and is active."""
+    proj = open_proj
+    leader = os.path.join(proj.path, 'leader.lock')
+    instance = proj.pidfile + '.lock'
+    proj.write_config(number_workers=1, leader_lock='file:' + leader)
+    for path in (instance, leader):
+        with open(path, 'w'):
+            pass
+        os.chmod(path, 0o644)
+        locker = hold_read_locks(path)
+        try:
+            res = proj.ph('start', '-d', timeout=DEADLINE * 3)
+            track_started(proj)
+            assert res.returncode == 1, (res.stdout, res.stderr)
+            line = one_line(res)
+            assert path in line and 'pid %d' % locker.pid in line, line
+            assert 'no master' in line, line
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+            assert locker.poll() is None, 'the stranger was signalled'
+        finally:
+            stop_locker(locker)
+    master = proj.start_daemon()
+    proj.wait_running(1)
+    assert proj.status()['master']['state'] == 'active'
+    assert proj.ph('stop').returncode == 0
+    assert not alive(master)
+
+
+@NEEDS_ROOT
+def test_file_leader_read_locked_by_a_stranger_is_a_leader_error(open_proj):
+    """At run time (a standby polling) the same refusal is a LeaderError,
+    which Leadership logs once; a world-readable lock file we own is made
+    0600 through the descriptor."""
+    path = os.path.join(open_proj.path, 'leader.lock')
+    with open(path, 'w'):
+        pass
+    os.chmod(path, 0o644)
+    locker = hold_read_locks(path)
+    try:
+        lock = processhandler.FileLeader(path)
+        with pytest.raises(processhandler.LeaderError,
+                           match='read-locked by pid %d' % locker.pid):
+            lock.acquire()
+        assert lock.fd is None
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    finally:
+        stop_locker(locker)
+    assert processhandler.FileLeader(path).acquire()
+
+
+@NEEDS_ROOT
+def test_lock_file_of_root_open_to_all_refused_for_a_non_root_master(
+        open_proj):
+    """A root-owned 0666 lock file a non-root master may open but not
+    chmod: refused in one line (any user could lock it), no traceback."""
+    path = os.path.join(open_proj.path, 'leader.lock')
+    with open(path, 'w'):
+        pass
+    os.chmod(path, 0o666)
+    code = ('import processhandler, sys\n'
+            'try:\n'
+            '    processhandler.FileLeader(sys.argv[1]).check()\n'
+            'except processhandler.HaltServer as e:\n'
+            '    print(e.reason)\n')
+    res = subprocess.run([python_for_nobody(), '-c', code, path],
+                         cwd=HERE, preexec_fn=become_nobody,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         universal_newlines=True, timeout=60)
+    assert res.returncode == 0 and not res.stderr, res
+    assert 'open to every user (mode 0666)' in res.stdout, res.stdout
+    assert 'chmod 600' in res.stdout
+
+
+# Run as nobody: plant instance 7 of pidfile argv[1] (pidfile and lock
+# write-locked, a control socket answering a made-up status) until killed.
+PLANT_INSTANCE = '''
+import fcntl, json, os, socket, sys, time
+base = sys.argv[1] + '.7'
+for path in (base, base + '.lock'):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    os.write(fd, b'%d\\n' % os.getpid())
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(base + '.sock')
+os.chmod(base + '.sock', 0o777)
+srv.listen(8)
+print('planted', flush=True)
+fake = {'master': {'pid': os.getpid(), 'state': 'active', 'uptime': 1.0,
+                   'number_workers': 1}, 'workers': []}
+while True:
+    conn, _ = srv.accept()
+    try:
+        conn.recv(65536)
+        conn.sendall(json.dumps(fake).encode() + b'\\n')
+    except OSError:
+        pass
+    conn.close()
+'''
+
+
+@NEEDS_ROOT
+def test_instances_planted_by_another_user_are_ignored(open_proj):
+    """single_instance = false, pidfiles in a sticky world-writable
+    folder: nobody plants svc.pid.7 (+ .lock write-locked, + a .sock
+    answering a made-up status).  status and stop (run by root) warn
+    once on stderr naming it, never list, ask or signal it; the real
+    master is listed and stopped."""
+    proj = open_proj
+    shared = os.path.join(proj.path, 'run')
+    os.mkdir(shared)
+    os.chmod(shared, 0o1777)
+    proj.pidfile = os.path.join(shared, 'svc.pid')
+    proj.write_config(number_workers=1, single_instance='false')
+    master = proj.start_daemon()
+    proj.wait_running(1)
+    planter = subprocess.Popen(
+        [python_for_nobody(), '-c', PLANT_INSTANCE, proj.pidfile],
+        preexec_fn=become_nobody, stdout=subprocess.PIPE,
+        universal_newlines=True)
+    try:
+        assert planter.stdout.readline().strip() == 'planted'
+        planted = proj.pidfile + '.7'
+        res = proj.ph('status', '--json')
+        assert res.returncode == 0, (res.stdout, res.stderr)
+        assert str(planter.pid) not in res.stdout, res.stdout
+        assert str(master) in res.stdout, res.stdout
+        warning = one_line(res)
+        assert planted in warning and 'uid %d' % pwd.getpwnam(
+            'nobody').pw_uid in warning, warning
+        res = proj.ph('status', '-i', '7')
+        assert res.returncode == 3, (res.stdout, res.stderr)
+        assert str(planter.pid) not in res.stdout, res.stdout
+        with pytest.raises(OSError):
+            processhandler.control_request(planted, {'cmd': 'status'})
+        res = proj.ph('stop')
+        assert res.returncode == 0, (res.stdout, res.stderr)
+        assert planted in res.stderr and 'Traceback' not in res.stderr
+        assert not alive(master)
+        assert planter.poll() is None, "nobody's process was signalled"
+    finally:
+        planter.kill()
+        planter.wait()
+        planter.stdout.close()
+
+
+@NEEDS_ROOT
+@pytest.mark.parametrize('which', ['script', 'base_path'])
+def test_folder_others_may_write_is_said_by_check_and_master(proj, tmp_path,
+                                                             which):
+    """A root master whose processhandler.py folder (run by path, no -I)
+    or base_path another user may write: check warns in one line (exit
+    0), check --strict fails (exit 2), the master logs it at start; with
+    both folders safe, check says nothing."""
+    app = str(tmp_path / 'app')
+    os.mkdir(app, 0o755)
+    shutil.copy(PH, app)
+    script = os.path.join(app, 'processhandler.py')
+    proj.write_config(number_workers=1)
+    folder = app if which == 'script' else proj.path
+
+    def ph(*args):
+        return subprocess.run([PY, script, '-c', proj.config] + list(args),
+                              stdin=subprocess.DEVNULL, cwd=proj.path,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=60)
+    os.chmod(proj.path, 0o755)
+    res = ph('check')
+    assert res.returncode == 0 and not res.stderr, (res.stdout, res.stderr)
+    os.chmod(folder, 0o1777)
+    try:
+        res = ph('check')
+        assert res.returncode == 0, (res.stdout, res.stderr)
+        line = one_line(res)
+        assert line.startswith('processhandler: warning: ') and (
+            folder + ', the folder of') in line, line
+        assert 'every user' in line and 'root-owned' in line, line
+        assert ('python -I' in line) == (which == 'script'), line
+        assert_one_line_error(ph('check', '--strict'), folder, 'every user')
+        res = ph('start', '-d')
+        track_started(proj)
+        assert res.returncode == 0, (res.stdout, res.stderr)
+        proj.masters.add(proj.master_pid())
+        proj.wait_running(1)
+        warned = [l for l in proj.log_text().splitlines()
+                  if 'WARNING' in l and folder + ', the folder of' in l]
+        assert len(warned) == 1, proj.log_text()
+        assert ph('stop').returncode == 0
+    finally:
+        os.chmod(folder, 0o755)
+
+
+def run_ph_redirected(proj, args, stdout, stderr):
+    """The CLI with stdout/stderr each 'full' (/dev/full), 'closed' (the
+    descriptor closed, as `>&-`) or a path; returns the exit status."""
+    shell = 'exec "$@"'
+    files = []
+    for fd, where in ((1, stdout), (2, stderr)):
+        if where == 'closed':
+            shell += ' %d>&-' % fd
+        else:
+            files.append(open('/dev/full' if where == 'full' else where,
+                              'w'))
+    kw = {}
+    if stdout != 'closed':
+        kw['stdout'] = files.pop(0)
+    if stderr != 'closed':
+        kw['stderr'] = files.pop(0)
+    try:
+        return subprocess.run(['sh', '-c', shell, 'sh', PY, PH, '-c',
+                               proj.config] + list(args),
+                              stdin=subprocess.DEVNULL, cwd=proj.path,
+                              timeout=DEADLINE * 3, **kw).returncode
+    finally:
+        for f in kw.values():
+            f.close()
+
+
+def test_start_with_stdout_and_stderr_full_or_closed(proj):
+    """`start -d >/dev/full 2>/dev/full`, and with both closed: the daemon
+    starts and the command exits 0 (the lost "started" line changes
+    nothing); a second start exits 1, a usage error 2, a config error 2
+    (never a traceback's 1 or the interpreter's 120); `status` with
+    stdout full says so in one line on stderr, exit 1; with stdout
+    closed, exit 0."""
+    proj.write_config(number_workers=1)
+    err = os.path.join(proj.path, 'err.txt')
+    for how in ('full', 'closed'):
+        assert run_ph_redirected(proj, ['start', '-d'], how, how) == 0, how
+        master = proj.master_pid()
+        proj.masters.add(master)
+        proj.wait_running(1)
+        assert run_ph_redirected(proj, ['start', '-d'], how, how) == 1
+        assert run_ph_redirected(proj, ['bogus'], how, how) == 2
+        assert run_ph_redirected(proj, ['status'], 'closed', err) == 0
+        assert run_ph_redirected(proj, ['status'], 'full', err) == 1
+        line = one_line(subprocess.CompletedProcess([], 1, '', read_text(
+            err)))
+        assert 'cannot write to standard output' in line, line
+        assert run_ph_redirected(proj, ['stop'], how, how) == 0
+        assert not alive(master)
+    assert run_ph_redirected(proj, ['status', '--set', 'timeout=x'],
+                             'full', 'full') == 2
+
+
+def test_complain_never_raises():
+    """complain() to a stderr that fails (full, closed, None) returns."""
+    saved = sys.stderr
+    full = open('/dev/full', 'w')
+    closed = open(os.devnull, 'w')
+    closed.close()
+    fd2 = os.dup(2)
+    try:
+        for stream in (full, closed, None):
+            sys.stderr = stream
+            processhandler.complain('a line nobody reads')
+    finally:
+        sys.stderr = saved
+        os.dup2(fd2, 2)      # complain() sent the failing fd to /dev/null
+        os.close(fd2)
+        full.close()
+
+
+# testworker's Job whose object takes BUILD_TIME seconds to build (the
+# window between the fork and the worker's own signal handlers; self.cfg
+# is not there yet in __init__).
+SLOW_BUILD_WORKER = '''
+import time
+from testworker import Job
+
+BUILD_TIME = %s
+
+
+class SlowBuild(Job):
+    def __init__(self, *args, **kwargs):
+        Job.__init__(self, *args, **kwargs)
+        time.sleep(BUILD_TIME)
+'''
+
+
+@pytest.mark.parametrize('slow', ['init', '__init__'])
+def test_usr1_never_kills_a_booting_worker(proj, slow):
+    """USR1 sent to the master again and again while a replacement worker
+    (no spare) is still booting -- a slow init(), or a slow __init__
+    before the worker has its own handlers: the booting worker survives
+    and boots (same pid), and the log is reopened."""
+    proj.write_module('slowbuild', SLOW_BUILD_WORKER % (
+        0 if slow == 'init' else 1.5))
+    proj.write_config(number_workers=1, spare_worker='false',
+                      worker_class='slowbuild:SlowBuild',
+                      init_mode='slow' if slow == 'init' else '',
+                      init_time=1.5, run_mode='log', lines=1, width=1)
+    master = proj.start_daemon()
+    first = proj.wait_running(1)[1]
+    os.kill(first, signal.SIGKILL)
+
+    def booting():
+        doc = proj.query()
+        rows = [w for w in (doc or {}).get('workers', ())
+                if w['pid'] and w['pid'] != first]
+        return rows[0]['pid'] if rows and rows[0]['state'] == 'booting' \
+            else None
+    second = wait_for(booting, what='a booting replacement')
+    rotated = proj.log + '.1'
+    os.rename(proj.log, rotated)
+    for _ in range(15):
+        os.kill(master, signal.SIGUSR1)
+        time.sleep(0.1)
+    assert alive(second), 'USR1 killed the booting worker'
+    assert wait_for(lambda: proj.running_workers(1)) == {1: second}
+    assert 'log file reopened' in proj.log_text()
+    # Forked before the rotation, it writes to the new file: the USR1 that
+    # came while it booted was replayed, not lost.
+    wait_for(lambda: 'line 0 x' in proj.log_text(), what='its log lines')
+    assert 'failed' not in proj.log_text(), proj.log_text()
+    assert proj.ph('stop').returncode == 0
