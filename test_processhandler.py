@@ -906,10 +906,13 @@ class Project(object):
         tracked = set(self.masters) | set(self.workers)
         for pid in list(self.masters):
             tracked.update(descendants(pid))
+        # QUIT, the quick stop: a graceful TERM would wait up to
+        # graceful_timeout for a hung worker (the timeout and limit tests
+        # leave some), and graceful stops have tests of their own.
         for pid in self.masters:
             if alive(pid):
                 try:
-                    os.kill(pid, signal.SIGTERM)
+                    os.kill(pid, signal.SIGQUIT)
                 except OSError:
                     pass
         try:
@@ -5247,16 +5250,19 @@ def test_failed_reload_rolls_back_and_old_workers_keep_recycling(proj):
     assert 'database unreachable' in res.stderr, res.stderr
     r = upgrade_doc(proj, 'reload')
     assert r['result'] == 'failed' and 'rolled back' in r['reason'], r
-    seen, t_end = set(), time.monotonic() + 3
-    while time.monotonic() < t_end:
-        doc = proj.status()
-        rows = [w for w in doc['workers'] if w['state'] == 'running']
+    # Recycled many times (every ~0.15 s on an idle machine), all from the
+    # old config: watched until six pids were seen and at least 3 s went
+    # by, no slot ever in backoff or of the failed generation.
+    seen, t_min = set(), time.monotonic() + 3
+
+    def six_seen():
+        doc = proj.query()
         assert not [w for w in doc['workers'] if w['state'] == 'backoff'
                     or w.get('generation') == 2], doc['workers']
-        seen.update(w['pid'] for w in rows)
-        time.sleep(0.1)
-    # recycled many times (every ~0.15 s), all from the old config
-    assert len(seen) >= 6, seen
+        seen.update(w['pid'] for w in doc['workers']
+                    if w['state'] == 'running')
+        return len(seen) >= 6 and time.monotonic() > t_min
+    wait_for(six_seen, what=lambda: 'six old workers; saw %s' % seen)
     assert master_doc(proj)['generation'] == 1
     proj.wait_running(2)
     assert 'rolled back to generation 1' in proj.log_text()
@@ -7817,13 +7823,19 @@ def test_full_disk_log_fails_loudly_once_and_nothing_crashes(proj):
 
 @pytest.mark.slow
 def test_no_fd_or_memory_leak_over_many_recycles(proj):
-    """max_requests = 1: 10,000 worker recycles after a warm-up (or as many
-    as fit in the time bound, PH_SOAK_SECONDS); the master's fd count is
-    unchanged and its RSS grows by less than 2 MB.  PyPy's warm-up is longer:
-    its JIT and GC grow the heap in ~1 MB steps for the first ~15,000
-    recycles, then stay flat (measured with the spare: 63.6 MB at 5,000,
-    65.2 MB at 15,800, 65.2 MB at 26,000; the window 5,000-15,000 once grew
-    2.5 MB).  A leak grows all the time."""
+    """max_requests = 1: thousands of worker recycles after a warm-up; the
+    master's fd count is unchanged and its RSS flat.
+
+    CPython's master is flat to the kB after ~1,000 recycles (measured:
+    15,748 kB from 1,161 to 30,334 recycles), so 5,000 recycles may add at
+    most 512 kB: a leak of 100 bytes per recycle fails.  PyPy's JIT and GC
+    grow its heap in steps for a while (measured: +1.2 MB between 800 and
+    5,600 recycles, +2.5 MB between 3,000 and 7,000, once +2.5 MB between
+    5,000 and 15,000), so PyPy is held to 4 MB over 4,000 recycles after
+    3,000 of warm-up (a leak of 1 kB per recycle fails).  Object leaks are the same code on both
+    interpreters; what runs only on PyPy is the /proc and ctypes fallbacks,
+    whose leaks would be descriptors, counted exactly on both.  Every
+    phase is bounded in time (PH_SOAK_SECONDS for the measured one)."""
     proj.write_module('quiet', QUIET_WORKER)
     proj.write_config(worker_class='quiet:Quiet', number_workers=2,
                       max_requests=1, run_time=0, log_level='warning')
@@ -7833,6 +7845,7 @@ def test_no_fd_or_memory_leak_over_many_recycles(proj):
     def spawns():
         doc = proj.query()
         return doc['master']['spawns'] if doc else 0
+
     def fds():
         # The spare's pipe and dump file come and go with the spare (it is
         # used and re-forked all the time here): the fewest of 20 looks.
@@ -7842,22 +7855,22 @@ def test_no_fd_or_memory_leak_over_many_recycles(proj):
             counts.append(fd_count(master))
             time.sleep(0.01)
         return min(counts)
-    warm = 15000 if IS_PYPY else 1000
-    wait_for(lambda: spawns() >= warm, 300, '%d recycles (warm-up)' % warm)
+    warm, measured, growth_kb = ((3000, 4000, 4096) if IS_PYPY else
+                                 (1000, 5000, 512))
+    wait_for(lambda: spawns() >= warm, 240, '%d recycles (warm-up)' % warm)
     fds0, rss0 = fds(), rss_kb(master)
     limit = time.monotonic() + float(os.environ.get('PH_SOAK_SECONDS', '120'))
-    start = spawns()
-    target = start + 10000
-    n = start
-    while n < target and time.monotonic() < limit:
-        time.sleep(1.0)
+    start = n = spawns()
+    while n < start + measured and time.monotonic() < limit:
+        time.sleep(0.5)
         n = spawns()
     fds1, rss1 = fds(), rss_kb(master)
-    print('recycles: %d measured after warm-up; master fds %d -> %d; RSS %d -> %d kB'
-          % (n - start, fds0, fds1, rss0, rss1))
-    assert n - start >= 2000, 'too few recycles to judge: %d' % (n - start)
+    print('recycles: %d measured after %d of warm-up; master fds %d -> %d; '
+          'RSS %d -> %d kB' % (n - start, start, fds0, fds1, rss0, rss1))
+    assert n - start >= measured // 2, 'too few recycles to judge: %d' % (
+        n - start)
     assert fds1 == fds0
-    assert rss1 - rss0 < 2048
+    assert rss1 - rss0 < growth_kb, (rss0, rss1)
     assert proj.ph('stop').returncode == 0
 
 
