@@ -2640,7 +2640,8 @@ class Worker(object):
     With worker_class from a config, ``__init__`` runs in each worker
     process, after the fork and after dropping to ``user`` (build_worker):
     the master never runs it, so it may open a socket or a file of the
-    worker's own (as ProcessHandler's did).  In Manager mode the instances
+    worker's own (as ProcessHandler's did); ``self.cfg`` is the worker's
+    config once Worker.__init__ has run.  In Manager mode the instances
     are the ones the user's script built (in its own process, the
     master's); each worker process starts from a copy.  Keyword options
     override the config per worker instance (uliweb's Manager style):
