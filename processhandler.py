@@ -5814,7 +5814,7 @@ class WorkerBirth(object):
         try:
             build_worker(Worker, a.cfg, a.pid, [])
         except Exception:
-            pass
+            pass    # only a warm-up: the spare serves without it
         Worker._counter[0] = count   # names as without a spare
 
     def load_worker_code(self, number):
