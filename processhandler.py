@@ -2794,6 +2794,11 @@ DUMP_SIGNAL = (signal.SIGRTMIN + 5 if hasattr(signal, 'SIGRTMIN')
 IGNORED_IN_CHILDREN = ('HUP', 'TTIN', 'TTOU', 'WINCH', 'USR2')
 
 
+# The config build_worker is building this process's worker for (None
+# elsewhere, e.g. Manager mode's templates in the user's script).
+_building = [None]
+
+
 class WorkerRuntime(object):
     """A worker process's runtime state, kept out of the user's Worker
     subclass: the loops, RunWatch, Publisher and the master's child side
@@ -2850,7 +2855,8 @@ class Worker(object):
     With worker_class from a config, ``__init__`` runs in each worker
     process, after the fork and after dropping to ``user`` (build_worker):
     the master never runs it, so it may open a socket or a file of the
-    worker's own (as ProcessHandler's did).  In Manager mode the instances
+    worker's own (as ProcessHandler's did); ``self.cfg`` is the worker's
+    config once Worker.__init__ has run.  In Manager mode the instances
     are the ones the user's script built (in its own process, the
     master's); each worker process starts from a copy.  Keyword options
     override the config per worker instance (uliweb's Manager style):
@@ -2893,7 +2899,9 @@ class Worker(object):
         if soft and hard and hard <= soft:
             raise ConfigError('%s: hard_memory_limit must exceed '
                               'soft_memory_limit' % self.name)
-        self.cfg = Config()
+        # In a worker process, build_worker's config (the one _boot sets
+        # again): a default Config() costs ~0.3 ms in a fresh child.
+        self.cfg = _building[0] if _building[0] is not None else Config()
         self.slot = 0
         self.pid = None
         self.requests = 0
@@ -3918,8 +3926,13 @@ def build_worker(cls, cfg, ppid, sockets, file_logger=None):
     after the fork too, so an ``__init__`` may open a socket or a file of
     its own).  ProcessHandler-style classes take ``(cfg, file_logger, ppid,
     sockets)``; ours take keywords only.  The one place where a worker
-    object is constructed from its class."""
-    return cls.from_config(cfg, file_logger, ppid, sockets)
+    object is constructed from its class.  Worker.__init__ reads the
+    config from ``_building``."""
+    _building[0] = cfg
+    try:
+        return cls.from_config(cfg, file_logger, ppid, sockets)
+    finally:
+        _building[0] = None
 
 
 class AsyncioWorker(Worker):
@@ -5562,6 +5575,7 @@ class Spare(object):
                 signal.signal(getattr(signal, 'SIG' + name),
                               lambda *args: os._exit(0))
             a.birth.preload_worker_class()
+            a.birth.warm_up()
             data = b''
             while not data.endswith(b'\n'):
                 chunk = os.read(r, 64)
@@ -6052,6 +6066,23 @@ class WorkerBirth(object):
                 a.worker_class = load_worker_class(a.cfg)
             except BaseException:   # SystemExit at import too: said later
                 pass
+
+    def warm_up(self):
+        """In the spare, while it waits: build and drop a plain Worker --
+        processhandler's own class, no user code runs -- so that building
+        the real one after the hand-over finds that code and the memory
+        it touches warm.  A fresh child pays first-use page copies and
+        cold caches: measured ~0.2 ms (PyPy) to ~0.3 ms (CPython) less
+        from kill to the replacement's init()."""
+        a = self.arbiter
+        if a.templates:   # Manager mode: the worker objects exist already
+            return
+        count = Worker._counter[0]
+        try:
+            build_worker(Worker, a.cfg, a.pid, [])
+        except Exception:
+            pass    # only a warm-up: the spare serves without it
+        Worker._counter[0] = count   # names as without a spare
 
     def load_worker_code(self, number):
         """In the worker process: make its worker code ready; return

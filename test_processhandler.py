@@ -11004,4 +11004,63 @@ def test_usr1_never_kills_a_booting_worker(proj, slow):
     # came while it booted was replayed, not lost.
     wait_for(lambda: 'line 0 x' in proj.log_text(), what='its log lines')
     assert 'failed' not in proj.log_text(), proj.log_text()
+
+
+# ==== respawn: the spare's warm-up, the config in __init__ (issue 13) ====
+
+# Records, from __init__, what a worker object sees there: "<pid> <name>
+# <queue>" lines in built.log beside the module.
+SEEN_IN_INIT_WORKER = '''
+import os
+import processhandler
+
+LOG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'built.log')
+
+
+class Seen(processhandler.Worker):
+    def __init__(self, *args, **kw):
+        processhandler.Worker.__init__(self, *args, **kw)
+        fd = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(fd, ('%d %s %s\\n' % (os.getpid(), self.name,
+                                       self.cfg.queue)).encode())
+        os.close(fd)
+
+    def run(self):
+        self.sleep(60)
+        return False
+'''
+
+
+def built_log(proj):
+    """{pid: (name, queue)} from built.log."""
+    try:
+        with open(os.path.join(proj.path, 'built.log')) as f:
+            rows = [l.split() for l in f.read().splitlines()]
+    except OSError:
+        return {}
+    return dict((int(p), (n, q)) for p, n, q in rows)
+
+
+def test_worker_init_sees_its_config_and_spare_warm_up_leaves_no_trace(
+        proj):
+    """A plain Worker's __init__ reads the worker's own config in self.cfg
+    (not a default Config), and the spare's warm-up (a plain Worker built
+    and dropped before the hand-over) changes nothing the worker sees: a
+    spare-born worker has the same name as a forked one and is built
+    once, after the hand-over."""
+    proj.write_module('seen', SEEN_IN_INIT_WORKER)
+    proj.write_config(worker_class='seen:Seen', number_workers=2,
+                      queue='jobs', graceful_timeout=2)
+    master = proj.start_daemon()
+    workers = proj.wait_running(2)
+    spare = new_spare(proj)
+    wait_for(lambda: len(built_log(proj)) >= 2, what='two __init__')
+    os.kill(workers[1], signal.SIGKILL)
+    wait_for(lambda: proj.running_workers(2) == {1: spare, 2: workers[2]},
+             what='the spare running slot 1')
+    built = wait_for(lambda: (lambda b: b if spare in b else None)(
+        built_log(proj)), what='the spare built its worker')
+    assert set(built) == set(workers.values()) | {spare}, built
+    assert master not in built
+    assert set(built.values()) == {('Process-1', 'jobs')}, built
     assert proj.ph('stop').returncode == 0
