@@ -94,6 +94,9 @@ IS_PYPY = processhandler.IS_PYPY
 # Slow machines (2 cores, PyPy's JIT warm-up) get generous deadlines: a
 # deadline only bounds a failure, a passing test returns as soon as it can.
 DEADLINE = float(os.environ.get('PH_TEST_DEADLINE', '20'))
+# The in-process config fuzzers: the same parser runs on both interpreters,
+# and hypothesis itself is ~5x slower on PyPy, which gets a third.
+FUZZ_EXAMPLES = 100 if IS_PYPY else 300
 REDIS_SERVER = shutil.which('redis-server') or '/usr/bin/redis-server'
 EXAMPLE = os.path.join(HERE, 'examples', 'redis_queue')
 BENCH = os.path.join(HERE, 'bench', 'run.py')
@@ -543,6 +546,11 @@ class Job(processhandler.Worker):
             raise RuntimeError('database unreachable')
         if mode == 'slow':
             time.sleep(float(self.cfg.get('init_time', '0.5')))
+        gate = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                            'gate')
+        t_end = time.time() + 60
+        while mode == 'gate' and os.path.exists(gate) and time.time() < t_end:
+            time.sleep(0.01)       # booting until the test removes 'gate'
         event(self, 'init', self.cfg.get('version', 'v1'))
 
     def run(self):
@@ -1824,11 +1832,14 @@ def test_pip_install_gives_a_console_script(tmp_path):
         if os.path.exists(os.path.join(HERE, name)):
             shutil.copy(os.path.join(HERE, name), str(src))
     target = tmp_path / 'target'
-    # PEP 517 build: pip fetches setuptools and wheel into an isolated
-    # build environment from the configured index.
+    # PEP 517 build.  With setuptools and wheel in this interpreter (.ci/test
+    # installs them) pip builds with those; without, it fetches them into an
+    # isolated build environment from the index (~1-2 min on PyPy).
+    local = all(importlib.util.find_spec(m) for m in ('setuptools', 'wheel'))
     res = subprocess.run([PY, '-m', 'pip', 'install', '--no-deps',
-                          '--use-pep517', '-q', '--target', str(target),
-                          str(src)],
+                          '--use-pep517', '-q', '--target', str(target)] +
+                         (['--no-build-isolation'] if local else []) +
+                         [str(src)],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          universal_newlines=True, timeout=300)
     if res.returncode and ('No matching distribution' in res.stdout or
@@ -3190,7 +3201,7 @@ def as_nobody(*args, **kw):
     """Run the CLI as user nobody (setpriv); return CompletedProcess."""
     nobody = pwd.getpwnam('nobody')
     cmd = ['setpriv', '--reuid=%d' % nobody.pw_uid,
-           '--regid=%d' % nobody.pw_gid, '--clear-groups', PY, PH] + list(
+           '--regid=%d' % nobody.pw_gid, '--clear-groups'] + cli() + list(
                args)
     return subprocess.run(cmd, stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -3498,7 +3509,7 @@ def test_non_root_probe_commands_against_root_master_exit_4(open_proj):
 
 def ph_to(proj, stdout, *args):
     """Run the CLI with ``stdout`` (an fd or file) as standard output."""
-    return subprocess.run([PY, PH, '-c', proj.config] + list(args),
+    return subprocess.run(cli() + ['-c', proj.config] + list(args),
                           stdin=subprocess.DEVNULL, stdout=stdout,
                           stderr=subprocess.PIPE, universal_newlines=True,
                           cwd=proj.path, timeout=60)
@@ -7553,7 +7564,10 @@ def test_health_during_a_rolling_reload(proj):
     proj.write_config(run_time='0.02')
     master = proj.start_daemon()
     proj.wait_running(2)
-    proj.write_config(run_time='0.02', init_mode='slow', init_time='2')
+    # The new workers boot until the test removes the gate file.
+    gate = os.path.join(proj.path, 'gate')
+    open(gate, 'w').close()
+    proj.write_config(run_time='0.02', init_mode='gate')
     os.kill(master, signal.SIGHUP)
 
     def rolling():
@@ -7563,6 +7577,7 @@ def test_health_during_a_rolling_reload(proj):
     assert res.returncode == 0, res.stdout
     assert re.match(r'processhandler: healthy: 2/2 running; reload in '
                     r'progress for \d+ s$', res.stdout.strip()), res.stdout
+    os.unlink(gate)
     wait_for(lambda: proj.ph('health').stdout.strip() ==
              'processhandler: healthy: 2/2 running', what='reload done')
     assert cli_metrics(proj)['processhandler_master_generation'][()] == 2
@@ -8082,7 +8097,7 @@ def only_config_errors(path, section=None, overrides=()):
         assert msg and '\n' not in msg, repr(msg)
 
 
-@settings(max_examples=300, deadline=None,
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sections=sections, loop=st.booleans())
 def test_fuzz_ini_files_give_config_errors_only(tmp_path, sections, loop):
@@ -8094,7 +8109,7 @@ def test_fuzz_ini_files_give_config_errors_only(tmp_path, sections, loop):
     only_config_errors(str(path))
 
 
-@settings(max_examples=300, deadline=None,
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(pairs=st.lists(st.tuples(keys, values), max_size=5),
        raw=st.lists(st.text(max_size=20), max_size=3))
@@ -8105,7 +8120,7 @@ def test_fuzz_set_overrides_give_config_errors_only(tmp_path, pairs, raw):
                        ['%s=%s' % kv for kv in pairs] + list(raw))
 
 
-@settings(max_examples=100, deadline=None,
+@settings(max_examples=FUZZ_EXAMPLES // 3, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=300))
 def test_fuzz_binary_garbage(tmp_path, data):
@@ -8130,7 +8145,7 @@ def test_fuzz_cli_exits_2_with_one_line(tmp_path, sections, data, command):
         bad = True
     if not bad and command == 'start':
         command = 'check'      # a config that parses could really start
-    res = subprocess.run([PY, PH, '-c', str(path), command],
+    res = subprocess.run(cli() + ['-c', str(path), command],
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, timeout=60,
                          cwd=str(tmp_path))
@@ -10898,8 +10913,8 @@ def run_ph_redirected(proj, args, stdout, stderr):
     if stderr != 'closed':
         kw['stderr'] = files.pop(0)
     try:
-        return subprocess.run(['sh', '-c', shell, 'sh', PY, PH, '-c',
-                               proj.config] + list(args),
+        return subprocess.run(['sh', '-c', shell, 'sh'] + cli() + [
+                               '-c', proj.config] + list(args),
                               stdin=subprocess.DEVNULL, cwd=proj.path,
                               timeout=DEADLINE * 3, **kw).returncode
     finally:
