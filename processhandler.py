@@ -1126,15 +1126,14 @@ def fork_deferring_usr1():
     stays pending until prepare() has installed _defer_usr1 (a USR1 sent
     just after the fork would otherwise meet the master's handler, which
     only records it, and the worker would keep the rotated log)."""
-    usr1 = [signal.SIGUSR1]
-    signal.pthread_sigmask(signal.SIG_BLOCK, usr1)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
     try:
         pid = os.fork()
     except BaseException:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, usr1)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
         raise
-    if pid:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, usr1)
+    if pid:     # the mask as found (USR2's exec blocks signals on purpose)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
     return pid
 
 
@@ -1764,15 +1763,19 @@ _SAID_UNTRUSTED = set()
 
 def trusted_owner(uid, pidfile, what):
     """Whether a pidfile, lock file or control socket peer of uid ``uid``
-    may be believed: the caller's, root's, or those of the owner of the
+    may be believed: the caller's, root's, those of the owner of the
     pidfile's folder (who controls its entries anyway: a master started
-    as that user).  Anyone else's was planted (a shared, sticky folder):
-    its lock holder may be any process of theirs, a setuid one included,
-    and its socket may say anything.  Said once per file on stderr."""
+    as that user), or anyone's in a folder others may not write (a run
+    folder root:app 0770 of a service user's master, which root's `stop`
+    must see).  Anyone else's in a world-writable folder was planted (a
+    shared, sticky folder): its lock holder may be any process of theirs,
+    a setuid one included, and its socket may say anything.  Said once
+    per file on stderr."""
     if uid in (os.geteuid(), 0):
         return True
     try:
-        if os.stat(os.path.dirname(pidfile) or '.').st_uid == uid:
+        st = os.stat(os.path.dirname(pidfile) or '.')
+        if st.st_uid == uid or not st.st_mode & stat.S_IWOTH:
             return True
     except OSError:
         pass
@@ -4172,10 +4175,12 @@ def unsafe_import_folders(cfg):
     json.py, say) would run as root at the next upgrade or preflight."""
     if os.geteuid() != 0:
         return []
-    folders = [] if sys.flags.isolated else [
+    folders = [] if isolated_path() else [
         ('processhandler.py', os.path.dirname(os.path.abspath(__file__)),
          ', or run python -I')]
-    if cfg.base_path:
+    # With `user` set the root master never imports the worker code (a
+    # child that dropped privileges does), so base_path is no root import.
+    if cfg.base_path and not drops_privileges(cfg):
         folders.append(('the worker code (base_path)', cfg.base_path, ''))
     lines = []
     for what, folder, hint in folders:
@@ -5568,9 +5573,12 @@ class Spare(object):
             pdeath = a.birth.prepare('spare')
             # Until it is a worker it has nothing to finish: a stop signal
             # ends it quietly; the others must not stop or kill it (TTIN's
-            # default stops a process).
-            for name in IGNORED_IN_CHILDREN + ('USR1',):   # not a worker yet
+            # default stops a process).  A USR1 is kept for the worker it
+            # becomes: one sent between the hand-over and the worker's own
+            # handler must still reopen its log.
+            for name in IGNORED_IN_CHILDREN:
                 signal.signal(getattr(signal, 'SIG' + name), signal.SIG_IGN)
+            signal.signal(signal.SIGUSR1, _defer_usr1)
             for name in ('TERM', 'INT', 'QUIT'):
                 signal.signal(getattr(signal, 'SIG' + name),
                               lambda *args: os._exit(0))
@@ -7179,6 +7187,7 @@ class Manager(object):
 
     def _run_master(self, run_once=False):
         """Run the Arbiter on these workers here; its exit status."""
+        ensure_stdio()      # a script started with `>&-` (as main() does)
         logger = self.log or log
         upgrade = UpgradeState.from_env()
         if upgrade is not None and os.environ.get(PREFLIGHT_ENV):
@@ -7198,8 +7207,7 @@ class Manager(object):
         arbiter.strict_boot = not isinstance(self, UliwebManager)
         status = arbiter.run()
         if status:
-            print('processhandler: %s' % arbiter.halt_reason,
-                  file=sys.stderr)
+            complain(arbiter.halt_reason)
         return status
 
 

@@ -10984,15 +10984,17 @@ class SlowBuild(Job):
 '''
 
 
-@pytest.mark.parametrize('slow', ['init', '__init__'])
+@pytest.mark.parametrize('slow', ['init', '__init__', 'spare'])
 def test_usr1_never_kills_a_booting_worker(proj, slow):
     """USR1 sent to the master again and again while a replacement worker
-    (no spare) is still booting -- a slow init(), or a slow __init__
-    before the worker has its own handlers: the booting worker survives
-    and boots (same pid), and the log is reopened."""
+    is still booting -- a slow init(), or a slow __init__ before the worker
+    has its own handlers, forked or born of the spare (review: the spare
+    ignored USR1, so its worker kept the rotated log): the booting worker
+    survives and boots (same pid), and the log is reopened."""
     proj.write_module('slowbuild', SLOW_BUILD_WORKER % (
         0 if slow == 'init' else 1.5))
-    proj.write_config(number_workers=1, spare_worker='false',
+    proj.write_config(number_workers=1,
+                      spare_worker='true' if slow == 'spare' else 'false',
                       worker_class='slowbuild:SlowBuild',
                       init_mode='slow' if slow == 'init' else '',
                       init_time=1.5, run_mode='log', lines=1, width=1)
@@ -11079,3 +11081,92 @@ def test_worker_init_sees_its_config_and_spare_warm_up_leaves_no_trace(
     assert master not in built
     assert set(built.values()) == {('Process-1', 'jobs')}, built
     assert proj.ph('stop').returncode == 0
+
+
+# ==== review fixes (session 5): service users' masters, base_path, Manager stdio ====
+
+@NEEDS_ROOT
+def test_root_sees_and_stops_a_service_users_master_in_a_shared_run_folder(
+        open_proj):
+    """A master started by a service user (nobody) with its pidfile in a
+    run folder root:nogroup 2775 (others may not write it): root's
+    `status` shows it and root's `stop` stops it (exit 0), no warning --
+    the files are nobody's, but only root and the group can plant there."""
+    proj = open_proj
+    nobody = pwd.getpwnam('nobody')
+    os.chown(proj.path, nobody.pw_uid, nobody.pw_gid)
+    run = os.path.join(proj.path, 'run')
+    os.mkdir(run)
+    os.chown(run, 0, nobody.pw_gid)
+    os.chmod(run, 0o2775)
+    proj.pidfile = os.path.join(run, 'svc.pid')
+    proj.write_config(number_workers=1)
+    res = subprocess.run(cli(python_for_nobody()) + ['-c', proj.config,
+                                                     'start', '-d'],
+                         preexec_fn=become_nobody, cwd=proj.path,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, universal_newlines=True,
+                         timeout=60)
+    track_started(proj)
+    assert res.returncode == 0, (res.stdout, res.stderr, proj.log_text())
+    master = proj.master_pid()
+    proj.masters.add(master)
+    assert os.stat(proj.pidfile).st_uid == nobody.pw_uid
+    res = proj.ph('status', '--json')
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert json.loads(res.stdout)['master']['pid'] == master
+    assert 'ignoring' not in res.stderr, res.stderr
+    res = proj.ph('stop')
+    assert res.returncode == 0 and 'stopped' in res.stdout, (res.stdout,
+                                                              res.stderr)
+    assert not alive(master)
+
+
+@NEEDS_ROOT
+def test_base_path_of_a_dropping_master_is_no_unsafe_import(open_proj):
+    """user = nobody: the root master never imports the worker code, so a
+    base_path nobody may write is no warning and check --strict passes."""
+    proj = open_proj
+    code = os.path.join(proj.path, 'code')
+    os.mkdir(code, 0o755)
+    shutil.copy(os.path.join(proj.path, 'testworker.py'), code)
+    os.chown(code, pwd.getpwnam('nobody').pw_uid, 0)
+    proj.write_config(user='nobody', base_path=code)
+    for args in (('check',), ('check', '--strict')):
+        res = proj.ph(*args)
+        assert res.returncode == 0, (args, res.stdout, res.stderr)
+        assert 'writable by' not in res.stderr, res.stderr
+    proj.write_config(base_path=code)        # no drop: the warning stays
+    res = proj.ph('check')
+    assert res.returncode == 0 and 'writable by' in res.stderr, res.stderr
+
+
+MANAGER_CLOSED_STDIO = '''
+import sys, time
+sys.path.insert(0, %r)
+import processhandler
+
+class W(processhandler.Worker):
+    def run(self):
+        time.sleep(0.05)
+        return True
+
+processhandler.Manager([W()], daemonize=True, pidfile=%r,
+                       log_file=%r).start()
+'''
+
+
+def test_manager_script_started_with_stdout_closed(proj):
+    """Manager mode run as `python mgr.py >&-`: it daemonizes and runs (the
+    review found daemonize() failing on sys.stdout None)."""
+    script = os.path.join(proj.path, 'mgr.py')
+    with open(script, 'w') as f:
+        f.write(MANAGER_CLOSED_STDIO % (HERE, proj.pidfile, proj.log))
+    res = subprocess.run(['sh', '-c', 'exec "$@" >&-', 'sh', PY, script],
+                         cwd=proj.path, stdin=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, universal_newlines=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert 'Traceback' not in res.stderr, res.stderr
+    proj.masters.add(proj.master_pid())
+    assert proj.wait_running(1)
