@@ -300,8 +300,9 @@ def socket_inodes(pid):
     return out
 
 
-def tcp_listen_inodes(port):
-    """Inodes of the sockets in LISTEN state on ``port`` (/proc/net/tcp)."""
+def tcp_inodes(port, listening=True):
+    """Inodes of the TCP sockets (/proc/net/tcp, tcp6) in LISTEN state on
+    ``port``, or (``listening=False``) connected to ``port``."""
     out = set()
     for table in ('/proc/net/tcp', '/proc/net/tcp6'):
         try:
@@ -311,8 +312,9 @@ def tcp_listen_inodes(port):
             continue
         for row in rows:
             cols = row.split()
-            if int(cols[1].rsplit(':', 1)[1], 16) == port and \
-                    cols[3] == '0A':
+            address = cols[1] if listening else cols[2]
+            if int(address.rsplit(':', 1)[1], 16) == port and (
+                    cols[3] == '0A' or not listening):
                 out.add(int(cols[9]))
     return out
 
@@ -1551,18 +1553,6 @@ def owners_left(r):
     return sorted(k.decode() for k in r.scan_iter('jobs:owner:*'))
 
 
-# -- former names -------------------------------------------------------------
-
-# Former names of merged helpers, for tests written before the merge (the
-# suffixes told apart the modules this file was pasted from).
-wait_count_CLI = wait_count_LIMITS = wait_workers_number
-by_pid_ARBITER = by_pid_LIMITS = by_pid
-read = read_text
-QUIET_WORKER_CLI = QUIET_WORKER_LEADER = QUIET_WORKER_RELIABILITY = \
-    QUIET_WORKER
-RECORD_ARBITER = RECORD_LIMITS = RECORD
-
-
 # ==== Quick start and documentation ==========================================
 
 
@@ -1935,15 +1925,15 @@ def test_processhandler_original_runs_unchanged_and_term_is_graceful(proj):
     pids = [w['pid'] for w in doc['workers']]
     # The seed's own format, from both workers (each in its endless loop).
     wait_for(lambda: len(re.findall(r'^\[[\d-]+ [\d:,]+\] INFO jobexecute '
-                                    r'"go\.\.\."$', read(log_path), re.M))
+                                    r'"go\.\.\."$', read_text(log_path), re.M))
              >= 4, what='go... lines')
-    assert 'Traceback' not in read(log_path)
+    assert 'Traceback' not in read_text(log_path)
     t0 = time.monotonic()
     os.kill(master, signal.SIGTERM)
     wait_for(lambda: not alive(master) and not any(alive(p) for p in pids),
              what='master and workers gone')
     took = time.monotonic() - t0
-    text = read(log_path)
+    text = read_text(log_path)
     for n, pid in enumerate(sorted(pids)):
         assert re.search(r'worker \d \(pid %d\) stopped \(master stopping\): '
                          r'exit status 0' % pid, text), text
@@ -2032,7 +2022,7 @@ def test_processhandler_original_counts_and_recycles_at_max_requests(proj):
     assert len(done) >= 2, per_pid
     for p in done:
         assert per_pid[p] == [0, 1, 2], per_pid
-    log_text = read(os.path.join(folder, 'conf', 'master.log'))
+    log_text = read_text(os.path.join(folder, 'conf', 'master.log'))
     assert 'max_requests reached' in log_text
     assert re.search(r'INFO jobexecute "job 2"', log_text)
     os.kill(master, signal.SIGTERM)
@@ -2244,7 +2234,7 @@ def write_uliweb_app(proj):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, 'w') as f:
             f.write(textwrap.dedent(text))
-    src = read(uliweb_file('uliweb/contrib/orm/load_table_file.py'))
+    src = read_text(uliweb_file('uliweb/contrib/orm/load_table_file.py'))
     line = 'from uliweb.utils.workers import Worker, Manager'
     assert src.count(line) == 1
     with open(os.path.join(proj.path, 'load_table_file.py'), 'w') as f:
@@ -2274,12 +2264,12 @@ def test_uliweb_load_table_file_runs_once_and_joins(proj, bulk):
     out = proj.fg_output()
     assert 'load_table_file returned' in out, out
     assert 'Finished! Total 200 records' in out, out
-    rows = read(os.path.join(proj.path, 'rows.txt')).split('\n')[:-1]
+    rows = read_text(os.path.join(proj.path, 'rows.txt')).split('\n')[:-1]
     ids = sorted(int(r.split()[0]) for r in rows)
     assert ids == list(range(200)), len(ids)
     assert len(re.findall(r'PutWorker-1 \d+ created', out)) == 1, out
     assert out.count('quit!') == 5, out
-    commits = read(os.path.join(proj.path, 'rows.txt.events'))
+    commits = read_text(os.path.join(proj.path, 'rows.txt.events'))
     assert commits.count('commit') == 4 and 'rollback' not in commits
     wait_for(lambda: not any(alive(p) for p in descendants(proc.pid)),
              what='nothing left')
@@ -2386,7 +2376,7 @@ if __name__ == '__main__':
 
 def uliweb_events(proj, kind=None):
     try:
-        rows = [line.split() for line in read(os.path.join(
+        rows = [line.split() for line in read_text(os.path.join(
             proj.path, 'events.txt')).splitlines()]
     except OSError:
         return []
@@ -2490,11 +2480,11 @@ def test_uliweb_make_log_and_names(proj):
     uw.make_log(name, path, format='%(name)s|%(message)s')   # not twice
     logger.propagate = False
     logger.warning('hello %d', 1)
-    assert read(path) == '%s|hello 1\n' % name
+    assert read_text(path) == '%s|hello 1\n' % name
     tagged = uw.make_log(unique_name(), path + '2', format=None)
     tagged.propagate = False
     tagged.warning('x')
-    assert read(path + '2').count('master') == 1, read(path + '2')
+    assert read_text(path + '2').count('master') == 1, read_text(path + '2')
     with pytest.raises(uw.TimeoutException):
         with uw.Timeout(0.2):
             time.sleep(5)
@@ -2556,7 +2546,7 @@ def test_processhandler_original_stuck_request_is_killed_and_logged(proj):
     os.kill(master, signal.SIGTERM)
     wait_for(lambda: not alive(master) and not any(alive(p) for p in pids),
              what='master and workers gone')
-    text = read(log_path)
+    text = read_text(log_path)
     for pid in pids:
         assert re.search(r'worker \d \(pid %d\) still alive [\d.]+s after '
                          r'being asked to stop \(master stopping; '
@@ -2644,8 +2634,8 @@ def test_uliweb_documented_examples(proj):
              what=lambda: 'the soft limit\n' + proj.fg_output())
     # uliweb's format; uliweb's numbering (per class, from the base's).
     assert re.search(r'^\[INFO - [\d-]+ [\d:,]+ - complex\.py:\d+\] - '
-                     r'result= 50000 $', read(new_log), re.M), read(new_log)
-    assert re.search(r'NewWorker-2 \d+ created', read(new_log))
+                     r'result= 50000 $', read_text(new_log), re.M), read_text(new_log)
+    assert re.search(r'NewWorker-2 \d+ created', read_text(new_log))
     out = proj.fg_output()
     assert re.search(r'Process-\d+ \d+ running', out), out
     assert proc.poll() is None        # waits for the plain Worker
@@ -5653,7 +5643,7 @@ def test_reuse_port_gives_each_worker_its_own_listener(proj, wtype):
     workers = proj.wait_running(2)
     [name] = listeners(proj)
     port = target(name)[1][1]
-    listening = tcp_listen_inodes(port)
+    listening = tcp_inodes(port)
     own = [socket_inodes(pid) & listening for pid in workers.values()]
     assert all(len(o) == 1 for o in own), (own, listening)
     assert own[0] != own[1]
@@ -9163,22 +9153,6 @@ def test_log_file_owned_by_another_user_is_refused(proj, tmp_path):
     assert not os.path.exists(proj.pidfile)
 
 
-def tcp_inodes_to(port):
-    """Inodes of the TCP sockets connected to ``port`` (/proc/net/tcp)."""
-    out = set()
-    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
-        try:
-            with open(table) as f:
-                rows = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            cols = row.split()
-            if int(cols[2].rsplit(':', 1)[1], 16) == port:
-                out.add(int(cols[9]))
-    return out
-
-
 def test_workers_do_not_hold_the_masters_redis_connection(redis_server,
                                                           proj):
     """leader_lock = redis://...: the master's connection to Redis is
@@ -9188,7 +9162,7 @@ def test_workers_do_not_hold_the_masters_redis_connection(redis_server,
     master = proj.start_daemon()
     workers = proj.wait_running(2)
     spare = new_spare(proj)
-    to_redis = tcp_inodes_to(redis_server.port)
+    to_redis = tcp_inodes(redis_server.port, listening=False)
     assert socket_inodes(master) & to_redis
     for pid in list(workers.values()) + [spare]:
         assert not socket_inodes(pid) & to_redis, pid
