@@ -7835,12 +7835,14 @@ def test_no_fd_or_memory_leak_over_many_recycles(proj):
     15,748 kB from 1,161 to 30,334 recycles), so 5,000 recycles may add at
     most 512 kB: a leak of 100 bytes per recycle fails.  PyPy's JIT and GC
     grow its heap in steps for a while (measured: +1.2 MB between 800 and
-    5,600 recycles, +2.5 MB between 3,000 and 7,000, once +2.5 MB between
-    5,000 and 15,000), so PyPy is held to 4 MB over 3,000 recycles after
-    2,000 of warm-up (a leak of 1.4 kB per recycle fails).  Object leaks are the same code on both
-    interpreters; what runs only on PyPy is the /proc and ctypes fallbacks,
-    whose leaks would be descriptors, counted exactly on both.  Every
-    phase is bounded in time (PH_SOAK_SECONDS for the measured one)."""
+    5,600 recycles, +2.5 MB between 3,000 and 7,000, +4.9 MB between 2,000
+    and 5,000 under a parallel suite), so PyPy is held only to 12 MB over
+    3,000 recycles after 2,000 of warm-up (a leak of 4 kB per recycle
+    fails): its RSS is no fine leak signal this early, CPython's is.
+    Object leaks are the same code on both interpreters; what runs only
+    on PyPy is the /proc and ctypes fallbacks, whose leaks would be
+    descriptors, counted exactly on both.  Every phase is bounded in time
+    (PH_SOAK_SECONDS for the measured one)."""
     proj.write_module('quiet', QUIET_WORKER)
     proj.write_config(worker_class='quiet:Quiet', number_workers=2,
                       max_requests=1, run_time=0, log_level='warning')
@@ -7860,7 +7862,7 @@ def test_no_fd_or_memory_leak_over_many_recycles(proj):
             counts.append(fd_count(master))
             time.sleep(0.01)
         return min(counts)
-    warm, measured, growth_kb = ((2000, 3000, 4096) if IS_PYPY else
+    warm, measured, growth_kb = ((2000, 3000, 12288) if IS_PYPY else
                                  (1000, 5000, 512))
     wait_for(lambda: spawns() >= warm, 240, '%d recycles (warm-up)' % warm)
     fds0, rss0 = fds(), rss_kb(master)
