@@ -6017,8 +6017,13 @@ class WorkerBirth(object):
         a = self.arbiter
         _process_tag[0] = tag
         signal.set_wakeup_fd(-1)
+        # Ignored from the first step, not after the import: a `pkill -HUP
+        # -f` (or TTIN's default stop) reaching a child still booting must
+        # not kill or stop it.
         for name in a.SIGNALS:
-            signal.signal(getattr(signal, 'SIG' + name), signal.SIG_DFL)
+            signal.signal(getattr(signal, 'SIG' + name),
+                          signal.SIG_IGN if name in IGNORED_IN_CHILDREN
+                          else signal.SIG_DFL)
         # USR1's default would kill a worker still importing or building
         # (a logrotate must never do that): noted until _init_signals.
         signal.signal(signal.SIGUSR1, _defer_usr1)
