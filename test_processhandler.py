@@ -18,6 +18,7 @@ a worker, command line, config, signals, worker types and socket servers,
 limits, running on several machines, reliability, benchmarks, files and
 processes.  New tests go at the end, under their own banner.
 """
+import atexit
 import collections
 import glob
 import importlib.util
@@ -27,6 +28,7 @@ import pwd
 import py_compile
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -34,6 +36,7 @@ import stat
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -89,6 +92,217 @@ def cli(python=PY):
     if AS_SCRIPT:
         return [python, PH]
     return [python, '-c', processhandler.LEAN_START, PH]
+
+
+# -- the CLI from a fork server -------------------------------------------------
+# Even in its lean form a CLI call is mostly start-up: the interpreter
+# (~15 ms CPython, ~40 ms PyPy) and the imports (~60 ms), then ~2-10 ms of
+# main().  With ~1,000 calls per interpreter that was half the suite's CPU
+# on PyPy.  So the plain calls (this interpreter, stdin from /dev/null, no
+# env= or other subprocess options) go to a fork server started once per
+# test process: an interpreter that did exactly the lean start's imports
+# and, per call, forks a child that takes the caller's stdout/stderr
+# (passed over a UNIX socket), working directory, environment and umask,
+# sets sys.argv as the lean start does and runs main(), ending as any
+# interpreter does (SystemExit: atexit handlers run, stdio is flushed).
+# The caller gets a CompletedProcess as from subprocess.run().  Nothing is
+# read at import time that a call could change (the environment is read by
+# main()), so the child is the CLI process a user starts, minus the
+# start-up.  PH_TEST_SCRIPT=1 or PH_TEST_FORKSERVER=0 spawn an interpreter
+# per call instead.
+FORK_SERVER = r"""
+import json, os, select, signal, socket, sys
+path, script = sys.argv[1], sys.argv[2]
+if sys.path and sys.path[0] in ('', '.'):
+    del sys.path[0]
+sys.path.insert(0, os.path.dirname(script))
+import processhandler
+if processhandler._setproctitle is not None:
+    # Its first call moves the environment out of the argv area, which it
+    # then owns: done here, before a child's putenv() can move it first
+    # (setproctitle would then give up, and the titles tests look for).
+    processhandler._setproctitle.setproctitle(
+        processhandler._setproctitle.getproctitle())
+parent = os.getppid()
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(path + '.new')
+server.listen(64)
+os.rename(path + '.new', path)      # connectable once it exists
+wake_r, wake_w = os.pipe()
+os.set_blocking(wake_r, False)
+os.set_blocking(wake_w, False)
+signal.set_wakeup_fd(wake_w)
+signal.signal(signal.SIGCHLD, lambda *args: None)
+waiting = {}        # child pid -> the caller's connection
+
+
+def become_the_cli(conn, fds, request):
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for fd in [wake_r, wake_w, server.fileno(), conn.fileno()] + [
+            c.fileno() for c in waiting.values()]:
+        os.close(fd)
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request['cwd'])
+    os.umask(request['umask'])
+    env = request['env']
+    for key in [k for k in os.environ if k not in env]:
+        del os.environ[key]
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+    sys.argv = [script] + request['args']
+    processhandler._START.update(argv=list(sys.argv), cwd=os.getcwd())
+    sys.exit(processhandler.main())
+
+
+while True:
+    if os.getppid() != parent:      # the test process is gone
+        os._exit(0)
+    ready = select.select([server, wake_r], [], [], 1.0)[0]
+    if wake_r in ready:
+        try:
+            while os.read(wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+    while waiting:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if not pid:
+            break
+        conn = waiting.pop(pid)
+        try:
+            conn.sendall(b'%d\n' % os.waitstatus_to_exitcode(status))
+        except OSError:
+            pass
+        conn.close()
+    if server in ready:
+        conn = server.accept()[0]
+        data, fds = socket.recv_fds(conn, 1 << 16, 3)[:2]
+        while not data.endswith(b'\n'):
+            chunk = conn.recv(1 << 16)
+            if not chunk:
+                break
+            data += chunk
+        pid = os.fork()
+        if pid == 0:
+            become_the_cli(conn, fds, json.loads(data.decode('utf-8')))
+        for fd in fds:
+            os.close(fd)
+        waiting[pid] = conn
+        conn.sendall(b'%d\n' % pid)
+"""
+USE_FORK_SERVER = not AS_SCRIPT and os.environ.get(
+    'PH_TEST_FORKSERVER', '1') != '0'
+
+
+class ForkServer(object):
+    """The fork server of this test process (started at its first use)."""
+
+    def __init__(self):
+        self.proc = None
+        self.path = None
+        self.lock = threading.Lock()
+
+    def ensure(self):
+        with self.lock:
+            if self.proc is not None and self.proc.poll() is None:
+                return self.path
+            folder = tempfile.mkdtemp(prefix='ph-forkserver-')
+            self.path = os.path.join(folder, 's')
+            self.proc = subprocess.Popen(
+                [PY, '-c', FORK_SERVER, self.path, PH],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                cwd=folder)
+            wait_for(lambda: os.path.exists(self.path) or
+                     self.proc.poll() is not None, DEADLINE,
+                     'the fork server listening')
+            assert self.proc.poll() is None, 'the fork server failed'
+            return self.path
+
+    def run(self, args, cwd, timeout):
+        """What subprocess.run(cli() + args, cwd=cwd, stdin=DEVNULL, stdout=
+        PIPE, stderr=PIPE, universal_newlines=True, timeout=timeout) gives."""
+        path = self.ensure()
+        cmd = cli() + list(args)
+        umask = os.umask(0o022)
+        os.umask(umask)
+        request = json.dumps({'args': [str(a) for a in args],
+                              'cwd': str(cwd or os.getcwd()),
+                              'env': dict(os.environ), 'umask': umask})
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        null = os.open(os.devnull, os.O_RDONLY)
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(path)
+            socket.send_fds(conn, [request.encode('utf-8') + b'\n'],
+                            [null, out_w, err_w])
+        finally:
+            for fd in (null, out_w, err_w):
+                os.close(fd)
+        deadline = time.monotonic() + timeout
+        got = {out_r: b'', err_r: b'', conn.fileno(): b''}
+        open_fds = set(got)
+        pid = code = None
+        try:
+            while True:
+                lines = got[conn.fileno()].split(b'\n')
+                if pid is None and len(lines) > 1:
+                    pid = int(lines[0])
+                if len(lines) > 2:
+                    code = int(lines[1])
+                if code is not None and out_r not in open_fds and \
+                        err_r not in open_fds:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0 or not open_fds:
+                    if pid is not None:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except OSError:
+                            pass
+                    raise subprocess.TimeoutExpired(cmd, timeout)
+                for fd in select.select(list(open_fds), [], [], left)[0]:
+                    chunk = os.read(fd, 65536)
+                    if chunk:
+                        got[fd] += chunk
+                    else:
+                        open_fds.discard(fd)
+        finally:
+            conn.close()
+            os.close(out_r)
+            os.close(err_r)
+        return subprocess.CompletedProcess(
+            cmd, code, got[out_r].decode('utf-8', 'replace'),
+            got[err_r].decode('utf-8', 'replace'))
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.path:
+            shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
+
+
+FORK_SERVER_PROCESS = ForkServer()
+atexit.register(FORK_SERVER_PROCESS.stop)
+
+
+def run_cli(args, cwd, timeout=60, python=PY, **kw):
+    """The CLI with ``args``: through the fork server when the call is a
+    plain one, else a new interpreter (subprocess.run with ``kw``)."""
+    if USE_FORK_SERVER and python == PY and not kw:
+        return FORK_SERVER_PROCESS.run(args, cwd, timeout)
+    return subprocess.run(cli(python) + list(args), stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, cwd=cwd, timeout=timeout,
+                          **kw)
 
 IS_PYPY = processhandler.IS_PYPY
 # Slow machines (2 cores, PyPy's JIT warm-up) get generous deadlines: a
@@ -823,14 +1037,8 @@ class Project(object):
 
     def ph(self, *args, **kw):
         """Run the CLI; return CompletedProcess (text)."""
-        cmd = cli(kw.pop('python', PY)) + ['-c', kw.pop('config',
-                                                        self.config)]
-        cmd += list(args)
-        res = subprocess.run(cmd, stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             universal_newlines=True, cwd=self.path,
-                             timeout=kw.pop('timeout', 60), **kw)
-        return res
+        return run_cli(['-c', kw.pop('config', self.config)] + list(args),
+                       self.path, **kw)
 
     def start_daemon(self, *args):
         res = self.ph('start', '-d', *args)
@@ -955,9 +1163,7 @@ def proj(tmp_path):
 
 def run_ph(args, cwd, python=PY, timeout=60):
     """Run the CLI with an explicit working directory."""
-    return subprocess.run(cli(python) + list(args), stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, cwd=cwd, timeout=timeout)
+    return run_cli(args, cwd, timeout, python)
 
 
 def one_line(res):
