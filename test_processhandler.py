@@ -23,6 +23,7 @@ import collections
 import glob
 import importlib.util
 import json
+import locale
 import os
 import pwd
 import py_compile
@@ -278,9 +279,12 @@ class ForkServer(object):
             conn.close()
             os.close(out_r)
             os.close(err_r)
-        return subprocess.CompletedProcess(
-            cmd, code, got[out_r].decode('utf-8', 'replace'),
-            got[err_r].decode('utf-8', 'replace'))
+        # As subprocess's text mode: the locale's encoding, strict, and
+        # universal newlines.
+        encoding = locale.getpreferredencoding(False)
+        return subprocess.CompletedProcess(cmd, code, *(
+            got[fd].decode(encoding).replace('\r\n', '\n').replace(
+                '\r', '\n') for fd in (out_r, err_r)))
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:
@@ -8404,14 +8408,11 @@ def test_fuzz_cli_exits_2_with_one_line(tmp_path, sections, data, command):
         bad = True
     if not bad and command == 'start':
         command = 'check'      # a config that parses could really start
-    res = subprocess.run(cli() + ['-c', str(path), command],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, timeout=60,
-                         cwd=str(tmp_path))
-    assert 'Traceback' not in res.stderr.decode('utf-8', 'replace')
+    res = run_cli(['-c', str(path), command], str(tmp_path))
+    assert 'Traceback' not in res.stderr
     if bad:
         assert res.returncode == 2, res.stderr
-        lines = res.stderr.decode('utf-8', 'replace').strip().splitlines()
+        lines = res.stderr.strip().splitlines()
         # check reports every problem (issue 15): one line each
         assert len(lines) == 1 or (command == 'check' and all(
             line.startswith('processhandler: ') for line in lines)), \
