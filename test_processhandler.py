@@ -140,9 +140,12 @@ waiting = {}        # child pid -> the caller's connection
 def become_the_cli(conn, fds, request):
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for fd in [wake_r, wake_w, server.fileno(), conn.fileno()] + [
-            c.fileno() for c in waiting.values()]:
-        os.close(fd)
+    os.close(wake_r)
+    os.close(wake_w)
+    # close(), not os.close(fileno()): a socket object left holding a
+    # number would close whatever main() opens under it at exit.
+    for sock in [server, conn] + list(waiting.values()):
+        sock.close()
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
@@ -196,7 +199,10 @@ while True:
         for fd in fds:
             os.close(fd)
         waiting[pid] = conn
-        conn.sendall(b'%d\n' % pid)
+        try:
+            conn.sendall(b'%d\n' % pid)
+        except OSError:
+            pass            # the caller is gone; the child is still reaped
 """
 USE_FORK_SERVER = not AS_SCRIPT and os.environ.get(
     'PH_TEST_FORKSERVER', '1') != '0'
@@ -216,8 +222,14 @@ class ForkServer(object):
                 return self.path
             folder = tempfile.mkdtemp(prefix='ph-forkserver-')
             self.path = os.path.join(folder, 's')
+            # A file, not -c: the children's argv area (where PyPy's
+            # titles go) is about the size of a script call's.
+            code = os.path.join(folder, 'fs.py')
+            with open(code, 'w') as f:
+                f.write(FORK_SERVER)
+            self.startup_env = self.startup_settings()
             self.proc = subprocess.Popen(
-                [PY, '-c', FORK_SERVER, self.path, PH],
+                [PY, code, self.path, PH],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 cwd=folder)
             wait_for(lambda: os.path.exists(self.path) or
@@ -225,6 +237,20 @@ class ForkServer(object):
                      'the fork server listening')
             assert self.proc.poll() is None, 'the fork server failed'
             return self.path
+
+    @staticmethod
+    def startup_settings():
+        """What an interpreter reads from the environment at its start
+        (stdio encoding, flags, hash seed, locale): a call that changed
+        any of it since the server started needs an interpreter of its
+        own."""
+        return dict((k, v) for k, v in os.environ.items()
+                    if k.startswith(('PYTHON', 'PYPY', 'LC_')) or
+                    k in ('LANG', 'LANGUAGE'))
+
+    def fits(self):
+        return (self.proc is None or
+                self.startup_settings() == self.startup_env)
 
     def run(self, args, cwd, timeout):
         """What subprocess.run(cli() + args, cwd=cwd, stdin=DEVNULL, stdout=
@@ -244,6 +270,11 @@ class ForkServer(object):
             conn.connect(path)
             socket.send_fds(conn, [request.encode('utf-8') + b'\n'],
                             [null, out_w, err_w])
+        except BaseException:
+            conn.close()
+            os.close(out_r)
+            os.close(err_r)
+            raise
         finally:
             for fd in (null, out_w, err_w):
                 os.close(fd)
@@ -262,7 +293,11 @@ class ForkServer(object):
                         err_r not in open_fds:
                     break
                 left = deadline - time.monotonic()
-                if left <= 0 or not open_fds:
+                if not open_fds:
+                    raise AssertionError('the fork server closed the '
+                                         'connection without an exit '
+                                         'status (pid %s)' % pid)
+                if left <= 0:
                     if pid is not None:
                         try:
                             os.kill(pid, signal.SIGKILL)
@@ -301,7 +336,8 @@ atexit.register(FORK_SERVER_PROCESS.stop)
 def run_cli(args, cwd, timeout=60, python=PY, **kw):
     """The CLI with ``args``: through the fork server when the call is a
     plain one, else a new interpreter (subprocess.run with ``kw``)."""
-    if USE_FORK_SERVER and python == PY and not kw:
+    if (USE_FORK_SERVER and python == PY and not kw and
+            FORK_SERVER_PROCESS.fits()):
         return FORK_SERVER_PROCESS.run(args, cwd, timeout)
     return subprocess.run(cli(python) + list(args), stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
